@@ -1,0 +1,125 @@
+"""`VeraConfig`: the frozen, validated, JSON round-trippable description of one VeRA adapter."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from typing import Literal
+
+import numpy as np
+
+__all__ = ["VeraConfig", "KERNEL_LAYOUTS"]
+
+KERNEL_LAYOUTS = ("in_out", "out_in")
+
+
+def _as_patterns(value, field: str) -> str | tuple[str, ...]:
+    """A single regex stays a string; any other sequence becomes a tuple of module names."""
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise ValueError(f"VeraConfig.{field}={value!r} is not a valid regular expression: {err}.") from None
+        return value
+    try:
+        names = tuple(value)
+    except TypeError:
+        raise TypeError(
+            f"VeraConfig.{field} must be a regex string or a sequence of module names, got {type(value).__name__}."
+        ) from None
+    bad = [n for n in names if not isinstance(n, str) or not n]
+    if bad:
+        raise TypeError(f"VeraConfig.{field} names must be non-empty strings, got {bad!r}.")
+    return names
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class VeraConfig:
+    """What to adapt and how; hashable, so it can be a static argument to `jax.jit`.
+
+    Attributes:
+      target_modules: which layers get VeRA, matched against '/'-joined module paths of the params tree
+        (e.g. ``bert/encoder/layer/3/attention/self/query``). A string is a regex that must match the
+        whole path; a sequence holds module names, each matching a path that ends with it
+        (``("query", "value")`` or ``("self/query",)``), exactly like PEFT's ``target_modules``.
+      r: rank of the shared projections: A is (r, in_max), B is (out_max, r).
+      d_initial: initial value of every lambda_d entry (lambda_b starts at zero).
+      dropout: dropout rate on the layer input before A (activation path only).
+      projection_seed: seed of the key A and B are drawn from (``projection_key(config)``).
+      save_projection: whether adapter files carry A and B themselves, not only the key.
+      trainable: extra parameters trained in full (e.g. a new classifier head); same syntax as
+        ``target_modules`` but every leaf below a matched module is trained.
+      dtype: dtype of the adapter path (A, B, the vectors and the VeRA matmuls), float32 by default
+        even when the base model runs in bfloat16.
+      kernel_layout: how the adapted kernels are stored: ``"in_out"`` for ``flax.linen.Dense``,
+        ``"out_in"`` for GPT-2's ``FlaxConv1D``.
+    """
+
+    target_modules: str | tuple[str, ...]
+    r: int = 256
+    d_initial: float = 0.1
+    dropout: float = 0.0
+    projection_seed: int = 0
+    save_projection: bool = True
+    trainable: str | tuple[str, ...] = ()
+    dtype: str = "float32"
+    kernel_layout: Literal["in_out", "out_in"] = "in_out"
+
+    def __post_init__(self):
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
+        set_("target_modules", _as_patterns(self.target_modules, "target_modules"))
+        set_("trainable", _as_patterns(self.trainable, "trainable"))
+        if not self.target_modules:
+            raise ValueError("VeraConfig.target_modules is empty: name the layers to adapt, e.g. ('query', 'value').")
+        if isinstance(self.r, bool) or not isinstance(self.r, (int, np.integer)) or self.r <= 0:
+            raise ValueError(f"VeraConfig.r must be a positive integer, got {self.r!r}; PEFT's default is 256.")
+        set_("r", int(self.r))
+        if not isinstance(self.d_initial, (int, float)) or not math.isfinite(self.d_initial):
+            raise ValueError(f"VeraConfig.d_initial must be a finite number, got {self.d_initial!r}; the default is 0.1.")
+        set_("d_initial", float(self.d_initial))
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"VeraConfig.dropout must be in [0, 1), got {self.dropout!r}.")
+        set_("dropout", float(self.dropout))
+        if isinstance(self.projection_seed, bool) or not isinstance(self.projection_seed, (int, np.integer)):
+            raise TypeError(f"VeraConfig.projection_seed must be an integer, got {self.projection_seed!r}.")
+        set_("projection_seed", int(self.projection_seed))
+        if not isinstance(self.save_projection, bool):
+            raise TypeError(f"VeraConfig.save_projection must be True or False, got {self.save_projection!r}.")
+        try:
+            dtype = np.dtype(self.dtype)
+        except TypeError:
+            dtype = None
+        if dtype is None or not np.issubdtype(dtype, np.floating):
+            raise ValueError(f"VeraConfig.dtype must name a floating dtype such as 'float32', got {self.dtype!r}.")
+        set_("dtype", dtype.name)
+        if self.kernel_layout not in KERNEL_LAYOUTS:
+            raise ValueError(
+                f"VeraConfig.kernel_layout must be one of {KERNEL_LAYOUTS}, got {self.kernel_layout!r}: "
+                "'in_out' for flax.linen.Dense, 'out_in' for GPT-2's FlaxConv1D."
+            )
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready values (tuples become lists)."""
+        out = dataclasses.asdict(self)
+        for name in ("target_modules", "trainable"):
+            if isinstance(out[name], tuple):
+                out[name] = list(out[name])
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> VeraConfig:
+        """Inverse of `to_dict`; unknown fields are an error, not silently dropped."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"VeraConfig got unknown fields {unknown}; known fields are {sorted(known)}.")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> VeraConfig:
+        return cls.from_dict(json.loads(text))

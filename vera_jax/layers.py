@@ -1,0 +1,106 @@
+"""Which layers of a params tree VeRA adapts, and which leaves are trained in full."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+from vera_jax.config import VeraConfig
+from vera_jax.paths import SEP, flatten, module_paths, patterns_regex
+
+__all__ = ["AdaptedLayer", "find_layers", "find_trainable_leaves", "LAMBDA_D", "LAMBDA_B", "VECTOR_NAMES"]
+
+LAMBDA_D = "vera_lambda_d"  # (r,): scales the r-sized side, between A and B
+LAMBDA_B = "vera_lambda_b"  # (out,): scales the layer's output side, after B
+VECTOR_NAMES = (LAMBDA_D, LAMBDA_B)
+_MAX_LISTED = 40
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptedLayer:
+    """One adapted linear layer.
+
+    Attributes:
+      path: '/'-joined module path in the params tree; its kernel is at ``path + '/kernel'``.
+      kernel_shape: shape of the stored kernel, (in, out) or (out, in) by ``VeraConfig.kernel_layout``.
+      in_features: columns of A it uses, ``A[:, :in_features]``.
+      out_features: rows of B it uses, ``B[:out_features, :]``; also the size of lambda_b.
+    """
+
+    path: str
+    kernel_shape: tuple[int, int]
+    in_features: int
+    out_features: int
+
+
+def _shape(leaf) -> tuple[int, ...]:
+    return tuple(getattr(leaf, "shape", ()))
+
+
+def _listing(paths: list[str]) -> str:
+    shown = "\n  ".join(paths[:_MAX_LISTED])
+    more = f"\n  ... and {len(paths) - _MAX_LISTED} more" if len(paths) > _MAX_LISTED else ""
+    return f"\n  {shown}{more}"
+
+
+def find_layers(params: Mapping, config: VeraConfig) -> tuple[AdaptedLayer, ...]:
+    """The layers ``config.target_modules`` selects, in params order.
+
+    Only shapes are read, so ``params`` may be a tree of ``jax.ShapeDtypeStruct``.
+
+    Raises:
+      ValueError: nothing matches (the error lists the linear layers it saw), or a match is not a
+        module with a 2-D ``kernel``.
+    """
+    flat = flatten(params)
+    regex = patterns_regex(config.target_modules)
+    matched = [path for path in module_paths(flat) if regex.fullmatch(path)]
+    if not matched:
+        candidates = [p[: -len("/kernel")] for p, leaf in flat.items() if p.endswith("/kernel") and len(_shape(leaf)) == 2]
+        hint = ""
+        if set(params) == {"params"}:
+            hint = "\nThe tree has a single top-level 'params' key: pass variables['params'], not the variables dict."
+        raise ValueError(
+            f"VeraConfig.target_modules={config.target_modules!r} matches no module of the params tree. "
+            f"Module paths with a 2-D kernel are:{_listing(candidates)}\n"
+            "Use names that end such paths (e.g. ('query', 'value')) or a regex matching whole paths." + hint
+        )
+    layers = []
+    for path in matched:
+        kernel = flat.get(path + SEP + "kernel")
+        if kernel is None or len(_shape(kernel)) != 2:
+            leaves = [f"{p} {_shape(leaf)}" for p, leaf in flat.items() if p.startswith(path + SEP)]
+            raise ValueError(
+                f"Target {path!r} is not a linear layer with a 2-D 'kernel' (VeRA adapts Dense/Conv1D kernels only); "
+                f"its leaves are:{_listing(leaves)}\nNarrow VeraConfig.target_modules so it selects linear layers only."
+            )
+        rows, cols = _shape(kernel)
+        in_features, out_features = (rows, cols) if config.kernel_layout == "in_out" else (cols, rows)
+        layers.append(AdaptedLayer(path, (rows, cols), in_features, out_features))
+    return tuple(layers)
+
+
+def find_trainable_leaves(params: Mapping, config: VeraConfig) -> tuple[str, ...]:
+    """Leaf paths trained in full (``config.trainable``), e.g. ``('classifier/bias', 'classifier/kernel')``.
+
+    Raises:
+      ValueError: ``config.trainable`` is set but matches no leaf, or it overlaps an adapted kernel.
+    """
+    if not config.trainable:
+        return ()
+    flat = flatten(params)
+    regex = patterns_regex(config.trainable, with_leaves=True)
+    leaves = tuple(path for path in flat if regex.fullmatch(path))
+    if not leaves:
+        raise ValueError(
+            f"VeraConfig.trainable={config.trainable!r} matches no parameter. Module paths are:"
+            f"{_listing(module_paths(flat))}"
+        )
+    adapted_kernels = {layer.path + SEP + "kernel" for layer in find_layers(params, config)}
+    overlap = sorted(adapted_kernels.intersection(leaves))
+    if overlap:
+        raise ValueError(
+            f"{overlap} are both adapted by VeRA and trained in full; drop them from VeraConfig.trainable "
+            "or from VeraConfig.target_modules."
+        )
+    return leaves

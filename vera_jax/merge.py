@@ -1,0 +1,48 @@
+"""Merged path: fold every VeRA delta into the kernels, functionally; `unmerge` takes it back out."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from vera_jax.ops import delta_weight, promote_add
+from vera_jax.paths import SEP, flatten, unflatten
+from vera_jax.projections import Projections
+from vera_jax.vectors import extra_leaves, layer_vectors
+
+__all__ = ["merge", "unmerge"]
+
+
+def _add_deltas(params: Mapping, trainable: Mapping, projections: Projections, sign: float) -> dict:
+    flat = flatten(params)
+    config = projections.config
+    for item in layer_vectors(params, trainable, projections):
+        lambda_d = item.lambda_d.astype(config.dtype)
+        lambda_b = item.lambda_b.astype(config.dtype)
+        delta = delta_weight(projections.A, projections.B, lambda_d, lambda_b, item.layer.in_features)  # (out, in)
+        if config.kernel_layout == "in_out":
+            delta = delta.T
+        kernel_path = item.layer.path + SEP + "kernel"
+        flat[kernel_path] = promote_add(flat[kernel_path], sign * delta)
+    return unflatten(flat)
+
+
+def merge(params: Mapping, trainable: Mapping, projections: Projections) -> dict:
+    """Params with ``W0 + delta_W`` at every adapted layer and the extra trainable leaves swapped in.
+
+    ``delta_W = (lambda_b[:, None] * B[:out]) @ (lambda_d[:, None] * A[:, :in])`` is (out, in); a
+    ``Dense`` kernel (in, out) receives its transpose, a ``FlaxConv1D`` kernel (out, in) receives it as
+    is. The delta is computed in ``config.dtype`` and added in the wider of that and the kernel's dtype.
+    Works with any function that takes params; dropout is not applied (use the activation path).
+    """
+    merged = flatten(_add_deltas(params, trainable, projections, 1.0))
+    merged.update(extra_leaves(trainable))
+    return unflatten(merged)
+
+
+def unmerge(params: Mapping, trainable: Mapping, projections: Projections) -> dict:
+    """Subtract the deltas `merge` added: ``unmerge(merge(p, t, P), t, P) == p`` up to float rounding.
+
+    Extra trainable leaves (e.g. a trained head) are left as they are in ``params``: `merge` replaced
+    them, so there is no original to restore.
+    """
+    return _add_deltas(params, trainable, projections, -1.0)

@@ -1,0 +1,48 @@
+"""How much VeRA trains: PEFT's one-line parameter report, and a per-layer table."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import jax
+
+from vera_jax.config import VeraConfig
+from vera_jax.layers import find_layers, find_trainable_leaves
+from vera_jax.paths import flatten
+
+__all__ = ["count_parameters", "parameter_report", "layer_table"]
+
+
+def _size(leaf) -> int:
+    return math.prod(getattr(leaf, "shape", ()))
+
+
+def count_parameters(params: Mapping, config: VeraConfig) -> tuple[int, int]:
+    """``(trainable, all)`` counted as PEFT counts them.
+
+    trainable = sum over adapted layers of (r + out) + the leaves trained in full; all = the base
+    params + the vectors + the trained copies of full leaves (PEFT keeps the original and a copy).
+    A and B are frozen buffers and are not counted.
+    """
+    flat = flatten(params)
+    vectors = sum(config.r + layer.out_features for layer in find_layers(params, config))
+    extra = sum(_size(flat[path]) for path in find_trainable_leaves(params, config))
+    base = sum(_size(leaf) for leaf in jax.tree.leaves(params))
+    return vectors + extra, base + vectors + extra
+
+
+def parameter_report(params: Mapping, config: VeraConfig) -> str:
+    """``'trainable params: N || all params: M || trainable%: P'`` exactly as PEFT prints it."""
+    trainable, total = count_parameters(params, config)
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+
+
+def layer_table(params: Mapping, config: VeraConfig) -> str:
+    """One row per adapted layer: path, kernel shape, in/out used, and the vector sizes."""
+    rows = [("path", "kernel", "in", "out", "lambda_d", "lambda_b")]
+    for layer in find_layers(params, config):
+        rows.append((layer.path, "x".join(map(str, layer.kernel_shape)), str(layer.in_features),
+                     str(layer.out_features), str(config.r), str(layer.out_features)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
