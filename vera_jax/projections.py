@@ -1,10 +1,12 @@
 """The shared frozen pair A (r, in_max) and B (out_max, r), drawn exactly as PEFT draws them.
 
 PEFT draws both with Kaiming-uniform (gain sqrt(2), a=0, fan_in = the buffer's second dimension) from
-one torch generator, A first. Here the only source of randomness is a JAX threefry key: A takes
-counters [0, r*in_max) of the threefry-2x32 counter-mode stream and B the next out_max*r counters.
-Calling the hash directly keeps the values independent of ``jax_threefry_partitionable`` and of any
-future change of JAX's default key handling.
+one torch generator, A first. Here the only source of randomness is a JAX threefry key, read as one
+counter-mode stream: block i is Threefry-2x32 (20 rounds, Random123) of the counter pair (0, i) under
+the key's two words, and gives stream values 2i and 2i+1. A (row-major) takes the first r*in_max
+values; B starts at the next block. Each 32-bit value becomes a float32 in [0, 1) from its top 23
+bits, then ``(2u - 1) * bound``. Hashing explicit counters keeps the values independent of
+``jax_threefry_partitionable`` and of any future change of JAX's default key handling.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
-from jax.extend.random import threefry_2x32
+from jax.extend.random import threefry2x32_p
 
 from vera_jax.config import VeraConfig
 from vera_jax.layers import find_layers
@@ -77,13 +79,18 @@ def _key_words(key: jax.Array) -> jax.Array:
     return key
 
 
-def _uniform_stream(words: jax.Array, start: int, shape: tuple[int, int], bound: float) -> jax.Array:
-    """U[-bound, bound] float32 values from counters [start, start + size) of the threefry stream."""
+def _blocks(size: int) -> int:
+    return -(-size // 2)
+
+
+def _uniform_stream(words: jax.Array, first_block: int, shape: tuple[int, int], bound: float) -> jax.Array:
+    """U[-bound, bound] float32 values from the stream, starting at block ``first_block``."""
     size = int(np.prod(shape))
-    if start + size > _MAX_COUNTER:
-        raise ValueError(f"Projections of {start + size} values exceed the 2**32 counters of one key; lower r.")
-    counters = jnp.arange(start, start + size, dtype=jnp.uint32)
-    bits = threefry_2x32((words[0], words[1]), counters)
+    if first_block + _blocks(size) > _MAX_COUNTER:
+        raise ValueError(f"Projections of {size} values exceed the 2**32 counter blocks of one key; lower r.")
+    low = jnp.arange(first_block, first_block + _blocks(size), dtype=jnp.uint32)
+    even, odd = threefry2x32_p.bind(words[0], words[1], jnp.zeros_like(low), low)
+    bits = jnp.stack([even, odd], axis=-1).reshape(-1)[:size]
     # 23 random mantissa bits under exponent 0: a float32 in [1, 2), minus 1 gives [0, 1).
     unit = jax.lax.bitcast_convert_type((bits >> 9) | jnp.uint32(0x3F800000), jnp.float32) - 1.0
     return ((unit * 2.0 - 1.0) * jnp.float32(bound)).reshape(shape)
@@ -102,5 +109,5 @@ def init_projections(params: Mapping, key: jax.Array, config: VeraConfig) -> Pro
     (r, in_max), (out_max, _) = projection_shapes(params, config)
     words = _key_words(key)
     a = _uniform_stream(words, 0, (r, in_max), kaiming_uniform_bound(in_max))
-    b = _uniform_stream(words, r * in_max, (out_max, r), kaiming_uniform_bound(r))
+    b = _uniform_stream(words, _blocks(r * in_max), (out_max, r), kaiming_uniform_bound(r))
     return Projections(A=a.astype(config.dtype), B=b.astype(config.dtype), config=config)
