@@ -8,6 +8,7 @@ import math
 import re
 from typing import Literal
 
+import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["VeraConfig", "KERNEL_LAYOUTS"]
@@ -88,10 +89,10 @@ class VeraConfig:
         if not isinstance(self.save_projection, bool):
             raise TypeError(f"VeraConfig.save_projection must be True or False, got {self.save_projection!r}.")
         try:
-            dtype = np.dtype(self.dtype)
+            dtype = jnp.dtype(self.dtype)
         except TypeError:
             dtype = None
-        if dtype is None or not np.issubdtype(dtype, np.floating):
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
             raise ValueError(f"VeraConfig.dtype must name a floating dtype such as 'float32', got {self.dtype!r}.")
         set_("dtype", dtype.name)
         if self.kernel_layout not in KERNEL_LAYOUTS:

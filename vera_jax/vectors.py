@@ -63,7 +63,9 @@ def layer_vectors(params: Mapping, trainable: Mapping, projections) -> tuple[Lay
     config = projections.config
     layers = find_layers(params, config)
     flat = flatten(trainable)
-    extra = set(find_trainable_leaves(params, config))
+    flat_params = flatten(params)
+    # A frozen tree from `split` lacks the leaves trained in full: look for them in both trees.
+    extra = set(find_trainable_leaves(unflatten(flat_params | extra_leaves(trainable)), config))
     vector_paths = {layer.path + SEP + name for layer in layers for name in (LAMBDA_D, LAMBDA_B)}
     missing = sorted(vector_paths - set(flat))
     unexpected = sorted(set(flat) - vector_paths - extra)
@@ -82,8 +84,7 @@ def layer_vectors(params: Mapping, trainable: Mapping, projections) -> tuple[Lay
             f"Projections A {projections.A.shape} and B {projections.B.shape} do not have rank r={config.r}; "
             "rebuild them with vera_jax.init_projections(params, key, config)."
         )
-    flat_params = flatten(params)
-    for path in extra & set(flat):
+    for path in extra & set(flat) & set(flat_params):
         if _shape(flat[path]) != _shape(flat_params[path]):
             raise ValueError(
                 f"Trainable leaf {path!r} has shape {_shape(flat[path])} but the params leaf has "
