@@ -28,7 +28,15 @@ def adapter_output(x: jax.Array, a: jax.Array, b: jax.Array, lambda_d: jax.Array
     return lambda_b * (hidden @ b[:out_features, :].T)
 
 
+def _wider(first, second):
+    """The float dtype with more bits; float32 between two different 16-bit types (bf16, f16)."""
+    first_bits, second_bits = jnp.finfo(first).bits, jnp.finfo(second).bits
+    if first == second or first_bits > second_bits:
+        return first
+    return second if second_bits > first_bits else jnp.dtype(jnp.float32)
+
+
 def promote_add(base: jax.Array, delta: jax.Array) -> jax.Array:
     """``base + delta`` computed in the wider dtype of the two, returned in ``base``'s dtype."""
-    wide = jnp.promote_types(base.dtype, delta.dtype)
+    wide = _wider(base.dtype, delta.dtype)
     return (base.astype(wide) + delta.astype(wide)).astype(base.dtype)
