@@ -13,7 +13,7 @@ from vera_jax import paths
 
 def test_json_round_trip_and_hashable():
     config = vera_jax.VeraConfig(r=32, target_modules=("query", "value"), trainable=("classifier",),
-                                 dropout=0.1, dtype="bfloat16", projection_seed=7, save_projection=False)
+                                 dropout=0.1, dtype="bfloat16", projection_seed=7, save_projection=True)
     again = vera_jax.VeraConfig.from_json(config.to_json())
     assert again == config and hash(again) == hash(config)
     assert json.loads(config.to_json())["target_modules"] == ["query", "value"]
@@ -23,10 +23,11 @@ def test_json_round_trip_and_hashable():
     jax.jit(lambda x, c: x * c.r, static_argnums=1)(jnp.ones(2), config)
 
 
-def test_defaults_follow_peft():
+def test_defaults_follow_peft_except_saving_projections():
     config = vera_jax.VeraConfig(target_modules=("query",))
     assert (config.r, config.d_initial, config.dropout, config.dtype) == (256, 0.1, 0.0, "float32")
-    assert config.save_projection is True and config.kernel_layout == "in_out"
+    # PEFT saves A and B by default because it cannot always rebuild them; a JAX key always can.
+    assert config.save_projection is False and config.kernel_layout == "in_out"
 
 
 @pytest.mark.parametrize("kwargs, message", [

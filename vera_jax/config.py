@@ -49,7 +49,8 @@ class VeraConfig:
       d_initial: initial value of every lambda_d entry (lambda_b starts at zero).
       dropout: dropout rate on the layer input before A (activation path only).
       projection_seed: seed of the key A and B are drawn from (``projection_key(config)``).
-      save_projection: whether adapter files carry A and B themselves, not only the key.
+      save_projection: whether checkpoints carry A and B themselves; by default they hold only the key and
+        recipe, from which A and B are rebuilt exactly (PEFT-format files always carry them).
       trainable: extra parameters trained in full (e.g. a new classifier head); same syntax as
         ``target_modules`` but every leaf below a matched module is trained.
       dtype: dtype of the adapter path (A, B, the vectors and the VeRA matmuls), float32 by default
@@ -63,7 +64,7 @@ class VeraConfig:
     d_initial: float = 0.1
     dropout: float = 0.0
     projection_seed: int = 0
-    save_projection: bool = True
+    save_projection: bool = False
     trainable: str | tuple[str, ...] = ()
     dtype: str = "float32"
     kernel_layout: Literal["in_out", "out_in"] = "in_out"

