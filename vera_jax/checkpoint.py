@@ -13,13 +13,13 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from vera_jax.config import VeraConfig
 from vera_jax.projections import GENERATOR, Projections, init_projections
@@ -78,24 +78,30 @@ def projections_from_recipe(params: Mapping, recipe: Mapping, config: VeraConfig
 
 
 def save(directory: str | os.PathLike, trainable: Mapping, projections: Projections, key: jax.Array) -> Path:
-    """Write an adapter checkpoint to ``directory`` (replacing an older one only once the new one is whole)."""
+    """Write an adapter checkpoint to ``directory``, replacing an older one only once the new one is whole.
+
+    In a multi-process run every process calls it (Orbax writes collectively); process 0 does the renames.
+    """
     directory = Path(directory).absolute()
     config = projections.config
     tree = {"trainable": trainable}
     if config.save_projection:
         tree["projections"] = {"A": projections.A, "B": projections.B}
     metadata = {"config": config.to_dict(), "projection": projection_recipe(projections, key)}
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
-    try:
-        with ocp.StandardCheckpointer() as checkpointer:  # waits for the asynchronous write to finish
-            checkpointer.save(staging / TREE_DIR, tree)
+    staging = directory.parent / f".{directory.name}.partial"
+    primary = jax.process_index() == 0
+    if primary:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    multihost_utils.sync_global_devices(f"vera_jax.checkpoint.save:{staging}")
+    with ocp.StandardCheckpointer() as checkpointer:  # waits for the asynchronous write to finish
+        checkpointer.save(staging / TREE_DIR, tree)
+    if primary:
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(staging, directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    multihost_utils.sync_global_devices(f"vera_jax.checkpoint.saved:{directory}")
     return directory
 
 

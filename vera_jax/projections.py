@@ -25,7 +25,7 @@ from vera_jax.layers import find_layers
 
 __all__ = ["GENERATOR", "Projections", "init_projections", "projection_key", "projection_shapes", "kaiming_uniform_bound"]
 
-_MAX_COUNTER = 2**32
+_MAX_COUNTER = 2**31  # blocks at 2**31 and above stay free for keys derived with fold_in(key, 2**31 + n)
 GENERATOR = "threefry2x32-counter-stream-v1"  # the stream described above; bump if it ever changes
 
 
@@ -88,7 +88,7 @@ def _uniform_stream(words: jax.Array, first_block: int, shape: tuple[int, int], 
     """U[-bound, bound] float32 values from the stream, starting at block ``first_block``."""
     size = int(np.prod(shape))
     if first_block + _blocks(size) > _MAX_COUNTER:
-        raise ValueError(f"Projections of {size} values exceed the 2**32 counter blocks of one key; lower r.")
+        raise ValueError(f"Projections of {size} values exceed the 2**31 counter blocks reserved for them; lower r.")
     low = jnp.arange(first_block, first_block + _blocks(size), dtype=jnp.uint32)
     even, odd = threefry2x32_p.bind(words[0], words[1], jnp.zeros_like(low), low)
     bits = jnp.stack([even, odd], axis=-1).reshape(-1)[:size]

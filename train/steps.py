@@ -1,0 +1,108 @@
+"""Loss, optimizer and the jitted train / eval steps, for VeRA and for the head-only baseline."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import vera_jax
+from vera_jax.paths import SEP, flatten, unflatten
+
+__all__ = ["make_optimizer", "vera_logits", "head_only_logits", "make_train_step", "make_eval_step", "loss_value"]
+
+
+def _schedule(kind: str, peak: float, total_steps: int, warmup_ratio: float) -> optax.Schedule:
+    warmup = max(1, int(round(warmup_ratio * total_steps)))
+    decay_steps = max(1, total_steps - warmup)
+    decay = {
+        "linear": optax.linear_schedule(peak, 0.0, decay_steps),
+        "cosine": optax.cosine_decay_schedule(peak, decay_steps),
+        "constant": optax.constant_schedule(peak),
+    }
+    if kind not in decay:
+        raise ValueError(f"--schedule must be one of {sorted(decay)}, got {kind!r}.")
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay[kind]], [warmup])
+
+
+def make_optimizer(options, total_steps: int) -> optax.GradientTransformation:
+    """AdamW with separate learning-rate schedules for the VeRA vectors and the leaves trained in full."""
+
+    def labels(tree):
+        return unflatten({p: "vectors" if p.rsplit(SEP, 1)[-1] in (vera_jax.LAMBDA_D, vera_jax.LAMBDA_B) else "head"
+                          for p in flatten(tree)})
+
+    make = lambda lr: optax.adamw(_schedule(options.schedule, lr, total_steps, options.warmup_ratio),  # noqa: E731
+                                  weight_decay=options.weight_decay)
+    return optax.multi_transform({"vectors": make(options.lr_vectors), "head": make(options.lr_head)}, labels)
+
+
+def _call(model, params, batch, rng):
+    train = rng is not None
+    return model(batch["input_ids"], attention_mask=batch["attention_mask"], params=params, train=train,
+                 dropout_rng=rng).logits
+
+
+def vera_logits(model, strategy: str) -> Callable:
+    """``logits(params, trainable, projections, batch, rng)``: the adapted model; rng=None evaluates."""
+
+    def logits(params, trainable, projections, batch, rng):
+        model_rng, vera_rng = (None, None) if rng is None else jax.random.split(rng)
+        dropout = vera_rng if strategy == "activation" else None
+        run = vera_jax.adapt(lambda p: _call(model, p, batch, model_rng), trainable, projections, path=strategy,
+                             dropout_rng=dropout)
+        return run(params)
+
+    return logits
+
+
+def head_only_logits(model) -> Callable:
+    """The baseline: the frozen model with only its head's leaves swapped for the trained ones."""
+
+    def logits(params, trainable, projections, batch, rng):
+        return _call(model, vera_jax.combine(params, trainable), batch, rng)
+
+    return logits
+
+
+def loss_value(logits: jax.Array, labels: jax.Array, task: str) -> jax.Array:
+    """Per-example loss: softmax cross-entropy, or squared error for regression (logits (B, 1))."""
+    if task == "regression":
+        return jnp.square(logits[:, 0] - labels)
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+
+
+def make_train_step(logits_fn: Callable, tx: optax.GradientTransformation, task: str) -> Callable:
+    """``step(trainable, opt_state, params, projections, batch, rng) -> (trainable, opt_state, loss)``."""
+
+    def step(trainable, opt_state, params, projections, batch, rng):
+        def loss_fn(trainable):
+            return loss_value(logits_fn(params, trainable, projections, batch, rng), batch["labels"], task).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(trainable)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, loss
+
+    return step
+
+
+def make_eval_step(logits_fn: Callable, task: str) -> Callable:
+    """``evaluate(trainable, params, projections, batch) -> (correct, loss_sum, count)``, weighted sums.
+
+    ``batch['weights']`` is 1 for real rows and 0 for padding rows. For regression, "correct" counts
+    predictions with the label's sign (the binary task the scores define).
+    """
+
+    def evaluate(trainable, params, projections, batch):
+        logits = logits_fn(params, trainable, projections, batch, None)
+        weights = batch["weights"]
+        if task == "regression":
+            correct = (logits[:, 0] > 0) == (batch["labels"] > 0)
+        else:
+            correct = jnp.argmax(logits, axis=-1) == batch["labels"]
+        loss = loss_value(logits, batch["labels"], task)
+        return jnp.sum(correct * weights), jnp.sum(loss * weights), jnp.sum(weights)
+
+    return evaluate
