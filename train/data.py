@@ -57,7 +57,12 @@ def _load(name: str) -> datasets.DatasetDict | datasets.Dataset:
         if len(kinds) != 1:
             raise DataError(f"Dataset files {name} mix formats {sorted(kinds)}; use one format.")
         extra = {"delimiter": "\t"} if files[0].suffix == ".tsv" else {}
-        return datasets.load_dataset(kinds.pop(), data_files=[str(f) for f in files], split="train", **extra)
+        try:
+            return datasets.load_dataset(kinds.pop(), data_files=[str(f) for f in files], split="train", **extra)
+        except ValueError as err:
+            if "corresponds to no data" in str(err):  # how `datasets` reports files without rows
+                raise DataError(f"Dataset {name!r} is empty: its files hold no rows.") from None
+            raise DataError(f"Cannot read dataset {name!r}: {err}") from None
     return datasets.load_dataset(name)
 
 

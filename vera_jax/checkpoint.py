@@ -115,15 +115,23 @@ def _metadata(directory: Path) -> dict:
         raise ValueError(f"{path} is not valid JSON ({err}); the adapter is damaged.") from None
 
 
-def restore(directory: str | os.PathLike, params: Mapping) -> tuple[dict, Projections]:
-    """Read an adapter checkpoint for ``params``: ``(trainable, projections)``, A and B checked."""
+def restore(
+    directory: str | os.PathLike, params: Mapping, *, sharding: jax.sharding.Sharding | None = None
+) -> tuple[dict, Projections]:
+    """Read an adapter checkpoint for ``params``: ``(trainable, projections)``, A and B checked.
+
+    ``sharding`` places the restored leaves (default: the first device), whatever mesh wrote them.
+    """
     directory = Path(directory)
     metadata = _metadata(directory)
     config = VeraConfig.from_dict(metadata["config"])
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = {"trainable": jax.eval_shape(lambda: init_trainable(params, config))}
     if config.save_projection:
-        projections = init_projections(params, np.asarray(metadata["projection"]["key"], np.uint32), config)
-        target["projections"] = {"A": jax.eval_shape(lambda: projections.A), "B": jax.eval_shape(lambda: projections.B)}
+        recipe = metadata["projection"]
+        shape = {"A": (recipe["r"], recipe["in_max"]), "B": (recipe["out_max"], recipe["r"])}
+        target["projections"] = {k: jax.ShapeDtypeStruct(v, recipe["dtype"]) for k, v in shape.items()}
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), target)
     with ocp.StandardCheckpointer() as checkpointer:
         stored = checkpointer.metadata(directory / TREE_DIR)
     stored_tree = getattr(stored, "item_metadata", stored)

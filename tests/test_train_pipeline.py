@@ -1,0 +1,175 @@
+"""The real entry point on a tiny model: outputs, resume after SIGKILL, sharding, multi-process, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import tiny_run
+from train.__main__ import main
+from vera_jax import checkpoint
+from vera_jax.paths import flatten
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return tiny_run.make_model(root / "model"), tiny_run.make_csv(root / "data.csv")
+
+
+def _adapter(model_dir, out):
+    from transformers import FlaxBertForSequenceClassification
+
+    params = FlaxBertForSequenceClassification.from_pretrained(model_dir).params
+    trainable, projections = checkpoint.restore(out / "adapter", params)
+    return {k: np.asarray(v) for k, v in flatten(trainable).items()}, params, projections
+
+
+def test_entry_point_writes_every_output_and_learns(tiny, tmp_path):
+    model, data = tiny
+    out = tmp_path / "run"
+    # A random tiny BERT carries little of its input to [CLS]: high learning rates, a dozen epochs.
+    assert main(tiny_run.train_args(model, data, out, "--epochs", "12", "--lr-vectors", "0.3", "--lr-head", "0.3",
+                                    "--baseline", "--checkpoint-every", "50")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("test_accuracy", "trainable_params", "adapter_bytes", "wall_seconds", "tokens_per_second",
+                "baseline_accuracy"):
+        assert key in summary
+    assert (out / "curves.png").stat().st_size > 10_000
+    loss = tiny_run.losses(out)
+    assert np.mean(loss[-10:]) < 0.85 * np.mean(loss[:10])
+    assert summary["test_accuracy"] > max(0.6, summary["baseline_accuracy"])
+
+    # The adapter holds the trainable leaves and the key: no base weights, no A/B.
+    vectors, params, projections = _adapter(model, out)
+    raw = sum(v.nbytes for v in vectors.values())
+    assert summary["trainable_params"] * 4 == raw
+    assert summary["adapter_bytes"] <= 2 * raw + 64 * 1024
+    base_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    assert summary["adapter_bytes"] < base_bytes / 4
+    assert not any(p.startswith(("bert/", "projections")) and "vera_lambda" not in p for p in vectors)
+    # The rebuilt projections are the ones the run trained with (fingerprint checked on restore).
+    assert projections.A.shape == (8, 32)
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert len(kept) == 2, kept  # --keep-checkpoints 2 by default
+
+
+def test_sigkill_mid_training_resumes_to_the_same_vectors(tiny, tmp_path):
+    model, data = tiny
+    args = lambda out: tiny_run.train_args(model, data, out, "--epochs", "4", "--checkpoint-every", "5")  # noqa: E731
+    straight = tmp_path / "straight"
+    assert tiny_run.run_subprocess(args(straight)).returncode == 0
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    process = subprocess.Popen([sys.executable, "-m", "train", *args(killed)], cwd=tiny_run.REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "10").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    # A write cut short leaves only Orbax's temporary directory, which must never be read as a step.
+    partial = killed / "checkpoints" / "15.orbax-checkpoint-tmp-1234567"
+    partial.mkdir(exist_ok=True)
+    (partial / "garbage").write_text("half a checkpoint")
+
+    resumed = tiny_run.run_subprocess(args(killed))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from the checkpoint at step" in resumed.stdout
+    first, _, _ = _adapter(model, straight)
+    second, _, _ = _adapter(model, killed)
+    assert first.keys() == second.keys()
+    for path in first:
+        np.testing.assert_array_equal(second[path], first[path], err_msg=path)
+    assert json.loads((killed / "summary.json").read_text())["test_accuracy"] == \
+        json.loads((straight / "summary.json").read_text())["test_accuracy"]
+
+
+def test_sharded_and_multiprocess_runs_match_one_device(tiny, tmp_path):
+    model, data = tiny
+    args = lambda out, *extra: tiny_run.train_args(model, data, out, "--max-steps", "6", *extra)  # noqa: E731
+    single = tmp_path / "single"
+    assert tiny_run.run_subprocess(args(single)).returncode == 0
+    sharded = tmp_path / "sharded"
+    result = tiny_run.run_subprocess(args(sharded, "--mesh", "4x2"), devices=8)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    multi = tmp_path / "multi"
+    port = 20000 + os.getpid() % 20000
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    processes = [subprocess.Popen([sys.executable, "-m", "train", *args(multi, "--mesh", "2x2", "--coordinator",
+                                   f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i))],
+                                  cwd=tiny_run.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for i in range(2)]
+    outputs = [p.communicate(timeout=600) for p in processes]
+    assert all(p.returncode == 0 for p in processes), outputs[0][1][-3000:] + outputs[1][1][-3000:]
+
+    reference, _, _ = _adapter(model, single)
+    for out in (sharded, multi):
+        other, _, _ = _adapter(model, out)
+        for path in reference:
+            np.testing.assert_allclose(other[path], reference[path], rtol=1e-5, atol=1e-6, err_msg=f"{out.name} {path}")
+        np.testing.assert_allclose(tiny_run.losses(out), tiny_run.losses(single), rtol=1e-5)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--label-column", "stars"], "has no column 'stars'; its columns are \\['text', 'label'\\]"),
+    (["--num-labels", "1"], "Classification needs at least 2 classes|labels must be 0..num_labels-1"),
+    (["--mesh", "2x1"], "Mesh 2x1 needs 2 devices, but there are 1"),
+    (["--mesh", "two"], "--mesh must look like '8x1'"),
+    (["--targets", "q_proj"], "matches no module"),
+    (["--strategy", "fused"], "--strategy must be one of"),
+    (["--batch-size", "1000"], "fewer than one batch of 1000"),
+])
+def test_bad_input_is_refused_before_compute(tiny, tmp_path, capsys, extra, message):
+    model, data = tiny
+    assert main(tiny_run.train_args(model, data, tmp_path / "run", *extra)) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_bad_files_models_and_directories(tiny, tmp_path, capsys):
+    model, data = tiny
+    empty = tmp_path / "empty.csv"
+    empty.write_text("text,label\n")
+    assert main(tiny_run.train_args(model, empty, tmp_path / "a")) == 2
+    assert "is empty" in capsys.readouterr().err
+    labels = tiny_run.make_csv(tmp_path / "three.csv")
+    labels.write_text(labels.read_text().replace(",1\n", ",3\n", 1))
+    assert main(tiny_run.train_args(model, labels, tmp_path / "b", "--num-labels", "2")) == 2
+    assert "Labels span 0..3 but the head has 2 outputs" in capsys.readouterr().err
+    not_flax = tmp_path / "t5"
+    not_flax.mkdir()
+    (not_flax / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    assert main(tiny_run.train_args(not_flax, data, tmp_path / "c")) == 2
+    assert "'t5' model, which has no Flax sequence-classification class" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(tiny_run.train_args(model, data, blocker / "run")) == 2
+    assert "Cannot write to --output-dir" in capsys.readouterr().err
+
+
+def test_checkpoint_from_another_config_is_refused(tiny, tmp_path, capsys):
+    model, data = tiny
+    out = tmp_path / "run"
+    assert main(tiny_run.train_args(model, data, out, "--max-steps", "2")) == 0
+    assert main(tiny_run.train_args(model, data, out, "--max-steps", "2", "--d-initial", "0.5")) == 2
+    assert "written with different options (['d_initial'])" in capsys.readouterr().err
+
+
+def test_batch_that_does_not_divide_the_mesh(tiny, tmp_path):
+    model, data = tiny
+    result = tiny_run.run_subprocess(tiny_run.train_args(model, data, tmp_path / "run", "--batch-size", "12"), devices=8)
+    assert result.returncode == 2
+    assert "Batch size 12 does not divide over the 8 devices" in result.stderr

@@ -1,0 +1,60 @@
+"""A tiny BERT classifier directory and a small CSV, for running the real entry point quickly."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+POSITIVE = ["good", "great", "superb", "lovely", "moving"]
+NEGATIVE = ["bad", "awful", "dull", "boring", "clumsy"]
+FILLER = ["the", "movie", "film", "was", "plot", "acting", "really", "quite", "story", "a"]
+
+
+def make_model(directory: Path) -> Path:
+    from transformers import BertConfig, BertTokenizerFast, FlaxBertForSequenceClassification
+
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + POSITIVE + NEGATIVE + FILLER
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(directory / "vocab.txt")).save_pretrained(directory)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=48, max_position_embeddings=64, num_labels=2)
+    FlaxBertForSequenceClassification(config, seed=0).save_pretrained(directory)
+    return directory
+
+
+def make_csv(path: Path, rows: int = 160, seed: int = 0, label_column: str = "label") -> Path:
+    rng = np.random.default_rng(seed)
+    with path.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["text", label_column])
+        for _ in range(rows):
+            label = int(rng.integers(2))
+            words = list(rng.choice(FILLER, size=int(rng.integers(3, 9))))
+            words.insert(int(rng.integers(len(words) + 1)), rng.choice(POSITIVE if label else NEGATIVE))
+            writer.writerow([" ".join(words), label])
+    return path
+
+
+def train_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--model", str(model), "--dataset", str(data), "--output-dir", str(out), "--r", "8",
+            "--batch-size", "8", "--max-length", "16", "--log-every", "1", "--eval-batch-size", "16", *extra]
+
+
+def run_subprocess(args: list[str], devices: int = 1, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    """``python -m train ARGS`` in a fresh interpreter with ``devices`` simulated CPU devices."""
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "-m", "train", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
+
+
+def losses(out: Path, run: str = "vera") -> list[float]:
+    records = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    return [r["loss"] for r in records if "loss" in r and r["run"] == run]
