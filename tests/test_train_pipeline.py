@@ -173,3 +173,20 @@ def test_batch_that_does_not_divide_the_mesh(tiny, tmp_path):
     result = tiny_run.run_subprocess(tiny_run.train_args(model, data, tmp_path / "run", "--batch-size", "12"), devices=8)
     assert result.returncode == 2
     assert "Batch size 12 does not divide over the 8 devices" in result.stderr
+
+
+def test_regression_task_on_float_labels(tiny, tmp_path):
+    model, data = tiny
+    scores = tmp_path / "scores.csv"
+    rows = data.read_text().splitlines()
+    scores.write_text("\n".join([rows[0]] + [f"{r.rsplit(',', 1)[0]},{2.0 * int(r.rsplit(',', 1)[1]) - 1.0:.1f}"
+                                             for r in rows[1:]]) + "\n")
+    out = tmp_path / "run"
+    assert main(tiny_run.train_args(model, scores, out, "--task", "regression", "--max-steps", "4")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["task"] == "regression" and np.isfinite(summary["test_loss"])
+    from transformers import FlaxBertForSequenceClassification
+
+    params = FlaxBertForSequenceClassification.from_pretrained(model, num_labels=1, ignore_mismatched_sizes=True).params
+    trainable, _ = checkpoint.restore(out / "adapter", params)
+    assert trainable["classifier"]["kernel"].shape == (32, 1)

@@ -9,6 +9,7 @@ evaluate; write the adapter, metrics, plot and summary.
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 import time
 from pathlib import Path
 
@@ -61,9 +62,8 @@ def _output_dir(path: str) -> Path:
     out = Path(path)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):  # one per process: no races
+            pass
     except OSError as err:
         raise RunError(f"Cannot write to --output-dir {out}: {err.strerror}. Choose a writable directory.") from None
     return out

@@ -32,10 +32,13 @@ def load_classifier(name: str, num_labels: int):
                          f"in transformers; use one of {sorted(FLAX_MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)}.")
     local = Path(source)
     from_pt = local.is_dir() and not _has_flax_weights(local)
+    # A head of another size (other labels, or regression) is re-initialised: it is trained in full anyway.
+    load = lambda pt: FlaxAutoModelForSequenceClassification.from_pretrained(  # noqa: E731
+        source, config=config, from_pt=pt, ignore_mismatched_sizes=True)
     try:
-        model = FlaxAutoModelForSequenceClassification.from_pretrained(source, config=config, from_pt=from_pt)
+        model = load(from_pt)
     except OSError:
         if from_pt or local.is_dir():
             raise
-        model = FlaxAutoModelForSequenceClassification.from_pretrained(source, config=config, from_pt=True)
+        model = load(True)  # a hub repository with PyTorch weights only
     return model, AutoTokenizer.from_pretrained(source)

@@ -122,7 +122,7 @@ def restore(
 
     ``sharding`` places the restored leaves (default: the first device), whatever mesh wrote them.
     """
-    directory = Path(directory)
+    directory = Path(directory).absolute()  # Orbax reads relative paths as missing
     metadata = _metadata(directory)
     config = VeraConfig.from_dict(metadata["config"])
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
