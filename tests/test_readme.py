@@ -17,3 +17,5 @@ def test_readme_examples_run(tmp_path, monkeypatch):
         exec(compile(block, str(README), "exec"), namespace)  # noqa: S102 (our own documentation)
     assert np.isfinite(float(namespace["loss"]))
     assert (tmp_path / "my-adapter" / "vera_adapter.json").exists()
+    assert (tmp_path / "peft-adapter" / "adapter_config.json").exists()
+    assert (tmp_path / "merged-model" / "model.safetensors").exists()

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import tiny_run
+import vera_jax
 from train.__main__ import main
 from vera_jax import checkpoint
 from vera_jax.paths import flatten
@@ -190,3 +191,37 @@ def test_regression_task_on_float_labels(tiny, tmp_path):
     params = FlaxBertForSequenceClassification.from_pretrained(model, num_labels=1, ignore_mismatched_sizes=True).params
     trainable, _ = checkpoint.restore(out / "adapter", params)
     assert trainable["classifier"]["kernel"].shape == (32, 1)
+
+
+def test_export_command_writes_peft_and_merged_models(tiny, tmp_path, capsys):
+    from transformers import FlaxBertForSequenceClassification
+
+    from vera_jax import peft as vera_peft
+
+    model, data = tiny
+    run_dir = tmp_path / "run"
+    assert main(tiny_run.train_args(model, data, run_dir, "--max-steps", "3", "--lr-head", "0.3",
+                                    "--lr-vectors", "0.3")) == 0
+    base = FlaxBertForSequenceClassification.from_pretrained(model)
+    trainable, projections = checkpoint.restore(run_dir / "adapter", base.params)
+    ids = np.asarray([[2, 5, 15, 16, 3], [2, 12, 18, 20, 3]])
+    apply = lambda p, x: base(x, params=p).logits  # noqa: E731
+    expected = np.asarray(vera_jax.adapt(apply, trainable, projections, path="activation")(base.params, ids))
+
+    for fmt in ("peft", "flax", "safetensors"):
+        out = tmp_path / fmt
+        args = ["export", "--adapter", str(run_dir / "adapter"), "--model", str(model), "--format", fmt,
+                "--output", str(out)]
+        assert main(args) == 0, capsys.readouterr().err
+        if fmt == "peft":
+            again, again_projections = vera_peft.load_adapter(out, base.params)
+            logits = vera_jax.adapt(apply, again, again_projections, path="activation")(base.params, ids)
+        else:
+            merged = FlaxBertForSequenceClassification.from_pretrained(out)
+            logits = merged(ids, params=merged.params).logits
+        np.testing.assert_allclose(np.asarray(logits), expected, rtol=1e-5, atol=1e-5, err_msg=fmt)
+    # The run itself also wrote the PEFT form of its adapter.
+    assert (run_dir / "peft_adapter" / "adapter_model.safetensors").exists()
+    assert main(["export", "--adapter", str(tmp_path), "--output", str(tmp_path / "x")]) == 2
+    assert "holds neither vera_adapter.json (vera_jax) nor adapter_config.json (PEFT)" in capsys.readouterr().err
+

@@ -1,21 +1,26 @@
-"""``python -m train [flags]``: the main job (see ``python -m train --help``)."""
+"""``python -m train [flags]``: the main job; ``python -m train export ...``: adapter export (see --help)."""
 
 import sys
 
 from train.checkpoints import CheckpointMismatch
 from train.classify import RunError, run
 from train.data import DataError
+from train.export import ExportError, export, parse_args
 from train.mesh import MeshError
 from train.model import ModelError
 from train.options import parse_options
+from vera_jax.peft import AdapterFileError
 
-USER_ERRORS = (RunError, DataError, MeshError, ModelError, CheckpointMismatch)
+USER_ERRORS = (RunError, DataError, MeshError, ModelError, CheckpointMismatch, ExportError, AdapterFileError)
 
 
 def main(argv=None) -> int:
-    options = parse_options(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        run(options)
+        if argv[:1] == ["export"]:
+            print(f"wrote {export(parse_args(argv[1:]))}")
+        else:
+            run(parse_options(argv))
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -26,9 +26,11 @@ from train.metrics import MetricsLog, directory_bytes, plot_curves, write_json
 from train.model import load_classifier
 from train.options import RESUME_KEYS, Options
 from vera_jax import checkpoint as adapter_checkpoint
+from vera_jax import peft as vera_peft
 
 __all__ = ["run", "RunError"]
 
+HUB_IDS = {"default": "sentence-transformers/all-MiniLM-L6-v2"}  # what the packaged default model is
 DROPOUT_STREAM = 2**31  # fold_in offset for the dropout key: disjoint from the projection stream's blocks
 
 
@@ -214,6 +216,10 @@ def run(options: Options) -> dict:
     accuracy, test_loss = evaluate(ctx, trainable, logits_fn)
     log.write(run="vera", step=total_steps, test_accuracy=accuracy, test_loss=test_loss)
     adapter_dir = adapter_checkpoint.save(out / "adapter", trainable, ctx.projections, key)
+    if primary:  # the same adapter in the format peft.PeftModel.from_pretrained reads
+        host_trainable = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), trainable)
+        vera_peft.save_adapter(out / "peft_adapter", config, host_trainable, projections, params=params,
+                               task_type="SEQ_CLS", base_model_name_or_path=HUB_IDS.get(options.model, options.model))
 
     summary = {
         "model": options.model, "dataset": options.dataset, "task": options.task, "strategy": options.strategy,

@@ -58,8 +58,8 @@ def projection_shapes(params: Mapping, config: VeraConfig) -> tuple[tuple[int, i
 
 
 def kaiming_uniform_bound(fan_in: int) -> float:
-    """torch's ``kaiming_uniform_(a=0)`` bound with gain sqrt(2): sqrt(3) * sqrt(2) / sqrt(fan_in)."""
-    return math.sqrt(3.0) * math.sqrt(2.0) / math.sqrt(fan_in)
+    """PEFT's Kaiming-uniform bound, sqrt(3) * (sqrt(2) / sqrt(fan_in)), in PEFT's order of operations."""
+    return math.sqrt(3.0) * (math.sqrt(2.0) / math.sqrt(fan_in))
 
 
 def _key_words(key: jax.Array) -> jax.Array:

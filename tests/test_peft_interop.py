@@ -1,0 +1,149 @@
+"""PEFT adapter files in both directions, with and without saved projections, and merged export."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from collections.abc import Callable
+
+import jax
+import numpy as np
+import pytest
+from conftest import max_rel_error, random_like
+
+import vera_jax
+from vera_jax import peft as vera_peft
+from vera_jax.export import save_merged
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+R = 8
+TOL = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    torch_cls: Callable
+    flax_cls: Callable
+    config: object
+    targets: list[str]
+    peft_kwargs: dict
+    head: tuple[str, ...]
+    layout: str
+    task_type: str | None
+    inputs: np.ndarray
+
+
+IDS = np.random.default_rng(0).integers(3, 90, size=(2, 10))
+PIXELS = np.random.default_rng(0).normal(size=(2, 3, 16, 16)).astype(np.float32)
+SMALL = dict(num_hidden_layers=2, num_attention_heads=4, intermediate_size=56)
+CASES = {
+    "bert": Case(transformers.BertForSequenceClassification, transformers.FlaxBertForSequenceClassification,
+                 transformers.BertConfig(vocab_size=99, hidden_size=32, num_labels=3, **SMALL),
+                 ["query", "value"], {}, ("classifier",), "in_out", "SEQ_CLS", IDS),
+    "roberta": Case(transformers.RobertaForSequenceClassification, transformers.FlaxRobertaForSequenceClassification,
+                    transformers.RobertaConfig(vocab_size=99, hidden_size=32, max_position_embeddings=40, **SMALL),
+                    ["query", "key", "value"], {}, ("classifier",), "in_out", "SEQ_CLS", IDS),
+    "gpt2": Case(transformers.GPT2LMHeadModel, transformers.FlaxGPT2LMHeadModel,
+                 transformers.GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=32),
+                 ["c_attn", "c_proj", "c_fc"], {"fan_in_fan_out": True}, (), "out_in", "CAUSAL_LM", IDS),
+    "llama": Case(transformers.LlamaForCausalLM, transformers.FlaxLlamaForCausalLM,
+                  transformers.LlamaConfig(vocab_size=99, hidden_size=32, num_key_value_heads=2,
+                                           max_position_embeddings=32, tie_word_embeddings=False, **SMALL),
+                  ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], {}, (),
+                  "in_out", "CAUSAL_LM", IDS),
+    "vit": Case(transformers.ViTForImageClassification, transformers.FlaxViTForImageClassification,
+                transformers.ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_labels=5, **SMALL),
+                ["query", "value"], {"modules_to_save": ["classifier"]}, ("classifier",), "in_out", None, PIXELS),
+}
+
+
+def _inputs(case):
+    key = "pixel_values" if case.inputs is PIXELS else "input_ids"
+    return {key: torch.from_numpy(case.inputs)}
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def models(request, tmp_path_factory):
+    """(case, base directory, Flax model): one random base model in both frameworks."""
+    case = CASES[request.param]
+    base = tmp_path_factory.mktemp(request.param) / "base"
+    torch.manual_seed(0)
+    case.torch_cls(case.config).eval().save_pretrained(base)
+    return case, base, case.flax_cls.from_pretrained(base, from_pt=True)
+
+
+def _torch_model(case, base):
+    return case.torch_cls.from_pretrained(base).eval()
+
+
+def _flax_logits(model, case, trainable, projections, path):
+    apply = lambda p, x: model(x, params=p).logits  # noqa: E731
+    return np.asarray(jax.jit(vera_jax.adapt(apply, trainable, projections, path=path))(model.params, case.inputs))
+
+
+@pytest.mark.parametrize("save_projection", [True, False])
+def test_peft_adapter_loads_and_matches_peft(models, tmp_path, save_projection):
+    case, base, flax_model = models
+    kwargs = dict(case.peft_kwargs, **({"task_type": case.task_type} if case.task_type == "SEQ_CLS" else {}))
+    config = peft.VeraConfig(r=R, target_modules=case.targets, save_projection=save_projection,
+                             projection_prng_key=1234, **kwargs)
+    peft_model = peft.get_peft_model(_torch_model(case, base), config).eval()
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if parameter.requires_grad:  # the vectors, and the modules_to_save copies
+                parameter.copy_(0.5 * torch.randn(parameter.shape, generator=generator))
+        expected = peft_model(**_inputs(case)).logits.numpy()
+        with peft_model.disable_adapter():
+            base_logits = peft_model(**_inputs(case)).logits.numpy()
+    assert max_rel_error(expected, base_logits) > 100 * TOL
+    peft_model.save_pretrained(tmp_path / "adapter")
+
+    trainable, projections = vera_peft.load_adapter(tmp_path / "adapter", flax_model.params)
+    buffers = peft_model.base_model
+    np.testing.assert_array_equal(projections.A, buffers.vera_A["default"].numpy())  # rebuilt bit for bit
+    np.testing.assert_array_equal(projections.B, buffers.vera_B["default"].numpy())
+    assert projections.config.kernel_layout == case.layout
+    for path in ("merged", "activation"):
+        assert max_rel_error(_flax_logits(flax_model, case, trainable, projections, path), expected) < TOL, path
+
+
+def test_vera_jax_adapter_loads_in_peft(models, tmp_path):
+    case, base, flax_model = models
+    config = vera_jax.VeraConfig(r=R, target_modules=tuple(case.targets), trainable=case.head,
+                                 kernel_layout=case.layout)
+    projections = vera_jax.init_projections(flax_model.params, jax.random.key(3), config)
+    trainable = random_like(vera_jax.init_trainable(flax_model.params, config), jax.random.key(4), scale=0.5)
+    expected = _flax_logits(flax_model, case, trainable, projections, "activation")
+    vera_peft.save_adapter(tmp_path / "adapter", config, trainable, projections, params=flax_model.params,
+                           task_type=case.task_type)
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "VERA" and saved["save_projection"] is True
+
+    peft_model = peft.PeftModel.from_pretrained(_torch_model(case, base), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        logits = peft_model(**_inputs(case)).logits.numpy()
+    assert max_rel_error(logits, expected) < TOL
+    again, again_projections = vera_peft.load_adapter(tmp_path / "adapter", flax_model.params)
+    jax.tree.map(np.testing.assert_array_equal, again, trainable)
+    np.testing.assert_array_equal(again_projections.A, projections.A)
+
+
+@pytest.mark.parametrize("safetensors", [False, True])
+def test_merged_export_loads_with_transformers_alone(models, tmp_path, safetensors):
+    case, _, flax_model = models
+    config = vera_jax.VeraConfig(r=R, target_modules=tuple(case.targets), trainable=case.head,
+                                 kernel_layout=case.layout)
+    projections = vera_jax.init_projections(flax_model.params, jax.random.key(3), config)
+    trainable = random_like(vera_jax.init_trainable(flax_model.params, config), jax.random.key(4), scale=0.5)
+    expected = _flax_logits(flax_model, case, trainable, projections, "activation")
+    save_merged(flax_model, flax_model.params, trainable, projections, tmp_path / "merged", safetensors=safetensors)
+    weights = {p.name for p in (tmp_path / "merged").iterdir()}
+    assert ("model.safetensors" if safetensors else "flax_model.msgpack") in weights
+    exported = case.flax_cls.from_pretrained(tmp_path / "merged")
+    logits = np.asarray(exported(case.inputs, params=exported.params).logits)
+    assert max_rel_error(logits, expected) < TOL

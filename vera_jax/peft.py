@@ -1,0 +1,294 @@
+"""Read and write the VeRA adapter directories that Hugging Face PEFT reads and writes.
+
+A directory holds ``adapter_config.json`` (``peft_type: "VERA"``) and ``adapter_model.safetensors``:
+
+    base_model.model.<module>.vera_lambda_b   (out,)
+    base_model.model.<module>.vera_lambda_d   (r,)
+    base_model.vera_A (r, in_max), base_model.vera_B (out_max, r)   when save_projection
+    base_model.model.<module>.weight / .bias  modules_to_save, in PyTorch layout
+
+Only JSON and safetensors are read, never pickle. Every key, shape, dtype and value is checked before
+anything is returned, so a hostile or broken file gives one error naming the file, the key and the
+fix, and never half an adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+from vera_jax import hf
+from vera_jax.config import VeraConfig
+from vera_jax.layers import LAMBDA_B, LAMBDA_D, VECTOR_NAMES, find_layers
+from vera_jax.paths import SEP, flatten, module_paths, unflatten
+from vera_jax.projections import Projections, kaiming_uniform_bound
+from vera_jax.vectors import extra_leaves, layer_vectors
+
+__all__ = ["load_adapter", "save_adapter", "AdapterFileError", "CONFIG_FILE", "WEIGHTS_FILE"]
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+MODEL_PREFIX = "base_model.model."
+A_KEY, B_KEY = "base_model.vera_A", "base_model.vera_B"
+PEFT_FIELDS = frozenset({
+    "auto_mapping", "base_model_name_or_path", "bias", "d_initial", "fan_in_fan_out", "inference_mode",
+    "init_weights", "layers_pattern", "layers_to_transform", "modules_to_save", "peft_type", "peft_version",
+    "projection_prng_key", "r", "revision", "save_projection", "target_modules", "task_type", "vera_dropout",
+})
+
+
+class AdapterFileError(ValueError):
+    """A PEFT adapter file that cannot be used; the message names the file, the key and the fix."""
+
+
+def _fail(file: Path, key: str, problem: str, fix: str) -> AdapterFileError:
+    return AdapterFileError(f"{file}: {key}: {problem}. {fix}")
+
+
+def _read_config(directory: Path) -> dict:
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise _fail(path, "(file)", "missing", "Point to a directory written by PeftModel.save_pretrained.")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise _fail(path, "(file)", f"not valid JSON ({err})", "Re-save the adapter.") from None
+    if not isinstance(config, dict):
+        raise _fail(path, "(file)", "not a JSON object", "Re-save the adapter.")
+    if config.get("peft_type") != "VERA":
+        raise _fail(path, "peft_type", f"is {config.get('peft_type')!r}, not 'VERA'",
+                    "vera_jax reads VeRA adapters only; load other PEFT types with PEFT itself")
+    unknown = sorted(set(config) - PEFT_FIELDS)
+    if unknown:
+        raise _fail(path, ", ".join(unknown), "unknown fields for a PEFT VeraConfig",
+                    "Remove them, or re-save the adapter with a PEFT version whose fields vera_jax knows")
+    checks = {
+        "r": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+        "d_initial": lambda v: isinstance(v, (int, float)) and math.isfinite(v),
+        "vera_dropout": lambda v: isinstance(v, (int, float)) and 0 <= v < 1,
+        "fan_in_fan_out": lambda v: isinstance(v, bool),
+        "save_projection": lambda v: isinstance(v, bool),
+        "projection_prng_key": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "target_modules": lambda v: isinstance(v, str) or (isinstance(v, list) and v and
+                                                           all(isinstance(t, str) and t for t in v)),
+        "modules_to_save": lambda v: v is None or (isinstance(v, list) and all(isinstance(t, str) for t in v)),
+    }
+    defaults = {"d_initial": 0.1, "vera_dropout": 0.0, "fan_in_fan_out": False, "save_projection": True,
+                "projection_prng_key": 0, "modules_to_save": None}
+    for field, valid in checks.items():
+        value = config.get(field, defaults.get(field))
+        if field not in config and field not in defaults or not valid(value):
+            raise _fail(path, field, f"invalid value {value!r}", "Fix the field or re-save the adapter")
+        config[field] = value
+    if config.get("bias", "none") != "none" or config.get("layers_to_transform") is not None:
+        raise _fail(path, "bias / layers_to_transform", "only bias='none' on all layers is supported",
+                    "Train the adapter with PEFT's defaults for these fields")
+    return config
+
+
+def _read_tensors(directory: Path) -> dict[str, np.ndarray]:
+    path = directory / WEIGHTS_FILE
+    if not path.is_file():
+        pickled = [p.name for p in directory.glob("*.bin")]
+        fix = ("vera_jax never reads pickle files; re-save with PeftModel.save_pretrained(dir, "
+               "safe_serialization=True)") if pickled else "Point to a directory written by PeftModel.save_pretrained"
+        raise _fail(path, "(file)", "missing" + (f" (found {pickled})" if pickled else ""), fix)
+    from safetensors import safe_open
+
+    tensors = {}
+    try:
+        with safe_open(str(path), framework="flax") as file:
+            for key in file.keys():
+                tensors[key] = np.asarray(file.get_tensor(key))
+    except Exception as err:  # safetensors raises its own error types for truncated or corrupted files
+        raise _fail(path, "(file)", f"truncated or corrupted ({err})", "Re-save or re-download the adapter") from None
+    for key, value in tensors.items():
+        if not np.issubdtype(value.dtype, np.floating) and value.dtype.name != "bfloat16":
+            raise _fail(path, key, f"has dtype {value.dtype}, not a float", "Re-save the adapter in float32")
+        if not np.all(np.isfinite(value.astype(np.float32))):
+            raise _fail(path, key, "holds NaN or infinite values", "Re-train or re-save the adapter")
+    return tensors
+
+
+def _saved_module(module: str, modules_to_save: list[str] | None) -> str | None:
+    """The module PEFT wrapped as a whole (PEFT's rule: the name, or a name ending with '.' + entry)."""
+    parts = module.split(".")
+    for end in range(1, len(parts) + 1):
+        prefix = ".".join(parts[:end])
+        if any(prefix == name or prefix.endswith("." + name) for name in modules_to_save or ()):
+            return prefix
+    return None
+
+
+def _peft_projections(seed: int, r: int, in_max: int, out_max: int, file: Path) -> tuple[np.ndarray, np.ndarray]:
+    """PEFT's A and B from ``projection_prng_key``, drawn with torch's CPU generator exactly as PEFT does."""
+    try:
+        import torch
+    except ImportError:
+        raise _fail(file, "save_projection", "is false, so A and B must be rebuilt with PyTorch's generator, and "
+                    "torch is not installed", "pip install torch (CPU is enough), or re-save the adapter with "
+                    "save_projection=True") from None
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    draws = []
+    for shape, fan_in in (((r, in_max), in_max), ((out_max, r), r)):
+        bound = kaiming_uniform_bound(fan_in)
+        draws.append(torch.empty(shape).uniform_(-bound, bound, generator=generator).numpy())
+    return draws[0], draws[1]
+
+
+def load_adapter(directory: str | os.PathLike, params: Mapping, *, dtype: str = "float32") -> tuple[dict, Projections]:
+    """Read a PEFT VeRA adapter for ``params``: ``(trainable, projections)`` for `merge` or `adapt`.
+
+    Raises:
+      AdapterFileError: anything wrong with the files or their fit to ``params``.
+    """
+    directory = Path(directory)
+    config_file, weights_file = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    peft_config = _read_config(directory)
+    tensors = _read_tensors(directory)
+    flat_params = flatten(params)
+    modules = set(module_paths(flat_params))
+    r = peft_config["r"]
+
+    vectors, head, head_modules = {}, {}, set()
+    for key, value in tensors.items():
+        if key in (A_KEY, B_KEY):
+            continue
+        module, _, leaf = key.removeprefix(MODEL_PREFIX).rpartition(".")
+        wrapped = _saved_module(module, peft_config["modules_to_save"])
+        if not key.startswith(MODEL_PREFIX) or not module or (leaf not in VECTOR_NAMES and wrapped is None):
+            raise _fail(weights_file, key, "unexpected key for a VeRA adapter", "Remove it or re-save the adapter")
+        path = hf.resolve_module(module, modules)
+        if path is None:
+            raise _fail(weights_file, key, f"names module {module!r}, which these params do not have",
+                        "Load the adapter onto the model it was trained for")
+        if leaf in VECTOR_NAMES:
+            expected = (r,) if leaf == LAMBDA_D else value.shape
+            if value.ndim != 1 or value.shape != expected:
+                raise _fail(weights_file, key, f"has shape {value.shape}, but r={r} in {CONFIG_FILE} needs ({r},)"
+                            if leaf == LAMBDA_D else f"has shape {value.shape}, not a vector",
+                            "Use the adapter_config.json saved with these tensors")
+            vectors[path + SEP + leaf] = value
+            continue
+        module_params = {p.rsplit(SEP, 1)[1]: v for p, v in flat_params.items() if p.rsplit(SEP, 1)[0] == path}
+        try:
+            name, converted = hf.to_flax_leaf(module_params, leaf, value)
+        except KeyError as err:
+            raise _fail(weights_file, key, str(err), "Load the adapter onto the model it was trained for") from None
+        if converted.shape != tuple(module_params[name].shape):
+            raise _fail(weights_file, key, f"has shape {value.shape}, which does not fit {path}/{name} "
+                        f"{tuple(module_params[name].shape)}", "Load the adapter onto a model with the same head")
+        head[path + SEP + name] = converted
+        head_modules.add(hf.resolve_module(wrapped, modules) or path)
+
+    layout = "out_in" if peft_config["fan_in_fan_out"] else "in_out"
+    vector_layers = sorted({p.rsplit(SEP, 1)[0] for p in vectors})
+    targets = peft_config["target_modules"]
+    targets = tuple(hf.flax_path(t) for t in targets) if isinstance(targets, list) else "|".join(vector_layers)
+    try:
+        config = VeraConfig(r=r, target_modules=targets, d_initial=peft_config["d_initial"],
+                            dropout=peft_config["vera_dropout"], projection_seed=peft_config["projection_prng_key"],
+                            save_projection=peft_config["save_projection"], trainable=tuple(sorted(head_modules)),
+                            dtype=dtype, kernel_layout=layout)
+        layers = find_layers(params, config)
+    except ValueError as err:
+        raise _fail(config_file, "target_modules", str(err), "Load the adapter onto the model it was trained for") \
+            from None
+    missing = sorted({layer.path for layer in layers} - set(vector_layers))
+    extra = sorted(set(vector_layers) - {layer.path for layer in layers})
+    incomplete = sorted(p for p in vector_layers if {p + SEP + n for n in VECTOR_NAMES} - set(vectors))
+    if missing or extra or incomplete:
+        raise _fail(weights_file, "vera_lambda_*", f"vectors missing for {missing[:4] + incomplete[:4]}, "
+                    f"or present for layers target_modules does not select {extra[:4]}",
+                    "Use the adapter_config.json saved with these tensors")
+
+    in_max = max(layer.in_features for layer in layers)
+    out_max = max(layer.out_features for layer in layers)
+    if (A_KEY in tensors) != (B_KEY in tensors):
+        raise _fail(weights_file, A_KEY if B_KEY in tensors else B_KEY, "missing while its partner is present",
+                    "Re-save the adapter")
+    if A_KEY in tensors:
+        a, b = tensors[A_KEY], tensors[B_KEY]
+        if a.ndim != 2 or a.shape[0] != r or a.shape[1] < in_max:
+            raise _fail(weights_file, A_KEY, f"has shape {a.shape}; r={r} and these layers need ({r}, >={in_max})",
+                        "Use the adapter_config.json saved with these tensors, on the same model")
+        if b.ndim != 2 or b.shape[1] != r or b.shape[0] < out_max:
+            raise _fail(weights_file, B_KEY, f"has shape {b.shape}; r={r} and these layers need (>={out_max}, {r})",
+                        "Use the adapter_config.json saved with these tensors, on the same model")
+    else:
+        a, b = _peft_projections(config.projection_seed, r, in_max, out_max, config_file)
+    projections = Projections(A=jnp.asarray(a, dtype), B=jnp.asarray(b, dtype), config=config)
+    trainable = unflatten({p: jnp.asarray(v, dtype) for p, v in vectors.items()} |
+                          {p: jnp.asarray(v, flat_params[p].dtype) for p, v in head.items()})
+    try:
+        layer_vectors(params, trainable, projections)
+    except ValueError as err:
+        fix = "Check fan_in_fan_out (true for GPT-2's Conv1D layers)"
+        raise _fail(weights_file, "vera_lambda_b", str(err), fix) from None
+    return trainable, projections
+
+
+def _names(patterns, paths: list[str]) -> list[str] | str:
+    """PEFT's list-of-names form: the config's names, or the exact module names when it used a regex."""
+    return [hf.torch_name(p) for p in patterns] if not isinstance(patterns, str) else [hf.torch_name(p) for p in paths]
+
+
+def save_adapter(
+    directory: str | os.PathLike,
+    config: VeraConfig,
+    trainable: Mapping,
+    projections: Projections,
+    *,
+    params: Mapping,
+    task_type: str | None = None,
+    base_model_name_or_path: str | None = None,
+) -> Path:
+    """Write ``trainable`` as a directory ``peft.PeftModel.from_pretrained`` loads.
+
+    A and B are always written (PyTorch cannot rebuild JAX's random bits), with ``save_projection:
+    true``. ``params`` is the base the adapter belongs to; it is used to check the fit and is not saved.
+    """
+    if projections.config != config:
+        raise ValueError("The projections were drawn for another VeraConfig than the one given; pass the same.")
+    items = layer_vectors(params, trainable, projections)
+    head = extra_leaves(trainable)
+    tensors = {A_KEY: projections.A, B_KEY: projections.B}
+    for item in items:
+        prefix = MODEL_PREFIX + hf.torch_name(item.layer.path)
+        tensors[f"{prefix}.{LAMBDA_D}"], tensors[f"{prefix}.{LAMBDA_B}"] = item.lambda_d, item.lambda_b
+    for path, value in head.items():
+        module, leaf = path.rsplit(SEP, 1)
+        name, converted = hf.to_torch_leaf(leaf, np.asarray(value))
+        tensors[f"{MODEL_PREFIX}{hf.torch_name(module)}.{name}"] = converted
+    head_modules = sorted({p.rsplit(SEP, 1)[0] for p in head})
+    peft_config = {
+        "peft_type": "VERA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
+        "r": config.r, "target_modules": _names(config.target_modules, [i.layer.path for i in items]),
+        "projection_prng_key": config.projection_seed, "save_projection": True, "vera_dropout": config.dropout,
+        "d_initial": config.d_initial, "fan_in_fan_out": config.kernel_layout == "out_in", "bias": "none",
+        "modules_to_save": (_names(config.trainable, head_modules) if head else None), "init_weights": True,
+        "layers_to_transform": None, "layers_pattern": None, "inference_mode": True,
+    }
+    from safetensors.numpy import save_file
+
+    directory = Path(directory).absolute()
+    staging = directory.parent / f".{directory.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        arrays = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in tensors.items()}
+        save_file(arrays, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+        (staging / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2, sort_keys=True))
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory
