@@ -98,7 +98,7 @@ def test_activation_path_that_sees_no_adapted_layer(bert):
 def test_unknown_path_name(bert):
     config = _config()
     projections = vera_jax.init_projections(bert.params, jax.random.key(0), config)
-    with pytest.raises(ValueError, match=r"path must be one of \('merged', 'activation'\)"):
+    with pytest.raises(ValueError, match=r"path must be one of \('merged', 'activation', 'activation-lean'\) or a vera_jax.PathPlan"):
         vera_jax.adapt(bert.apply, vera_jax.init_vectors(bert.params, config), projections, path="fused")
 
 

@@ -225,3 +225,35 @@ def test_export_command_writes_peft_and_merged_models(tiny, tmp_path, capsys):
     assert main(["export", "--adapter", str(tmp_path), "--output", str(tmp_path / "x")]) == 2
     assert "holds neither vera_adapter.json (vera_jax) nor adapter_config.json (PEFT)" in capsys.readouterr().err
 
+
+
+@pytest.mark.parametrize("strategy", ["auto", "activation-lean"])
+def test_other_strategies_train_to_the_same_vectors(tiny, tmp_path, strategy):
+    model, data = tiny
+    args = lambda out, s: tiny_run.train_args(model, data, out, "--max-steps", "4", "--strategy", s)  # noqa: E731
+    assert main(args(tmp_path / "merged", "merged")) == 0
+    assert main(args(tmp_path / strategy, strategy)) == 0
+    summary = json.loads((tmp_path / strategy / "summary.json").read_text())
+    assert summary["strategy"] == strategy
+    if strategy == "auto":
+        assert summary["strategy_detail"].startswith("auto: ")
+    reference, _, _ = _adapter(model, tmp_path / "merged")
+    other, _, _ = _adapter(model, tmp_path / strategy)
+    for path in reference:
+        np.testing.assert_allclose(other[path], reference[path], rtol=1e-4, atol=1e-6, err_msg=path)
+
+
+def test_bench_command_prints_and_writes_every_ratio(tmp_path, capsys):
+    model = tiny_run.make_model(tmp_path / "model", pytorch_weights=True)
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", str(model), "--batch-size", "4", "--seq-len", "16", "--r", "8",
+                 "--steps", "2", "--warmup", "1", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert set(results["median_seconds"]) == {"merged", "activation", "activation-lean", "auto", "floor", "peft"}
+    assert all(t > 0 for t in results["median_seconds"].values())
+    median = results["median_seconds"]
+    assert results["floor_ratio"] == pytest.approx(median["auto"] / median["floor"])
+    assert results["peft_speedup"] == pytest.approx(median["peft"] / median["auto"])
+    assert results["auto_vs_best"] == pytest.approx(median["auto"] / min(median["merged"], median["activation"]))
+    assert all(results["peak_bytes"][name] > 0 for name in ("merged", "activation", "auto", "floor"))
+    assert "floor_ratio" in capsys.readouterr().out

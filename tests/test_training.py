@@ -118,3 +118,23 @@ def test_dropout_acts_only_with_a_key_and_only_on_the_activation_path(bert):
     np.testing.assert_array_equal(first, run(jax.random.key(1)))
     with pytest.raises(ValueError, match="use path='activation'"):
         vera_jax.adapt(bert.apply, trainable, projections, path="merged", dropout_rng=jax.random.key(1))
+
+
+def test_the_step_donates_its_state_and_copies_nothing_between_host_and_device(bert, projections):
+    trainable = jax.device_put(vera_jax.init_trainable(bert.params, bert.config))
+    tx = optax.adam(1e-2)
+
+    def step(trainable, opt_state, params, inputs):
+        loss_fn = lambda t: _loss(vera_jax.adapt(bert.apply, t, projections)(params, inputs))  # noqa: E731
+        grads = jax.grad(loss_fn)(trainable)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state
+
+    step = jax.jit(step, donate_argnums=(0, 1))
+    params, inputs = jax.device_put(bert.params), jax.device_put(bert.inputs)
+    state = step(trainable, tx.init(trainable), params, inputs)  # compiles
+    old = jax.tree.leaves(state)
+    with jax.transfer_guard("disallow"):  # an implicit host<->device copy in the step would raise here
+        state = step(*state, params, inputs)
+    assert all(leaf.is_deleted() for leaf in old), "donated buffers are reused, not copied"
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(state))

@@ -17,7 +17,8 @@ NEGATIVE = ["bad", "awful", "dull", "boring", "clumsy"]
 FILLER = ["the", "movie", "film", "was", "plot", "acting", "really", "quite", "story", "a"]
 
 
-def make_model(directory: Path) -> Path:
+def make_model(directory: Path, pytorch_weights: bool = False) -> Path:
+    """A random tiny BERT classifier with Flax weights (and PyTorch ones too, when asked) and a tokenizer."""
     from transformers import BertConfig, BertTokenizerFast, FlaxBertForSequenceClassification
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -26,7 +27,15 @@ def make_model(directory: Path) -> Path:
     BertTokenizerFast(vocab_file=str(directory / "vocab.txt")).save_pretrained(directory)
     config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=48, max_position_embeddings=64, num_labels=2)
-    FlaxBertForSequenceClassification(config, seed=0).save_pretrained(directory)
+    if pytorch_weights:
+        import torch
+        from transformers import BertForSequenceClassification
+
+        torch.manual_seed(0)
+        BertForSequenceClassification(config).save_pretrained(directory)
+        FlaxBertForSequenceClassification.from_pretrained(directory, from_pt=True).save_pretrained(directory)
+    else:
+        FlaxBertForSequenceClassification(config, seed=0).save_pretrained(directory)
     return directory
 
 

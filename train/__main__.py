@@ -1,7 +1,8 @@
-"""``python -m train [flags]``: the main job; ``python -m train export ...``: adapter export (see --help)."""
+"""``python -m train [flags]``: the main job; ``export ...``: adapter export; ``bench ...``: step benchmarks."""
 
 import sys
 
+from train import bench
 from train.checkpoints import CheckpointMismatch
 from train.classify import RunError, run
 from train.data import DataError
@@ -19,6 +20,8 @@ def main(argv=None) -> int:
     try:
         if argv[:1] == ["export"]:
             print(f"wrote {export(parse_args(argv[1:]))}")
+        elif argv[:1] == ["bench"]:
+            bench.bench(bench.parse_args(argv[1:]))
         else:
             run(parse_options(argv))
     except USER_ERRORS as err:

@@ -31,6 +31,7 @@ from vera_jax import peft as vera_peft
 __all__ = ["run", "RunError"]
 
 HUB_IDS = {"default": "sentence-transformers/all-MiniLM-L6-v2"}  # what the packaged default model is
+STRATEGIES = (*vera_jax.activation.PATHS, "auto")
 DROPOUT_STREAM = 2**31  # fold_in offset for the dropout key: disjoint from the projection stream's blocks
 
 
@@ -173,8 +174,8 @@ def run(options: Options) -> dict:
     started = time.perf_counter()
     _init_distributed(options)
     out = _output_dir(options.output_dir)
-    if options.strategy not in vera_jax.activation.PATHS:
-        raise RunError(f"--strategy must be one of {vera_jax.activation.PATHS}, got {options.strategy!r}.")
+    if options.strategy not in STRATEGIES:
+        raise RunError(f"--strategy must be one of {STRATEGIES}, got {options.strategy!r}.")
     mesh = mesh_lib.make_mesh(options.mesh, options.batch_size)
     train_split, test_split = data_lib.load_splits(options)
     num_labels = data_lib.check_labels(train_split, test_split, options)
@@ -210,7 +211,12 @@ def run(options: Options) -> dict:
     checkpoints = RunCheckpoints(out / "checkpoints", options.keep_checkpoints)
     resume_step = checkpoints.latest_step() or 0
     log = MetricsLog(out / "metrics.jsonl", resume_step, enabled=primary)
-    logits_fn = steps.vera_logits(model, options.strategy)
+    strategy = options.strategy
+    if strategy == "auto":
+        strategy = vera_jax.plan_paths(params, config, tokens=options.batch_size * options.max_length)
+        if primary:
+            print(strategy.summary())
+    logits_fn = steps.vera_logits(model, strategy)
     trainable, tokens_per_second = fit(ctx, "vera", trainable, logits_fn, log, checkpoints, _recipe_meta(ctx, key))
     checkpoints.close()
     accuracy, test_loss = evaluate(ctx, trainable, logits_fn)
@@ -223,6 +229,7 @@ def run(options: Options) -> dict:
 
     summary = {
         "model": options.model, "dataset": options.dataset, "task": options.task, "strategy": options.strategy,
+        "strategy_detail": strategy.summary() if isinstance(strategy, vera_jax.PathPlan) else strategy,
         "mesh": dict(mesh.shape), "steps": total_steps, "train_examples": len(train_data),
         "test_examples": len(test_data), "test_accuracy": accuracy, "test_loss": test_loss,
         "trainable_params": vera_jax.count_parameters(params, config)[0],

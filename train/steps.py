@@ -45,12 +45,15 @@ def _call(model, params, batch, rng):
                  dropout_rng=rng).logits
 
 
-def vera_logits(model, strategy: str) -> Callable:
-    """``logits(params, trainable, projections, batch, rng)``: the adapted model; rng=None evaluates."""
+def vera_logits(model, strategy: str | vera_jax.PathPlan) -> Callable:
+    """``logits(params, trainable, projections, batch, rng)``: the adapted model; rng=None evaluates.
+
+    ``strategy`` is a path of `vera_jax.adapt` or a `vera_jax.PathPlan`.
+    """
 
     def logits(params, trainable, projections, batch, rng):
         model_rng, vera_rng = (None, None) if rng is None else jax.random.split(rng)
-        dropout = vera_rng if strategy == "activation" else None
+        dropout = None if strategy == "merged" else vera_rng
         run = vera_jax.adapt(lambda p: _call(model, p, batch, model_rng), trainable, projections, path=strategy,
                              dropout_rng=dropout)
         return run(params)

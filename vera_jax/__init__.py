@@ -4,10 +4,11 @@ from vera_jax.activation import activation_path, adapt
 from vera_jax.config import VeraConfig
 from vera_jax.layers import LAMBDA_B, LAMBDA_D, AdaptedLayer, find_layers, find_trainable_leaves
 from vera_jax.merge import merge, unmerge
-from vera_jax.ops import adapter_output, delta_weight
+from vera_jax.ops import adapter_output, adapter_output_lean, delta_weight
 from vera_jax.partition import combine, combined_optimizer, split, trainable_labels
 from vera_jax.projections import Projections, init_projections, kaiming_uniform_bound, projection_key
 from vera_jax.report import count_parameters, layer_table, parameter_report
+from vera_jax.strategy import PathPlan, plan_paths
 from vera_jax.vectors import init_trainable, init_vectors
 
 __all__ = [
@@ -18,7 +19,9 @@ __all__ = [
     "VeraConfig",
     "activation_path",
     "adapt",
+    "PathPlan",
     "adapter_output",
+    "adapter_output_lean",
     "combine",
     "combined_optimizer",
     "count_parameters",
@@ -32,6 +35,7 @@ __all__ = [
     "layer_table",
     "merge",
     "parameter_report",
+    "plan_paths",
     "projection_key",
     "split",
     "trainable_labels",

@@ -16,15 +16,16 @@ import jax
 import jax.numpy as jnp
 
 from vera_jax.layers import LAMBDA_B, LAMBDA_D
-from vera_jax.merge import merge
-from vera_jax.ops import adapter_output, promote_add
+from vera_jax.merge import merge_layers
+from vera_jax.ops import adapter_output, adapter_output_lean, promote_add
 from vera_jax.paths import SEP, flatten, unflatten
 from vera_jax.projections import Projections
+from vera_jax.strategy import PathPlan
 from vera_jax.vectors import extra_leaves, layer_vectors
 
 __all__ = ["activation_path", "adapt", "PATHS"]
 
-PATHS = ("merged", "activation")
+PATHS = ("merged", "activation", "activation-lean")
 
 
 def _module_layout(module: nn.Module) -> str | None:
@@ -52,7 +53,13 @@ def _dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
 
 
 @contextlib.contextmanager
-def activation_path(trainable: Mapping, projections: Projections, *, dropout_rng: jax.Array | None = None) -> Iterator[None]:
+def activation_path(
+    trainable: Mapping,
+    projections: Projections,
+    *,
+    dropout_rng: jax.Array | None = None,
+    lean: bool = False,
+) -> Iterator[None]:
     """Within this context, every Flax call of an adapted layer gets the VeRA output added.
 
     Use it inside the function you ``jax.jit`` (it acts while the model is traced). The adapter path
@@ -62,6 +69,7 @@ def activation_path(trainable: Mapping, projections: Projections, *, dropout_rng
       trainable: the trainable tree (only its VeRA vectors are read here).
       projections: the shared A (r, in_max) and B (out_max, r) with their config.
       dropout_rng: key for ``config.dropout`` on the layer inputs; None means no dropout (evaluation).
+      lean: use `adapter_output_lean`, whose backward pass keeps only the r-sized intermediate.
 
     Raises:
       ValueError: a layer's module type contradicts ``config.kernel_layout``, its input or output does
@@ -97,7 +105,8 @@ def activation_path(trainable: Mapping, projections: Projections, *, dropout_rng
         if dropout_rng is not None and config.dropout > 0.0:
             x = _dropout(x, config.dropout, jax.random.fold_in(dropout_rng, next(calls)))
         seen.add(path)
-        delta = adapter_output(x, projections.A, projections.B, lambda_d.astype(config.dtype), lambda_b.astype(config.dtype))
+        output = adapter_output_lean if lean else adapter_output
+        delta = output(x, projections.A, projections.B, lambda_d.astype(config.dtype), lambda_b.astype(config.dtype))
         return promote_add(y, delta)
 
     with nn.intercept_methods(interceptor):
@@ -115,7 +124,7 @@ def adapt(
     trainable: Mapping,
     projections: Projections,
     *,
-    path: str = "merged",
+    path: str | PathPlan = "merged",
     dropout_rng: jax.Array | None = None,
 ) -> Callable:
     """Wrap ``fn(params, *args, **kwargs)`` so that it runs the adapted model.
@@ -127,20 +136,30 @@ def adapt(
       trainable: the trainable tree (VeRA vectors and extra leaves).
       projections: the shared A, B and their config.
       path: ``"merged"`` builds W0 + delta_W and calls ``fn`` with those params (any function works);
-        ``"activation"`` adds the VeRA output to the layer outputs (Flax linen models; supports dropout).
-      dropout_rng: key for ``config.dropout``; activation path only.
+        ``"activation"`` adds the VeRA output to the layer outputs (Flax linen models; supports
+        dropout); ``"activation-lean"`` does so with a backward pass that keeps only the r-sized
+        intermediate; a `PathPlan` (from `plan_paths`) picks merged or activation per layer.
+      dropout_rng: key for ``config.dropout``; applied on the activation path only.
     """
-    if path not in PATHS:
-        raise ValueError(f"path must be one of {PATHS}, got {path!r}.")
+    if not isinstance(path, PathPlan) and path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS} or a vera_jax.PathPlan, got {path!r}.")
     if path == "merged" and dropout_rng is not None and projections.config.dropout > 0.0:
         raise ValueError("VeRA dropout acts on activations: use path='activation' to train with dropout.")
 
     def adapted(params, *args, **kwargs):
-        if path == "merged":
-            return fn(merge(params, trainable, projections), *args, **kwargs)
-        layer_vectors(params, trainable, projections)  # fail early, with names, on a mismatch
-        with_extra = flatten(params) | extra_leaves(trainable)
-        with activation_path(trainable, projections, dropout_rng=dropout_rng):
-            return fn(unflatten(with_extra), *args, **kwargs)
+        items = layer_vectors(params, trainable, projections)  # fail early, with names, on a mismatch
+        if isinstance(path, PathPlan):
+            merged = path.merged
+        else:
+            merged = {item.layer.path for item in items} if path == "merged" else set()
+        params = merge_layers(params, [i for i in items if i.layer.path in merged], projections)
+        params = unflatten(flatten(params) | extra_leaves(trainable))
+        on_activations = [i for i in items if i.layer.path not in merged]
+        if not on_activations:
+            return fn(params, *args, **kwargs)
+        vectors = unflatten({f"{i.layer.path}{SEP}{name}": leaf for i in on_activations
+                             for name, leaf in ((LAMBDA_D, i.lambda_d), (LAMBDA_B, i.lambda_b))})
+        with activation_path(vectors, projections, dropout_rng=dropout_rng, lean=path == "activation-lean"):
+            return fn(params, *args, **kwargs)
 
     return adapted

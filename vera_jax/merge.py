@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from vera_jax.ops import delta_weight, promote_add
 from vera_jax.paths import SEP, flatten, unflatten
 from vera_jax.projections import Projections
-from vera_jax.vectors import extra_leaves, layer_vectors
+from vera_jax.vectors import LayerVectors, extra_leaves, layer_vectors
 
-__all__ = ["merge", "unmerge"]
+__all__ = ["merge", "unmerge", "merge_layers"]
 
 
-def _add_deltas(params: Mapping, trainable: Mapping, projections: Projections, sign: float) -> dict:
+def merge_layers(params: Mapping, items: Iterable[LayerVectors], projections: Projections, sign: float = 1.0) -> dict:
+    """Add ``sign * delta_W`` to the kernel of each given (already checked) layer; other leaves unchanged."""
     flat = flatten(params)
     config = projections.config
-    for item in layer_vectors(params, trainable, projections):
+    for item in items:
         lambda_d = item.lambda_d.astype(config.dtype)
         lambda_b = item.lambda_b.astype(config.dtype)
         delta = delta_weight(projections.A, projections.B, lambda_d, lambda_b, item.layer.in_features)  # (out, in)
@@ -34,7 +35,7 @@ def merge(params: Mapping, trainable: Mapping, projections: Projections) -> dict
     is. The delta is computed in ``config.dtype`` and added in the wider of that and the kernel's dtype.
     Works with any function that takes params; dropout is not applied (use the activation path).
     """
-    merged = flatten(_add_deltas(params, trainable, projections, 1.0))
+    merged = flatten(merge_layers(params, layer_vectors(params, trainable, projections), projections))
     merged.update(extra_leaves(trainable))
     return unflatten(merged)
 
@@ -45,4 +46,4 @@ def unmerge(params: Mapping, trainable: Mapping, projections: Projections) -> di
     Extra trainable leaves (e.g. a trained head) are left as they are in ``params``: `merge` replaced
     them, so there is no original to restore.
     """
-    return _add_deltas(params, trainable, projections, -1.0)
+    return merge_layers(params, layer_vectors(params, trainable, projections), projections, -1.0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["delta_weight", "adapter_output", "promote_add"]
+__all__ = ["delta_weight", "adapter_output", "adapter_output_lean", "promote_add"]
 
 
 def delta_weight(a: jax.Array, b: jax.Array, lambda_d: jax.Array, lambda_b: jax.Array, in_features: int) -> jax.Array:
@@ -26,6 +26,37 @@ def adapter_output(x: jax.Array, a: jax.Array, b: jax.Array, lambda_d: jax.Array
     in_features, out_features = x.shape[-1], lambda_b.shape[-1]
     hidden = lambda_d * (x.astype(a.dtype) @ a[:, :in_features].T)  # (..., r)
     return lambda_b * (hidden @ b[:out_features, :].T)
+
+
+@jax.custom_vjp
+def adapter_output_lean(x: jax.Array, a: jax.Array, b: jax.Array, lambda_d: jax.Array, lambda_b: jax.Array):
+    """`adapter_output` whose backward pass keeps only the r-sized ``x @ A[:, :in].T`` (..., r).
+
+    Autodiff would also keep the (..., out) product before lambda_b; this recomputes it. A and B are
+    frozen by construction in VeRA: their cotangents are zero.
+    """
+    return adapter_output(x, a, b, lambda_d, lambda_b)
+
+
+def _lean_forward(x, a, b, lambda_d, lambda_b):
+    hidden = x.astype(a.dtype) @ a[:, : x.shape[-1]].T  # (..., r): the only activation kept
+    out = lambda_b * ((lambda_d * hidden) @ b[: lambda_b.shape[-1], :].T)
+    x_like = jnp.zeros((0, x.shape[-1]), x.dtype)  # x's width and dtype, without keeping x
+    return out, (hidden, x_like, a, b, lambda_d, lambda_b)
+
+
+def _lean_backward(saved, cotangent):
+    hidden, x_like, a, b, lambda_d, lambda_b = saved
+    b_used = b[: lambda_b.shape[-1], :]  # (out, r)
+    batch_axes = tuple(range(cotangent.ndim - 1))
+    d_lambda_b = jnp.sum(cotangent * ((lambda_d * hidden) @ b_used.T), axis=batch_axes)  # recomputed (..., out)
+    d_scaled = (cotangent * lambda_b) @ b_used  # (..., r)
+    d_lambda_d = jnp.sum(d_scaled * hidden, axis=batch_axes)
+    d_x = ((d_scaled * lambda_d) @ a[:, : x_like.shape[-1]]).astype(x_like.dtype)
+    return d_x, jnp.zeros_like(a), jnp.zeros_like(b), d_lambda_d, d_lambda_b
+
+
+adapter_output_lean.defvjp(_lean_forward, _lean_backward)
 
 
 def _wider(first, second):

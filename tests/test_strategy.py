@@ -1,0 +1,108 @@
+"""The cost model's choices, per-layer plans, and the memory-lean custom VJP of the activation path."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import max_rel_error
+
+import families
+import vera_jax
+
+
+def _flops(layer, r, tokens, training):
+    """The documented model, written out independently."""
+    n_in, n_out = layer.in_features, layer.out_features
+    merged = 2 * r * n_in * n_out + (2 * tokens * n_in * n_out + 4 * r * n_in * n_out if training else 0)
+    activation = (6 if training else 2) * tokens * r * (n_in + n_out)
+    return merged, activation
+
+
+@pytest.mark.parametrize("r, tokens, training", [(256, 4096, True), (4, 4096, True), (256, 16, False),
+                                                 (256, 4096, False), (8, 100, True)])
+def test_plan_follows_the_flop_model(r, tokens, training):
+    family = families.llama()
+    config = vera_jax.VeraConfig(r=r, target_modules=families.LLAMA_TARGETS)
+    plan = vera_jax.plan_paths(family.params, config, tokens=tokens, training=training)
+    layers = vera_jax.find_layers(family.params, config)
+    assert [c.path for c in plan.costs] == [layer.path for layer in layers]
+    for cost, layer in zip(plan.costs, layers):
+        merged, activation = _flops(layer, r, tokens, training)
+        assert (cost.merged, cost.activation) == (merged, activation)
+        assert cost.choice == ("merged" if merged <= activation else "activation")
+    assert plan.merged | plan.activation == {layer.path for layer in layers}
+    assert f"{len(plan.merged)} layers merged, {len(plan.activation)} on the activation path" in plan.summary()
+    assert len(plan.explain().splitlines()) == len(layers) + 1
+
+
+def test_few_tokens_favour_activation_and_many_favour_merged_at_inference():
+    family = families.bert()
+    few = vera_jax.plan_paths(family.params, family.config, tokens=8, training=False)
+    many = vera_jax.plan_paths(family.params, family.config, tokens=10_000, training=False)
+    assert not few.merged and not many.activation
+
+
+def test_a_mixed_plan_gives_the_same_logits():
+    family = families.llama()
+    plan = vera_jax.plan_paths(family.params, family.config, tokens=100)
+    assert plan.merged and plan.activation, "tokens=100 splits this model's layers between the two paths"
+    projections = vera_jax.init_projections(family.params, jax.random.key(0), family.config)
+    trainable = families.random_trainable(family)
+    merged = vera_jax.adapt(family.apply, trainable, projections, path="merged")(family.params, family.inputs)
+    mixed = jax.jit(vera_jax.adapt(family.apply, trainable, projections, path=plan))(family.params, family.inputs)
+    assert max_rel_error(mixed, merged) < 1e-5
+
+
+def _single_layer(tokens=2048, n_in=64, n_out=512, r=16):
+    keys = jax.random.split(jax.random.key(0), 5)
+    x = jax.random.normal(keys[0], (4, tokens // 4, n_in))
+    a = jax.random.normal(keys[1], (r, n_in + 8))
+    b = jax.random.normal(keys[2], (n_out + 8, r))
+    return x, a, b, jax.random.normal(keys[3], (r,)), jax.random.normal(keys[4], (n_out,))
+
+
+def _loss(output):
+    def loss(x, lambda_d, lambda_b, a, b):
+        return jnp.sum(jnp.sin(output(x, a, b, lambda_d, lambda_b)))
+
+    return loss
+
+
+def test_lean_vjp_gives_the_autodiff_gradients():
+    x, a, b, lambda_d, lambda_b = _single_layer(tokens=64)
+    np.testing.assert_allclose(vera_jax.adapter_output_lean(x, a, b, lambda_d, lambda_b),
+                               vera_jax.adapter_output(x, a, b, lambda_d, lambda_b), rtol=1e-6)
+    lean = jax.grad(_loss(vera_jax.adapter_output_lean), argnums=(0, 1, 2))(x, lambda_d, lambda_b, a, b)
+    full = jax.grad(_loss(vera_jax.adapter_output), argnums=(0, 1, 2))(x, lambda_d, lambda_b, a, b)
+    for got, want in zip(lean, full):
+        assert max_rel_error(got, want) < 1e-5
+    frozen = jax.grad(_loss(vera_jax.adapter_output_lean), argnums=(3, 4))(x, lambda_d, lambda_b, a, b)
+    assert all(not np.any(np.asarray(g)) for g in frozen)  # A and B are constants of VeRA
+
+
+def test_lean_vjp_keeps_only_the_r_sized_intermediate():
+    x, a, b, lambda_d, lambda_b = _single_layer()
+
+    def kept_bytes(output):
+        _, backward = jax.vjp(lambda x, d, lb: output(x, a, b, d, lb), x, lambda_d, lambda_b)
+        return sum(leaf.nbytes for leaf in jax.tree.leaves(backward))  # the residuals the backward pass holds
+
+    tokens, r, n_out = x.shape[0] * x.shape[1], a.shape[0], lambda_b.shape[0]
+    lean, full = kept_bytes(vera_jax.adapter_output_lean), kept_bytes(vera_jax.adapter_output)
+    # Lean: the (tokens, r) intermediate plus the inputs it is given (A, B and the vectors), nothing more.
+    assert lean == 4 * (tokens * r + a.size + b.size + lambda_d.size + lambda_b.size)
+    assert full >= 4 * tokens * (n_out + r)  # autodiff holds the (tokens, out) product as well as (tokens, r)
+
+
+def test_lean_path_trains_like_the_activation_path():
+    family = families.bert()
+    projections = vera_jax.init_projections(family.params, jax.random.key(0), family.config)
+    trainable = families.random_trainable(family)
+
+    def grads(path):
+        loss = lambda t: jnp.sum(vera_jax.adapt(family.apply, t, projections, path=path)(family.params,  # noqa: E731
+                                                                                         family.inputs) ** 2)
+        return jax.grad(loss)(trainable)
+
+    for got, want in zip(jax.tree.leaves(grads("activation-lean")), jax.tree.leaves(grads("activation"))):
+        assert max_rel_error(got, want) < 1e-5

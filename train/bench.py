@@ -1,0 +1,212 @@
+"""``python -m train bench``: VeRA training step time and memory, side by side in one run.
+
+Variants, all on the same model, batch and sequence length, each one jitted step with donated state:
+merged, activation, activation-lean (custom VJP), auto (the cost model's per-layer plan), the floor
+(the frozen model with gradients flowing back through every layer but no weight gradients: only a
+vector scaling the embedding output is trained) and, when torch and peft import, PEFT's VeRA in
+PyTorch. Steps are timed round-robin (one step of each variant per round) so that machine noise falls
+on all of them alike; the medians and their ratios are printed and written as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import vera_jax
+from train.model import load_classifier
+from train.metrics import write_json
+from vera_jax.paths import SEP, flatten, module_paths
+
+__all__ = ["parse_args", "bench"]
+
+VERA_VARIANTS = ("merged", "activation", "activation-lean", "auto")
+
+
+def parse_args(argv) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m train bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="default", help="'default' (all-MiniLM-L6-v2), a hub id or a directory")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--r", type=int, default=256)
+    parser.add_argument("--targets", nargs="+", default=["query", "value"])
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant after compiling")
+    parser.add_argument("--no-peft", action="store_true", help="skip PEFT in PyTorch")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    return parser.parse_args(argv)
+
+
+def _embeddings_module(params) -> str:
+    paths = [p for p in module_paths(flatten(params)) if p.rsplit(SEP, 1)[-1] == "embeddings"]
+    if not paths:
+        raise ValueError("The floor scales the output of a module named 'embeddings'; this model has none.")
+    return paths[0]
+
+
+def _floor_logits(model, embeddings: str) -> Callable:
+    """The frozen model with a trainable vector scaling the embedding output: gradients through every layer."""
+
+    def logits(params, scale, batch):
+        def interceptor(next_fun, args, kwargs, context):
+            out = next_fun(*args, **kwargs)
+            if context.method_name == "__call__" and SEP.join(context.module.path) == embeddings:
+                out = out * (1.0 + scale).astype(out.dtype)
+            return out
+
+        with nn.intercept_methods(interceptor):
+            return model(batch["input_ids"], attention_mask=batch["attention_mask"], params=params).logits
+
+    return logits
+
+
+def _jax_step(logits_fn: Callable, tx: optax.GradientTransformation) -> Callable:
+    def step(trainable, opt_state, params, batch):
+        def loss_fn(trainable):
+            logits = logits_fn(params, trainable, batch)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(trainable)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, loss
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def _peak_bytes(compiled) -> int | None:
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        return None
+    return int(analysis.temp_size_in_bytes + analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+               - analysis.alias_size_in_bytes)
+
+
+class _JaxVariant:
+    """One jitted, donated training step and the state it carries from call to call."""
+
+    def __init__(self, logits_fn, trainable, params, batch):
+        self.tx = optax.adam(1e-3)
+        self.step = _jax_step(logits_fn, self.tx)
+        self.state = (trainable, self.tx.init(trainable))
+        self.params, self.batch = params, batch
+        self.peak_bytes = _peak_bytes(self.step.lower(*self.state, params, batch).compile())
+
+    def __call__(self) -> None:
+        trainable, opt_state, loss = self.step(*self.state, self.params, self.batch)
+        loss.block_until_ready()
+        self.state = (trainable, opt_state)
+
+
+class _PeftVariant:
+    """PEFT's VeRA on the PyTorch twin of the model: AdamW on the vectors and the head."""
+
+    def __init__(self, source: str, args, batch):
+        import peft
+        import torch
+        from transformers import AutoModelForSequenceClassification
+
+        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=2)
+        config = peft.VeraConfig(r=args.r, target_modules=list(args.targets), task_type="SEQ_CLS")
+        self.model = peft.get_peft_model(model, config).train()
+        self.optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=1e-3)
+        self.inputs = {k: torch.from_numpy(np.asarray(v, np.int64)) for k, v in batch.items()}
+        self.peak_bytes = None  # PyTorch keeps no allocator statistics on the CPU
+
+    def __call__(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model(**self.inputs).loss.backward()
+        self.optimizer.step()
+
+
+def bench(args: argparse.Namespace) -> dict:
+    model, _ = load_classifier(args.model, 2)
+    params = model.params
+    config = vera_jax.VeraConfig(r=args.r, target_modules=tuple(args.targets), trainable=("classifier",))
+    projections = vera_jax.init_projections(params, vera_jax.projection_key(config), config)
+    tokens = args.batch_size * args.seq_len
+    plan = vera_jax.plan_paths(params, config, tokens=tokens)
+    rng = np.random.default_rng(0)
+    vocab = model.config.vocab_size
+    low = min(1000, vocab // 2)  # past the special tokens of a real vocabulary
+    batch = {"input_ids": rng.integers(low, vocab, (args.batch_size, args.seq_len), np.int32),
+             "attention_mask": np.ones((args.batch_size, args.seq_len), np.int32),
+             "labels": rng.integers(0, 2, args.batch_size).astype(np.int32)}
+    device_batch = jax.device_put(batch)
+
+    def call(p, batch):
+        return model(batch["input_ids"], attention_mask=batch["attention_mask"], params=p).logits
+
+    variants = {}
+    for name in VERA_VARIANTS:
+        path = plan if name == "auto" else name
+        logits_fn = (lambda path: lambda p, t, b: vera_jax.adapt(call, t, projections, path=path)(p, b))(path)
+        variants[name] = _JaxVariant(logits_fn, vera_jax.init_trainable(params, config), params, device_batch)
+    scale = jnp.zeros((model.config.hidden_size,), jnp.float32)
+    variants["floor"] = _JaxVariant(_floor_logits(model, _embeddings_module(params)), scale, params, device_batch)
+    if not args.no_peft:
+        try:
+            from train import assets
+
+            source = str(assets.minilm_dir()) if args.model == "default" else args.model
+            local = Path(source)
+            if local.is_dir() and not any((local / f).exists() for f in ("model.safetensors", "pytorch_model.bin")):
+                print(f"PEFT skipped: {source} has no PyTorch weights")
+            else:
+                variants["peft"] = _PeftVariant(source, args, batch)
+        except ImportError as err:
+            print(f"PEFT skipped: {err}")
+
+    for variant in variants.values():
+        for _ in range(args.warmup):
+            variant()
+    times = {name: [] for name in variants}
+    for _ in range(args.steps):
+        for name, variant in variants.items():
+            start = time.perf_counter()
+            variant()
+            times[name].append(time.perf_counter() - start)
+
+    median = {name: statistics.median(t) for name, t in times.items()}
+    best = min(median["merged"], median["activation"])
+    results = {
+        "workload": {"model": args.model, "batch_size": args.batch_size, "seq_len": args.seq_len, "r": args.r,
+                     "targets": list(args.targets), "tokens_per_step": tokens, "steps": args.steps},
+        "device": f"{jax.devices()[0].device_kind} ({jax.device_count()} device, {platform.processor() or 'cpu'})",
+        "auto_plan": plan.summary(),
+        "median_seconds": median,
+        "peak_bytes": {name: variant.peak_bytes for name, variant in variants.items()},
+        "floor_ratio": median["auto"] / median["floor"],
+        "auto_vs_best": median["auto"] / best,
+        "lean_vs_activation_memory": (variants["activation-lean"].peak_bytes / variants["activation"].peak_bytes
+                                      if variants["activation"].peak_bytes else None),
+    }
+    if "peft" in median:
+        results["peft_speedup"] = median["peft"] / median["auto"]
+    _print(results)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        write_json(args.json, results)
+    return results
+
+
+def _print(results: dict) -> None:
+    median, peak, floor = results["median_seconds"], results["peak_bytes"], results["median_seconds"]["floor"]
+    print(f"{results['workload']} on {results['device']}")
+    print(results["auto_plan"])
+    print(f"{'variant':<16}{'median step':>14}{'x floor':>9}{'peak memory':>14}")
+    for name, seconds in median.items():
+        memory = f"{peak[name] / 2**20:.0f} MiB" if peak[name] else "n/a"
+        print(f"{name:<16}{seconds * 1e3:>11.1f} ms{seconds / floor:>9.2f}{memory:>14}")
+    summary = {k: round(v, 3) for k, v in results.items() if k.endswith(("ratio", "speedup", "best", "memory")) and v}
+    print(json.dumps(summary))
