@@ -247,7 +247,7 @@ def test_bench_command_prints_and_writes_every_ratio(tmp_path, capsys):
     model = tiny_run.make_model(tmp_path / "model", pytorch_weights=True)
     out = tmp_path / "bench.json"
     assert main(["bench", "--model", str(model), "--batch-size", "4", "--seq-len", "16", "--r", "8",
-                 "--steps", "2", "--warmup", "1", "--json", str(out)]) == 0
+                 "--steps", "2", "--warmup", "1", "--settle", "0", "--json", str(out)]) == 0
     results = json.loads(out.read_text())
     assert set(results["median_seconds"]) == {"merged", "activation", "activation-lean", "auto", "floor", "peft"}
     assert all(t > 0 for t in results["median_seconds"].values())

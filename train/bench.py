@@ -4,8 +4,9 @@ Variants, all on the same model, batch and sequence length, each one jitted step
 merged, activation, activation-lean (custom VJP), auto (the cost model's per-layer plan), the floor
 (the frozen model with gradients flowing back through every layer but no weight gradients: only a
 vector scaling the embedding output is trained) and, when torch and peft import, PEFT's VeRA in
-PyTorch. Steps are timed round-robin (one step of each variant per round) so that machine noise falls
-on all of them alike; the medians and their ratios are printed and written as JSON.
+PyTorch. Steps are timed in rounds (one step of each variant per round, in a shuffled order, after a short
+idle pause) so that machine noise falls on all of them alike; the medians and their ratios are
+printed and written as JSON.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -43,6 +45,7 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--targets", nargs="+", default=["query", "value"])
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant after compiling")
+    parser.add_argument("--settle", type=float, default=0.3, help="idle seconds before each timed step")
     parser.add_argument("--no-peft", action="store_true", help="skip PEFT in PyTorch")
     parser.add_argument("--json", type=Path, help="also write the results here")
     return parser.parse_args(argv)
@@ -171,8 +174,13 @@ def bench(args: argparse.Namespace) -> dict:
         for _ in range(args.warmup):
             variant()
     times = {name: [] for name in variants}
+    order = random.Random(0)
     for _ in range(args.steps):
-        for name, variant in variants.items():
+        names = list(variants)
+        order.shuffle(names)  # no variant always runs right after the same other one
+        for name in names:
+            variant = variants[name]
+            time.sleep(args.settle)  # PyTorch's OpenMP threads spin on after a step; let them idle first
             start = time.perf_counter()
             variant()
             times[name].append(time.perf_counter() - start)
@@ -182,6 +190,7 @@ def bench(args: argparse.Namespace) -> dict:
     results = {
         "workload": {"model": args.model, "batch_size": args.batch_size, "seq_len": args.seq_len, "r": args.r,
                      "targets": list(args.targets), "tokens_per_step": tokens, "steps": args.steps},
+        "spread_seconds": {name: [min(t), max(t)] for name, t in times.items()},
         "device": f"{jax.devices()[0].device_kind} ({jax.device_count()} device, {platform.processor() or 'cpu'})",
         "auto_plan": plan.summary(),
         "median_seconds": median,
