@@ -4,6 +4,7 @@ from vera_jax.activation import activation_path, adapt
 from vera_jax.config import VeraConfig
 from vera_jax.layers import LAMBDA_B, LAMBDA_D, AdaptedLayer, find_layers, find_trainable_leaves
 from vera_jax.merge import merge, unmerge
+from vera_jax.multi import adapt_mixed, num_adapters, stack, unstack
 from vera_jax.ops import adapter_output, adapter_output_lean, delta_weight
 from vera_jax.partition import combine, combined_optimizer, split, trainable_labels
 from vera_jax.projections import Projections, init_projections, kaiming_uniform_bound, projection_key
@@ -19,6 +20,7 @@ __all__ = [
     "VeraConfig",
     "activation_path",
     "adapt",
+    "adapt_mixed",
     "PathPlan",
     "adapter_output",
     "adapter_output_lean",
@@ -34,10 +36,13 @@ __all__ = [
     "kaiming_uniform_bound",
     "layer_table",
     "merge",
+    "num_adapters",
     "parameter_report",
     "plan_paths",
     "projection_key",
     "split",
+    "stack",
     "trainable_labels",
     "unmerge",
+    "unstack",
 ]

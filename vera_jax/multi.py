@@ -1,0 +1,133 @@
+"""Many adapters over one frozen base and one shared A/B: they differ only by their trainable trees.
+
+`stack` puts K trainable trees on a leading adapter axis (for ``jax.vmap`` over training, or for
+serving); `adapt_mixed` runs one batch in which example i uses adapter ``adapter_ids[i]``: the frozen
+matmuls and ``x @ A.T`` run once for the whole batch, and only the vectors (and Dense head leaves)
+are gathered per example.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vera_jax.layers import LAMBDA_B, LAMBDA_D, VECTOR_NAMES
+from vera_jax.ops import promote_add
+from vera_jax.paths import SEP, flatten, unflatten
+from vera_jax.projections import Projections
+from vera_jax.vectors import layer_vectors
+
+__all__ = ["stack", "unstack", "num_adapters", "adapt_mixed"]
+
+
+def stack(trainables: Sequence[Mapping]) -> dict:
+    """K trainable trees of one config -> one tree whose leaves have a leading axis of size K.
+
+    Raises:
+      ValueError: no trees, or trees whose paths or leaf shapes differ (adapters of other configs).
+    """
+    if not trainables:
+        raise ValueError("stack needs at least one trainable tree.")
+    flats = [flatten(t) for t in trainables]
+    reference = {path: np.shape(leaf) for path, leaf in flats[0].items()}
+    for index, flat in enumerate(flats[1:], start=1):
+        shapes = {path: np.shape(leaf) for path, leaf in flat.items()}
+        if shapes != reference:
+            differing = sorted(set(shapes.items()) ^ set(reference.items()))[:4]
+            raise ValueError(f"Adapter {index} does not match adapter 0 (differing leaves {differing}): stacked "
+                             "adapters must share one config and one base model.")
+    return unflatten({path: jnp.stack([flat[path] for flat in flats]) for path in reference})
+
+
+def num_adapters(stacked: Mapping) -> int:
+    """K, the size of the leading adapter axis."""
+    sizes = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in jax.tree.leaves(stacked)}
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError(f"Not a stacked trainable tree: leading axis sizes {sorted(map(str, sizes))}; use stack().")
+    return sizes.pop()
+
+
+def unstack(stacked: Mapping) -> list[dict]:
+    """Inverse of `stack`."""
+    return [jax.tree.map(lambda leaf: leaf[k], stacked) for k in range(num_adapters(stacked))]
+
+
+def _check_ids(adapter_ids: jax.Array, count: int) -> None:
+    if not jnp.issubdtype(adapter_ids.dtype, jnp.integer) or adapter_ids.ndim != 1:
+        raise ValueError(f"adapter_ids must be a 1-D integer array (one id per example), got "
+                         f"{adapter_ids.dtype} of shape {adapter_ids.shape}.")
+    if not isinstance(adapter_ids, jax.core.Tracer):
+        ids = np.asarray(adapter_ids)
+        if ids.size and (ids.min() < 0 or ids.max() >= count):
+            raise ValueError(f"adapter_ids span {ids.min()}..{ids.max()}, but {count} adapters are stacked; "
+                             f"ids must be in 0..{count - 1}.")
+
+
+def _gather(stacked_leaf: jax.Array, adapter_ids: jax.Array) -> jax.Array:
+    """Per-example rows; an id out of range (only possible under jit) yields NaN, never another adapter."""
+    return jnp.take(stacked_leaf, adapter_ids, axis=0, mode="fill", fill_value=jnp.nan)
+
+
+def _per_example(values: jax.Array, like: jax.Array) -> jax.Array:
+    """(batch, n) -> broadcastable against ``like`` (batch, ..., n)."""
+    return values.reshape(values.shape[:1] + (1,) * (like.ndim - 2) + values.shape[1:])
+
+
+@contextlib.contextmanager
+def _mixed_interception(stacked: Mapping, projections: Projections, adapter_ids: jax.Array) -> Iterator[None]:
+    config = projections.config
+    flat = flatten(stacked)
+    vectors = {p.rsplit(SEP, 1)[0] for p in flat if p.rsplit(SEP, 1)[1] in VECTOR_NAMES}
+    heads = {p.rsplit(SEP, 1)[0] for p in flat if p.rsplit(SEP, 1)[1] not in VECTOR_NAMES}
+
+    def interceptor(next_fun, args, kwargs, context):
+        path = SEP.join(context.module.path)
+        if context.method_name != "__call__" or path not in vectors | heads:
+            return next_fun(*args, **kwargs)
+        x = args[0] if args else kwargs["inputs"]
+        if path in heads:
+            if not isinstance(context.module, nn.Dense):
+                raise ValueError(f"{path!r} is trained in full but is a {type(context.module).__name__}; only Dense "
+                                 "leaves can differ per example in a mixed batch.")
+            kernel = _gather(flat[path + SEP + "kernel"], adapter_ids)  # (batch, in, out)
+            y = jnp.einsum("b...i,bio->b...o", x.astype(kernel.dtype), kernel)
+            if path + SEP + "bias" in flat:
+                y = y + _per_example(_gather(flat[path + SEP + "bias"], adapter_ids), y)
+            return y
+        y = next_fun(*args, **kwargs)
+        lambda_d = _gather(flat[path + SEP + LAMBDA_D], adapter_ids).astype(config.dtype)  # (batch, r)
+        lambda_b = _gather(flat[path + SEP + LAMBDA_B], adapter_ids).astype(config.dtype)  # (batch, out)
+        hidden = x.astype(config.dtype) @ projections.A[:, : x.shape[-1]].T  # shared: (batch, ..., r)
+        delta = (_per_example(lambda_d, hidden) * hidden) @ projections.B[: y.shape[-1], :].T
+        return promote_add(y, _per_example(lambda_b, delta) * delta)
+
+    with nn.intercept_methods(interceptor):
+        yield
+
+
+def adapt_mixed(fn: Callable, stacked: Mapping, projections: Projections, adapter_ids: jax.Array) -> Callable:
+    """Wrap ``fn(params, *args)`` so that example i of the batch runs with adapter ``adapter_ids[i]``.
+
+    Args:
+      fn: a function of the base params running a Flax linen model whose leading input axis is the batch.
+      stacked: K trainable trees from `stack` (vectors, and optionally Dense head leaves).
+      projections: the shared A and B of all K adapters.
+      adapter_ids: (batch,) integers in [0, K).
+
+    Raises:
+      ValueError: ids out of range or of the wrong type, or adapters that do not fit the params.
+    """
+    adapter_ids = jnp.asarray(adapter_ids)
+    _check_ids(adapter_ids, num_adapters(stacked))
+
+    def adapted(params, *args, **kwargs):
+        layer_vectors(params, jax.tree.map(lambda leaf: leaf[0], stacked), projections)  # shapes fit the params
+        with _mixed_interception(stacked, projections, adapter_ids):
+            return fn(params, *args, **kwargs)
+
+    return adapted
