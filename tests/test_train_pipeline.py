@@ -257,3 +257,20 @@ def test_bench_command_prints_and_writes_every_ratio(tmp_path, capsys):
     assert results["auto_vs_best"] == pytest.approx(median["auto"] / min(median["merged"], median["activation"]))
     assert all(results["peak_bytes"][name] > 0 for name in ("merged", "activation", "auto", "floor"))
     assert "floor_ratio" in capsys.readouterr().out
+
+
+def test_bench_multi_writes_the_speedups_and_ratios(tiny, tmp_path, capsys):
+    model, _ = tiny
+    out = tmp_path / "multi.json"
+    assert main(["bench-multi", "--model", str(model), "--r", "8", "--ks", "1", "4", "--ns", "1", "4",
+                 "--train-batch", "4", "--train-seq-len", "16", "--serve-batch", "8", "--serve-seq-len", "16",
+                 "--repeats", "1", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    training, serving = results["training"], results["serving"]
+    assert results["vmap_speedup_k4"] == pytest.approx(training["4"]["sequential_seconds"] /
+                                                       training["4"]["vmapped_seconds"])
+    assert training["4"]["sequential_seconds"] == pytest.approx(4 * training["1"]["sequential_seconds"])
+    assert results["mixed_batch_ratio_4"] == pytest.approx(serving["4"]["mixed_seconds"] /
+                                                           serving["4"]["single_adapter_seconds"])
+    assert training["4"]["vmapped_peak_bytes"] > training["1"]["vmapped_peak_bytes"] > 0
+    assert "mixed_batch_ratio_4" in capsys.readouterr().out

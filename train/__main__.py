@@ -1,8 +1,9 @@
-"""``python -m train [flags]``: the main job; ``export ...``: adapter export; ``bench ...``: step benchmarks."""
+"""``python -m train [flags]``: the main job; ``export ...``: adapter export; ``bench ...`` and
+``bench-multi ...``: benchmarks."""
 
 import sys
 
-from train import bench
+from train import bench, bench_multi
 from train.checkpoints import CheckpointMismatch
 from train.classify import RunError, run
 from train.data import DataError
@@ -22,6 +23,8 @@ def main(argv=None) -> int:
             print(f"wrote {export(parse_args(argv[1:]))}")
         elif argv[:1] == ["bench"]:
             bench.bench(bench.parse_args(argv[1:]))
+        elif argv[:1] == ["bench-multi"]:
+            bench_multi.bench_multi(bench_multi.parse_args(argv[1:]))
         else:
             run(parse_options(argv))
     except USER_ERRORS as err:
