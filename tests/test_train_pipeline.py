@@ -31,7 +31,8 @@ def _adapter(model_dir, out):
     from transformers import FlaxBertForSequenceClassification
 
     params = FlaxBertForSequenceClassification.from_pretrained(model_dir).params
-    trainable, projections = checkpoint.restore(out / "adapter", params)
+    adapter = out if (out / checkpoint.METADATA_FILE).exists() else out / "adapter"  # an adapter, or a run
+    trainable, projections = checkpoint.restore(adapter, params)
     return {k: np.asarray(v) for k, v in flatten(trainable).items()}, params, projections
 
 
@@ -274,3 +275,21 @@ def test_bench_multi_writes_the_speedups_and_ratios(tiny, tmp_path, capsys):
                                                            serving["4"]["single_adapter_seconds"])
     assert training["4"]["vmapped_peak_bytes"] > training["1"]["vmapped_peak_bytes"] > 0
     assert "mixed_batch_ratio_4" in capsys.readouterr().out
+
+
+def test_sweep_trains_k_adapters_like_separate_runs(tiny, tmp_path, capsys):
+    model, data = tiny
+    grid_dir, single_dir = tmp_path / "grid", tmp_path / "single"
+    args = lambda out, *grid: ["sweep", *tiny_run.train_args(model, data, out, "--max-steps", "4",  # noqa: E731
+                                                              "--lr-vectors", "0.1", "--lr-head", "0.1", *grid)]
+    assert main(args(grid_dir, "--d-initials", "1e-7", "1.0", "--seeds", "0", "1")) == 0
+    summary = json.loads((grid_dir / "sweep.json").read_text())
+    assert len(summary["grid"]) == 4 and set(summary["mean_accuracy_by_d_initial"]) == {"1e-07", "1"}
+    assert (grid_dir / "sweep.png").stat().st_size > 10_000
+    assert main(args(single_dir, "--d-initials", "1.0", "--seeds", "1")) == 0
+    vmapped, _, _ = _adapter(model, grid_dir / "adapters" / "d1-seed1")
+    alone, _, _ = _adapter(model, single_dir / "adapters" / "d1-seed1")
+    for path in alone:
+        np.testing.assert_allclose(vmapped[path], alone[path], rtol=1e-5, atol=1e-6, err_msg=path)
+    assert not np.allclose(vmapped["bert/encoder/layer/0/attention/self/query/vera_lambda_d"], 1.0)
+    assert "mean accuracy" in capsys.readouterr().out

@@ -1,9 +1,9 @@
-"""``python -m train [flags]``: the main job; ``export ...``: adapter export; ``bench ...`` and
-``bench-multi ...``: benchmarks."""
+"""``python -m train [flags]``: the main job; ``export ...``: adapter export; ``sweep ...``: K adapters
+in one vmapped run; ``bench ...`` and ``bench-multi ...``: benchmarks."""
 
 import sys
 
-from train import bench, bench_multi
+from train import bench, bench_multi, sweep
 from train.checkpoints import CheckpointMismatch
 from train.classify import RunError, run
 from train.data import DataError
@@ -25,6 +25,8 @@ def main(argv=None) -> int:
             bench.bench(bench.parse_args(argv[1:]))
         elif argv[:1] == ["bench-multi"]:
             bench_multi.bench_multi(bench_multi.parse_args(argv[1:]))
+        elif argv[:1] == ["sweep"]:
+            sweep.sweep(*sweep.parse_args(argv[1:]))
         else:
             run(parse_options(argv))
     except USER_ERRORS as err:
