@@ -88,3 +88,20 @@ def test_saving_again_replaces_the_adapter_whole(bert, tmp_path):
     restored, _ = checkpoint.restore(tmp_path / "adapter", bert.params)
     np.testing.assert_array_equal(flatten(restored)["classifier/bias"], flatten(second)["classifier/bias"])
     assert not list(tmp_path.glob(".adapter*"))
+
+
+def test_a_failed_write_leaves_the_previous_directory_whole(tmp_path):
+    from vera_jax.atomic import staged_directory
+
+    target = tmp_path / "adapter"
+    with staged_directory(target) as staging:
+        (staging / "weights").write_text("first")
+    with pytest.raises(RuntimeError, match="disk full"):
+        with staged_directory(target) as staging:
+            (staging / "weights").write_text("half of the second")
+            raise RuntimeError("disk full")
+    assert (target / "weights").read_text() == "first"
+    with staged_directory(target) as staging:
+        (staging / "weights").write_text("second")
+    assert (target / "weights").read_text() == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no staging or backup left behind

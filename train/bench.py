@@ -204,7 +204,6 @@ def bench(args: argparse.Namespace) -> dict:
         results["peft_speedup"] = median["peft"] / median["auto"]
     _print(results)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
         write_json(args.json, results)
     return results
 

@@ -119,7 +119,6 @@ def bench_multi(args: argparse.Namespace) -> dict:
     results |= {f"mixed_batch_ratio_{n}": v["ratio"] for n, v in serving.items()}
     _print(results)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
         write_json(args.json, results)
     return results
 

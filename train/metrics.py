@@ -11,6 +11,7 @@ __all__ = ["MetricsLog", "plot_curves", "write_json", "directory_bytes"]
 
 def write_json(path: Path, value: dict) -> None:
     """Write through a temporary file and an atomic rename: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
+from vera_jax.atomic import staged_directory
 from vera_jax.merge import merge
 from vera_jax.projections import Projections
 
@@ -21,14 +21,6 @@ def save_merged(model, params: Mapping, trainable: Mapping, projections: Project
     loads with ``FlaxAutoModel....from_pretrained(directory)``. The directory appears only once whole.
     """
     merged = merge(params, trainable, projections)
-    directory = Path(directory).absolute()
-    staging = directory.parent / f".{directory.name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with staged_directory(directory) as staging:
         model.save_pretrained(staging, params=merged, safe_serialization=safetensors)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(staging, directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return directory
+    return Path(directory).absolute()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vera_jax import hf
+from vera_jax.atomic import staged_directory
 from vera_jax.config import VeraConfig
 from vera_jax.layers import LAMBDA_B, LAMBDA_D, VECTOR_NAMES, find_layers
 from vera_jax.paths import SEP, flatten, module_paths, unflatten
@@ -278,17 +278,8 @@ def save_adapter(
     }
     from safetensors.numpy import save_file
 
-    directory = Path(directory).absolute()
-    staging = directory.parent / f".{directory.name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with staged_directory(directory) as staging:
         arrays = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in tensors.items()}
         save_file(arrays, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         (staging / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2, sort_keys=True))
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(staging, directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return directory
+    return Path(directory).absolute()
