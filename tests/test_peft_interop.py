@@ -112,13 +112,18 @@ def test_peft_adapter_loads_and_matches_peft(models, tmp_path, save_projection):
         assert max_rel_error(_flax_logits(flax_model, case, trainable, projections, path), expected) < TOL, path
 
 
-def test_vera_jax_adapter_loads_in_peft(models, tmp_path):
-    case, base, flax_model = models
+def _random_adapter(case, flax_model):
+    """A vera_jax adapter with random non-zero vectors (and head): config, projections, trainable, its logits."""
     config = vera_jax.VeraConfig(r=R, target_modules=tuple(case.targets), trainable=case.head,
                                  kernel_layout=case.layout)
     projections = vera_jax.init_projections(flax_model.params, jax.random.key(3), config)
     trainable = random_like(vera_jax.init_trainable(flax_model.params, config), jax.random.key(4), scale=0.5)
-    expected = _flax_logits(flax_model, case, trainable, projections, "activation")
+    return config, projections, trainable, _flax_logits(flax_model, case, trainable, projections, "activation")
+
+
+def test_vera_jax_adapter_loads_in_peft(models, tmp_path):
+    case, base, flax_model = models
+    config, projections, trainable, expected = _random_adapter(case, flax_model)
     vera_peft.save_adapter(tmp_path / "adapter", config, trainable, projections, params=flax_model.params,
                            task_type=case.task_type)
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
@@ -136,11 +141,7 @@ def test_vera_jax_adapter_loads_in_peft(models, tmp_path):
 @pytest.mark.parametrize("safetensors", [False, True])
 def test_merged_export_loads_with_transformers_alone(models, tmp_path, safetensors):
     case, _, flax_model = models
-    config = vera_jax.VeraConfig(r=R, target_modules=tuple(case.targets), trainable=case.head,
-                                 kernel_layout=case.layout)
-    projections = vera_jax.init_projections(flax_model.params, jax.random.key(3), config)
-    trainable = random_like(vera_jax.init_trainable(flax_model.params, config), jax.random.key(4), scale=0.5)
-    expected = _flax_logits(flax_model, case, trainable, projections, "activation")
+    config, projections, trainable, expected = _random_adapter(case, flax_model)
     save_merged(flax_model, flax_model.params, trainable, projections, tmp_path / "merged", safetensors=safetensors)
     weights = {p.name for p in (tmp_path / "merged").iterdir()}
     assert ("model.safetensors" if safetensors else "flax_model.msgpack") in weights
