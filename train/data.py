@@ -23,13 +23,17 @@ class DataError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class TextData:
-    """Tokenised examples of one split: input_ids rows of varying length, labels (n,)."""
+    """Tokenised examples of one split: input_ids rows of varying length and their labels.
+
+    ``labels`` is (n,), one per example, or a list of rows aligned with ``input_ids`` (per-token
+    labels: the causal-LM mask of scored answer tokens).
+    """
 
     input_ids: list[np.ndarray]
-    labels: np.ndarray
+    labels: np.ndarray | list[np.ndarray]
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.input_ids)
 
 
 def _movie_reviews() -> datasets.Dataset:
@@ -45,9 +49,37 @@ def _movie_reviews() -> datasets.Dataset:
     return datasets.Dataset.from_dict({"text": texts, "label": (scores > 0).astype(np.int64), "score": scores})
 
 
+def _chatterbot() -> datasets.DatasetDict:
+    """The packaged English chatterbot corpus: every pair of consecutive turns is (question, answer).
+
+    2,306 pairs from 2,025 conversations (one malformed entry skipped). A fixed tenth of the
+    conversations (not of the pairs, which share turns) is the held-out split.
+    """
+    import yaml
+
+    conversations = []
+    for path in sorted(assets.chatterbot_dir().glob("*.yml")):
+        for turns in yaml.safe_load(path.read_text(encoding="utf-8"))["conversations"]:
+            if isinstance(turns, list) and len(turns) >= 2 and all(isinstance(t, str) for t in turns):
+                conversations.append((path.stem, turns))
+    held_out = set(np.random.default_rng(0).permutation(len(conversations))[: len(conversations) // 10].tolist())
+    splits = {"train": {"question": [], "answer": [], "category": []},
+              "test": {"question": [], "answer": [], "category": []}}
+    for index, (category, turns) in enumerate(conversations):
+        split = splits["test" if index in held_out else "train"]
+        for question, answer in zip(turns[:-1], turns[1:]):
+            split["question"].append(question.strip())
+            split["answer"].append(answer.strip())
+            split["category"].append(category)
+    return datasets.DatasetDict({name: datasets.Dataset.from_dict(rows) for name, rows in splits.items()})
+
+
+PACKAGED = {"default": _movie_reviews, "movie-reviews": _movie_reviews, "chatterbot": _chatterbot}
+
+
 def _load(name: str) -> datasets.DatasetDict | datasets.Dataset:
-    if name == "default":
-        return _movie_reviews()
+    if name in PACKAGED:
+        return PACKAGED[name]()
     files = [Path(part) for part in name.split(",")]
     if all(f.suffix in LOCAL_FORMATS for f in files):
         missing = [str(f) for f in files if not f.exists()]
@@ -143,7 +175,8 @@ def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
 def collate(data: TextData, indices: np.ndarray, pad_id: int, max_length: int) -> dict[str, np.ndarray]:
     """Pad a batch to its longest row, rounded up to a multiple of 16 (few distinct shapes to compile).
 
-    Returns input_ids (B, L) int32, attention_mask (B, L) int32 and labels (B,).
+    Returns input_ids (B, L) int32, attention_mask (B, L) int32 and labels (B,), or (B, L) float32
+    zero-padded for per-token labels.
     """
     rows = [data.input_ids[i] for i in indices]
     longest = max(len(row) for row in rows)
@@ -153,4 +186,9 @@ def collate(data: TextData, indices: np.ndarray, pad_id: int, max_length: int) -
     for i, row in enumerate(rows):
         ids[i, : len(row)] = row
         mask[i, : len(row)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": data.labels[indices]}
+    if isinstance(data.labels, np.ndarray):
+        return {"input_ids": ids, "attention_mask": mask, "labels": data.labels[indices]}
+    labels = np.zeros((len(rows), length), np.float32)
+    for i, index in enumerate(indices):
+        labels[i, : len(data.labels[index])] = data.labels[index]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from train.model import hub_id
 from vera_jax import checkpoint
 from vera_jax import peft as vera_peft
 from vera_jax.export import save_merged
@@ -30,24 +31,16 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--adapter", required=True, help="a vera_jax adapter directory or a PEFT adapter directory")
     parser.add_argument("--output", required=True, help="directory to write")
     parser.add_argument("--format", choices=FORMATS, default="peft")
-    parser.add_argument("--model", default="default", help="the base: 'default', a hub id or a local directory")
+    parser.add_argument("--model", default="default", help="the base: 'default' (MiniLM), 'smollm2', a hub id or a local directory")
     parser.add_argument("--task", choices=sorted(TASKS), default="sequence-classification")
     parser.add_argument("--num-labels", type=int, default=2, help="outputs of the classification head")
     return parser.parse_args(argv)
 
 
 def _load_model(name: str, task: str, num_labels: int):
-    if task == "sequence-classification":
-        from train.model import load_classifier
+    from train.model import load_causal_lm, load_classifier
 
-        return load_classifier(name, num_labels)
-    from transformers import AutoTokenizer, FlaxAutoModelForCausalLM
-
-    from train import assets
-
-    source = str(assets.minilm_dir()) if name == "default" else name
-    from_pt = Path(source).is_dir() and not (Path(source) / "flax_model.msgpack").exists()
-    return FlaxAutoModelForCausalLM.from_pretrained(source, from_pt=from_pt), AutoTokenizer.from_pretrained(source)
+    return load_classifier(name, num_labels) if task == "sequence-classification" else load_causal_lm(name)
 
 
 def export(args: argparse.Namespace) -> Path:
@@ -64,7 +57,7 @@ def export(args: argparse.Namespace) -> Path:
     if args.format == "peft":
         return vera_peft.save_adapter(args.output, projections.config, trainable, projections, params=model.params,
                                       task_type=TASKS[args.task],
-                                      base_model_name_or_path=None if args.model == "default" else args.model)
+                                      base_model_name_or_path=hub_id(args.model))
     out = save_merged(model, model.params, trainable, projections, args.output, safetensors=args.format == "safetensors")
     tokenizer.save_pretrained(out)
     return out

@@ -1,4 +1,8 @@
-"""Load a Hugging Face Flax sequence classifier and its tokenizer: packaged default, hub id or directory."""
+"""Load a Hugging Face Flax model and its tokenizer: a packaged default, a hub id or a directory.
+
+Sequence classifiers (`load_classifier`) and causal LMs (`load_causal_lm`); PyTorch/safetensors
+checkpoints are converted by transformers (``from_pt``), so torch is never needed.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +10,73 @@ from pathlib import Path
 
 from train import assets
 
-__all__ = ["load_classifier", "ModelError"]
+__all__ = ["load_classifier", "load_causal_lm", "ModelError", "PACKAGED_MODELS", "hub_id"]
+
+
+# Packaged model names -> (local directory builder, the hub id the same weights have online).
+PACKAGED_MODELS = {
+    "default": (assets.minilm_dir, "sentence-transformers/all-MiniLM-L6-v2"),
+    "minilm": (assets.minilm_dir, "sentence-transformers/all-MiniLM-L6-v2"),
+    "smollm2": (assets.smollm2_dir, "HuggingFaceTB/SmolLM2-135M-Instruct"),
+}
 
 
 class ModelError(ValueError):
-    """The model cannot be loaded as a Flax sequence classifier; the message says what to use instead."""
+    """The model cannot be loaded as the Flax class the job needs; the message says what to use instead."""
 
 
 def _has_flax_weights(path: Path) -> bool:
     return (path / "flax_model.msgpack").exists() or (path / "flax_model.msgpack.index.json").exists()
+
+
+def hub_id(name: str) -> str:
+    """The name a PEFT adapter records as its base model: the hub id of a packaged model, else ``name``."""
+    return PACKAGED_MODELS[name][1] if name in PACKAGED_MODELS else name
+
+
+def _source(name: str) -> str:
+    return str(PACKAGED_MODELS[name][0]()) if name in PACKAGED_MODELS else name
+
+
+def _load_flax(auto_class, source: str, **kwargs):
+    """``auto_class.from_pretrained``: Flax weights when the checkpoint has them, else converted from PyTorch."""
+    local = Path(source)
+    from_pt = local.is_dir() and not _has_flax_weights(local)
+    try:
+        return auto_class.from_pretrained(source, from_pt=from_pt, **kwargs)
+    except OSError:
+        if from_pt or local.is_dir():
+            raise
+        return auto_class.from_pretrained(source, from_pt=True, **kwargs)  # a hub repository with PyTorch weights only
+
+
+def load_causal_lm(name: str, dtype: str = "float32"):
+    """``(model, tokenizer)`` of a Flax causal LM; ``dtype='bfloat16'`` stores and runs the base in bfloat16.
+
+    A Llama whose ``rope_theta`` is not 10000 loads as `FlaxLlamaForCausalLMRopeTheta` (stock Flax Llama
+    hard-codes the rotary base).
+    """
+    import jax.numpy as jnp
+    from transformers import AutoConfig, AutoTokenizer, FlaxAutoModelForCausalLM
+    from transformers.models.auto.modeling_flax_auto import FLAX_MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from train.llama_rope import FlaxLlamaForCausalLMRopeTheta, needs_rope_theta
+
+    if dtype not in ("float32", "bfloat16"):
+        raise ModelError(f"--base-dtype must be 'float32' or 'bfloat16', got {dtype!r}.")
+    source = _source(name)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"Cannot read a model config from {name!r}: {err}") from None
+    if config.model_type not in FLAX_MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ModelError(f"{name!r} is a {config.model_type!r} model, which has no Flax causal-LM class in "
+                         f"transformers; use one of {sorted(FLAX_MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)}.")
+    auto_class = FlaxLlamaForCausalLMRopeTheta if needs_rope_theta(config) else FlaxAutoModelForCausalLM
+    model = _load_flax(auto_class, source, config=config, dtype=getattr(jnp, dtype))
+    if dtype == "bfloat16":
+        model.params = model.to_bf16(model.params)
+    return model, AutoTokenizer.from_pretrained(source)
 
 
 def load_classifier(name: str, num_labels: int):
@@ -22,7 +84,7 @@ def load_classifier(name: str, num_labels: int):
     from transformers import AutoConfig, AutoTokenizer, FlaxAutoModelForSequenceClassification
     from transformers.models.auto.modeling_flax_auto import FLAX_MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
-    source = str(assets.minilm_dir()) if name == "default" else name
+    source = _source(name)
     try:
         config = AutoConfig.from_pretrained(source, num_labels=num_labels)
     except (OSError, ValueError) as err:
@@ -30,15 +92,6 @@ def load_classifier(name: str, num_labels: int):
     if config.model_type not in FLAX_MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
         raise ModelError(f"{name!r} is a {config.model_type!r} model, which has no Flax sequence-classification class "
                          f"in transformers; use one of {sorted(FLAX_MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)}.")
-    local = Path(source)
-    from_pt = local.is_dir() and not _has_flax_weights(local)
     # A head of another size (other labels, or regression) is re-initialised: it is trained in full anyway.
-    load = lambda pt: FlaxAutoModelForSequenceClassification.from_pretrained(  # noqa: E731
-        source, config=config, from_pt=pt, ignore_mismatched_sizes=True)
-    try:
-        model = load(from_pt)
-    except OSError:
-        if from_pt or local.is_dir():
-            raise
-        model = load(True)  # a hub repository with PyTorch weights only
+    model = _load_flax(FlaxAutoModelForSequenceClassification, source, config=config, ignore_mismatched_sizes=True)
     return model, AutoTokenizer.from_pretrained(source)

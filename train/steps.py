@@ -11,7 +11,8 @@ import optax
 import vera_jax
 from vera_jax.paths import SEP, flatten, unflatten
 
-__all__ = ["make_optimizer", "vera_logits", "head_only_logits", "make_train_step", "make_eval_step", "loss_value"]
+__all__ = ["make_optimizer", "vera_logits", "head_only_logits", "make_train_step", "make_eval_step", "loss_value",
+           "mean_loss", "next_token_terms"]
 
 
 def _schedule(kind: str, peak: float, total_steps: int, warmup_ratio: float) -> optax.Schedule:
@@ -77,12 +78,31 @@ def loss_value(logits: jax.Array, labels: jax.Array, task: str) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
+def next_token_terms(logits: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Causal LM: (nll, hit, weight), each (B, L-1), for predicting token t+1 from logits at t.
+
+    ``batch['labels']`` (B, L) is 1 on the tokens that are scored (the answers) and 0 elsewhere.
+    """
+    targets = batch["input_ids"][:, 1:]
+    logits = logits[:, :-1].astype(jnp.float32)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    return nll, jnp.argmax(logits, axis=-1) == targets, batch["labels"][:, 1:].astype(jnp.float32)
+
+
+def mean_loss(logits: jax.Array, batch: dict, task: str) -> jax.Array:
+    """The training objective: mean over examples, or over scored tokens for ``task='causal-lm'``."""
+    if task == "causal-lm":
+        nll, _, weight = next_token_terms(logits, batch)
+        return jnp.sum(nll * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+    return loss_value(logits, batch["labels"], task).mean()
+
+
 def make_train_step(logits_fn: Callable, tx: optax.GradientTransformation, task: str) -> Callable:
     """``step(trainable, opt_state, params, projections, batch, rng) -> (trainable, opt_state, loss)``."""
 
     def step(trainable, opt_state, params, projections, batch, rng):
         def loss_fn(trainable):
-            return loss_value(logits_fn(params, trainable, projections, batch, rng), batch["labels"], task).mean()
+            return mean_loss(logits_fn(params, trainable, projections, batch, rng), batch, task)
 
         loss, grads = jax.value_and_grad(loss_fn)(trainable)
         updates, opt_state = tx.update(grads, opt_state, trainable)
@@ -94,13 +114,19 @@ def make_train_step(logits_fn: Callable, tx: optax.GradientTransformation, task:
 def make_eval_step(logits_fn: Callable, task: str) -> Callable:
     """``evaluate(trainable, params, projections, batch) -> (correct, loss_sum, count)``, weighted sums.
 
-    ``batch['weights']`` is 1 for real rows and 0 for padding rows. For regression, "correct" counts
-    predictions with the label's sign (the binary task the scores define).
+    ``batch['weights']`` (B,) is 1 for real rows and 0 for padding rows. For regression, "correct"
+    counts predictions with the label's sign (the binary task the scores define); for a causal LM the
+    sums run over scored tokens, so loss_sum / count is the log-perplexity and correct / count the
+    next-token accuracy.
     """
 
     def evaluate(trainable, params, projections, batch):
         logits = logits_fn(params, trainable, projections, batch, None)
         weights = batch["weights"]
+        if task == "causal-lm":
+            nll, hit, weight = next_token_terms(logits, batch)
+            weight = weight * weights[:, None]
+            return jnp.sum(hit * weight), jnp.sum(nll * weight), jnp.sum(weight)
         if task == "regression":
             correct = (logits[:, 0] > 0) == (batch["labels"] > 0)
         else:

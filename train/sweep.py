@@ -22,7 +22,7 @@ from tqdm import tqdm
 import vera_jax
 from train import data as data_lib
 from train import steps
-from train.classify import RunError, _output_dir
+from train.runner import RunError, output_dir
 from train.metrics import MetricsLog, write_json
 from train.model import load_classifier
 from train.options import Options, parse_options
@@ -61,7 +61,7 @@ def _head_for_seed(trainable: dict, seed: int) -> dict:
 
 def sweep(options: Options, d_initials: list[float], seeds: list[int]) -> dict:
     started = time.perf_counter()
-    out = _output_dir(options.output_dir)
+    out = output_dir(options.output_dir)
     grid = list(itertools.product(d_initials, seeds))
     train_split, test_split = data_lib.load_splits(options)
     num_labels = data_lib.check_labels(train_split, test_split, options)

@@ -8,7 +8,7 @@ from vera_jax.multi import adapt_mixed, num_adapters, stack, unstack
 from vera_jax.ops import adapter_output, adapter_output_lean, delta_weight
 from vera_jax.partition import combine, combined_optimizer, split, trainable_labels
 from vera_jax.projections import Projections, init_projections, kaiming_uniform_bound, projection_key
-from vera_jax.report import count_parameters, layer_table, parameter_report
+from vera_jax.report import count_parameters, layer_table, lora_parameters, parameter_report
 from vera_jax.strategy import PathPlan, plan_paths
 from vera_jax.vectors import init_trainable, init_vectors
 
@@ -38,6 +38,7 @@ __all__ = [
     "merge",
     "num_adapters",
     "parameter_report",
+    "lora_parameters",
     "plan_paths",
     "projection_key",
     "split",

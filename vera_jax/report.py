@@ -11,7 +11,7 @@ from vera_jax.config import VeraConfig
 from vera_jax.layers import find_layers, find_trainable_leaves
 from vera_jax.paths import flatten
 
-__all__ = ["count_parameters", "parameter_report", "layer_table"]
+__all__ = ["count_parameters", "parameter_report", "layer_table", "lora_parameters"]
 
 
 def _size(leaf) -> int:
@@ -30,6 +30,11 @@ def count_parameters(params: Mapping, config: VeraConfig) -> tuple[int, int]:
     extra = sum(_size(flat[path]) for path in find_trainable_leaves(params, config))
     base = sum(_size(leaf) for leaf in jax.tree.leaves(params))
     return vectors + extra, base + vectors + extra
+
+
+def lora_parameters(params: Mapping, config: VeraConfig, rank: int) -> int:
+    """What LoRA of ``rank`` on the same layers would train: sum of rank * (in + out); for comparison."""
+    return sum(rank * (layer.in_features + layer.out_features) for layer in find_layers(params, config))
 
 
 def parameter_report(params: Mapping, config: VeraConfig) -> str:
