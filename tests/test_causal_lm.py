@@ -186,3 +186,19 @@ def test_smollm2_says_paris_and_matches_pytorch(smollm2):
         reference = LlamaForCausalLM.from_pretrained(directory)(torch.tensor(long_ids)).logits.numpy()
     logits = np.asarray(model(long_ids).logits)
     np.testing.assert_allclose(logits, reference, rtol=2e-3, atol=2e-3)
+
+
+def test_bench_causal_workload_compares_bf16_and_float32_bases(tiny, tmp_path):
+    model_dir, _ = tiny
+    peaks = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / f"{dtype}.json"
+        assert main(["bench", "--workload", "smollm2", "--model", str(model_dir), "--batch-size", "2", "--seq-len",
+                     "16", "--r", "8", "--steps", "1", "--warmup", "0", "--settle", "0", "--base-dtype", dtype,
+                     "--json", str(out)] + (["--no-peft"] if dtype == "bfloat16" else [])) == 0
+        results = json.loads(out.read_text())
+        assert results["workload"]["targets"] == TARGETS and results["workload"]["task"] == "causal-lm"
+        assert set(results["median_seconds"]) >= {"merged", "activation", "activation-lean", "auto", "floor"}
+        peaks[dtype] = results["peak_bytes"]["merged"]
+    assert "peft_speedup" in json.loads((tmp_path / "float32.json").read_text())
+    assert peaks["bfloat16"] < peaks["float32"]  # the frozen base is stored in half the bytes

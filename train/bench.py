@@ -7,6 +7,10 @@ vector scaling the embedding output is trained) and, when torch and peft import,
 PyTorch. Steps are timed in rounds (one step of each variant per round, in a shuffled order, after a short
 idle pause) so that machine noise falls on all of them alike; the medians and their ratios are
 printed and written as JSON.
+
+Workloads (``--workload``): ``minilm`` (all-MiniLM-L6-v2 classification, VeRA on query/value, batch
+32 x 128) and ``smollm2`` (SmolLM2-135M causal LM, VeRA on every linear layer, batch 8 x 128,
+next-token loss on every position); each flag below overrides the workload's value.
 """
 
 from __future__ import annotations
@@ -27,34 +31,53 @@ import numpy as np
 import optax
 
 import vera_jax
-from train.model import load_classifier
+from train import steps
 from train.metrics import write_json
+from train.model import load_causal_lm, load_classifier, model_source
 from vera_jax.paths import SEP, flatten, module_paths
 
 __all__ = ["parse_args", "bench"]
 
 VERA_VARIANTS = ("merged", "activation", "activation-lean", "auto")
+LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+WORKLOADS = {
+    "minilm": {"model": "default", "task": "classification", "targets": ["query", "value"], "batch_size": 32,
+               "seq_len": 128},
+    "smollm2": {"model": "smollm2", "task": "causal-lm", "targets": LLAMA_LINEAR, "batch_size": 8, "seq_len": 128},
+}
+EMBEDDING_MODULES = ("embeddings", "embed_tokens", "wte")  # BERT-likes, Llama-likes, GPT-2
 
 
 def parse_args(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m train bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="default", help="'default' (all-MiniLM-L6-v2), a hub id or a directory")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="minilm")
+    parser.add_argument("--model", help="'default' (all-MiniLM-L6-v2), 'smollm2', a hub id or a directory")
+    parser.add_argument("--task", choices=["classification", "causal-lm"])
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--seq-len", type=int)
     parser.add_argument("--r", type=int, default=256)
-    parser.add_argument("--targets", nargs="+", default=["query", "value"])
+    parser.add_argument("--targets", nargs="+")
+    parser.add_argument("--base-dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="dtype of the frozen base (the adapter path stays float32)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant after compiling")
     parser.add_argument("--settle", type=float, default=0.3, help="idle seconds before each timed step")
     parser.add_argument("--no-peft", action="store_true", help="skip PEFT in PyTorch")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name, value in WORKLOADS[args.workload].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.base_dtype != "float32" and args.task != "causal-lm":
+        parser.error("--base-dtype bfloat16 is measured on the causal-LM workload (--workload smollm2).")
+    return args
 
 
 def _embeddings_module(params) -> str:
-    paths = [p for p in module_paths(flatten(params)) if p.rsplit(SEP, 1)[-1] == "embeddings"]
+    paths = [p for p in module_paths(flatten(params)) if p.rsplit(SEP, 1)[-1] in EMBEDDING_MODULES]
     if not paths:
-        raise ValueError("The floor scales the output of a module named 'embeddings'; this model has none.")
+        raise ValueError(f"The floor scales the output of a module named one of {EMBEDDING_MODULES}; this model "
+                         "has none.")
     return paths[0]
 
 
@@ -74,11 +97,10 @@ def _floor_logits(model, embeddings: str) -> Callable:
     return logits
 
 
-def _jax_step(logits_fn: Callable, tx: optax.GradientTransformation) -> Callable:
+def _jax_step(logits_fn: Callable, tx: optax.GradientTransformation, task: str) -> Callable:
     def step(trainable, opt_state, params, batch):
         def loss_fn(trainable):
-            logits = logits_fn(params, trainable, batch)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+            return steps.mean_loss(logits_fn(params, trainable, batch), batch, task)
 
         loss, grads = jax.value_and_grad(loss_fn)(trainable)
         updates, opt_state = tx.update(grads, opt_state, trainable)
@@ -98,9 +120,9 @@ def _peak_bytes(compiled) -> int | None:
 class _JaxVariant:
     """One jitted, donated training step and the state it carries from call to call."""
 
-    def __init__(self, logits_fn, trainable, params, batch):
+    def __init__(self, logits_fn, trainable, params, batch, task: str):
         self.tx = optax.adam(1e-3)
-        self.step = _jax_step(logits_fn, self.tx)
+        self.step = _jax_step(logits_fn, self.tx, task)
         self.state = (trainable, self.tx.init(trainable))
         self.params, self.batch = params, batch
         self.peak_bytes = _peak_bytes(self.step.lower(*self.state, params, batch).compile())
@@ -112,15 +134,19 @@ class _JaxVariant:
 
 
 class _PeftVariant:
-    """PEFT's VeRA on the PyTorch twin of the model: AdamW on the vectors and the head."""
+    """PEFT's VeRA on the PyTorch twin of the model: Adam on the vectors (and the head)."""
 
     def __init__(self, source: str, args, batch):
         import peft
         import torch
-        from transformers import AutoModelForSequenceClassification
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=2)
-        config = peft.VeraConfig(r=args.r, target_modules=list(args.targets), task_type="SEQ_CLS")
+        if args.task == "causal-lm":  # the loss on every next token, as the JAX variants compute it
+            model, task_type = AutoModelForCausalLM.from_pretrained(source), "CAUSAL_LM"
+            batch = {**batch, "labels": batch["input_ids"]}
+        else:
+            model, task_type = AutoModelForSequenceClassification.from_pretrained(source, num_labels=2), "SEQ_CLS"
+        config = peft.VeraConfig(r=args.r, target_modules=list(args.targets), task_type=task_type)
         self.model = peft.get_peft_model(model, config).train()
         self.optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=1e-3)
         self.inputs = {k: torch.from_numpy(np.asarray(v, np.int64)) for k, v in batch.items()}
@@ -133,9 +159,10 @@ class _PeftVariant:
 
 
 def bench(args: argparse.Namespace) -> dict:
-    model, _ = load_classifier(args.model, 2)
+    causal = args.task == "causal-lm"
+    model = load_causal_lm(args.model, args.base_dtype)[0] if causal else load_classifier(args.model, 2)[0]
     params = model.params
-    config = vera_jax.VeraConfig(r=args.r, target_modules=tuple(args.targets), trainable=("classifier",))
+    config = vera_jax.VeraConfig(r=args.r, target_modules=tuple(args.targets), trainable=() if causal else ("classifier",))
     projections = vera_jax.init_projections(params, vera_jax.projection_key(config), config)
     tokens = args.batch_size * args.seq_len
     plan = vera_jax.plan_paths(params, config, tokens=tokens)
@@ -144,7 +171,8 @@ def bench(args: argparse.Namespace) -> dict:
     low = min(1000, vocab // 2)  # past the special tokens of a real vocabulary
     batch = {"input_ids": rng.integers(low, vocab, (args.batch_size, args.seq_len), np.int32),
              "attention_mask": np.ones((args.batch_size, args.seq_len), np.int32),
-             "labels": rng.integers(0, 2, args.batch_size).astype(np.int32)}
+             "labels": (np.ones((args.batch_size, args.seq_len), np.float32) if causal
+                        else rng.integers(0, 2, args.batch_size).astype(np.int32))}
     device_batch = jax.device_put(batch)
 
     def call(p, batch):
@@ -154,14 +182,14 @@ def bench(args: argparse.Namespace) -> dict:
     for name in VERA_VARIANTS:
         path = plan if name == "auto" else name
         logits_fn = (lambda path: lambda p, t, b: vera_jax.adapt(call, t, projections, path=path)(p, b))(path)
-        variants[name] = _JaxVariant(logits_fn, vera_jax.init_trainable(params, config), params, device_batch)
+        variants[name] = _JaxVariant(logits_fn, vera_jax.init_trainable(params, config), params, device_batch,
+                                     args.task)
     scale = jnp.zeros((model.config.hidden_size,), jnp.float32)
-    variants["floor"] = _JaxVariant(_floor_logits(model, _embeddings_module(params)), scale, params, device_batch)
+    variants["floor"] = _JaxVariant(_floor_logits(model, _embeddings_module(params)), scale, params, device_batch,
+                                    args.task)
     if not args.no_peft:
         try:
-            from train import assets
-
-            source = str(assets.minilm_dir()) if args.model == "default" else args.model
+            source = model_source(args.model)
             local = Path(source)
             if local.is_dir() and not any((local / f).exists() for f in ("model.safetensors", "pytorch_model.bin")):
                 print(f"PEFT skipped: {source} has no PyTorch weights")
@@ -188,7 +216,8 @@ def bench(args: argparse.Namespace) -> dict:
     median = {name: statistics.median(t) for name, t in times.items()}
     best = min(median["merged"], median["activation"])
     results = {
-        "workload": {"model": args.model, "batch_size": args.batch_size, "seq_len": args.seq_len, "r": args.r,
+        "workload": {"name": args.workload, "model": args.model, "task": args.task, "base_dtype": args.base_dtype,
+                     "batch_size": args.batch_size, "seq_len": args.seq_len, "r": args.r,
                      "targets": list(args.targets), "tokens_per_step": tokens, "steps": args.steps},
         "spread_seconds": {name: [min(t), max(t)] for name, t in times.items()},
         "device": f"{jax.devices()[0].device_kind} ({jax.device_count()} device, {platform.processor() or 'cpu'})",

