@@ -25,11 +25,11 @@ from train import data as data_lib
 from train import mesh as mesh_lib
 from train import steps
 from train.checkpoints import RunCheckpoints
-from train.metrics import MetricsLog, directory_bytes, plot_curves, write_json
+from train.metrics import MetricsLog, directory_bytes
 from train.model import load_causal_lm
 from train.options import CAUSAL_LM_DEFAULTS, Options, parse_options
-from train.runner import (RunError, evaluate, fit, init_distributed, make_context, output_dir, recipe_meta,
-                          resolve_strategy, save_adapters, vera_setup)
+from train.runner import (RunError, evaluate, fit, init_distributed, make_context, output_dir, publish,
+                          recipe_meta, resolve_strategy, save_adapters, vera_setup)
 
 __all__ = ["run", "parse_args"]
 
@@ -118,14 +118,11 @@ def run(options: Options) -> dict:
                     zip(questions, test_split["label"][: options.answers], answers_before, answers_after)],
     }
     summary["wall_seconds"] = time.perf_counter() - started
-    if primary:
-        write_json(out / "summary.json", summary)
-        plot_curves(log.records(), out / "curves.png")
-        _print_report(summary, vera_jax.parameter_report(params, config), out)
+    publish(out, summary, log, _report(summary, vera_jax.parameter_report(params, config), out))
     return summary
 
 
-def _print_report(summary: dict, parameters: str, out: Path) -> None:
+def _report(summary: dict, parameters: str, out: Path) -> str:
     lines = [f"held-out perplexity  {summary['perplexity_before']:.3f} -> {summary['perplexity_after']:.3f} "
              f"({summary['scored_test_tokens']:,d} answer tokens)",
              parameters,
@@ -137,4 +134,4 @@ def _print_report(summary: dict, parameters: str, out: Path) -> None:
         lines += [f"Q: {answer['question']}", f"   before: {answer['before']}", f"   after:  {answer['after']}",
                   f"   reference: {answer['reference']}"]
     lines.append(f"run directory        {out}")
-    print("\n".join(lines))
+    return "\n".join(lines)

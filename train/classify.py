@@ -19,11 +19,11 @@ from train import data as data_lib
 from train import mesh as mesh_lib
 from train import steps
 from train.checkpoints import RunCheckpoints
-from train.metrics import MetricsLog, directory_bytes, plot_curves, write_json
+from train.metrics import MetricsLog, directory_bytes
 from train.model import load_classifier
 from train.options import Options
-from train.runner import (RunError, evaluate, fit, init_distributed, make_context, output_dir, recipe_meta,
-                          resolve_strategy, save_adapters, vera_setup)
+from train.runner import (RunError, evaluate, fit, init_distributed, make_context, output_dir, publish,
+                          recipe_meta, resolve_strategy, save_adapters, vera_setup)
 
 __all__ = ["run", "RunError"]
 
@@ -77,14 +77,11 @@ def run(options: Options) -> dict:
         summary["baseline_accuracy"], _ = evaluate(ctx, head_trained, head_fn)
         log.write(run="head-only", step=ctx.total_steps, test_accuracy=summary["baseline_accuracy"])
     summary["wall_seconds"] = time.perf_counter() - started
-    if primary:
-        write_json(out / "summary.json", summary)
-        plot_curves(log.records(), out / "curves.png")
-        _print_report(summary, vera_jax.parameter_report(params, config), out)
+    publish(out, summary, log, _report(summary, vera_jax.parameter_report(params, config), out))
     return summary
 
 
-def _print_report(summary: dict, parameters: str, out: Path) -> None:
+def _report(summary: dict, parameters: str, out: Path) -> str:
     baseline = summary.get("baseline_accuracy")
     lines = [
         f"test accuracy        {summary['test_accuracy']:.4f}"
@@ -95,4 +92,4 @@ def _print_report(summary: dict, parameters: str, out: Path) -> None:
         f"training throughput  {summary['tokens_per_second']:,.0f} tokens/s",
         f"run directory        {out}",
     ]
-    print("\n".join(lines))
+    return "\n".join(lines)

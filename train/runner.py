@@ -21,7 +21,7 @@ from train import data as data_lib
 from train import mesh as mesh_lib
 from train import steps
 from train.checkpoints import RunCheckpoints
-from train.metrics import MetricsLog
+from train.metrics import MetricsLog, plot_curves, write_json
 from train.options import RESUME_KEYS, Options
 from train.model import hub_id
 from vera_jax import checkpoint as adapter_checkpoint
@@ -29,7 +29,7 @@ from vera_jax import peft as vera_peft
 
 __all__ = ["Context", "RunError", "init_distributed", "output_dir", "place", "global_batch", "train_batch",
            "recipe_meta", "fit", "evaluate", "make_context", "vera_setup",
-           "resolve_strategy", "save_adapters", "DROPOUT_STREAM", "STRATEGIES"]
+           "resolve_strategy", "save_adapters", "publish", "DROPOUT_STREAM", "STRATEGIES"]
 
 STRATEGIES = (*vera_jax.activation.PATHS, "auto")
 DROPOUT_STREAM = 2**31  # fold_in offset for the dropout key: disjoint from the projection stream's blocks
@@ -103,6 +103,14 @@ def save_adapters(out: Path, ctx: Context, config: vera_jax.VeraConfig, trainabl
         vera_peft.save_adapter(out / "peft_adapter", config, host_trainable, projections, params=params,
                                task_type=task_type, base_model_name_or_path=hub_id(ctx.options.model))
     return adapter_dir
+
+
+def publish(out: Path, summary: dict, log: MetricsLog, report: str) -> None:
+    """On process 0: ``summary.json``, ``curves.png`` from the metrics, and the report on stdout."""
+    if jax.process_index() == 0:
+        write_json(out / "summary.json", summary)
+        plot_curves(log.records(), out / "curves.png")
+        print(report)
 
 
 def init_distributed(options: Options) -> None:
