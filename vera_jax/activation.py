@@ -15,13 +15,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vera_jax.layers import LAMBDA_B, LAMBDA_D
+from vera_jax.config import VeraConfig
+from vera_jax.layers import LAMBDA_B, LAMBDA_D, VECTOR_NAMES, trained_vectors
 from vera_jax.merge import merge_layers
 from vera_jax.ops import adapter_output, adapter_output_lean, promote_add
 from vera_jax.paths import SEP, flatten, unflatten
 from vera_jax.projections import Projections
 from vera_jax.strategy import PathPlan
-from vera_jax.vectors import extra_leaves, layer_vectors
+from vera_jax.vectors import extra_leaves, initial_vector, layer_vectors
 
 __all__ = ["activation_path", "adapt", "PATHS"]
 
@@ -37,14 +38,14 @@ def _module_layout(module: nn.Module) -> str | None:
     return None
 
 
-def _vectors_by_module(trainable: Mapping) -> dict[str, tuple[jax.Array, jax.Array]]:
-    flat = flatten(trainable)
-    suffix = SEP + LAMBDA_D
-    return {
-        path[: -len(suffix)]: (leaf, flat[path[: -len(suffix)] + SEP + LAMBDA_B])
-        for path, leaf in flat.items()
-        if path.endswith(suffix)
-    }
+def _vectors_by_module(trainable: Mapping, config: VeraConfig) -> dict[str, dict[str, jax.Array]]:
+    """Module path -> its trained vectors by name (a frozen vector is absent: `initial_vector` supplies it)."""
+    by_module: dict[str, dict[str, jax.Array]] = {}
+    for path, leaf in flatten(trainable).items():
+        module, name = path.rsplit(SEP, 1) if SEP in path else ("", path)
+        if name in trained_vectors(config):
+            by_module.setdefault(module, {})[name] = leaf
+    return by_module
 
 
 def _dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
@@ -76,7 +77,7 @@ def activation_path(
         not fit the vectors or projections, or no adapted layer was called at all.
     """
     config = projections.config
-    vectors = _vectors_by_module(trainable)
+    vectors = _vectors_by_module(trainable, config)
     if not vectors:
         raise ValueError("The trainable tree holds no VeRA vectors; build it with vera_jax.init_trainable(params, config).")
     seen: set[str] = set()
@@ -94,11 +95,13 @@ def activation_path(
             )
         x = args[0] if args else kwargs["inputs"]
         y = next_fun(*args, **kwargs)
-        lambda_d, lambda_b = vectors[path]
-        if x.shape[-1] > projections.A.shape[1] or y.shape[-1] != lambda_b.shape[-1] or y.shape[-1] > projections.B.shape[0]:
+        given = vectors[path]
+        lambda_d, lambda_b = (given.get(name, initial_vector(config, name, y.shape[-1])) for name in VECTOR_NAMES)
+        a, b = projections.pair(path)
+        if x.shape[-1] > a.shape[1] or y.shape[-1] != lambda_b.shape[-1] or y.shape[-1] > b.shape[0]:
             raise ValueError(
                 f"{path!r} maps {x.shape[-1]} to {y.shape[-1]} features, which does not fit lambda_b "
-                f"{lambda_b.shape}, A {projections.A.shape} and B {projections.B.shape}; build the vectors and "
+                f"{lambda_b.shape}, A {a.shape} and B {b.shape}; build the vectors and "
                 "projections from the same params and config as the model."
             )
         x = x.astype(config.dtype)
@@ -106,7 +109,7 @@ def activation_path(
             x = _dropout(x, config.dropout, jax.random.fold_in(dropout_rng, next(calls)))
         seen.add(path)
         output = adapter_output_lean if lean else adapter_output
-        delta = output(x, projections.A, projections.B, lambda_d.astype(config.dtype), lambda_b.astype(config.dtype))
+        delta = output(x, a, b, lambda_d.astype(config.dtype), lambda_b.astype(config.dtype))
         return promote_add(y, delta)
 
     with nn.intercept_methods(interceptor):

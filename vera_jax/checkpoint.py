@@ -42,13 +42,13 @@ def fingerprint(projections: Projections) -> str:
 def projection_recipe(projections: Projections, key: jax.Array) -> dict:
     """What rebuilds A and B exactly: the generator, the key's words, shapes, dtype and a fingerprint."""
     words = jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
-    r, in_max = projections.A.shape
+    r, in_max = projections.A.shape[-2:]
     return {
         "generator": GENERATOR,
         "key": [int(w) for w in np.asarray(jax.device_get(words)).reshape(-1)],
         "r": int(r),
         "in_max": int(in_max),
-        "out_max": int(projections.B.shape[0]),
+        "out_max": int(projections.B.shape[-2]),
         "dtype": str(projections.A.dtype),
         "fingerprint": fingerprint(projections),
     }
@@ -65,8 +65,8 @@ def projections_from_recipe(params: Mapping, recipe: Mapping, config: VeraConfig
         raise ValueError(f"Projections were drawn by generator {recipe.get('generator')!r}; this version "
                          f"rebuilds {GENERATOR!r} only. Save the adapter with save_projection=True to carry A and B.")
     projections = init_projections(params, np.asarray(recipe["key"], np.uint32), config)
-    got = {"r": projections.A.shape[0], "in_max": projections.A.shape[1], "out_max": projections.B.shape[0],
-           "dtype": str(projections.A.dtype)}
+    (r, in_max), out_max = projections.A.shape[-2:], projections.B.shape[-2]
+    got = {"r": r, "in_max": in_max, "out_max": out_max, "dtype": str(projections.A.dtype)}
     expected = {name: recipe[name] for name in got}
     if got != expected:
         raise ValueError(f"The adapter was trained with projections {expected}, but these params and config give "
@@ -128,9 +128,9 @@ def restore(
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = {"trainable": jax.eval_shape(lambda: init_trainable(params, config))}
     if config.save_projection:
-        recipe = metadata["projection"]
-        shape = {"A": (recipe["r"], recipe["in_max"]), "B": (recipe["out_max"], recipe["r"])}
-        target["projections"] = {k: jax.ShapeDtypeStruct(v, recipe["dtype"]) for k, v in shape.items()}
+        key = np.asarray(metadata["projection"]["key"], np.uint32)
+        shapes = jax.eval_shape(lambda: init_projections(params, key, config))
+        target["projections"] = {"A": shapes.A, "B": shapes.B}
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), target)
     with ocp.StandardCheckpointer() as checkpointer:
         stored = checkpointer.metadata(directory / TREE_DIR)
@@ -144,7 +144,8 @@ def restore(
     with ocp.StandardCheckpointer() as checkpointer:
         restored = checkpointer.restore(directory / TREE_DIR, target)
     if config.save_projection:
-        projections = Projections(A=restored["projections"]["A"], B=restored["projections"]["B"], config=config)
+        projections = Projections(A=restored["projections"]["A"], B=restored["projections"]["B"], config=config,
+                                  layers=shapes.layers)
         if fingerprint(projections) != metadata["projection"]["fingerprint"]:
             raise ValueError(f"A and B stored in {directory} do not match their fingerprint; the adapter is damaged.")
     else:

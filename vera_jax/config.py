@@ -11,9 +11,12 @@ from typing import Literal
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["VeraConfig", "KERNEL_LAYOUTS"]
+__all__ = ["VeraConfig", "KERNEL_LAYOUTS", "PROJECTION_INITS", "PROJECTION_SHARINGS", "TRAIN_VECTORS"]
 
 KERNEL_LAYOUTS = ("in_out", "out_in")
+PROJECTION_INITS = ("kaiming_uniform", "kaiming_normal", "uniform")
+PROJECTION_SHARINGS = ("shared", "per_layer")
+TRAIN_VECTORS = ("both", "lambda_d", "lambda_b")
 
 
 def _as_patterns(value, field: str) -> str | tuple[str, ...]:
@@ -57,6 +60,18 @@ class VeraConfig:
         even when the base model runs in bfloat16.
       kernel_layout: how the adapted kernels are stored: ``"in_out"`` for ``flax.linen.Dense``,
         ``"out_in"`` for GPT-2's ``FlaxConv1D``.
+
+    The paper's ablations (section 5 of Kopiczko et al.); the defaults are VeRA as PEFT runs it:
+      projection_init: ``"kaiming_uniform"`` (PEFT's), ``"kaiming_normal"`` (N(0, 2 / fan_in)) or
+        ``"uniform"`` (U[0, 0.1), the paper's third choice).
+      projection_sharing: ``"shared"``, one pair for every layer; ``"per_layer"``, a pair of its own for
+        each adapted layer, drawn with that layer's fan-in (PEFT files cannot hold it).
+      train_vectors: ``"both"``; ``"lambda_d"`` keeps lambda_b frozen at ``b_initial``; ``"lambda_b"``
+        keeps lambda_d frozen at ``d_initial``. Frozen vectors are constants of the config: they are not
+        in the trainable tree, so they get no gradient, no optimizer state and no bytes on disk.
+      b_initial: initial value of every lambda_b entry, 0 by default so the adapted model starts as the
+        base model; a frozen lambda_b (``train_vectors="lambda_d"``) needs it non-zero (e.g. 1.0, with
+        ``d_initial=0.0`` to start from the base model).
     """
 
     target_modules: str | tuple[str, ...]
@@ -68,6 +83,10 @@ class VeraConfig:
     trainable: str | tuple[str, ...] = ()
     dtype: str = "float32"
     kernel_layout: Literal["in_out", "out_in"] = "in_out"
+    projection_init: Literal["kaiming_uniform", "kaiming_normal", "uniform"] = "kaiming_uniform"
+    projection_sharing: Literal["shared", "per_layer"] = "shared"
+    train_vectors: Literal["both", "lambda_d", "lambda_b"] = "both"
+    b_initial: float = 0.0
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -81,6 +100,10 @@ class VeraConfig:
         if not isinstance(self.d_initial, (int, float)) or not math.isfinite(self.d_initial):
             raise ValueError(f"VeraConfig.d_initial must be a finite number, got {self.d_initial!r}; the default is 0.1.")
         set_("d_initial", float(self.d_initial))
+        if isinstance(self.b_initial, bool) or not isinstance(self.b_initial, (int, float)) or not math.isfinite(
+                self.b_initial):
+            raise ValueError(f"VeraConfig.b_initial must be a finite number, got {self.b_initial!r}; the default is 0.")
+        set_("b_initial", float(self.b_initial))
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"VeraConfig.dropout must be in [0, 1), got {self.dropout!r}.")
         set_("dropout", float(self.dropout))
@@ -100,6 +123,20 @@ class VeraConfig:
             raise ValueError(
                 f"VeraConfig.kernel_layout must be one of {KERNEL_LAYOUTS}, got {self.kernel_layout!r}: "
                 "'in_out' for flax.linen.Dense, 'out_in' for GPT-2's FlaxConv1D."
+            )
+        for name, allowed in (("projection_init", PROJECTION_INITS), ("projection_sharing", PROJECTION_SHARINGS),
+                              ("train_vectors", TRAIN_VECTORS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"VeraConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}.")
+        if self.train_vectors == "lambda_d" and self.b_initial == 0.0:
+            raise ValueError(
+                "VeraConfig(train_vectors='lambda_d') freezes lambda_b at b_initial=0.0, which switches the adapter "
+                "off for good; set b_initial to a non-zero value (e.g. b_initial=1.0 with d_initial=0.0)."
+            )
+        if self.train_vectors == "lambda_b" and self.d_initial == 0.0:
+            raise ValueError(
+                "VeraConfig(train_vectors='lambda_b') freezes lambda_d at d_initial=0.0, which switches the adapter "
+                "off for good; set d_initial to a non-zero value (the default is 0.1)."
             )
 
     def to_dict(self) -> dict:

@@ -8,12 +8,18 @@ from collections.abc import Mapping
 from vera_jax.config import VeraConfig
 from vera_jax.paths import SEP, flatten, module_paths, patterns_regex
 
-__all__ = ["AdaptedLayer", "find_layers", "find_trainable_leaves", "LAMBDA_D", "LAMBDA_B", "VECTOR_NAMES"]
+__all__ = ["AdaptedLayer", "find_layers", "find_trainable_leaves", "trained_vectors", "LAMBDA_D", "LAMBDA_B",
+           "VECTOR_NAMES"]
 
 LAMBDA_D = "vera_lambda_d"  # (r,): scales the r-sized side, between A and B
 LAMBDA_B = "vera_lambda_b"  # (out,): scales the layer's output side, after B
 VECTOR_NAMES = (LAMBDA_D, LAMBDA_B)
 _MAX_LISTED = 40
+
+
+def trained_vectors(config: VeraConfig) -> tuple[str, ...]:
+    """The vector names the trainable tree holds under ``config.train_vectors``; the others are constants."""
+    return {"both": VECTOR_NAMES, "lambda_d": (LAMBDA_D,), "lambda_b": (LAMBDA_B,)}[config.train_vectors]
 
 
 @dataclasses.dataclass(frozen=True)

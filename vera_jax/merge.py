@@ -19,7 +19,8 @@ def merge_layers(params: Mapping, items: Iterable[LayerVectors], projections: Pr
     for item in items:
         lambda_d = item.lambda_d.astype(config.dtype)
         lambda_b = item.lambda_b.astype(config.dtype)
-        delta = delta_weight(projections.A, projections.B, lambda_d, lambda_b, item.layer.in_features)  # (out, in)
+        a, b = projections.pair(item.layer.path)
+        delta = delta_weight(a, b, lambda_d, lambda_b, item.layer.in_features)  # (out, in)
         if config.kernel_layout == "in_out":
             delta = delta.T
         kernel_path = item.layer.path + SEP + "kernel"

@@ -20,7 +20,7 @@ from vera_jax.layers import LAMBDA_B, LAMBDA_D, VECTOR_NAMES
 from vera_jax.ops import promote_add
 from vera_jax.paths import SEP, flatten, unflatten
 from vera_jax.projections import Projections
-from vera_jax.vectors import layer_vectors
+from vera_jax.vectors import initial_vector, layer_vectors
 
 __all__ = ["stack", "unstack", "num_adapters", "adapt_mixed"]
 
@@ -100,11 +100,17 @@ def _mixed_interception(stacked: Mapping, projections: Projections, adapter_ids:
                 y = y + _per_example(_gather(flat[path + SEP + "bias"], adapter_ids), y)
             return y
         y = next_fun(*args, **kwargs)
-        lambda_d = _gather(flat[path + SEP + LAMBDA_D], adapter_ids).astype(config.dtype)  # (batch, r)
-        lambda_b = _gather(flat[path + SEP + LAMBDA_B], adapter_ids).astype(config.dtype)  # (batch, out)
-        hidden = x.astype(config.dtype) @ projections.A[:, : x.shape[-1]].T  # shared: (batch, ..., r)
-        delta = (_per_example(lambda_d, hidden) * hidden) @ projections.B[: y.shape[-1], :].T
-        return promote_add(y, _per_example(lambda_b, delta) * delta)
+
+        def vector(name: str, like: jax.Array) -> jax.Array:
+            """Each example's vector, broadcastable against ``like``; a frozen vector is one constant."""
+            if path + SEP + name not in flat:
+                return initial_vector(config, name, y.shape[-1])
+            return _per_example(_gather(flat[path + SEP + name], adapter_ids).astype(config.dtype), like)
+
+        a, b = projections.pair(path)
+        hidden = x.astype(config.dtype) @ a[:, : x.shape[-1]].T  # shared: (batch, ..., r)
+        delta = (vector(LAMBDA_D, hidden) * hidden) @ b[: y.shape[-1], :].T
+        return promote_add(y, vector(LAMBDA_B, delta) * delta)
 
     with nn.intercept_methods(interceptor):
         yield

@@ -253,10 +253,15 @@ def save_adapter(
     """Write ``trainable`` as a directory ``peft.PeftModel.from_pretrained`` loads.
 
     A and B are always written (PyTorch cannot rebuild JAX's random bits), with ``save_projection:
-    true``. ``params`` is the base the adapter belongs to; it is used to check the fit and is not saved.
+    true``; a vector that ``config.train_vectors`` freezes is written as its constant value. ``params``
+    is the base the adapter belongs to; it is used to check the fit and is not saved.
     """
     if projections.config != config:
         raise ValueError("The projections were drawn for another VeraConfig than the one given; pass the same.")
+    if config.projection_sharing != "shared":
+        raise ValueError(f"PEFT's VeRA holds one shared A/B pair; an adapter with projection_sharing="
+                         f"{config.projection_sharing!r} cannot be written as a PEFT adapter. Keep it as a vera_jax "
+                         "checkpoint (vera_jax.checkpoint.save), or export the merged model.")
     items = layer_vectors(params, trainable, projections)
     head = extra_leaves(trainable)
     tensors = {A_KEY: projections.A, B_KEY: projections.B}

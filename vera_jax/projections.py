@@ -31,17 +31,36 @@ GENERATOR = "threefry2x32-counter-stream-v1"  # the stream described above; bump
 
 @struct.dataclass
 class Projections:
-    """The frozen shared matrices, and the config they were drawn for (static, not a leaf).
+    """The frozen random matrices, and the config they were drawn for (static, not a leaf).
 
     Attributes:
-      A: (r, in_max); each layer uses ``A[:, :in_features]``.
-      B: (out_max, r); each layer uses ``B[:out_features, :]``.
+      A: (r, in_max), shared: each layer uses ``A[:, :in_features]``. With
+        ``config.projection_sharing == "per_layer"``: (layers, r, in_max), one slab per adapted layer.
+      B: (out_max, r), shared: each layer uses ``B[:out_features, :]``; per layer: (layers, out_max, r).
       config: the `VeraConfig` they belong to; carried so `merge` and the activation path need no more.
+      layers: per-layer pairs only: the adapted layers' paths, in the order of A's and B's leading axis.
     """
 
     A: jax.Array
     B: jax.Array
     config: VeraConfig = struct.field(pytree_node=False)
+    layers: tuple[str, ...] = struct.field(pytree_node=False, default=())
+
+    def pair(self, path: str) -> tuple[jax.Array, jax.Array]:
+        """``(A (r, in_max), B (out_max, r))`` that the layer at ``path`` slices.
+
+        Raises:
+          ValueError: per-layer projections hold no pair for ``path``.
+        """
+        if not self.layers:
+            return self.A, self.B
+        try:
+            index = self.layers.index(path)
+        except ValueError:
+            raise ValueError(
+                f"These per-layer projections hold no pair for {path!r} (they cover {len(self.layers)} layers); "
+                "draw them with vera_jax.init_projections on the same params and config.") from None
+        return self.A[index], self.B[index]
 
 
 def projection_key(config: VeraConfig) -> jax.Array:
@@ -84,31 +103,56 @@ def _blocks(size: int) -> int:
     return -(-size // 2)
 
 
-def _uniform_stream(words: jax.Array, first_block: int, shape: tuple[int, int], bound: float) -> jax.Array:
-    """U[-bound, bound] float32 values from the stream, starting at block ``first_block``."""
-    size = int(np.prod(shape))
+def _unit_stream(words: jax.Array, first_block: int, size: int) -> jax.Array:
+    """``size`` float32 values in [0, 1) from the stream, starting at block ``first_block``: (size,)."""
     if first_block + _blocks(size) > _MAX_COUNTER:
         raise ValueError(f"Projections of {size} values exceed the 2**31 counter blocks reserved for them; lower r.")
     low = jnp.arange(first_block, first_block + _blocks(size), dtype=jnp.uint32)
     even, odd = threefry2x32_p.bind(words[0], words[1], jnp.zeros_like(low), low)
     bits = jnp.stack([even, odd], axis=-1).reshape(-1)[:size]
     # 23 random mantissa bits under exponent 0: a float32 in [1, 2), minus 1 gives [0, 1).
-    unit = jax.lax.bitcast_convert_type((bits >> 9) | jnp.uint32(0x3F800000), jnp.float32) - 1.0
-    return ((unit * 2.0 - 1.0) * jnp.float32(bound)).reshape(shape)
+    return jax.lax.bitcast_convert_type((bits >> 9) | jnp.uint32(0x3F800000), jnp.float32) - 1.0
+
+
+def _draw(words: jax.Array, first_block: int, shape: tuple[int, int], fan_in: int, init: str) -> jax.Array:
+    """One matrix of ``shape`` from the stream at ``first_block``, by ``VeraConfig.projection_init``.
+
+    kaiming_uniform: ``(2u - 1) * sqrt(6 / fan_in)``; kaiming_normal: ``sqrt(2 / fan_in) * z`` with
+    ``z = sqrt(2) erfinv(2u' - 1)`` and ``u' = u + 2**-24`` (never 0); uniform: ``0.1 * u``.
+    """
+    unit = _unit_stream(words, first_block, int(np.prod(shape)))
+    if init == "kaiming_uniform":
+        values = (unit * 2.0 - 1.0) * jnp.float32(kaiming_uniform_bound(fan_in))
+    elif init == "kaiming_normal":
+        normal = jnp.float32(math.sqrt(2.0)) * jax.scipy.special.erfinv((unit + 2.0**-24) * 2.0 - 1.0)
+        values = normal * jnp.float32(math.sqrt(2.0 / fan_in))
+    else:
+        values = unit * jnp.float32(0.1)
+    return values.reshape(shape)
 
 
 def init_projections(params: Mapping, key: jax.Array, config: VeraConfig) -> Projections:
-    """Draw the shared A and B for the layers ``config`` adapts in ``params``.
+    """Draw the frozen A and B for the layers ``config`` adapts in ``params``.
 
     Pure: depends on the params' shapes only (``jax.ShapeDtypeStruct`` leaves are fine), the key and
     the config. Under ``jax.jit`` pass ``config`` as static.
 
     Returns:
-      ``Projections(A (r, in_max), B (out_max, r), config)`` in ``config.dtype``, with
-      A ~ U(-sqrt(6 / in_max), sqrt(6 / in_max)) and B ~ U(-sqrt(6 / r), sqrt(6 / r)).
+      ``Projections(A (r, in_max), B (out_max, r), config)`` in ``config.dtype``, with (by default)
+      A ~ U(-sqrt(6 / in_max), sqrt(6 / in_max)) and B ~ U(-sqrt(6 / r), sqrt(6 / r)). With
+      ``projection_sharing="per_layer"``: A (layers, r, in_max) and B (layers, out_max, r), layer i's pair
+      drawn after layer i-1's with fan-ins in_i and r (columns past in_i of its A slab are never used).
     """
     (r, in_max), (out_max, _) = projection_shapes(params, config)
     words = _key_words(key)
-    a = _uniform_stream(words, 0, (r, in_max), kaiming_uniform_bound(in_max))
-    b = _uniform_stream(words, _blocks(r * in_max), (out_max, r), kaiming_uniform_bound(r))
-    return Projections(A=a.astype(config.dtype), B=b.astype(config.dtype), config=config)
+    draw = lambda block, shape, fan_in: _draw(words, block, shape, fan_in, config.projection_init)  # noqa: E731
+    if config.projection_sharing == "shared":
+        a = draw(0, (r, in_max), in_max)
+        b = draw(_blocks(r * in_max), (out_max, r), r)
+        return Projections(A=a.astype(config.dtype), B=b.astype(config.dtype), config=config)
+    layers = find_layers(params, config)
+    per_layer = _blocks(r * in_max) + _blocks(out_max * r)
+    a = jnp.stack([draw(i * per_layer, (r, in_max), layer.in_features) for i, layer in enumerate(layers)])
+    b = jnp.stack([draw(i * per_layer + _blocks(r * in_max), (out_max, r), r) for i in range(len(layers))])
+    return Projections(A=a.astype(config.dtype), B=b.astype(config.dtype), config=config,
+                       layers=tuple(layer.path for layer in layers))

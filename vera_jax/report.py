@@ -8,7 +8,8 @@ from collections.abc import Mapping
 import jax
 
 from vera_jax.config import VeraConfig
-from vera_jax.layers import find_layers, find_trainable_leaves
+from vera_jax.layers import (LAMBDA_B, LAMBDA_D, VECTOR_NAMES, AdaptedLayer, find_layers, find_trainable_leaves,
+                             trained_vectors)
 from vera_jax.paths import flatten
 
 __all__ = ["count_parameters", "parameter_report", "layer_table", "lora_parameters"]
@@ -23,13 +24,18 @@ def count_parameters(params: Mapping, config: VeraConfig) -> tuple[int, int]:
 
     trainable = sum over adapted layers of (r + out) + the leaves trained in full; all = the base
     params + the vectors + the trained copies of full leaves (PEFT keeps the original and a copy).
-    A and B are frozen buffers and are not counted.
+    A and B are frozen buffers and are not counted, nor is a vector ``config.train_vectors`` freezes.
     """
     flat = flatten(params)
-    vectors = sum(config.r + layer.out_features for layer in find_layers(params, config))
+    vectors = sum(_vector_sizes(layer, config)[name] for layer in find_layers(params, config)
+                  for name in trained_vectors(config))
     extra = sum(_size(flat[path]) for path in find_trainable_leaves(params, config))
     base = sum(_size(leaf) for leaf in jax.tree.leaves(params))
     return vectors + extra, base + vectors + extra
+
+
+def _vector_sizes(layer: AdaptedLayer, config: VeraConfig) -> dict[str, int]:
+    return {LAMBDA_D: config.r, LAMBDA_B: layer.out_features}
 
 
 def lora_parameters(params: Mapping, config: VeraConfig, rank: int) -> int:
@@ -44,10 +50,12 @@ def parameter_report(params: Mapping, config: VeraConfig) -> str:
 
 
 def layer_table(params: Mapping, config: VeraConfig) -> str:
-    """One row per adapted layer: path, kernel shape, in/out used, and the vector sizes."""
+    """One row per adapted layer: path, kernel shape, in/out used, and the vector sizes ('frozen' if not trained)."""
     rows = [("path", "kernel", "in", "out", "lambda_d", "lambda_b")]
     for layer in find_layers(params, config):
+        sizes = _vector_sizes(layer, config)
+        vectors = [str(sizes[name]) if name in trained_vectors(config) else "frozen" for name in VECTOR_NAMES]
         rows.append((layer.path, "x".join(map(str, layer.kernel_shape)), str(layer.in_features),
-                     str(layer.out_features), str(config.r), str(layer.out_features)))
+                     str(layer.out_features), *vectors))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)

@@ -14,22 +14,27 @@ import jax
 import jax.numpy as jnp
 
 from vera_jax.config import VeraConfig
-from vera_jax.layers import LAMBDA_B, LAMBDA_D, AdaptedLayer, find_layers, find_trainable_leaves
+from vera_jax.layers import LAMBDA_D, VECTOR_NAMES, AdaptedLayer, find_layers, find_trainable_leaves, trained_vectors
 from vera_jax.paths import SEP, flatten, unflatten
 
-__all__ = ["init_vectors", "init_trainable", "LayerVectors", "layer_vectors", "extra_leaves"]
+__all__ = ["init_vectors", "init_trainable", "LayerVectors", "layer_vectors", "extra_leaves", "initial_vector"]
+
+
+def initial_vector(config: VeraConfig, name: str, out_features: int) -> jax.Array:
+    """lambda_d: d_initial (r,), or lambda_b: b_initial (out,), in ``config.dtype``; also a frozen vector's value."""
+    if name == LAMBDA_D:
+        return jnp.full((config.r,), config.d_initial, dtype=config.dtype)
+    return jnp.full((out_features,), config.b_initial, dtype=config.dtype)
 
 
 def init_vectors(params: Mapping, config: VeraConfig) -> dict:
-    """lambda_d = d_initial (r,) and lambda_b = 0 (out,) for every adapted layer, in ``config.dtype``.
+    """lambda_d = d_initial (r,) and lambda_b = b_initial = 0 (out,) per adapted layer, in ``config.dtype``.
 
-    With lambda_b = 0 the adapted model starts exactly equal to the base model.
+    With lambda_b = 0 the adapted model starts exactly equal to the base model. Only the vectors
+    ``config.train_vectors`` trains are in the tree; a frozen one stays the constant `initial_vector`.
     """
-    flat = {}
-    for layer in find_layers(params, config):
-        flat[layer.path + SEP + LAMBDA_D] = jnp.full((config.r,), config.d_initial, dtype=config.dtype)
-        flat[layer.path + SEP + LAMBDA_B] = jnp.zeros((layer.out_features,), dtype=config.dtype)
-    return unflatten(flat)
+    return unflatten({layer.path + SEP + name: initial_vector(config, name, layer.out_features)
+                      for layer in find_layers(params, config) for name in trained_vectors(config)})
 
 
 def init_trainable(params: Mapping, config: VeraConfig) -> dict:
@@ -66,7 +71,7 @@ def layer_vectors(params: Mapping, trainable: Mapping, projections) -> tuple[Lay
     flat_params = flatten(params)
     # A frozen tree from `split` lacks the leaves trained in full: look for them in both trees.
     extra = set(find_trainable_leaves(unflatten(flat_params | extra_leaves(trainable)), config))
-    vector_paths = {layer.path + SEP + name for layer in layers for name in (LAMBDA_D, LAMBDA_B)}
+    vector_paths = {layer.path + SEP + name for layer in layers for name in trained_vectors(config)}
     missing = sorted(vector_paths - set(flat))
     unexpected = sorted(set(flat) - vector_paths - extra)
     if missing or unexpected:
@@ -77,13 +82,25 @@ def layer_vectors(params: Mapping, trainable: Mapping, projections) -> tuple[Lay
             f"({len(unexpected)} in all). Build it with vera_jax.init_trainable(params, config) for the same "
             "params and config."
         )
-    r, in_max = _shape(projections.A)
-    out_max, r_b = _shape(projections.B)
+    r, in_max = _shape(projections.A)[-2:]
+    out_max, r_b = _shape(projections.B)[-2:]
     if r != config.r or r_b != config.r:
         raise ValueError(
             f"Projections A {projections.A.shape} and B {projections.B.shape} do not have rank r={config.r}; "
             "rebuild them with vera_jax.init_projections(params, key, config)."
         )
+    per_layer = config.projection_sharing == "per_layer"
+    if {len(_shape(projections.A)), len(_shape(projections.B))} != {3 if per_layer else 2}:
+        raise ValueError(
+            f"Projections A {_shape(projections.A)} and B {_shape(projections.B)} are not the "
+            f"{'(layers, r, in_max) and (layers, out_max, r)' if per_layer else '(r, in_max) and (out_max, r)'} "
+            f"that projection_sharing={config.projection_sharing!r} needs; rebuild them with "
+            "vera_jax.init_projections(params, key, config)."
+        )
+    if per_layer and (projections.layers != tuple(layer.path for layer in layers)
+                      or not _shape(projections.A)[0] == _shape(projections.B)[0] == len(layers)):
+        raise ValueError("These per-layer projections were drawn for other layers than the config adapts in these "
+                         "params; rebuild them with vera_jax.init_projections(params, key, config).")
     for path in extra & set(flat) & set(flat_params):
         if _shape(flat[path]) != _shape(flat_params[path]):
             raise ValueError(
@@ -92,7 +109,8 @@ def layer_vectors(params: Mapping, trainable: Mapping, projections) -> tuple[Lay
             )
     result = []
     for layer in layers:
-        lambda_d, lambda_b = flat[layer.path + SEP + LAMBDA_D], flat[layer.path + SEP + LAMBDA_B]
+        lambda_d, lambda_b = (flat.get(layer.path + SEP + name, initial_vector(config, name, layer.out_features))
+                              for name in VECTOR_NAMES)
         if _shape(lambda_d) != (config.r,) or _shape(lambda_b) != (layer.out_features,):
             raise ValueError(
                 f"Vectors of {layer.path!r} have shapes lambda_d {_shape(lambda_d)} and lambda_b {_shape(lambda_b)}; "
@@ -112,4 +130,4 @@ def layer_vectors(params: Mapping, trainable: Mapping, projections) -> tuple[Lay
 
 def extra_leaves(trainable: Mapping) -> dict:
     """The leaves of the trainable tree that are not VeRA vectors, flat by path."""
-    return {path: leaf for path, leaf in flatten(trainable).items() if path.rsplit(SEP, 1)[-1] not in (LAMBDA_D, LAMBDA_B)}
+    return {path: leaf for path, leaf in flatten(trainable).items() if path.rsplit(SEP, 1)[-1] not in VECTOR_NAMES}
