@@ -105,3 +105,40 @@ def test_vmapped_training_equals_separate_runs():
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=f"adapter {k}")
     assert losses.shape == (K,)
+
+
+SHARDED_MIXED_BATCH = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import families, vera_jax
+assert jax.device_count() == 8, jax.devices()
+family = families.bert()
+projections = vera_jax.init_projections(family.params, jax.random.key(0), family.config)
+stacked = vera_jax.stack([families.random_trainable(family, seed=10 + k) for k in range(3)])
+inputs = jnp.concatenate([family.inputs] * 4)  # 8 examples, one per device
+ids = jnp.array([2, 0, 1, 1, 0, 2, 2, 1])
+mixed = lambda p, x, i: vera_jax.adapt_mixed(family.apply, stacked, projections, i)(p, x)
+mesh = Mesh(np.array(jax.devices()), ("data",))
+rows, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+sharded = jax.jit(mixed, in_shardings=(replicated, rows, rows), out_shardings=rows)
+out = sharded(family.params, jax.device_put(inputs, rows), jax.device_put(ids, rows))
+assert out.sharding.spec == P("data"), out.sharding
+want = jax.jit(mixed)(family.params, inputs, ids)
+print("max_rel", float(np.max(np.abs(np.asarray(out) - np.asarray(want))) / np.max(np.abs(np.asarray(want)))))
+"""
+
+
+def test_a_mixed_batch_sharded_over_8_devices_equals_one_device(tmp_path):
+    """The batch (examples and their adapter ids) split over 8 simulated CPU devices, under jax.jit."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).parent
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", SHARDED_MIXED_BATCH], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert float(done.stdout.split("max_rel")[1]) < 1e-5
