@@ -293,3 +293,38 @@ def test_sweep_trains_k_adapters_like_separate_runs(tiny, tmp_path, capsys):
         np.testing.assert_allclose(vmapped[path], alone[path], rtol=1e-5, atol=1e-6, err_msg=path)
     assert not np.allclose(vmapped["bert/encoder/layer/0/attention/self/query/vera_lambda_d"], 1.0)
     assert "mean accuracy" in capsys.readouterr().out
+
+
+def test_sweep_varies_the_papers_ablations(tiny, tmp_path, capsys):
+    """Each ablation variant is its own vmapped program; its adapters match a sweep of that variant alone."""
+    model, data = tiny
+    grid_dir, single_dir = tmp_path / "grid", tmp_path / "single"
+    args = lambda out, *grid: ["sweep", *tiny_run.train_args(model, data, out, "--max-steps", "3",  # noqa: E731
+                                                              "--lr-vectors", "0.1", "--lr-head", "0.1", *grid)]
+    assert main(args(grid_dir, "--d-initials", "0.1", "--seeds", "0", "1", "--train-vectors", "both", "lambda_d",
+                     "--projection-sharings", "shared", "per_layer", "--projection-inits", "kaiming_normal")) == 0
+    summary = json.loads((grid_dir / "sweep.json").read_text())
+    assert len(summary["grid"]) == 8
+    assert set(summary["mean_accuracy"]) == {"kaiming_normal d=0.1", "kaiming_normal+lambda_d d=0.1",
+                                             "kaiming_normal+per_layer d=0.1",
+                                             "kaiming_normal+per_layer+lambda_d d=0.1"}
+    counts = {row["train_vectors"]: row["trainable_params"] for row in summary["grid"]}
+    assert counts["both"] - counts["lambda_d"] == 2 * (32 + 32)  # lambda_b of query and value in 2 layers
+    assert "kaiming_normal+per_layer+lambda_d d=0.1: mean accuracy" in capsys.readouterr().out
+    assert main(args(single_dir, "--d-initials", "0.1", "--seeds", "1", "--train-vectors", "lambda_d",
+                     "--projection-sharings", "per_layer", "--projection-inits", "kaiming_normal")) == 0
+    name = "kaiming_normal+per_layer+lambda_d-d0.1-seed1"
+    vmapped, _, vmapped_projections = _adapter(model, grid_dir / "adapters" / name)
+    alone, _, _ = _adapter(model, single_dir / "adapters" / name)
+    assert vmapped_projections.config.b_initial == 1.0 and vmapped_projections.A.ndim == 3
+    assert not any(path.endswith(vera_jax.LAMBDA_B) for path in alone)
+    for path in alone:
+        np.testing.assert_allclose(vmapped[path], alone[path], rtol=1e-5, atol=1e-6, err_msg=path)
+
+
+def test_a_sweep_variant_that_cannot_work_fails_before_training(tiny, tmp_path, capsys):
+    model, data = tiny
+    args = ["sweep", *tiny_run.train_args(model, data, tmp_path / "run", "--d-initials", "0.1", "--seeds", "0",
+                                          "--train-vectors", "lambda_d", "--frozen-b", "0")]
+    assert main(args) == 2
+    assert "switches the adapter off" in capsys.readouterr().err

@@ -8,6 +8,7 @@ evaluate; write the adapter, metrics, plot and summary.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -22,11 +23,32 @@ from train.checkpoints import RunCheckpoints
 from train.metrics import MetricsLog, directory_bytes
 from train.model import load_classifier
 from train.options import Options
-from train.runner import (RunError, evaluate, fit, init_distributed, make_context, output_dir, publish,
+from train.runner import (RunError, count_steps, evaluate, fit, init_distributed, make_context, output_dir, publish,
                           recipe_meta, resolve_strategy, save_adapters, vera_setup)
 
-__all__ = ["run", "RunError"]
+__all__ = ["run", "prepare", "Prepared", "RunError"]
 
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A classification job's model and tokenised splits, checked against each other."""
+
+    model: object  # a Hugging Face Flax sequence classifier
+    train_data: data_lib.TextData
+    test_data: data_lib.TextData
+    pad_id: int
+
+
+def prepare(options: Options) -> Prepared:
+    """Load and check the splits and labels, load the classifier with the head they need, tokenise both splits."""
+    train_split, test_split = data_lib.load_splits(options)
+    num_labels = data_lib.check_labels(train_split, test_split, options)
+    model, tokenizer = load_classifier(options.model, num_labels)
+    label_dtype = np.float32 if options.task == "regression" else np.int32
+    train_data = data_lib.tokenize(train_split, tokenizer, options.max_length, label_dtype)
+    test_data = data_lib.tokenize(test_split, tokenizer, options.max_length, label_dtype)
+    count_steps(options, len(train_data))  # a split smaller than one batch fails here, before any compute
+    return Prepared(model, train_data, test_data, tokenizer.pad_token_id or 0)
 
 
 def run(options: Options) -> dict:
@@ -35,18 +57,14 @@ def run(options: Options) -> dict:
     init_distributed(options)
     out = output_dir(options.output_dir)
     mesh = mesh_lib.make_mesh(options.mesh, options.batch_size)
-    train_split, test_split = data_lib.load_splits(options)
-    num_labels = data_lib.check_labels(train_split, test_split, options)
-    model, tokenizer = load_classifier(options.model, num_labels)
+    job = prepare(options)
+    model, train_data, test_data = job.model, job.train_data, job.test_data
     params = model.params
     config, trainable = vera_setup(options, params, model.config.model_type)
     strategy = resolve_strategy(options, params, config)
-    label_dtype = np.float32 if options.task == "regression" else np.int32
-    train_data = data_lib.tokenize(train_split, tokenizer, options.max_length, label_dtype)
-    test_data = data_lib.tokenize(test_split, tokenizer, options.max_length, label_dtype)
     key = vera_jax.projection_key(config)
     projections = vera_jax.init_projections(params, key, config)
-    ctx = make_context(options, mesh, params, projections, key, train_data, test_data, tokenizer.pad_token_id or 0)
+    ctx = make_context(options, mesh, params, projections, key, train_data, test_data, job.pad_id)
     primary = jax.process_index() == 0
     if primary:
         print(vera_jax.parameter_report(params, config))
@@ -71,7 +89,7 @@ def run(options: Options) -> dict:
     }
     if options.baseline:
         head = {path: leaf for path, leaf in vera_jax.paths.flatten(vera_jax.init_trainable(params, config)).items()
-                if path.rsplit("/", 1)[-1] not in (vera_jax.LAMBDA_D, vera_jax.LAMBDA_B)}
+                if path.rsplit("/", 1)[-1] not in vera_jax.layers.VECTOR_NAMES}
         head_fn = steps.head_only_logits(model)
         head_trained, _ = fit(ctx, "head-only", vera_jax.paths.unflatten(head), head_fn, log, None, None)
         summary["baseline_accuracy"], _ = evaluate(ctx, head_trained, head_fn)

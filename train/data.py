@@ -11,7 +11,7 @@ import numpy as np
 from train import assets
 from train.options import Options
 
-__all__ = ["TextData", "load_splits", "tokenize", "epoch_order", "collate", "DataError"]
+__all__ = ["TextData", "load_splits", "tokenize", "epoch_order", "batch_indices", "collate", "DataError"]
 
 LOCAL_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 PAD_MULTIPLE = 16
@@ -170,6 +170,12 @@ def tokenize(split: datasets.Dataset, tokenizer, max_length: int, label_dtype) -
 def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
     """The example order of one epoch: a permutation fixed by (seed, epoch), so a resumed run sees the same."""
     return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def batch_indices(num_examples: int, seed: int, step: int, steps_per_epoch: int, batch_size: int) -> np.ndarray:
+    """The rows of training step ``step``: its slice of the epoch's `epoch_order`."""
+    epoch, position = divmod(step, steps_per_epoch)
+    return epoch_order(num_examples, seed, epoch)[position * batch_size:(position + 1) * batch_size]
 
 
 def collate(data: TextData, indices: np.ndarray, pad_id: int, max_length: int) -> dict[str, np.ndarray]:

@@ -28,7 +28,12 @@ class Options:
     targets: tuple[str, ...] = ("query", "value")
     head: tuple[str, ...] = ("classifier",)  # modules trained in full, like PEFT's modules_to_save
     d_initial: float = 0.1
+    b_initial: float = 0.0
     dropout: float = 0.0
+    # The paper's ablations (vera_jax.VeraConfig documents each): the defaults are VeRA as PEFT runs it.
+    projection_init: str = "kaiming_uniform"  # or 'kaiming_normal', 'uniform'
+    projection_sharing: str = "shared"  # or 'per_layer'
+    train_vectors: str = "both"  # or 'lambda_d', 'lambda_b'
     lr_vectors: float = 1e-2
     lr_head: float = 4e-3
     schedule: str = "linear"  # 'linear' | 'cosine' | 'constant', after a linear warmup
@@ -59,9 +64,9 @@ class Options:
 
 # The options a resumed run must share with the run that wrote the checkpoint.
 RESUME_KEYS = ("model", "dataset", "text_column", "label_column", "task", "num_labels", "r", "targets", "head",
-               "d_initial", "dropout", "lr_vectors", "lr_head", "schedule", "warmup_ratio", "weight_decay", "epochs",
-               "max_steps", "batch_size", "max_length", "test_fraction", "seed", "strategy", "base_dtype",
-               "chat_template")
+               "d_initial", "b_initial", "dropout", "projection_init", "projection_sharing", "train_vectors",
+               "lr_vectors", "lr_head", "schedule", "warmup_ratio", "weight_decay", "epochs", "max_steps",
+               "batch_size", "max_length", "test_fraction", "seed", "strategy", "base_dtype", "chat_template")
 
 # `python -m train causal-lm`: SmolLM2-135M-Instruct on the chatterbot question/answer pairs, VeRA on
 # every linear layer of every decoder block, loss on the answer tokens only.

@@ -28,7 +28,7 @@ from vera_jax import checkpoint as adapter_checkpoint
 from vera_jax import peft as vera_peft
 
 __all__ = ["Context", "RunError", "init_distributed", "output_dir", "place", "global_batch", "train_batch",
-           "recipe_meta", "fit", "evaluate", "make_context", "vera_setup",
+           "recipe_meta", "fit", "evaluate", "make_context", "count_steps", "vera_setup",
            "resolve_strategy", "save_adapters", "publish", "DROPOUT_STREAM", "STRATEGIES"]
 
 STRATEGIES = (*vera_jax.activation.PATHS, "auto")
@@ -59,16 +59,22 @@ def make_context(options: Options, mesh: jax.sharding.Mesh, params: dict, projec
                  key: jax.Array, train_data: data_lib.TextData, test_data: data_lib.TextData,
                  pad_id: int) -> Context:
     """Count the steps (an error when the split is smaller than one batch) and place everything on ``mesh``."""
-    steps_per_epoch = len(train_data) // options.batch_size
+    steps_per_epoch, total_steps = count_steps(options, len(train_data))
+    return Context(options, mesh, place(params, mesh_lib.base_shardings(params, mesh)),
+                   place(projections, mesh_lib.replicated(mesh)), train_data, test_data, pad_id, steps_per_epoch,
+                   total_steps, jax.random.fold_in(key, DROPOUT_STREAM))
+
+
+def count_steps(options: Options, train_rows: int) -> tuple[int, int]:
+    """``(steps_per_epoch, total_steps)``; a RunError when the split is smaller than one batch."""
+    steps_per_epoch = train_rows // options.batch_size
     if steps_per_epoch == 0:
-        raise RunError(f"The training split has {len(train_data)} rows, fewer than one batch of "
+        raise RunError(f"The training split has {train_rows} rows, fewer than one batch of "
                        f"{options.batch_size}; lower --batch-size.")
     total_steps = steps_per_epoch * options.epochs
     if options.max_steps is not None:
         total_steps = min(total_steps, options.max_steps)
-    return Context(options, mesh, place(params, mesh_lib.base_shardings(params, mesh)),
-                   place(projections, mesh_lib.replicated(mesh)), train_data, test_data, pad_id, steps_per_epoch,
-                   total_steps, jax.random.fold_in(key, DROPOUT_STREAM))
+    return steps_per_epoch, total_steps
 
 
 def vera_setup(options: Options, params: dict, model_type: str) -> tuple[vera_jax.VeraConfig, dict]:
@@ -78,8 +84,10 @@ def vera_setup(options: Options, params: dict, model_type: str) -> tuple[vera_ja
     """
     try:
         config = vera_jax.VeraConfig(r=options.r, target_modules=options.targets, trainable=options.head,
-                                     d_initial=options.d_initial, dropout=options.dropout,
-                                     projection_seed=options.seed,
+                                     d_initial=options.d_initial, b_initial=options.b_initial, dropout=options.dropout,
+                                     projection_seed=options.seed, projection_init=options.projection_init,
+                                     projection_sharing=options.projection_sharing,
+                                     train_vectors=options.train_vectors,
                                      kernel_layout="out_in" if model_type == "gpt2" else "in_out")
         return config, vera_jax.init_trainable(params, config)  # checks the targets and the head against the model
     except (TypeError, ValueError) as err:
@@ -100,9 +108,10 @@ def resolve_strategy(options: Options, params: dict, config: vera_jax.VeraConfig
 
 def save_adapters(out: Path, ctx: Context, config: vera_jax.VeraConfig, trainable, key: jax.Array, params: dict,
                   projections: vera_jax.Projections, task_type: str) -> Path:
-    """``out/adapter`` (Orbax, every process) and ``out/peft_adapter`` (PEFT format, process 0); returns the first."""
+    """``out/adapter`` (Orbax, every process) and ``out/peft_adapter`` (PEFT format, process 0, when PEFT can
+    hold the adapter: one shared pair); returns the first."""
     adapter_dir = adapter_checkpoint.save(out / "adapter", trainable, ctx.projections, key)
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and config.projection_sharing == "shared":
         host_trainable = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), trainable)
         vera_peft.save_adapter(out / "peft_adapter", config, host_trainable, projections, params=params,
                                task_type=task_type, base_model_name_or_path=hub_id(ctx.options.model))
@@ -153,9 +162,8 @@ def global_batch(batch: dict, sharding) -> dict:
 
 
 def train_batch(ctx: Context, step: int) -> dict:
-    epoch, position = divmod(step, ctx.steps_per_epoch)
-    order = data_lib.epoch_order(len(ctx.train_data), ctx.options.seed, epoch)
-    indices = order[position * ctx.options.batch_size:(position + 1) * ctx.options.batch_size]
+    indices = data_lib.batch_indices(len(ctx.train_data), ctx.options.seed, step, ctx.steps_per_epoch,
+                                     ctx.options.batch_size)
     return data_lib.collate(ctx.train_data, indices, ctx.pad_id, ctx.options.max_length)
 
 

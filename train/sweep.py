@@ -4,6 +4,10 @@ Every adapter shares the frozen base and one A/B (VeRA's point); each has its ow
 its own data order and head initialisation (its seed), and its own optimizer state. One ``jax.vmap``-ed
 step trains all K; one vmapped evaluation scores them on the same held-out split. Takes every flag of
 ``python -m train`` (model, data, r, learning rates, ...) plus the grid; single-device, no checkpoints.
+
+The paper's ablations are grid axes too (``--projection-inits``, ``--projection-sharings``,
+``--train-vectors``, each taking several values): each combination of them is a variant with its own
+projections or trainable-tree structure, trained as its own vmapped program over d_initial x seed.
 """
 
 from __future__ import annotations
@@ -20,23 +24,73 @@ import numpy as np
 from tqdm import tqdm
 
 import vera_jax
+from train import classify
 from train import data as data_lib
 from train import steps
-from train.runner import RunError, output_dir
 from train.metrics import MetricsLog, write_json
-from train.model import load_classifier
 from train.options import Options, parse_options
+from train.runner import RunError, count_steps, output_dir
 from vera_jax import checkpoint as adapter_checkpoint
 
-__all__ = ["parse_args", "sweep"]
+__all__ = ["parse_args", "sweep", "Grid"]
+
+# VeraConfig fields a sweep can vary, and the flag that lists each one's values.
+ABLATIONS = {"projection_init": "--projection-inits", "projection_sharing": "--projection-sharings",
+             "train_vectors": "--train-vectors"}
 
 
-def parse_args(argv) -> tuple[Options, list[float], list[int]]:
-    parser = argparse.ArgumentParser(add_help=False)
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """The sweep: every combination of an ablation variant, a d_initial and a seed is one adapter.
+
+    Adapters of one variant (same projections, same trainable-tree structure) train in one vmapped
+    program; variants run one after another.
+    """
+
+    d_initials: tuple[float, ...]
+    seeds: tuple[int, ...]
+    variants: tuple[tuple[str, str, str], ...]  # (projection_init, projection_sharing, train_vectors)
+    frozen_b: float = 1.0  # the value lambda_b is held at in variants that train lambda_d only
+
+
+def parse_args(argv) -> tuple[Options, Grid]:
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     parser.add_argument("--d-initials", type=float, nargs="+", default=[1e-7, 0.1, 1.0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    for name, flag in ABLATIONS.items():
+        parser.add_argument(flag, dest=name + "_values", nargs="+", default=None, metavar=name.upper())
+    parser.add_argument("--frozen-b", type=float, default=1.0)
     grid, rest = parser.parse_known_args(argv)
-    return parse_options(rest), grid.d_initials, grid.seeds
+    options = parse_options(rest)
+    choices = [getattr(grid, name + "_values") or [getattr(options, name)] for name in ABLATIONS]
+    return options, Grid(tuple(grid.d_initials), tuple(grid.seeds), tuple(itertools.product(*choices)), grid.frozen_b)
+
+
+def _variant_label(variant: tuple[str, str, str]) -> str:
+    """The settings that differ from VeRA's defaults, e.g. 'kaiming_normal+lambda_b'; '' for plain VeRA."""
+    defaults = [field.default for field in dataclasses.fields(vera_jax.VeraConfig) if field.name in ABLATIONS]
+    return "+".join(value for value, default in zip(variant, defaults) if value != default)
+
+
+def _run_name(variant: tuple[str, str, str], d_initial: float, seed: int) -> str:
+    return f"{_variant_label(variant) or 'vera'} d={d_initial:g} seed={seed}"
+
+
+def _adapter_name(variant: tuple[str, str, str], d_initial: float, seed: int) -> str:
+    label = _variant_label(variant)
+    return f"{label + '-' if label else ''}d{d_initial:g}-seed{seed}"
+
+
+def _config(options: Options, grid: Grid, variant: tuple[str, str, str], d_initial: float) -> vera_jax.VeraConfig:
+    projection_init, projection_sharing, train_vectors = variant
+    try:
+        return vera_jax.VeraConfig(
+            r=options.r, target_modules=options.targets, trainable=options.head, d_initial=d_initial,
+            b_initial=grid.frozen_b if train_vectors == "lambda_d" else options.b_initial,
+            projection_seed=options.seed, projection_init=projection_init, projection_sharing=projection_sharing,
+            train_vectors=train_vectors)
+    except ValueError as err:
+        raise RunError(f"Sweep variant {variant} with d_initial={d_initial:g}: {err}") from None
 
 
 def _stack_batches(batches: list[dict], pad_id: int) -> dict:
@@ -53,103 +107,110 @@ def _head_for_seed(trainable: dict, seed: int) -> dict:
     flat = vera_jax.paths.flatten(trainable)
     keys = iter(jax.random.split(jax.random.key(seed), len(flat)))
     for path, leaf in flat.items():
-        if path.rsplit("/", 1)[-1] not in (vera_jax.LAMBDA_D, vera_jax.LAMBDA_B):
+        if path.rsplit("/", 1)[-1] not in vera_jax.layers.VECTOR_NAMES:
             flat[path] = (0.02 * jax.random.normal(next(keys), leaf.shape, leaf.dtype) if path.endswith("kernel")
                           else jnp.zeros_like(leaf))
     return vera_jax.paths.unflatten(flat)
 
 
-def sweep(options: Options, d_initials: list[float], seeds: list[int]) -> dict:
-    started = time.perf_counter()
-    out = output_dir(options.output_dir)
-    grid = list(itertools.product(d_initials, seeds))
-    train_split, test_split = data_lib.load_splits(options)
-    num_labels = data_lib.check_labels(train_split, test_split, options)
-    model, tokenizer = load_classifier(options.model, num_labels)
-    params = model.params
-    configs = [vera_jax.VeraConfig(r=options.r, target_modules=options.targets, trainable=options.head,
-                                   d_initial=d, projection_seed=options.seed) for d, _ in grid]
-    label_dtype = np.float32 if options.task == "regression" else np.int32
-    train_data = data_lib.tokenize(train_split, tokenizer, options.max_length, label_dtype)
-    test_data = data_lib.tokenize(test_split, tokenizer, options.max_length, label_dtype)
-    steps_per_epoch = len(train_data) // options.batch_size
-    if steps_per_epoch == 0:
-        raise RunError(f"The training split has {len(train_data)} rows, fewer than one batch of {options.batch_size}.")
-    total_steps = min(steps_per_epoch * options.epochs, options.max_steps or steps_per_epoch * options.epochs)
-
+def _train_variant(job: classify.Prepared, options: Options, configs: list[vera_jax.VeraConfig], seeds: list[int],
+                   names: list[str], log: MetricsLog, steps_per_epoch: int,
+                   total_steps: int) -> tuple[dict, vera_jax.Projections, np.ndarray]:
+    """Train one adapter per (config, seed) of one variant in a vmapped program; returns them stacked, their
+    shared projections, and their held-out accuracies (K,)."""
+    params, pad_id = job.model.params, job.pad_id
     projections = vera_jax.init_projections(params, vera_jax.projection_key(configs[0]), configs[0])
     stacked = vera_jax.stack([_head_for_seed(vera_jax.init_trainable(params, c), seed)
-                              for c, (_, seed) in zip(configs, grid)])
+                              for c, seed in zip(configs, seeds)])
     tx = steps.make_optimizer(options, total_steps)
-    logits_fn = steps.vera_logits(model, options.strategy)
+    logits_fn = steps.vera_logits(job.model, options.strategy)
     train_step = jax.vmap(steps.make_train_step(logits_fn, tx, options.task), in_axes=(0, 0, None, None, 0, 0))
     train_step = jax.jit(train_step, donate_argnums=(0, 1))
     opt_state = jax.vmap(tx.init)(stacked)
-    pad_id = tokenizer.pad_token_id or 0
-    log = MetricsLog(out / "metrics.jsonl", 0)
-    progress = tqdm(range(total_steps), desc=f"sweep of {len(grid)}")
+    progress = tqdm(range(total_steps), desc=f"{len(configs)} adapters, {names[0].rsplit(' d=', 1)[0]}")
     for step in progress:
-        epoch, position = divmod(step, steps_per_epoch)
-        batches = []
-        for _, seed in grid:
-            order = data_lib.epoch_order(len(train_data), seed, epoch)
-            indices = order[position * options.batch_size:(position + 1) * options.batch_size]
-            batches.append(data_lib.collate(train_data, indices, pad_id, options.max_length))
-        rngs = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), step))(jnp.asarray([s for _, s in grid]))
+        batches = [data_lib.collate(job.train_data,
+                                    data_lib.batch_indices(len(job.train_data), seed, step, steps_per_epoch,
+                                                           options.batch_size), pad_id, options.max_length)
+                   for seed in seeds]
+        rngs = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), step))(jnp.asarray(seeds))
         stacked, opt_state, losses = train_step(stacked, opt_state, params, projections,
                                                 _stack_batches(batches, pad_id), rngs)
         if (step + 1) % options.log_every == 0 or step + 1 == total_steps:
-            for (d, seed), loss in zip(grid, np.asarray(losses)):
-                log.write(run=f"d={d:g} seed={seed}", step=step + 1, loss=float(loss))
+            for name, loss in zip(names, np.asarray(losses)):
+                log.write(run=name, step=step + 1, loss=float(loss))
             progress.set_postfix(loss=f"{float(np.mean(losses)):.4f}")
 
     evaluate = jax.jit(jax.vmap(steps.make_eval_step(logits_fn, options.task), in_axes=(0, None, None, None)))
-    correct = np.zeros(len(grid))
-    for start in range(0, len(test_data), options.eval_batch_size):
-        indices = np.arange(start, min(start + options.eval_batch_size, len(test_data)))
-        batch = data_lib.collate(test_data, indices, pad_id, options.max_length)
+    correct = np.zeros(len(configs))
+    for start in range(0, len(job.test_data), options.eval_batch_size):
+        indices = np.arange(start, min(start + options.eval_batch_size, len(job.test_data)))
+        batch = data_lib.collate(job.test_data, indices, pad_id, options.max_length)
         batch["weights"] = np.ones(len(indices), np.float32)
         correct += np.asarray(evaluate(stacked, params, projections, batch)[0])
-    accuracy = correct / len(test_data)
-    rows = [{"d_initial": d, "seed": seed, "test_accuracy": float(a)} for (d, seed), a in zip(grid, accuracy)]
+    return stacked, projections, correct / len(job.test_data)
+
+
+def sweep(options: Options, grid: Grid) -> dict:
+    started = time.perf_counter()
+    out = output_dir(options.output_dir)
+    job = classify.prepare(options)
+    steps_per_epoch, total_steps = count_steps(options, len(job.train_data))
+    log = MetricsLog(out / "metrics.jsonl", 0)
+    points = list(itertools.product(grid.d_initials, grid.seeds))
+    configs = {variant: [_config(options, grid, variant, d) for d, _ in points] for variant in grid.variants}
+    rows = []
+    for variant in grid.variants:  # checked above, before any training
+        names = [_run_name(variant, d, seed) for d, seed in points]
+        stacked, projections, accuracy = _train_variant(job, options, configs[variant], [s for _, s in points], names,
+                                                        log, steps_per_epoch, total_steps)
+        trainable_params = vera_jax.count_parameters(job.model.params, configs[variant][0])[0]
+        for (d, seed), config, adapter, acc, name in zip(points, configs[variant], vera_jax.unstack(stacked),
+                                                         accuracy, names):
+            rows.append({**dict(zip(ABLATIONS, variant)), "d_initial": d, "seed": seed, "test_accuracy": float(acc),
+                         "trainable_params": trainable_params})
+            log.write(run=name, step=total_steps, test_accuracy=float(acc))
+            adapter_checkpoint.save(out / "adapters" / _adapter_name(variant, d, seed), adapter,
+                                    dataclasses.replace(projections, config=config), vera_jax.projection_key(config))
+    groups = {}
     for row in rows:
-        log.write(run=f"d={row['d_initial']:g} seed={row['seed']}", step=total_steps, test_accuracy=row["test_accuracy"])
-    by_d = {d: [r["test_accuracy"] for r in rows if r["d_initial"] == d] for d in d_initials}
-    summary = {"grid": rows, "mean_accuracy_by_d_initial": {f"{d:g}": float(np.mean(v)) for d, v in by_d.items()},
-               "adapters": len(grid), "steps": total_steps, "wall_seconds": time.perf_counter() - started,
+        groups.setdefault(_run_name(tuple(row[a] for a in ABLATIONS), row["d_initial"], 0).rsplit(" seed=", 1)[0],
+                          []).append(row["test_accuracy"])
+    summary = {"grid": rows, "mean_accuracy": {label: float(np.mean(v)) for label, v in groups.items()},
+               "mean_accuracy_by_d_initial": {f"{d:g}": float(np.mean([r["test_accuracy"] for r in rows
+                                                                      if r["d_initial"] == d]))
+                                              for d in grid.d_initials},
+               "adapters": len(rows), "steps": total_steps, "wall_seconds": time.perf_counter() - started,
                "options": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(options).items()}}
-    for (d, seed), config, adapter in zip(grid, configs, vera_jax.unstack(stacked)):
-        adapter_checkpoint.save(out / "adapters" / f"d{d:g}-seed{seed}", adapter,
-                                dataclasses.replace(projections, config=config), vera_jax.projection_key(config))
     write_json(out / "sweep.json", summary)
-    _plot(rows, log.records(), out / "sweep.png")
-    print(f"{'d_initial':>10} {'seed':>5} {'test accuracy':>14}")
+    _plot(summary["mean_accuracy"], groups, log.records(), out / "sweep.png")
+    header = [*ABLATIONS, "d_initial", "seed", "trainable", "test accuracy"]
+    print("  ".join(f"{h:>18}" for h in header))
     for row in rows:
-        print(f"{row['d_initial']:>10g} {row['seed']:>5d} {row['test_accuracy']:>14.4f}")
-    for d, mean in summary["mean_accuracy_by_d_initial"].items():
-        print(f"d_initial={d}: mean accuracy {mean:.4f} over {len(seeds)} seeds")
+        print("  ".join(f"{v:>18}" for v in (*(row[a] for a in ABLATIONS), f"{row['d_initial']:g}", row["seed"],
+                                              f"{row['trainable_params']:,d}", f"{row['test_accuracy']:.4f}")))
+    for label, mean in summary["mean_accuracy"].items():
+        print(f"{label}: mean accuracy {mean:.4f} over {len(grid.seeds)} seeds")
     return summary
 
 
-def _plot(rows: list[dict], records: list[dict], path: Path) -> None:
+def _plot(means: dict[str, float], groups: dict[str, list[float]], records: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
     for run in sorted({r["run"] for r in records if "loss" in r}):
         points = [r for r in records if r["run"] == run and "loss" in r]
         left.plot([r["step"] for r in points], [r["loss"] for r in points], label=run, alpha=0.8)
     left.set(xlabel="step", ylabel="training loss", title="training loss per adapter")
-    left.legend(fontsize=7)
-    d_values = sorted({r["d_initial"] for r in rows})
-    for i, d in enumerate(d_values):
-        accuracies = [r["test_accuracy"] for r in rows if r["d_initial"] == d]
+    left.legend(fontsize=6)
+    for i, (label, accuracies) in enumerate(groups.items()):
         right.scatter([i] * len(accuracies), accuracies)
-        right.bar(i, np.mean(accuracies), alpha=0.3)
-    right.set_xticks(range(len(d_values)), [f"{d:g}" for d in d_values])
-    right.set(xlabel="d_initial", ylabel="held-out accuracy", title="accuracy by d_initial (dots: seeds)")
+        right.bar(i, means[label], alpha=0.3)
+    right.set_xticks(range(len(groups)), list(groups), rotation=30, ha="right", fontsize=7)
+    right.set(ylabel="held-out accuracy", title="accuracy per setting (dots: seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
