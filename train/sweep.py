@@ -68,12 +68,17 @@ def parse_args(argv) -> tuple[Options, Grid]:
 
 def _variant_label(variant: tuple[str, str, str]) -> str:
     """The settings that differ from VeRA's defaults, e.g. 'kaiming_normal+lambda_b'; '' for plain VeRA."""
-    defaults = [field.default for field in dataclasses.fields(vera_jax.VeraConfig) if field.name in ABLATIONS]
-    return "+".join(value for value, default in zip(variant, defaults) if value != default)
+    defaults = {field.name: field.default for field in dataclasses.fields(vera_jax.VeraConfig)}
+    return "+".join(value for value, name in zip(variant, ABLATIONS) if value != defaults[name])
+
+
+def _setting_name(variant: tuple[str, str, str], d_initial: float) -> str:
+    """One point of the grid but for the seed, e.g. 'kaiming_normal d=0.1'."""
+    return f"{_variant_label(variant) or 'vera'} d={d_initial:g}"
 
 
 def _run_name(variant: tuple[str, str, str], d_initial: float, seed: int) -> str:
-    return f"{_variant_label(variant) or 'vera'} d={d_initial:g} seed={seed}"
+    return f"{_setting_name(variant, d_initial)} seed={seed}"
 
 
 def _adapter_name(variant: tuple[str, str, str], d_initial: float, seed: int) -> str:
@@ -158,9 +163,10 @@ def sweep(options: Options, grid: Grid) -> dict:
     steps_per_epoch, total_steps = count_steps(options, len(job.train_data))
     log = MetricsLog(out / "metrics.jsonl", 0)
     points = list(itertools.product(grid.d_initials, grid.seeds))
+    # Every variant's configs are built (and so checked) before any training starts.
     configs = {variant: [_config(options, grid, variant, d) for d, _ in points] for variant in grid.variants}
     rows = []
-    for variant in grid.variants:  # checked above, before any training
+    for variant in grid.variants:
         names = [_run_name(variant, d, seed) for d, seed in points]
         stacked, projections, accuracy = _train_variant(job, options, configs[variant], [s for _, s in points], names,
                                                         log, steps_per_epoch, total_steps)
@@ -174,8 +180,8 @@ def sweep(options: Options, grid: Grid) -> dict:
                                     dataclasses.replace(projections, config=config), vera_jax.projection_key(config))
     groups = {}
     for row in rows:
-        groups.setdefault(_run_name(tuple(row[a] for a in ABLATIONS), row["d_initial"], 0).rsplit(" seed=", 1)[0],
-                          []).append(row["test_accuracy"])
+        groups.setdefault(_setting_name(tuple(row[a] for a in ABLATIONS), row["d_initial"]), []).append(
+            row["test_accuracy"])
     summary = {"grid": rows, "mean_accuracy": {label: float(np.mean(v)) for label, v in groups.items()},
                "mean_accuracy_by_d_initial": {f"{d:g}": float(np.mean([r["test_accuracy"] for r in rows
                                                                       if r["d_initial"] == d]))
