@@ -226,3 +226,43 @@ def test_bench_causal_workload_compares_bf16_and_float32_bases(tiny, tmp_path):
         peaks[dtype] = results["peak_bytes"]["merged"]
     assert "peft_speedup" in json.loads((tmp_path / "float32.json").read_text())
     assert peaks["bfloat16"] < peaks["float32"]  # the frozen base is stored in half the bytes
+
+
+def test_causal_lm_on_mistral_with_its_rotary_base(tiny, tmp_path):
+    """Mistral through the same command, configured like Mistral 7B v0.2 (rotary base 1e6, no sliding window).
+
+    Stock Flax Mistral ignores rope_theta (as stock Flax Llama does) and, with ``sliding_window=None``, lets
+    every token attend to itself only; the loader gives the model that PyTorch's Mistral computes.
+    """
+    from transformers import FlaxMistralForCausalLM, MistralConfig, MistralForCausalLM
+
+    from train.llama_rope import FlaxMistralForCausalLMRopeTheta
+    from train.model import load_causal_lm
+
+    model_dir, data = tiny
+    mistral = tmp_path / "mistral"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.save_pretrained(mistral)
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                           rope_theta=1e6, sliding_window=None, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    MistralForCausalLM(config).save_pretrained(mistral)
+    ids = np.random.default_rng(0).integers(3, len(tokenizer), (2, 60))
+    with torch.no_grad():
+        reference = MistralForCausalLM.from_pretrained(mistral)(torch.tensor(ids)).logits.numpy()
+    model, _ = load_causal_lm(str(mistral))
+    assert isinstance(model, FlaxMistralForCausalLMRopeTheta)
+    np.testing.assert_allclose(np.asarray(model(ids).logits), reference, rtol=1e-4, atol=1e-4)
+    for window in (None, 128):  # stock: self-attention to itself only, then (window fixed) the wrong rotary base
+        stock = FlaxMistralForCausalLM.from_pretrained(
+            mistral, config=MistralConfig.from_pretrained(mistral, sliding_window=window), from_pt=True)
+        assert np.abs(np.asarray(stock(ids).logits) - reference).max() > 1e-3, window
+
+    out = tmp_path / "run"
+    assert main(_args(mistral, data, out, "--max-steps", "12", "--lr-vectors", "0.05")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["perplexity_after"] < summary["perplexity_before"]
+    trainable, _ = checkpoint.restore(out / "adapter", model.params)
+    assert sorted(p.rsplit("/", 2)[-2] for p in flatten(trainable) if p.endswith(vera_jax.LAMBDA_B)) == sorted(
+        TARGETS * 2)

@@ -1,10 +1,11 @@
-"""transformers' Flax Llama with the config's rotary base, for the models whose base is not 10000.
+"""transformers' Flax Llama and Mistral with the config's rotary base, for models whose base is not 10000.
 
-``FlaxLlamaRotaryEmbedding`` builds its sine/cosine table with a hard-coded base of 10000 and ignores
-``config.rope_theta`` (SmolLM2 uses 1e5, Llama 3 5e5). `FlaxLlamaForCausalLMRopeTheta` is a subclass
-whose module intercepts only its own rotary embeddings (``flax.linen.intercept_methods`` around its
-``__call__``) and applies the table built with ``rope_theta``. Nothing global is patched: every other
-Llama in the process, stock or not, behaves as before.
+``FlaxLlamaRotaryEmbedding`` (and its copy ``FlaxMistralRotaryEmbedding``) builds its sine/cosine
+table with a hard-coded base of 10000 and ignores ``config.rope_theta`` (SmolLM2 uses 1e5, Llama 3
+5e5, Mistral 7B v0.2 1e6). `FlaxLlamaForCausalLMRopeTheta` and `FlaxMistralForCausalLMRopeTheta` are
+subclasses whose modules intercept only their own rotary embeddings (``flax.linen.intercept_methods``
+around their ``__call__``) and apply the table built with ``rope_theta``. Nothing global is patched:
+every other model in the process, stock or not, behaves as before.
 """
 
 from __future__ import annotations
@@ -14,17 +15,21 @@ import functools
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
-from transformers import FlaxLlamaForCausalLM
+from transformers import FlaxLlamaForCausalLM, FlaxMistralForCausalLM
 from transformers.models.llama import modeling_flax_llama as flax_llama
+from transformers.models.mistral import modeling_flax_mistral as flax_mistral
 
-__all__ = ["FlaxLlamaForCausalLMRopeTheta", "needs_rope_theta", "sincos_table"]
+__all__ = ["FlaxLlamaForCausalLMRopeTheta", "FlaxMistralForCausalLMRopeTheta", "ROPE_THETA_CLASSES",
+           "needs_rope_theta", "sincos_table"]
 
 HARD_CODED_BASE = 10000.0
+_ROTARY_MODULES = (flax_llama.FlaxLlamaRotaryEmbedding, flax_mistral.FlaxMistralRotaryEmbedding)
 
 
 def needs_rope_theta(config) -> bool:
-    """Whether stock Flax Llama would rotate this config's positions with the wrong base."""
-    return config.model_type == "llama" and float(getattr(config, "rope_theta", HARD_CODED_BASE)) != HARD_CODED_BASE
+    """Whether stock Flax Llama or Mistral would rotate this config's positions with the wrong base."""
+    return (config.model_type in ROPE_THETA_CLASSES
+            and float(getattr(config, "rope_theta", HARD_CODED_BASE)) != HARD_CODED_BASE)
 
 
 @functools.lru_cache(maxsize=8)
@@ -40,9 +45,9 @@ def sincos_table(num_positions: int, head_dim: int, base: float) -> np.ndarray:
 
 
 def _rotary_with_theta(next_fun, args, kwargs, context):
-    """Interceptor: a FlaxLlamaRotaryEmbedding call, redone with the table for ``config.rope_theta``."""
+    """Interceptor: a Llama/Mistral rotary-embedding call, redone with the table for ``config.rope_theta``."""
     module = context.module
-    if not isinstance(module, flax_llama.FlaxLlamaRotaryEmbedding) or context.method_name != "__call__":
+    if not isinstance(module, _ROTARY_MODULES) or context.method_name != "__call__":
         return next_fun(*args, **kwargs)
     key, query, position_ids = args
     config = module.config
@@ -64,3 +69,19 @@ class FlaxLlamaForCausalLMRopeTheta(FlaxLlamaForCausalLM):
     """``FlaxLlamaForCausalLM`` that honours ``config.rope_theta`` (loads and saves like its parent)."""
 
     module_class = _RopeThetaCausalLMModule
+
+
+class _RopeThetaMistralCausalLMModule(flax_mistral.FlaxMistralForCausalLMModule):
+    def __call__(self, *args, **kwargs):
+        with nn.intercept_methods(_rotary_with_theta):
+            return super().__call__(*args, **kwargs)
+
+
+class FlaxMistralForCausalLMRopeTheta(FlaxMistralForCausalLM):
+    """``FlaxMistralForCausalLM`` that honours ``config.rope_theta`` (loads and saves like its parent)."""
+
+    module_class = _RopeThetaMistralCausalLMModule
+
+
+# model_type -> the Flax causal-LM class that honours rope_theta.
+ROPE_THETA_CLASSES = {"llama": FlaxLlamaForCausalLMRopeTheta, "mistral": FlaxMistralForCausalLMRopeTheta}

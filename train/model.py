@@ -54,14 +54,15 @@ def _load_flax(auto_class, source: str, **kwargs):
 def load_causal_lm(name: str, dtype: str = "float32"):
     """``(model, tokenizer)`` of a Flax causal LM; ``dtype='bfloat16'`` stores and runs the base in bfloat16.
 
-    A Llama whose ``rope_theta`` is not 10000 loads as `FlaxLlamaForCausalLMRopeTheta` (stock Flax Llama
-    hard-codes the rotary base).
+    A Llama or Mistral whose ``rope_theta`` is not 10000 loads as a class of `train.llama_rope` (stock
+    Flax Llama and Mistral hard-code the rotary base); a Mistral without a sliding window gets one as
+    long as its positions (stock Flax Mistral would let each token attend to itself only).
     """
     import jax.numpy as jnp
     from transformers import AutoConfig, AutoTokenizer, FlaxAutoModelForCausalLM
     from transformers.models.auto.modeling_flax_auto import FLAX_MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    from train.llama_rope import FlaxLlamaForCausalLMRopeTheta, needs_rope_theta
+    from train.llama_rope import ROPE_THETA_CLASSES, needs_rope_theta
 
     if dtype not in ("float32", "bfloat16"):
         raise ModelError(f"--base-dtype must be 'float32' or 'bfloat16', got {dtype!r}.")
@@ -73,7 +74,11 @@ def load_causal_lm(name: str, dtype: str = "float32"):
     if config.model_type not in FLAX_MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ModelError(f"{name!r} is a {config.model_type!r} model, which has no Flax causal-LM class in "
                          f"transformers; use one of {sorted(FLAX_MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)}.")
-    auto_class = FlaxLlamaForCausalLMRopeTheta if needs_rope_theta(config) else FlaxAutoModelForCausalLM
+    if config.model_type == "mistral" and config.sliding_window is None:
+        # Flax Mistral builds its mask as triu(causal, -(sliding_window or 0)): no window would mean each
+        # token sees itself only. A window as long as the positions is no window at all.
+        config.sliding_window = config.max_position_embeddings
+    auto_class = ROPE_THETA_CLASSES[config.model_type] if needs_rope_theta(config) else FlaxAutoModelForCausalLM
     model = _load_flax(auto_class, source, config=config, dtype=getattr(jnp, dtype))
     if dtype == "bfloat16":
         model.params = model.to_bf16(model.params)
