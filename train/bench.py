@@ -160,7 +160,10 @@ class _PeftVariant:
 
 def bench(args: argparse.Namespace) -> dict:
     causal = args.task == "causal-lm"
-    model = load_causal_lm(args.model, args.base_dtype)[0] if causal else load_classifier(args.model, 2)[0]
+    if causal:
+        model = load_causal_lm(args.model, args.base_dtype, max_positions=args.seq_len)[0]
+    else:
+        model = load_classifier(args.model, 2)[0]
     params = model.params
     config = vera_jax.VeraConfig(r=args.r, target_modules=tuple(args.targets), trainable=() if causal else ("classifier",))
     projections = vera_jax.init_projections(params, vera_jax.projection_key(config), config)

@@ -40,12 +40,17 @@ def parse_args(argv) -> Options:
     return parse_options(argv, CAUSAL_LM_DEFAULTS, prog="python -m train causal-lm")
 
 
-def _answers(model, tokenizer, params, questions: list[str], max_new_tokens: int) -> list[str]:
-    """Greedy answers to ``questions`` from the model with ``params``, decoded without special tokens."""
-    prompts = [tokenizer(chat_data.prompt_text(tokenizer, q), add_special_tokens=False)["input_ids"] for q in questions]
+def _answers(model, tokenizer, params, questions: list[str], options: Options) -> list[str]:
+    """Greedy answers to ``questions`` from the model with ``params``, decoded without special tokens.
+
+    A prompt longer than ``--max-length`` keeps its last tokens (where the assistant's turn begins), so
+    prompt and answer stay within the ``max_length + max_new_tokens`` positions the model was loaded with.
+    """
+    prompts = [tokenizer(chat_data.prompt_text(tokenizer, q), add_special_tokens=False)["input_ids"][
+        -options.max_length:] for q in questions]
     ids, mask = chat_data.left_padded(prompts, tokenizer.pad_token_id)
-    out = model.generate(ids, attention_mask=mask, params=params, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    out = model.generate(ids, attention_mask=mask, params=params, max_new_tokens=options.max_new_tokens,
+                         do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     new = np.asarray(out.sequences)[:, ids.shape[1]:]
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
 
@@ -68,7 +73,7 @@ def run(options: Options) -> dict:
     out = output_dir(options.output_dir)
     mesh = mesh_lib.make_mesh(options.mesh, options.batch_size)
     train_split, test_split = data_lib.load_splits(options)
-    model, tokenizer = load_causal_lm(options.model, options.base_dtype)
+    model, tokenizer = load_causal_lm(options.model, options.base_dtype, options.max_length + options.max_new_tokens)
     chat_data.use_chat_template(tokenizer, options.chat_template, options.model)
     if tokenizer.pad_token is None:  # GPT-2 and others: padding is masked out, any token will do
         tokenizer.pad_token = tokenizer.eos_token
@@ -95,7 +100,7 @@ def run(options: Options) -> dict:
     logits_fn = steps.vera_logits(model, strategy)
     questions = list(test_split["text"][: options.answers])
     _, log_ppl_before = evaluate(ctx, initial, logits_fn)
-    answers_before = _answers(model, tokenizer, params, questions, options.max_new_tokens)
+    answers_before = _answers(model, tokenizer, params, questions, options)
     checkpoints = RunCheckpoints(out / "checkpoints", options.keep_checkpoints)
     log = MetricsLog(out / "metrics.jsonl", checkpoints.latest_step() or 0, enabled=primary)
     trainable, tokens_per_second = fit(ctx, "vera", initial, logits_fn, log, checkpoints, recipe_meta(ctx, key))
@@ -104,7 +109,7 @@ def run(options: Options) -> dict:
     log.write(run="vera", step=ctx.total_steps, test_loss=log_ppl_after, test_accuracy=token_accuracy)
     host_trainable = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), trainable)
     answers_after = _answers(model, tokenizer, vera_jax.merge(params, host_trainable, projections), questions,
-                             options.max_new_tokens)
+                             options)
     adapter_dir = save_adapters(out, ctx, config, trainable, key, params, projections, "CAUSAL_LM")
 
     summary = {

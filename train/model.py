@@ -51,8 +51,12 @@ def _load_flax(auto_class, source: str, **kwargs):
         return auto_class.from_pretrained(source, from_pt=True, **kwargs)  # a hub repository with PyTorch weights only
 
 
-def load_causal_lm(name: str, dtype: str = "float32"):
+def load_causal_lm(name: str, dtype: str = "float32", max_positions: int | None = None):
     """``(model, tokenizer)`` of a Flax causal LM; ``dtype='bfloat16'`` stores and runs the base in bfloat16.
+
+    ``max_positions``: the longest sequence the job runs. A rotary Llama or Mistral whose config allows
+    more is loaded with that many positions: Flax builds a (positions, positions) causal mask in every
+    attention layer (32768 positions: 1 GiB a layer), and rotary models have no position weights to cut.
 
     A Llama or Mistral whose ``rope_theta`` is not 10000 loads as a class of `train.llama_rope` (stock
     Flax Llama and Mistral hard-code the rotary base); a Mistral without a sliding window gets one as
@@ -74,6 +78,8 @@ def load_causal_lm(name: str, dtype: str = "float32"):
     if config.model_type not in FLAX_MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ModelError(f"{name!r} is a {config.model_type!r} model, which has no Flax causal-LM class in "
                          f"transformers; use one of {sorted(FLAX_MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)}.")
+    if max_positions is not None and config.model_type in ROPE_THETA_CLASSES:
+        config.max_position_embeddings = min(config.max_position_embeddings, max_positions)
     if config.model_type == "mistral" and config.sliding_window is None:
         # Flax Mistral builds its mask as triu(causal, -(sliding_window or 0)): no window would mean each
         # token sees itself only. A window as long as the positions is no window at all.
