@@ -65,6 +65,29 @@ def test_entry_point_writes_every_output_and_learns(tiny, tmp_path):
     assert len(kept) == 2, kept  # --keep-checkpoints 2 by default
 
 
+def test_entry_point_runs_an_ablation_and_resumes_it(tiny, tmp_path, capsys):
+    """Per-layer pairs, lambda_b alone, Kaiming-normal: trained, saved without a PEFT copy, and resumable."""
+    model, data = tiny
+    out = tmp_path / "run"
+    args = tiny_run.train_args(model, data, out, "--max-steps", "6", "--projection-sharing", "per_layer",
+                               "--train-vectors", "lambda_b", "--projection-init", "kaiming_normal")
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    vectors, params, projections = _adapter(model, out)
+    config = projections.config
+    assert (config.projection_sharing, config.train_vectors, config.projection_init) == (
+        "per_layer", "lambda_b", "kaiming_normal")
+    assert projections.A.shape == (4, 8, 32)  # query and value of 2 layers, each its own pair
+    assert not any(path.endswith(vera_jax.LAMBDA_D) for path in vectors)
+    assert summary["trainable_params"] == 4 * 32 + 32 * 2 + 2  # lambda_b per layer, plus the head
+    assert not (out / "peft_adapter").exists()
+    capsys.readouterr()
+    assert main(args) == 0  # the same command again resumes the finished run
+    assert "resumed" in capsys.readouterr().out
+    assert main(tiny_run.train_args(model, data, tmp_path / "bad", "--projection-init", "orthogonal")) == 2
+    assert "projection_init must be one of ('kaiming_uniform', 'kaiming_normal', 'uniform')" in capsys.readouterr().err
+
+
 def test_sigkill_mid_training_resumes_to_the_same_vectors(tiny, tmp_path):
     model, data = tiny
     args = lambda out: tiny_run.train_args(model, data, out, "--epochs", "4", "--checkpoint-every", "5")  # noqa: E731
