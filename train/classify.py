@@ -88,8 +88,7 @@ def run(options: Options) -> dict:
         "adapter_bytes": directory_bytes(adapter_dir), "tokens_per_second": tokens_per_second,
     }
     if options.baseline:
-        head = {path: leaf for path, leaf in vera_jax.paths.flatten(vera_jax.init_trainable(params, config)).items()
-                if path.rsplit("/", 1)[-1] not in vera_jax.layers.VECTOR_NAMES}
+        head = vera_jax.vectors.extra_leaves(vera_jax.init_trainable(params, config))
         head_fn = steps.head_only_logits(model)
         head_trained, _ = fit(ctx, "head-only", vera_jax.paths.unflatten(head), head_fn, log, None, None)
         summary["baseline_accuracy"], _ = evaluate(ctx, head_trained, head_fn)
