@@ -42,6 +42,36 @@ def test_few_tokens_favour_activation_and_many_favour_merged_at_inference():
     assert not few.merged and not many.activation
 
 
+def _layers_params(n_in, n_out):
+    return {"layer": {"kernel": jax.ShapeDtypeStruct((n_in, n_out), jnp.float32)}}
+
+
+@pytest.mark.parametrize("n_in, n_out, r, tokens, expected", [
+    (8, 8, 64, 32768, "merged"),  # FLOP model: activation costs ~48x merged
+    (512, 512, 64, 1, "activation"),  # merged costs ~250x activation
+])
+def test_a_measured_plan_times_both_paths_and_picks_the_faster(n_in, n_out, r, tokens, expected):
+    config = vera_jax.VeraConfig(r=r, target_modules=("layer",))
+    plan = vera_jax.plan_paths(_layers_params(n_in, n_out), config, tokens=tokens, measure=True)
+    (cost,) = plan.costs
+    assert plan.measured and 0 < min(cost.merged, cost.activation) < 1.0  # seconds
+    assert cost.choice == expected, cost
+    assert "measured on this device" in plan.summary() and " ms" in plan.explain()
+    estimated = vera_jax.plan_paths(_layers_params(n_in, n_out), config, tokens=tokens)
+    assert estimated.costs[0].choice == expected and "estimated" in estimated.summary()
+
+
+def test_measurements_are_made_once_per_layer_shape():
+    from vera_jax.strategy import measured_layer_seconds
+
+    measured_layer_seconds.cache_clear()
+    family = families.llama()  # 14 adapted layers of 4 distinct (in, out) shapes
+    plan = vera_jax.plan_paths(family.params, family.config, tokens=64, measure=True)
+    layers = vera_jax.find_layers(family.params, family.config)
+    shapes = {(layer.in_features, layer.out_features) for layer in layers}
+    assert measured_layer_seconds.cache_info().misses == len(shapes) < len(layers) == len(plan.costs)
+
+
 def test_a_mixed_plan_gives_the_same_logits():
     family = families.llama()
     plan = vera_jax.plan_paths(family.params, family.config, tokens=100)

@@ -100,7 +100,7 @@ def resolve_strategy(options: Options, params: dict, config: vera_jax.VeraConfig
         raise RunError(f"--strategy must be one of {STRATEGIES}, got {options.strategy!r}.")
     if options.strategy != "auto":
         return options.strategy
-    plan = vera_jax.plan_paths(params, config, tokens=options.batch_size * options.max_length)
+    plan = vera_jax.plan_paths(params, config, tokens=options.batch_size * options.max_length, measure=True)
     if jax.process_index() == 0:
         print(plan.summary())
     return plan
