@@ -140,6 +140,17 @@ def test_sharded_and_multiprocess_runs_match_one_device(tiny, tmp_path):
     outputs = [p.communicate(timeout=600) for p in processes]
     assert all(p.returncode == 0 for p in processes), outputs[0][1][-3000:] + outputs[1][1][-3000:]
 
+    # --strategy auto: process 0 times the paths and both processes compile the plan it picked.
+    auto = tmp_path / "auto"
+    processes = [subprocess.Popen([sys.executable, "-m", "train", *args(auto, "--mesh", "2x2", "--coordinator",
+                                   f"127.0.0.1:{port + 1}", "--num-processes", "2", "--process-id", str(i),
+                                   "--strategy", "auto")],
+                                  cwd=tiny_run.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for i in range(2)]
+    outputs = [p.communicate(timeout=600) for p in processes]
+    assert all(p.returncode == 0 for p in processes), outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    assert "measured on this device" in outputs[0][0]
+
     reference, _, _ = _adapter(model, single)
     for out in (sharded, multi):
         other, _, _ = _adapter(model, out)

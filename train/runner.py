@@ -14,6 +14,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 import vera_jax
@@ -95,13 +96,22 @@ def vera_setup(options: Options, params: dict, model_type: str) -> tuple[vera_ja
 
 
 def resolve_strategy(options: Options, params: dict, config: vera_jax.VeraConfig) -> str | vera_jax.PathPlan:
-    """``--strategy``, with 'auto' planned per layer by the cost model for this batch shape (and printed)."""
+    """``--strategy``, with 'auto' planned per layer from times measured for this batch shape (and printed).
+
+    Process 0 measures and every process takes its numbers, so that all of them compile one program.
+    """
     if options.strategy not in STRATEGIES:
         raise RunError(f"--strategy must be one of {STRATEGIES}, got {options.strategy!r}.")
     if options.strategy != "auto":
         return options.strategy
-    plan = vera_jax.plan_paths(params, config, tokens=options.batch_size * options.max_length, measure=True)
-    if jax.process_index() == 0:
+    primary = jax.process_index() == 0
+    plan = vera_jax.plan_paths(params, config, tokens=options.batch_size * options.max_length, measure=primary)
+    if jax.process_count() > 1:
+        seconds = multihost_utils.broadcast_one_to_all(np.array([[c.merged, c.activation] for c in plan.costs]))
+        plan = dataclasses.replace(plan, measured=True, costs=tuple(
+            vera_jax.strategy.LayerCost(c.path, float(merged), float(activation))
+            for c, (merged, activation) in zip(plan.costs, np.asarray(seconds))))
+    if primary:
         print(plan.summary())
     return plan
 
