@@ -62,14 +62,30 @@ def test_a_measured_plan_times_both_paths_and_picks_the_faster(n_in, n_out, r, t
 
 
 def test_measurements_are_made_once_per_layer_shape():
-    from vera_jax.strategy import measured_layer_seconds
+    from vera_jax.strategy import measured_seconds
 
-    measured_layer_seconds.cache_clear()
+    measured_seconds.cache_clear()
     family = families.llama()  # 14 adapted layers of 4 distinct (in, out) shapes
     plan = vera_jax.plan_paths(family.params, family.config, tokens=64, measure=True)
     layers = vera_jax.find_layers(family.params, family.config)
     shapes = {(layer.in_features, layer.out_features) for layer in layers}
-    assert measured_layer_seconds.cache_info().misses == len(shapes) < len(layers) == len(plan.costs)
+    assert measured_seconds.cache_info().misses == len(shapes) < len(layers) == len(plan.costs)
+
+
+def test_layers_that_read_one_input_are_found_by_tracing_and_timed_together():
+    family = families.llama()
+    groups = vera_jax.shared_input_groups(family.apply, family.params, family.config, family.inputs)
+    names = sorted((group[0].split("/layers/")[1].split("/")[0], sorted(p.rsplit("/", 1)[-1] for p in group))
+                   for group in groups)
+    per_block = [["down_proj"], ["gate_proj", "up_proj"], ["k_proj", "q_proj", "v_proj"], ["o_proj"]]
+    assert names == [(block, members) for block in ("0", "1") for members in per_block]
+    plan = vera_jax.plan_paths(family.params, family.config, tokens=64, measure=True, input_groups=groups)
+    by_path = {cost.path: cost for cost in plan.costs}
+    for group in groups:
+        assert len({by_path[path].choice for path in group}) == 1, group  # one path per group
+        assert len({(by_path[path].merged, by_path[path].activation) for path in group}) == 1  # equal shares
+    with pytest.raises(ValueError, match="input_groups cover"):
+        vera_jax.plan_paths(family.params, family.config, tokens=64, measure=True, input_groups=groups[:3])
 
 
 def test_a_mixed_plan_gives_the_same_logits():
@@ -136,3 +152,16 @@ def test_lean_path_trains_like_the_activation_path():
 
     for got, want in zip(jax.tree.leaves(grads("activation-lean")), jax.tree.leaves(grads("activation"))):
         assert max_rel_error(got, want) < 1e-5
+
+
+def test_a_whole_model_plan_sends_every_layer_down_the_path_cheaper_in_total():
+    family = families.llama()
+    per_layer = vera_jax.plan_paths(family.params, family.config, tokens=100)
+    assert per_layer.merged and per_layer.activation
+    whole = vera_jax.plan_paths(family.params, family.config, tokens=100, per_layer=False)
+    totals = {name: sum(getattr(c, name) for c in whole.costs) for name in ("merged", "activation")}
+    cheaper = min(totals, key=totals.get)
+    assert getattr(whole, cheaper) == {c.path for c in whole.costs} and not getattr(
+        whole, "activation" if cheaper == "merged" else "merged")
+    assert "one path for the whole model" in whole.summary()
+    assert all(row.endswith(f"-> {cheaper}") for row in whole.explain().splitlines()[1:])

@@ -168,7 +168,9 @@ def bench(args: argparse.Namespace) -> dict:
     config = vera_jax.VeraConfig(r=args.r, target_modules=tuple(args.targets), trainable=() if causal else ("classifier",))
     projections = vera_jax.init_projections(params, vera_jax.projection_key(config), config)
     tokens = args.batch_size * args.seq_len
-    plan = vera_jax.plan_paths(params, config, tokens=tokens, measure=True)
+    ids = jax.ShapeDtypeStruct((args.batch_size, args.seq_len), jnp.int32)
+    groups = vera_jax.shared_input_groups(lambda p, x: model(x, params=p).logits, params, config, ids)
+    plan = vera_jax.plan_paths(params, config, tokens=tokens, measure=True, input_groups=groups, per_layer=False)
     rng = np.random.default_rng(0)
     vocab = model.config.vocab_size
     low = min(1000, vocab // 2)  # past the special tokens of a real vocabulary

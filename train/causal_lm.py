@@ -83,7 +83,7 @@ def run(options: Options) -> dict:
                        f"the {positions} positions of {options.model!r}; lower them.")
     params = model.params
     config, initial = vera_setup(options, params, model.config.model_type)
-    strategy = resolve_strategy(options, params, config)
+    strategy = resolve_strategy(options, model, config)
     train_data = chat_data.encode_chat(train_split, tokenizer, options.max_length)
     test_data = chat_data.encode_chat(test_split, tokenizer, options.max_length)
     key = vera_jax.projection_key(config)

@@ -61,7 +61,7 @@ def run(options: Options) -> dict:
     model, train_data, test_data = job.model, job.train_data, job.test_data
     params = model.params
     config, trainable = vera_setup(options, params, model.config.model_type)
-    strategy = resolve_strategy(options, params, config)
+    strategy = resolve_strategy(options, model, config)
     key = vera_jax.projection_key(config)
     projections = vera_jax.init_projections(params, key, config)
     ctx = make_context(options, mesh, params, projections, key, train_data, test_data, job.pad_id)

@@ -95,17 +95,21 @@ def vera_setup(options: Options, params: dict, model_type: str) -> tuple[vera_ja
         raise RunError(f"VeRA settings do not fit {options.model!r}: {err}") from None
 
 
-def resolve_strategy(options: Options, params: dict, config: vera_jax.VeraConfig) -> str | vera_jax.PathPlan:
+def resolve_strategy(options: Options, model, config: vera_jax.VeraConfig) -> str | vera_jax.PathPlan:
     """``--strategy``, with 'auto' planned per layer from times measured for this batch shape (and printed).
 
-    Process 0 measures and every process takes its numbers, so that all of them compile one program.
+    Layers that read one input are timed together (`vera_jax.shared_input_groups`). Process 0 measures
+    and every process takes its numbers, so that all of them compile one program.
     """
     if options.strategy not in STRATEGIES:
         raise RunError(f"--strategy must be one of {STRATEGIES}, got {options.strategy!r}.")
     if options.strategy != "auto":
         return options.strategy
     primary = jax.process_index() == 0
-    plan = vera_jax.plan_paths(params, config, tokens=options.batch_size * options.max_length, measure=primary)
+    ids = jax.ShapeDtypeStruct((options.batch_size, options.max_length), np.int32)
+    groups = vera_jax.shared_input_groups(lambda p, x: model(x, params=p).logits, model.params, config, ids)
+    plan = vera_jax.plan_paths(model.params, config, tokens=options.batch_size * options.max_length,
+                               measure=primary, input_groups=groups, per_layer=False)
     if jax.process_count() > 1:
         seconds = multihost_utils.broadcast_one_to_all(np.array([[c.merged, c.activation] for c in plan.costs]))
         plan = dataclasses.replace(plan, measured=True, costs=tuple(

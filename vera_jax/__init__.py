@@ -9,7 +9,7 @@ from vera_jax.ops import adapter_output, adapter_output_lean, delta_weight
 from vera_jax.partition import combine, combined_optimizer, split, trainable_labels
 from vera_jax.projections import Projections, init_projections, kaiming_uniform_bound, projection_key
 from vera_jax.report import count_parameters, layer_table, lora_parameters, parameter_report
-from vera_jax.strategy import PathPlan, plan_paths
+from vera_jax.strategy import PathPlan, plan_paths, shared_input_groups
 from vera_jax.vectors import init_trainable, init_vectors
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "lora_parameters",
     "plan_paths",
     "projection_key",
+    "shared_input_groups",
     "split",
     "stack",
     "trainable_labels",

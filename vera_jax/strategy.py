@@ -12,9 +12,11 @@ relative to in*out/(in+out), or few tokens, favour merged... and the other way r
 
 FLOPs are not equally fast: on a CPU the merged path's FLOPs (the transposed weight-gradient
 contraction and the passes over out x in weights) run about 1.6x slower than the activation path's
-tall matmuls, enough to flip 576 x 1536 layers at 1,024 tokens. ``plan_paths(..., measure=True)``
-therefore times both paths of every distinct layer shape on the device at hand (one jitted layer,
-forward and backward, a few runs each) and picks by the measured time.
+tall matmuls, enough to flip 576 x 1536 layers at 1,024 tokens. And layers that read one input
+(q/k/v, gate/up) share ``x A^T`` on the activation path: XLA computes it once for all of them.
+``plan_paths(..., measure=True)`` therefore times both paths on the device at hand, for every
+distinct group of layers that share an input (`shared_input_groups` finds them by tracing the model;
+without it each layer is its own group), and picks per group by the measured time.
 """
 
 from __future__ import annotations
@@ -25,14 +27,16 @@ import statistics
 import time
 from collections.abc import Mapping
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from vera_jax.config import VeraConfig
 from vera_jax.layers import AdaptedLayer, find_layers
 from vera_jax.ops import adapter_output, delta_weight
+from vera_jax.paths import SEP
 
-__all__ = ["PathPlan", "LayerCost", "layer_cost", "measured_layer_seconds", "plan_paths"]
+__all__ = ["PathPlan", "LayerCost", "layer_cost", "measured_seconds", "shared_input_groups", "plan_paths"]
 
 _TIMED_RUNS = 5
 
@@ -73,14 +77,22 @@ class PathPlan:
     tokens: int
     training: bool
     measured: bool = False
+    per_layer: bool = True
+
+    def path_of(self, cost: LayerCost) -> str:
+        """The path a layer takes: its own cheaper one, or (``per_layer=False``) the cheaper one in total."""
+        if self.per_layer:
+            return cost.choice
+        merged, activation = (sum(getattr(c, name) for c in self.costs) for name in ("merged", "activation"))
+        return "merged" if merged <= activation else "activation"
 
     @property
     def merged(self) -> frozenset[str]:
-        return frozenset(c.path for c in self.costs if c.choice == "merged")
+        return frozenset(c.path for c in self.costs if self.path_of(c) == "merged")
 
     @property
     def activation(self) -> frozenset[str]:
-        return frozenset(c.path for c in self.costs if c.choice == "activation")
+        return frozenset(c.path for c in self.costs if self.path_of(c) == "activation")
 
     def _format(self, cost: float, scale: str) -> str:
         if self.measured:
@@ -91,9 +103,10 @@ class PathPlan:
         """One line: what was picked and why."""
         merged, activation = len(self.merged), len(self.activation)
         total = {name: sum(getattr(c, name) for c in self.costs) for name in ("merged", "activation")}
-        chosen = sum(min(c.merged, c.activation) for c in self.costs)
+        chosen = sum(getattr(c, self.path_of(c)) for c in self.costs)
         mode = "training" if self.training else "inference"
-        how = "measured on this device" if self.measured else "estimated"
+        how = ("measured on this device" if self.measured else "estimated") + ("" if self.per_layer else
+                                                                                 ", one path for the whole model")
         return (f"auto: {merged} layers merged, {activation} on the activation path for {self.tokens} tokens per "
                 f"{mode} step; {how} {self._format(chosen, 'G')} of VeRA work against "
                 f"{self._format(total['merged'], 'G')} all merged and {self._format(total['activation'], 'G')} all "
@@ -102,7 +115,7 @@ class PathPlan:
     def explain(self) -> str:
         """`summary` and a row per layer with both costs."""
         rows = [f"{c.path}  merged {self._format(c.merged, 'M')}  activation {self._format(c.activation, 'M')}  "
-                f"-> {c.choice}" for c in self.costs]
+                f"-> {self.path_of(c)}" for c in self.costs]
         return "\n".join([self.summary(), *rows])
 
 
@@ -117,44 +130,94 @@ def _median_seconds(fn, *args) -> float:
 
 
 @functools.lru_cache(maxsize=64)
-def measured_layer_seconds(in_features: int, out_features: int, r: int, tokens: int, training: bool,
-                           dtype: str = "float32", device: jax.Device | None = None) -> tuple[float, float]:
-    """``(merged, activation)``: median seconds of one (in, out) layer's step on each path, on ``device``.
+def measured_seconds(in_features: int, out_features: tuple[int, ...], r: int, tokens: int, training: bool,
+                     dtype: str = "float32", device: jax.Device | None = None) -> tuple[float, float]:
+    """``(merged, activation)``: median seconds of one step of layers (in, out_i) that read one input x.
 
-    Each is one jitted layer, ``x @ W`` plus the VeRA term for ``tokens`` rows of x, with the gradient of
-    the vectors and of x when ``training``; the shared ``x @ W`` cancels in the comparison. Cached per shape.
+    One jitted function per path: ``x @ W_i`` plus each layer's VeRA term for ``tokens`` rows of x, with
+    the gradient of the vectors and of x when ``training`` (the ``x @ W_i`` are common to both paths).
+    Cached per shape, on ``device`` (default: the first device).
     """
     device = device or jax.devices()[0]
-    keys = jax.random.split(jax.random.key(0), 5)
-    x, w, a, b, cotangent = (jax.device_put(jax.random.normal(key, shape, dtype), device) for key, shape in zip(
-        keys, ((tokens, in_features), (in_features, out_features), (r, in_features), (out_features, r),
-               (tokens, out_features))))
-    lambda_d = jax.device_put(jnp.full((r,), 0.1, dtype), device)
-    lambda_b = jax.device_put(jnp.full((out_features,), 0.1, dtype), device)
+    keys = iter(jax.random.split(jax.random.key(0), 2 + 3 * len(out_features)))
+    normal = lambda *shape: jax.device_put(jax.random.normal(next(keys), shape, dtype), device)  # noqa: E731
+    x, a = normal(tokens, in_features), normal(r, in_features)
+    layers = [(normal(in_features, out), normal(out, r), normal(tokens, out)) for out in out_features]
+    lambda_d = jax.device_put(jnp.full((len(out_features), r), 0.1, dtype), device)
+    lambda_b = tuple(jax.device_put(jnp.full((out,), 0.1, dtype), device) for out in out_features)
 
-    def merged(lambda_d, lambda_b, x, w, a, b, cotangent):
-        return jnp.vdot(x @ (w + delta_weight(a, b, lambda_d, lambda_b, in_features).T), cotangent)
+    def merged(lambda_d, lambda_b, x, a, layers):
+        return sum(jnp.vdot(x @ (w + delta_weight(a, b, d, lb, in_features).T), cotangent)
+                   for d, lb, (w, b, cotangent) in zip(lambda_d, lambda_b, layers))
 
-    def activation(lambda_d, lambda_b, x, w, a, b, cotangent):
-        return jnp.vdot(x @ w + adapter_output(x, a, b, lambda_d, lambda_b), cotangent)
+    def activation(lambda_d, lambda_b, x, a, layers):
+        return sum(jnp.vdot(x @ w + adapter_output(x, a, b, d, lb), cotangent)
+                   for d, lb, (w, b, cotangent) in zip(lambda_d, lambda_b, layers))
 
-    args = (lambda_d, lambda_b, x, w, a, b, cotangent)
+    args = (lambda_d, lambda_b, x, a, layers)
     step = (lambda f: jax.jit(jax.grad(f, argnums=(0, 1, 2)))) if training else jax.jit
     return _median_seconds(step(merged), *args), _median_seconds(step(activation), *args)
 
 
+def shared_input_groups(fn, params: Mapping, config: VeraConfig, *args) -> tuple[tuple[str, ...], ...]:
+    """The adapted layers grouped by the input they read, found by tracing ``fn(params, *args)`` (no compute).
+
+    ``args`` may be ``jax.ShapeDtypeStruct``; e.g. ``(('.../q_proj', '.../k_proj', '.../v_proj'), ...)``.
+    """
+    adapted = {layer.path for layer in find_layers(params, config)}
+    readers: dict[int, list[str]] = {}
+    inputs = []  # keeps every traced input alive, so that no id is reused while tracing
+
+    def interceptor(next_fun, call_args, kwargs, context):
+        path = SEP.join(context.module.path)
+        if context.method_name == "__call__" and path in adapted:
+            x = call_args[0] if call_args else kwargs["inputs"]
+            inputs.append(x)
+            readers.setdefault(id(x), []).append(path)
+        return next_fun(*call_args, **kwargs)
+
+    def traced(params, *args):
+        with nn.intercept_methods(interceptor):
+            return fn(params, *args)
+
+    jax.eval_shape(traced, params, *args)
+    order = {layer.path: i for i, layer in enumerate(find_layers(params, config))}
+    groups = {tuple(sorted(set(paths), key=order.__getitem__)) for paths in readers.values()}
+    missing = adapted.difference(*groups)
+    return tuple(sorted(groups | {(path,) for path in missing}, key=lambda group: order[group[0]]))
+
+
 def plan_paths(params: Mapping, config: VeraConfig, *, tokens: int, training: bool = True,
-               measure: bool = False) -> PathPlan:
+               measure: bool = False, input_groups: tuple[tuple[str, ...], ...] | None = None,
+               per_layer: bool = True) -> PathPlan:
     """The cheaper path per layer for ``tokens`` tokens per step (e.g. batch size x sequence length).
 
     ``measure=False`` (pure, instant) compares the FLOP model; ``measure=True`` compares times measured
-    on the default device with `measured_layer_seconds`, a few seconds per distinct layer shape.
+    on the default device with `measured_seconds`, a few seconds per distinct group shape, for the
+    ``input_groups`` from `shared_input_groups` (default: every layer alone); a group takes one path and
+    each member is charged an equal share of the group's time. ``per_layer=False`` sends every layer down
+    the path that is cheaper in total: measured whole programs mixing the two paths ran slower than the
+    predictions of their parts (SmolLM2 on a CPU: 60 of 210 layers merged, 6.71 s a step, against 6.12 s
+    with every layer on activations), so the training entry points plan one path per model.
     """
     if tokens <= 0:
         raise ValueError(f"tokens per step must be positive, got {tokens}.")
     layers = find_layers(params, config)
     if not measure:
-        return PathPlan(tuple(layer_cost(layer, config.r, tokens, training) for layer in layers), tokens, training)
-    costs = tuple(LayerCost(layer.path, *measured_layer_seconds(layer.in_features, layer.out_features, config.r, tokens,
-                                                                 training, config.dtype)) for layer in layers)
-    return PathPlan(costs, tokens, training, measured=True)
+        return PathPlan(tuple(layer_cost(layer, config.r, tokens, training) for layer in layers), tokens, training,
+                        per_layer=per_layer)
+    by_path = {layer.path: layer for layer in layers}
+    groups = input_groups or tuple((layer.path,) for layer in layers)
+    share = {}
+    for group in groups:
+        members = [by_path[path] for path in group]
+        if len({layer.in_features for layer in members}) != 1:
+            raise ValueError(f"Layers {group} read one input but have different in_features.")
+        seconds = measured_seconds(members[0].in_features, tuple(layer.out_features for layer in members), config.r,
+                                   tokens, training, config.dtype)
+        share.update({path: tuple(t / len(group) for t in seconds) for path in group})
+    if set(share) != set(by_path):
+        raise ValueError(f"input_groups cover {sorted(set(share))[:4]}... but the adapted layers are "
+                         f"{sorted(by_path)[:4]}...; build them with shared_input_groups for these params and config.")
+    return PathPlan(tuple(LayerCost(layer.path, *share[layer.path]) for layer in layers), tokens, training,
+                    measured=True, per_layer=per_layer)
