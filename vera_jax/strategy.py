@@ -79,20 +79,21 @@ class PathPlan:
     measured: bool = False
     per_layer: bool = True
 
-    def path_of(self, cost: LayerCost) -> str:
-        """The path a layer takes: its own cheaper one, or (``per_layer=False``) the cheaper one in total."""
+    def paths(self) -> tuple[str, ...]:
+        """The path each layer takes, in `costs` order: its own cheaper one, or (``per_layer=False``) the
+        one cheaper in total for every layer."""
         if self.per_layer:
-            return cost.choice
+            return tuple(c.choice for c in self.costs)
         merged, activation = (sum(getattr(c, name) for c in self.costs) for name in ("merged", "activation"))
-        return "merged" if merged <= activation else "activation"
+        return ("merged" if merged <= activation else "activation",) * len(self.costs)
 
     @property
     def merged(self) -> frozenset[str]:
-        return frozenset(c.path for c in self.costs if self.path_of(c) == "merged")
+        return frozenset(c.path for c, path in zip(self.costs, self.paths()) if path == "merged")
 
     @property
     def activation(self) -> frozenset[str]:
-        return frozenset(c.path for c in self.costs if self.path_of(c) == "activation")
+        return frozenset(c.path for c, path in zip(self.costs, self.paths()) if path == "activation")
 
     def _format(self, cost: float, scale: str) -> str:
         if self.measured:
@@ -103,7 +104,7 @@ class PathPlan:
         """One line: what was picked and why."""
         merged, activation = len(self.merged), len(self.activation)
         total = {name: sum(getattr(c, name) for c in self.costs) for name in ("merged", "activation")}
-        chosen = sum(getattr(c, self.path_of(c)) for c in self.costs)
+        chosen = sum(getattr(c, path) for c, path in zip(self.costs, self.paths()))
         mode = "training" if self.training else "inference"
         how = ("measured on this device" if self.measured else "estimated") + ("" if self.per_layer else
                                                                                  ", one path for the whole model")
@@ -115,7 +116,7 @@ class PathPlan:
     def explain(self) -> str:
         """`summary` and a row per layer with both costs."""
         rows = [f"{c.path}  merged {self._format(c.merged, 'M')}  activation {self._format(c.activation, 'M')}  "
-                f"-> {self.path_of(c)}" for c in self.costs]
+                f"-> {path}" for c, path in zip(self.costs, self.paths())]
         return "\n".join([self.summary(), *rows])
 
 
