@@ -70,7 +70,8 @@ def test_adapter_ids_out_of_range():
     assert np.all(np.isfinite(logits[0])) and np.all(np.isnan(logits[1]))
 
 
-def test_vmapped_training_equals_separate_runs():
+@pytest.mark.parametrize("adapters_per_pass", [None, 1, 2])  # all 3 at once; a scan; a pass of 2 and one of 1
+def test_vmapped_training_equals_separate_runs(adapters_per_pass):
     family = families.bert()
     projections = vera_jax.init_projections(family.params, jax.random.key(0), family.config)
     d_initials = (1e-7, 0.1, 1.0)  # the paper's sweep: only the initial lambda_d differs
@@ -92,7 +93,7 @@ def test_vmapped_training_equals_separate_runs():
 
     stacked = vera_jax.stack(starts)
     state = (stacked, jax.vmap(tx.init)(stacked))
-    vmapped = jax.jit(jax.vmap(step))
+    vmapped = jax.jit(vera_jax.map_adapters(step, (0, 0), adapters_per_pass))
     for _ in range(3):
         *state, losses = vmapped(*state)
     separate = []
@@ -105,6 +106,23 @@ def test_vmapped_training_equals_separate_runs():
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=f"adapter {k}")
     assert losses.shape == (K,)
+
+
+def test_map_adapters_rejects_what_it_cannot_map():
+    step = lambda trainable, batch: trainable  # noqa: E731
+    with pytest.raises(ValueError, match="in_axes must hold 0"):
+        vera_jax.map_adapters(step, (1, None))
+    with pytest.raises(ValueError, match="adapters_per_pass must be a positive integer"):
+        vera_jax.map_adapters(step, (0, None), adapters_per_pass=0)
+    with pytest.raises(ValueError, match="sizes \\['3', '4'\\]"):
+        vera_jax.map_adapters(step, (0, 0))(jnp.zeros((3, 2)), jnp.zeros((4, 2)))
+
+
+def test_adapters_per_pass_fills_a_cpu_pass_and_leaves_accelerators_whole():
+    assert vera_jax.adapters_per_pass(512, "cpu") == 2
+    assert vera_jax.adapters_per_pass(4096, "cpu") == 1
+    assert vera_jax.adapters_per_pass(64, "cpu") == 16
+    assert vera_jax.adapters_per_pass(512, "gpu") is None
 
 
 SHARDED_MIXED_BATCH = """

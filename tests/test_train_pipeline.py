@@ -278,12 +278,14 @@ def test_other_strategies_train_to_the_same_vectors(tiny, tmp_path, strategy):
         np.testing.assert_allclose(other[path], reference[path], rtol=1e-4, atol=1e-6, err_msg=path)
 
 
-def test_bench_command_prints_and_writes_every_ratio(tmp_path, capsys):
+@pytest.mark.parametrize("dropout_flag", [[], ["--no-dropout"]])
+def test_bench_command_prints_and_writes_every_ratio(tmp_path, capsys, dropout_flag):
     model = tiny_run.make_model(tmp_path / "model", pytorch_weights=True)
     out = tmp_path / "bench.json"
     assert main(["bench", "--model", str(model), "--batch-size", "4", "--seq-len", "16", "--r", "8",
-                 "--steps", "2", "--warmup", "1", "--settle", "0", "--json", str(out)]) == 0
+                 "--steps", "2", "--warmup", "1", "--settle", "0", "--json", str(out), *dropout_flag]) == 0
     results = json.loads(out.read_text())
+    assert results["workload"]["model_dropout"] is not bool(dropout_flag)
     assert set(results["median_seconds"]) == {"merged", "activation", "activation-lean", "auto", "floor", "peft"}
     assert all(t > 0 for t in results["median_seconds"].values())
     median = results["median_seconds"]

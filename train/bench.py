@@ -4,9 +4,10 @@ Variants, all on the same model, batch and sequence length, each one jitted step
 merged, activation, activation-lean (custom VJP), auto (the cost model's per-layer plan), the floor
 (the frozen model with gradients flowing back through every layer but no weight gradients: only a
 vector scaling the embedding output is trained) and, when torch and peft import, PEFT's VeRA in
-PyTorch. Steps are timed in rounds (one step of each variant per round, in a shuffled order, after a short
-idle pause) so that machine noise falls on all of them alike; the medians and their ratios are
-printed and written as JSON.
+PyTorch. The model's own dropout is on in every variant, PEFT's included, as when training
+(``--no-dropout`` runs them all in eval mode). Steps are timed in rounds (one step of each variant
+per round, in a shuffled order, after a short idle pause) so that machine noise falls on all of them
+alike; the medians and their ratios are printed and written as JSON.
 
 Workloads (``--workload``): ``minilm`` (all-MiniLM-L6-v2 classification, VeRA on query/value, batch
 32 x 128) and ``smollm2`` (SmolLM2-135M causal LM, VeRA on every linear layer, batch 8 x 128,
@@ -16,6 +17,7 @@ next-token loss on every position); each flag below overrides the workload's val
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import random
@@ -36,7 +38,7 @@ from train.metrics import write_json
 from train.model import load_causal_lm, load_classifier, model_source
 from vera_jax.paths import SEP, flatten, module_paths
 
-__all__ = ["parse_args", "bench"]
+__all__ = ["parse_args", "bench", "time_in_rounds", "peak_bytes"]
 
 VERA_VARIANTS = ("merged", "activation", "activation-lean", "auto")
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -63,6 +65,9 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant after compiling")
     parser.add_argument("--settle", type=float, default=0.3, help="idle seconds before each timed step")
     parser.add_argument("--no-peft", action="store_true", help="skip PEFT in PyTorch")
+    parser.add_argument("--no-dropout", action="store_true",
+                        help="run every variant, PEFT's too, in eval mode: no dropout in the model (by default "
+                             "the model's own dropout is on in all of them, as when training)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     for name, value in WORKLOADS[args.workload].items():
@@ -84,7 +89,7 @@ def _embeddings_module(params) -> str:
 def _floor_logits(model, embeddings: str) -> Callable:
     """The frozen model with a trainable vector scaling the embedding output: gradients through every layer."""
 
-    def logits(params, scale, batch):
+    def logits(params, scale, batch, rng):
         def interceptor(next_fun, args, kwargs, context):
             out = next_fun(*args, **kwargs)
             if context.method_name == "__call__" and SEP.join(context.module.path) == embeddings:
@@ -92,15 +97,15 @@ def _floor_logits(model, embeddings: str) -> Callable:
             return out
 
         with nn.intercept_methods(interceptor):
-            return model(batch["input_ids"], attention_mask=batch["attention_mask"], params=params).logits
+            return steps.model_logits(model, params, batch, rng)
 
     return logits
 
 
 def _jax_step(logits_fn: Callable, tx: optax.GradientTransformation, task: str) -> Callable:
-    def step(trainable, opt_state, params, batch):
+    def step(trainable, opt_state, params, batch, rng):
         def loss_fn(trainable):
-            return steps.mean_loss(logits_fn(params, trainable, batch), batch, task)
+            return steps.mean_loss(logits_fn(params, trainable, batch, rng), batch, task)
 
         loss, grads = jax.value_and_grad(loss_fn)(trainable)
         updates, opt_state = tx.update(grads, opt_state, trainable)
@@ -109,7 +114,27 @@ def _jax_step(logits_fn: Callable, tx: optax.GradientTransformation, task: str) 
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-def _peak_bytes(compiled) -> int | None:
+def time_in_rounds(runners: dict[str, Callable[[], None]], rounds: int, warmup: int = 1,
+                   settle: float = 0.0) -> dict[str, list[float]]:
+    """Seconds of each blocking call, timed in rounds: one call of every runner per round, in a shuffled
+    order, so that machine noise falls on all of them alike. ``warmup`` untimed calls each come first."""
+    for runner in runners.values():
+        for _ in range(warmup):
+            runner()
+    times = {name: [] for name in runners}
+    order = random.Random(0)
+    for _ in range(rounds):
+        names = list(runners)
+        order.shuffle(names)  # no runner always runs right after the same other one
+        for name in names:
+            time.sleep(settle)  # PyTorch's OpenMP threads spin on after a step; let them idle first
+            start = time.perf_counter()
+            runners[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def peak_bytes(compiled) -> int | None:
     analysis = compiled.memory_analysis()
     if analysis is None:
         return None
@@ -118,17 +143,24 @@ def _peak_bytes(compiled) -> int | None:
 
 
 class _JaxVariant:
-    """One jitted, donated training step and the state it carries from call to call."""
+    """One jitted, donated training step and the state it carries from call to call.
 
-    def __init__(self, logits_fn, trainable, params, batch, task: str):
+    With ``dropout`` the model runs in training mode, a fresh dropout key each step; without, in eval mode.
+    """
+
+    def __init__(self, logits_fn, trainable, params, batch, task: str, dropout: bool):
         self.tx = optax.adam(1e-3)
         self.step = _jax_step(logits_fn, self.tx, task)
         self.state = (trainable, self.tx.init(trainable))
         self.params, self.batch = params, batch
-        self.peak_bytes = _peak_bytes(self.step.lower(*self.state, params, batch).compile())
+        self.keys = (jax.random.fold_in(jax.random.key(0), i) for i in itertools.count()) if dropout else None
+        self.peak_bytes = peak_bytes(self.step.lower(*self.state, params, batch, self._key()).compile())
+
+    def _key(self) -> jax.Array | None:
+        return None if self.keys is None else next(self.keys)
 
     def __call__(self) -> None:
-        trainable, opt_state, loss = self.step(*self.state, self.params, self.batch)
+        trainable, opt_state, loss = self.step(*self.state, self.params, self.batch, self._key())
         loss.block_until_ready()
         self.state = (trainable, opt_state)
 
@@ -147,7 +179,8 @@ class _PeftVariant:
         else:
             model, task_type = AutoModelForSequenceClassification.from_pretrained(source, num_labels=2), "SEQ_CLS"
         config = peft.VeraConfig(r=args.r, target_modules=list(args.targets), task_type=task_type)
-        self.model = peft.get_peft_model(model, config).train()
+        self.model = peft.get_peft_model(model, config)
+        self.model.train(not args.no_dropout)  # eval mode turns dropout off; gradients flow either way
         self.optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=1e-3)
         self.inputs = {k: torch.from_numpy(np.asarray(v, np.int64)) for k, v in batch.items()}
         self.peak_bytes = None  # PyTorch keeps no allocator statistics on the CPU
@@ -180,18 +213,18 @@ def bench(args: argparse.Namespace) -> dict:
                         else rng.integers(0, 2, args.batch_size).astype(np.int32))}
     device_batch = jax.device_put(batch)
 
-    def call(p, batch):
-        return model(batch["input_ids"], attention_mask=batch["attention_mask"], params=p).logits
+    def vera_logits(path):
+        return lambda p, t, b, rng: vera_jax.adapt(lambda q: steps.model_logits(model, q, b, rng), t, projections,
+                                                   path=path)(p)
 
+    dropout = not args.no_dropout
     variants = {}
     for name in VERA_VARIANTS:
-        path = plan if name == "auto" else name
-        logits_fn = (lambda path: lambda p, t, b: vera_jax.adapt(call, t, projections, path=path)(p, b))(path)
-        variants[name] = _JaxVariant(logits_fn, vera_jax.init_trainable(params, config), params, device_batch,
-                                     args.task)
+        variants[name] = _JaxVariant(vera_logits(plan if name == "auto" else name),
+                                     vera_jax.init_trainable(params, config), params, device_batch, args.task, dropout)
     scale = jnp.zeros((model.config.hidden_size,), jnp.float32)
     variants["floor"] = _JaxVariant(_floor_logits(model, _embeddings_module(params)), scale, params, device_batch,
-                                    args.task)
+                                    args.task, dropout)
     if not args.no_peft:
         try:
             source = model_source(args.model)
@@ -203,25 +236,12 @@ def bench(args: argparse.Namespace) -> dict:
         except ImportError as err:
             print(f"PEFT skipped: {err}")
 
-    for variant in variants.values():
-        for _ in range(args.warmup):
-            variant()
-    times = {name: [] for name in variants}
-    order = random.Random(0)
-    for _ in range(args.steps):
-        names = list(variants)
-        order.shuffle(names)  # no variant always runs right after the same other one
-        for name in names:
-            variant = variants[name]
-            time.sleep(args.settle)  # PyTorch's OpenMP threads spin on after a step; let them idle first
-            start = time.perf_counter()
-            variant()
-            times[name].append(time.perf_counter() - start)
-
+    times = time_in_rounds(variants, args.steps, args.warmup, args.settle)
     median = {name: statistics.median(t) for name, t in times.items()}
     best = min(median["merged"], median["activation"])
     results = {
         "workload": {"name": args.workload, "model": args.model, "task": args.task, "base_dtype": args.base_dtype,
+                     "model_dropout": dropout,
                      "batch_size": args.batch_size, "seq_len": args.seq_len, "r": args.r,
                      "targets": list(args.targets), "tokens_per_step": tokens, "steps": args.steps},
         "spread_seconds": {name: [min(t), max(t)] for name, t in times.items()},

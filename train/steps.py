@@ -11,7 +11,7 @@ import optax
 import vera_jax
 from vera_jax.paths import SEP, flatten, unflatten
 
-__all__ = ["make_optimizer", "vera_logits", "head_only_logits", "make_train_step", "make_eval_step", "loss_value",
+__all__ = ["make_optimizer", "vera_logits", "head_only_logits", "make_train_step", "make_eval_step", "loss_value", "model_logits",
            "mean_loss", "next_token_terms"]
 
 
@@ -40,7 +40,8 @@ def make_optimizer(options, total_steps: int) -> optax.GradientTransformation:
     return optax.multi_transform({"vectors": make(options.lr_vectors), "head": make(options.lr_head)}, labels)
 
 
-def _call(model, params, batch, rng):
+def model_logits(model, params, batch: dict, rng: jax.Array | None) -> jax.Array:
+    """The Flax model on ``batch``; rng is the key of the model's own dropout, None evaluates."""
     train = rng is not None
     return model(batch["input_ids"], attention_mask=batch["attention_mask"], params=params, train=train,
                  dropout_rng=rng).logits
@@ -55,7 +56,7 @@ def vera_logits(model, strategy: str | vera_jax.PathPlan) -> Callable:
     def logits(params, trainable, projections, batch, rng):
         model_rng, vera_rng = (None, None) if rng is None else jax.random.split(rng)
         dropout = None if strategy == "merged" else vera_rng
-        run = vera_jax.adapt(lambda p: _call(model, p, batch, model_rng), trainable, projections, path=strategy,
+        run = vera_jax.adapt(lambda p: model_logits(model, p, batch, model_rng), trainable, projections, path=strategy,
                              dropout_rng=dropout)
         return run(params)
 
@@ -66,7 +67,7 @@ def head_only_logits(model) -> Callable:
     """The baseline: the frozen model with only its head's leaves swapped for the trained ones."""
 
     def logits(params, trainable, projections, batch, rng):
-        return _call(model, vera_jax.combine(params, trainable), batch, rng)
+        return model_logits(model, vera_jax.combine(params, trainable), batch, rng)
 
     return logits
 

@@ -1,8 +1,9 @@
 """``python -m train sweep``: K adapters on a grid of d_initial x seed, trained in one vmapped program.
 
 Every adapter shares the frozen base and one A/B (VeRA's point); each has its own initial lambda_d,
-its own data order and head initialisation (its seed), and its own optimizer state. One ``jax.vmap``-ed
-step trains all K; one vmapped evaluation scores them on the same held-out split. Takes every flag of
+its own data order and head initialisation (its seed), and its own optimizer state. One compiled step
+trains all K, vmapped ``--adapters-per-pass`` at a time (`vera_jax.map_adapters`); one such evaluation
+scores them on the same held-out split. Takes every flag of
 ``python -m train`` (model, data, r, learning rates, ...) plus the grid; single-device, no checkpoints.
 
 The paper's ablations are grid axes too (``--projection-inits``, ``--projection-sharings``,
@@ -51,6 +52,7 @@ class Grid:
     seeds: tuple[int, ...]
     variants: tuple[tuple[str, str, str], ...]  # (projection_init, projection_sharing, train_vectors)
     frozen_b: float = 1.0  # the value lambda_b is held at in variants that train lambda_d only
+    adapters_per_pass: int | None = None  # adapters vmapped together; None: `vera_jax.adapters_per_pass` picks
 
 
 def parse_args(argv) -> tuple[Options, Grid]:
@@ -60,10 +62,14 @@ def parse_args(argv) -> tuple[Options, Grid]:
     for name, flag in ABLATIONS.items():
         parser.add_argument(flag, dest=name + "_values", nargs="+", default=None, metavar=name.upper())
     parser.add_argument("--frozen-b", type=float, default=1.0)
+    parser.add_argument("--adapters-per-pass", type=int, default=None)
     grid, rest = parser.parse_known_args(argv)
     options = parse_options(rest)
+    if grid.adapters_per_pass is not None and grid.adapters_per_pass < 1:
+        raise RunError(f"--adapters-per-pass must be at least 1, got {grid.adapters_per_pass}.")
     choices = [getattr(grid, name + "_values") or [getattr(options, name)] for name in ABLATIONS]
-    return options, Grid(tuple(grid.d_initials), tuple(grid.seeds), tuple(itertools.product(*choices)), grid.frozen_b)
+    return options, Grid(tuple(grid.d_initials), tuple(grid.seeds), tuple(itertools.product(*choices)), grid.frozen_b,
+                         grid.adapters_per_pass)
 
 
 def _variant_label(variant: tuple[str, str, str]) -> str:
@@ -118,18 +124,23 @@ def _head_for_seed(trainable: dict, seed: int) -> dict:
     return vera_jax.paths.unflatten(flat)
 
 
-def _train_variant(job: classify.Prepared, options: Options, configs: list[vera_jax.VeraConfig], seeds: list[int],
-                   names: list[str], log: MetricsLog, steps_per_epoch: int,
+def _per_pass(grid: Grid, batch_size: int, options: Options) -> int | None:
+    return grid.adapters_per_pass or vera_jax.adapters_per_pass(batch_size * options.max_length)
+
+
+def _train_variant(job: classify.Prepared, options: Options, grid: Grid, configs: list[vera_jax.VeraConfig],
+                   seeds: list[int], names: list[str], log: MetricsLog, steps_per_epoch: int,
                    total_steps: int) -> tuple[dict, vera_jax.Projections, np.ndarray]:
-    """Train one adapter per (config, seed) of one variant in a vmapped program; returns them stacked, their
-    shared projections, and their held-out accuracies (K,)."""
+    """Train one adapter per (config, seed) of one variant in one compiled program; returns them stacked,
+    their shared projections, and their held-out accuracies (K,)."""
     params, pad_id = job.model.params, job.pad_id
     projections = vera_jax.init_projections(params, vera_jax.projection_key(configs[0]), configs[0])
     stacked = vera_jax.stack([_head_for_seed(vera_jax.init_trainable(params, c), seed)
                               for c, seed in zip(configs, seeds)])
     tx = steps.make_optimizer(options, total_steps)
     logits_fn = steps.vera_logits(job.model, options.strategy)
-    train_step = jax.vmap(steps.make_train_step(logits_fn, tx, options.task), in_axes=(0, 0, None, None, 0, 0))
+    train_step = vera_jax.map_adapters(steps.make_train_step(logits_fn, tx, options.task), (0, 0, None, None, 0, 0),
+                                       _per_pass(grid, options.batch_size, options))
     train_step = jax.jit(train_step, donate_argnums=(0, 1))
     opt_state = jax.vmap(tx.init)(stacked)
     progress = tqdm(range(total_steps), desc=f"{len(configs)} adapters, {names[0].rsplit(' d=', 1)[0]}")
@@ -146,7 +157,8 @@ def _train_variant(job: classify.Prepared, options: Options, configs: list[vera_
                 log.write(run=name, step=step + 1, loss=float(loss))
             progress.set_postfix(loss=f"{float(np.mean(losses)):.4f}")
 
-    evaluate = jax.jit(jax.vmap(steps.make_eval_step(logits_fn, options.task), in_axes=(0, None, None, None)))
+    evaluate = jax.jit(vera_jax.map_adapters(steps.make_eval_step(logits_fn, options.task), (0, None, None, None),
+                                             _per_pass(grid, options.eval_batch_size, options)))
     correct = np.zeros(len(configs))
     for start in range(0, len(job.test_data), options.eval_batch_size):
         indices = np.arange(start, min(start + options.eval_batch_size, len(job.test_data)))
@@ -168,8 +180,8 @@ def sweep(options: Options, grid: Grid) -> dict:
     rows = []
     for variant in grid.variants:
         names = [_run_name(variant, d, seed) for d, seed in points]
-        stacked, projections, accuracy = _train_variant(job, options, configs[variant], [s for _, s in points], names,
-                                                        log, steps_per_epoch, total_steps)
+        stacked, projections, accuracy = _train_variant(job, options, grid, configs[variant], [s for _, s in points],
+                                                        names, log, steps_per_epoch, total_steps)
         trainable_params = vera_jax.count_parameters(job.model.params, configs[variant][0])[0]
         for (d, seed), config, adapter, acc, name in zip(points, configs[variant], vera_jax.unstack(stacked),
                                                          accuracy, names):

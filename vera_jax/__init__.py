@@ -4,7 +4,7 @@ from vera_jax.activation import activation_path, adapt
 from vera_jax.config import VeraConfig
 from vera_jax.layers import LAMBDA_B, LAMBDA_D, AdaptedLayer, find_layers, find_trainable_leaves
 from vera_jax.merge import merge, unmerge
-from vera_jax.multi import adapt_mixed, num_adapters, stack, unstack
+from vera_jax.multi import adapt_mixed, adapters_per_pass, map_adapters, num_adapters, stack, unstack
 from vera_jax.ops import adapter_output, adapter_output_lean, delta_weight
 from vera_jax.partition import combine, combined_optimizer, split, trainable_labels
 from vera_jax.projections import Projections, init_projections, kaiming_uniform_bound, projection_key
@@ -21,6 +21,7 @@ __all__ = [
     "activation_path",
     "adapt",
     "adapt_mixed",
+    "adapters_per_pass",
     "PathPlan",
     "adapter_output",
     "adapter_output_lean",
@@ -39,6 +40,7 @@ __all__ = [
     "num_adapters",
     "parameter_report",
     "lora_parameters",
+    "map_adapters",
     "plan_paths",
     "projection_key",
     "shared_input_groups",
