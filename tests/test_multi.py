@@ -70,7 +70,7 @@ def test_adapter_ids_out_of_range():
     assert np.all(np.isfinite(logits[0])) and np.all(np.isnan(logits[1]))
 
 
-@pytest.mark.parametrize("adapters_per_pass", [None, 1, 2])  # all 3 at once; a scan; a pass of 2 and one of 1
+@pytest.mark.parametrize("adapters_per_pass", [None, 1, 2])  # all 3 at once; a scan of 3; a pass of 2, then 1
 def test_vmapped_training_equals_separate_runs(adapters_per_pass):
     family = families.bert()
     projections = vera_jax.init_projections(family.params, jax.random.key(0), family.config)
@@ -106,6 +106,16 @@ def test_vmapped_training_equals_separate_runs(adapters_per_pass):
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=f"adapter {k}")
     assert losses.shape == (K,)
+
+
+def test_map_adapters_over_one_adapter_is_the_function_itself():
+    fn = lambda w, x: (jnp.tanh(x @ w), w.sum())  # noqa: E731
+    w, x = jax.random.normal(jax.random.key(0), (4, 3)), jax.random.normal(jax.random.key(1), (5, 4))
+    got = jax.jit(vera_jax.map_adapters(fn, (0, None)))(w[None], x)
+    want = fn(w, x)
+    assert [g.shape for g in got] == [(1, 5, 3), (1,)]
+    for g, v in zip(got, want):
+        np.testing.assert_array_equal(g[0], v)
 
 
 def test_map_adapters_rejects_what_it_cannot_map():

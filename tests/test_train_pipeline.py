@@ -318,7 +318,8 @@ def test_sweep_trains_k_adapters_like_separate_runs(tiny, tmp_path, capsys):
     grid_dir, single_dir = tmp_path / "grid", tmp_path / "single"
     args = lambda out, *grid: ["sweep", *tiny_run.train_args(model, data, out, "--max-steps", "4",  # noqa: E731
                                                               "--lr-vectors", "0.1", "--lr-head", "0.1", *grid)]
-    assert main(args(grid_dir, "--d-initials", "1e-7", "1.0", "--seeds", "0", "1")) == 0
+    # Two passes of two vmapped adapters, looped in one program: d1-seed1 trains in the second pass.
+    assert main(args(grid_dir, "--d-initials", "1e-7", "1.0", "--seeds", "0", "1", "--adapters-per-pass", "2")) == 0
     summary = json.loads((grid_dir / "sweep.json").read_text())
     assert len(summary["grid"]) == 4 and set(summary["mean_accuracy_by_d_initial"]) == {"1e-07", "1"}
     assert (grid_dir / "sweep.png").stat().st_size > 10_000
@@ -364,3 +365,5 @@ def test_a_sweep_variant_that_cannot_work_fails_before_training(tiny, tmp_path, 
                                           "--train-vectors", "lambda_d", "--frozen-b", "0")]
     assert main(args) == 2
     assert "switches the adapter off" in capsys.readouterr().err
+    assert main([*args[:-2], "--adapters-per-pass", "0"]) == 2
+    assert "--adapters-per-pass must be at least 1" in capsys.readouterr().err

@@ -81,8 +81,8 @@ def map_adapters(fn: Callable, in_axes: Sequence[int | None], adapters_per_pass:
     """``jax.vmap(fn, in_axes)`` over a leading adapter axis, computed ``adapters_per_pass`` adapters at a time.
 
     The K adapters still run in one program: passes of ``adapters_per_pass`` vmapped adapters, looped
-    inside it by `jax.lax.map` (the frozen base is read once for all of them); the results are
-    exactly those of ``jax.vmap``. None vmaps all K in one pass.
+    inside it by `jax.lax.map`, and a last pass of the remainder; a pass of one adapter runs ``fn``
+    unbatched. The results are those of ``jax.vmap``. None vmaps all K in one pass.
 
     Args:
       fn: the per-adapter function, e.g. a training step ``(trainable, opt_state, params, batch)``.
@@ -111,14 +111,29 @@ def map_adapters(fn: Callable, in_axes: Sequence[int | None], adapters_per_pass:
             raise ValueError(f"The stacked arguments of map_adapters have adapter axes of sizes "
                              f"{sorted(map(str, sizes))}; every leaf needs the same leading size K.")
         count = sizes.pop()
-        if adapters_per_pass is None or adapters_per_pass >= count:
-            return jax.vmap(fn, in_axes=in_axes)(*args)
+        per_pass = count if adapters_per_pass is None else min(adapters_per_pass, count)
 
-        def one(per_adapter):
-            values = iter(per_adapter)
-            return fn(*(next(values) if axis == 0 else arg for arg, axis in zip(args, in_axes)))
+        def run(values: tuple) -> object:
+            """fn on a pass of n stacked adapters; a pass of one runs fn itself (a vmap of one costs time)."""
+            def call(*per_adapter):
+                values_iter = iter(per_adapter)
+                return fn(*(next(values_iter) if axis == 0 else arg for arg, axis in zip(args, in_axes)))
 
-        return jax.lax.map(one, stacked, batch_size=adapters_per_pass)
+            if jax.tree.leaves(values)[0].shape[0] == 1:
+                return jax.tree.map(lambda y: y[None], call(*jax.tree.map(lambda x: x[0], values)))
+            return jax.vmap(call)(*values)
+
+        passes, remainder = divmod(count, per_pass)
+        split = passes * per_pass
+        if passes == 1:
+            outputs = run(jax.tree.map(lambda x: x[:split], stacked))
+        else:  # the passes loop inside the program
+            grouped = jax.tree.map(lambda x: x[:split].reshape(passes, per_pass, *x.shape[1:]), stacked)
+            outputs = jax.tree.map(lambda y: y.reshape(split, *y.shape[2:]), jax.lax.map(run, grouped))
+        if remainder:
+            rest = run(jax.tree.map(lambda x: x[split:], stacked))
+            outputs = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), outputs, rest)
+        return outputs
 
     return mapped
 
