@@ -198,7 +198,8 @@ def bench(args: argparse.Namespace) -> dict:
     else:
         model = load_classifier(args.model, 2)[0]
     params = model.params
-    config = vera_jax.VeraConfig(r=args.r, target_modules=tuple(args.targets), trainable=() if causal else ("classifier",))
+    config = vera_jax.VeraConfig(r=args.r, target_modules=tuple(args.targets),
+                                 trainable=() if causal else ("classifier",))
     projections = vera_jax.init_projections(params, vera_jax.projection_key(config), config)
     tokens = args.batch_size * args.seq_len
     ids = jax.ShapeDtypeStruct((args.batch_size, args.seq_len), jnp.int32)

@@ -11,8 +11,8 @@ import optax
 import vera_jax
 from vera_jax.paths import SEP, flatten, unflatten
 
-__all__ = ["make_optimizer", "vera_logits", "head_only_logits", "make_train_step", "make_eval_step", "loss_value", "model_logits",
-           "mean_loss", "next_token_terms"]
+__all__ = ["make_optimizer", "model_logits", "vera_logits", "head_only_logits", "make_train_step", "make_eval_step",
+           "loss_value", "mean_loss", "next_token_terms"]
 
 
 def _schedule(kind: str, peak: float, total_steps: int, warmup_ratio: float) -> optax.Schedule:
