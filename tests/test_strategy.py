@@ -88,6 +88,22 @@ def test_layers_that_read_one_input_are_found_by_tracing_and_timed_together():
         vera_jax.plan_paths(family.params, family.config, tokens=64, measure=True, input_groups=groups[:3])
 
 
+def test_a_whole_step_plan_times_the_models_gradient_step_on_each_path():
+    family = families.llama()
+    projections = vera_jax.init_projections(family.params, jax.random.key(0), family.config)
+    trainable = families.random_trainable(family, seed=3)
+    plan = vera_jax.whole_step_plan(family.apply, family.params, trainable, projections, family.inputs,
+                                    tokens=family.inputs.size)
+    merged, activation = (sum(getattr(c, name) for c in plan.costs) for name in ("merged", "activation"))
+    assert plan.measured and plan.whole_steps and not plan.per_layer and 0 < min(merged, activation) < 10.0
+    chosen = "merged" if merged <= activation else "activation"
+    assert set(plan.paths()) == {chosen} and len(plan.costs) == len(vera_jax.find_layers(family.params, family.config))
+    assert plan.summary().startswith(f"auto: every layer {chosen}") and "whole steps" in plan.explain()
+    got = vera_jax.adapt(family.apply, trainable, projections, path=plan)(family.params, family.inputs)
+    want = vera_jax.adapt(family.apply, trainable, projections, path="merged")(family.params, family.inputs)
+    assert max_rel_error(got, want) < 1e-5
+
+
 def test_a_mixed_plan_gives_the_same_logits():
     family = families.llama()
     plan = vera_jax.plan_paths(family.params, family.config, tokens=100)

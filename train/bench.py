@@ -1,7 +1,8 @@
 """``python -m train bench``: VeRA training step time and memory, side by side in one run.
 
 Variants, all on the same model, batch and sequence length, each one jitted step with donated state:
-merged, activation, activation-lean (custom VJP), auto (the cost model's per-layer plan), the floor
+merged, activation, activation-lean (custom VJP), auto (the path whose whole gradient step
+`vera_jax.whole_step_plan` timed faster here), the floor
 (the frozen model with gradients flowing back through every layer but no weight gradients: only a
 vector scaling the embedding output is trained) and, when torch and peft import, PEFT's VeRA in
 PyTorch. The model's own dropout is on in every variant, PEFT's included, as when training
@@ -202,9 +203,9 @@ def bench(args: argparse.Namespace) -> dict:
                                  trainable=() if causal else ("classifier",))
     projections = vera_jax.init_projections(params, vera_jax.projection_key(config), config)
     tokens = args.batch_size * args.seq_len
-    ids = jax.ShapeDtypeStruct((args.batch_size, args.seq_len), jnp.int32)
-    groups = vera_jax.shared_input_groups(lambda p, x: model(x, params=p).logits, params, config, ids)
-    plan = vera_jax.plan_paths(params, config, tokens=tokens, measure=True, input_groups=groups, per_layer=False)
+    plan = vera_jax.whole_step_plan(lambda p, x: model(x, params=p).logits, params,
+                                    vera_jax.init_trainable(params, config), projections,
+                                    np.ones((args.batch_size, args.seq_len), np.int32), tokens=tokens)
     rng = np.random.default_rng(0)
     vocab = model.config.vocab_size
     low = min(1000, vocab // 2)  # past the special tokens of a real vocabulary

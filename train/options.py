@@ -46,7 +46,7 @@ class Options:
     test_fraction: float = 0.2
     seed: int = 0
     mesh: str = "auto"  # 'DATAxFSDP', e.g. '8x1' or '4x2'; 'auto' puts every device on the data axis
-    strategy: str = "merged"  # 'merged' | 'activation' | 'activation-lean' | 'auto' (cost model, per layer)
+    strategy: str = "merged"  # 'merged' | 'activation' | 'activation-lean' | 'auto' (the faster whole step, timed)
     output_dir: str = "runs/latest"
     checkpoint_every: int = 100
     keep_checkpoints: int = 2

@@ -96,25 +96,28 @@ def vera_setup(options: Options, params: dict, model_type: str) -> tuple[vera_ja
 
 
 def resolve_strategy(options: Options, model, config: vera_jax.VeraConfig) -> str | vera_jax.PathPlan:
-    """``--strategy``, with 'auto' planned per layer from times measured for this batch shape (and printed).
+    """``--strategy``, with 'auto' the path whose whole training step runs faster here (timed, and printed).
 
-    Layers that read one input are timed together (`vera_jax.shared_input_groups`). Process 0 measures
-    and every process takes its numbers, so that all of them compile one program.
+    `vera_jax.whole_step_plan` times the model's gradient step on each path for a batch of this shape.
+    Process 0 measures and every process takes its numbers, so that all of them compile one program.
     """
     if options.strategy not in STRATEGIES:
         raise RunError(f"--strategy must be one of {STRATEGIES}, got {options.strategy!r}.")
     if options.strategy != "auto":
         return options.strategy
     primary = jax.process_index() == 0
-    ids = jax.ShapeDtypeStruct((options.batch_size, options.max_length), np.int32)
-    groups = vera_jax.shared_input_groups(lambda p, x: model(x, params=p).logits, model.params, config, ids)
-    plan = vera_jax.plan_paths(model.params, config, tokens=options.batch_size * options.max_length,
-                               measure=primary, input_groups=groups, per_layer=False)
+    tokens = options.batch_size * options.max_length
+    if primary:
+        ids = np.ones((options.batch_size, options.max_length), np.int32)
+        projections = vera_jax.init_projections(model.params, vera_jax.projection_key(config), config)
+        plan = vera_jax.whole_step_plan(lambda p, x: model(x, params=p).logits, model.params,
+                                        vera_jax.init_trainable(model.params, config), projections, ids, tokens=tokens)
     if jax.process_count() > 1:
-        seconds = multihost_utils.broadcast_one_to_all(np.array([[c.merged, c.activation] for c in plan.costs]))
-        plan = dataclasses.replace(plan, measured=True, costs=tuple(
-            vera_jax.strategy.LayerCost(c.path, float(merged), float(activation))
-            for c, (merged, activation) in zip(plan.costs, np.asarray(seconds))))
+        seconds = multihost_utils.broadcast_one_to_all(
+            np.array([plan.costs[0].merged, plan.costs[0].activation] if primary else [0.0, 0.0]))
+        costs = tuple(vera_jax.strategy.LayerCost(layer.path, *map(float, seconds))
+                      for layer in vera_jax.find_layers(model.params, config))
+        plan = vera_jax.PathPlan(costs, tokens, training=True, measured=True, per_layer=False, whole_steps=True)
     if primary:
         print(plan.summary())
     return plan

@@ -9,7 +9,7 @@ from vera_jax.ops import adapter_output, adapter_output_lean, delta_weight
 from vera_jax.partition import combine, combined_optimizer, split, trainable_labels
 from vera_jax.projections import Projections, init_projections, kaiming_uniform_bound, projection_key
 from vera_jax.report import count_parameters, layer_table, lora_parameters, parameter_report
-from vera_jax.strategy import PathPlan, plan_paths, shared_input_groups
+from vera_jax.strategy import PathPlan, plan_paths, shared_input_groups, whole_step_plan
 from vera_jax.vectors import init_trainable, init_vectors
 
 __all__ = [
@@ -49,4 +49,5 @@ __all__ = [
     "trainable_labels",
     "unmerge",
     "unstack",
+    "whole_step_plan",
 ]

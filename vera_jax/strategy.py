@@ -17,6 +17,10 @@ tall matmuls, enough to flip 576 x 1536 layers at 1,024 tokens. And layers that 
 ``plan_paths(..., measure=True)`` therefore times both paths on the device at hand, for every
 distinct group of layers that share an input (`shared_input_groups` finds them by tracing the model;
 without it each layer is its own group), and picks per group by the measured time.
+
+Timed alone, layers can still mislead about a whole model (on SmolLM2 the groups' timings favoured
+merged while the whole merged step ran 1.24x slower than the whole activation step), so where one
+path serves the whole model `whole_step_plan` times the model's own gradient step on each path.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ from vera_jax.layers import AdaptedLayer, find_layers
 from vera_jax.ops import adapter_output, delta_weight
 from vera_jax.paths import SEP
 
-__all__ = ["PathPlan", "LayerCost", "layer_cost", "measured_seconds", "shared_input_groups", "plan_paths"]
+__all__ = ["PathPlan", "LayerCost", "layer_cost", "measured_seconds", "shared_input_groups", "plan_paths",
+           "whole_step_plan"]
 
 _TIMED_RUNS = 5
 
@@ -71,6 +76,9 @@ class PathPlan:
       costs: one `LayerCost` per adapted layer, in params order.
       tokens: tokens per step the plan was made for.
       training: whether backward passes were counted.
+      measured: costs are seconds measured on a device, not estimated FLOPs.
+      per_layer: each layer takes its own cheaper path; False: one path, cheaper in total, for all.
+      whole_steps: the costs are whole model steps (`whole_step_plan`), spread evenly over the layers.
     """
 
     costs: tuple[LayerCost, ...]
@@ -78,6 +86,7 @@ class PathPlan:
     training: bool
     measured: bool = False
     per_layer: bool = True
+    whole_steps: bool = False
 
     def paths(self) -> tuple[str, ...]:
         """The path each layer takes, in `costs` order: its own cheaper one, or (``per_layer=False``) the
@@ -106,6 +115,10 @@ class PathPlan:
         total = {name: sum(getattr(c, name) for c in self.costs) for name in ("merged", "activation")}
         chosen = sum(getattr(c, path) for c, path in zip(self.costs, self.paths()))
         mode = "training" if self.training else "inference"
+        if self.whole_steps:
+            return (f"auto: every layer {self.paths()[0]}, for {self.tokens} tokens per {mode} step; measured "
+                    f"whole steps of the model on this device: {self._format(total['merged'], 'G')} all merged, "
+                    f"{self._format(total['activation'], 'G')} all on activations")
         how = ("measured on this device" if self.measured else "estimated") + ("" if self.per_layer else
                                                                                  ", one path for the whole model")
         return (f"auto: {merged} layers merged, {activation} on the activation path for {self.tokens} tokens per "
@@ -114,7 +127,9 @@ class PathPlan:
                 "on activations")
 
     def explain(self) -> str:
-        """`summary` and a row per layer with both costs."""
+        """`summary` and a row per layer with both costs (whole-step plans have no per-layer costs)."""
+        if self.whole_steps:
+            return self.summary()
         rows = [f"{c.path}  merged {self._format(c.merged, 'M')}  activation {self._format(c.activation, 'M')}  "
                 f"-> {path}" for c, path in zip(self.costs, self.paths())]
         return "\n".join([self.summary(), *rows])
@@ -222,3 +237,35 @@ def plan_paths(params: Mapping, config: VeraConfig, *, tokens: int, training: bo
                          f"{sorted(by_path)[:4]}...; build them with shared_input_groups for these params and config.")
     return PathPlan(tuple(LayerCost(layer.path, *share[layer.path]) for layer in layers), tokens, training,
                     measured=True, per_layer=per_layer)
+
+
+def whole_step_plan(fn, params: Mapping, trainable: Mapping, projections, *args, tokens: int) -> PathPlan:
+    """One path for the whole model: the one whose gradient step of ``fn(params, *args)`` runs faster here.
+
+    Compiles and times (median of a few runs) the gradient of the trainable tree through
+    ``vera_jax.adapt(fn, trainable, projections, path=...)`` for "merged" and for "activation", on the
+    default device; ``args`` are example inputs of the training batch's shape (e.g. token ids (B, T)).
+    Costs seconds of compiling, and the truth where per-layer timings mislead.
+
+    Args:
+      fn: a function of the base params whose output (any pytree of arrays) the loss reads.
+      tokens: tokens per step in ``args``, for the summary.
+    """
+    from vera_jax.activation import adapt  # the adapter paths build on this module's plans
+
+    layers = find_layers(params, projections.config)
+    outputs = jax.eval_shape(fn, params, *args)
+    keys = iter(jax.random.split(jax.random.key(0), len(jax.tree.leaves(outputs))))
+    cotangents = jax.tree.map(lambda o: jax.random.normal(next(keys), o.shape, jnp.float32), outputs)
+
+    def gradient(path):
+        def loss(trainable):
+            out = adapt(fn, trainable, projections, path=path)(params, *args)
+            return sum(jnp.vdot(o.astype(jnp.float32), c) for o, c in zip(jax.tree.leaves(out),
+                                                                          jax.tree.leaves(cotangents)))
+
+        return jax.jit(jax.grad(loss))
+
+    merged, activation = (_median_seconds(gradient(path), trainable) for path in ("merged", "activation"))
+    costs = tuple(LayerCost(layer.path, merged / len(layers), activation / len(layers)) for layer in layers)
+    return PathPlan(costs, tokens, training=True, measured=True, per_layer=False, whole_steps=True)
