@@ -251,6 +251,6 @@ def evaluate(ctx: Context, trainable, logits_fn) -> tuple[float, float]:
         weights = (indices < n).astype(np.float32)
         batch = data_lib.collate(ctx.test_data, np.minimum(indices, n - 1), ctx.pad_id, ctx.options.max_length)
         batch["weights"] = weights
-        c, l, w = eval_fn(trainable, ctx.params, ctx.projections, global_batch(batch, batch_sharding))
-        correct, loss, count = correct + float(c), loss + float(l), count + float(w)
+        sums = eval_fn(trainable, ctx.params, ctx.projections, global_batch(batch, batch_sharding))
+        correct, loss, count = (total + float(part) for total, part in zip((correct, loss, count), sums))
     return correct / count, loss / count
