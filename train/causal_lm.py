@@ -83,11 +83,11 @@ def run(options: Options) -> dict:
                        f"the {positions} positions of {options.model!r}; lower them.")
     params = model.params
     config, initial = vera_setup(options, params, model.config.model_type)
-    strategy = resolve_strategy(options, model, config)
     train_data = chat_data.encode_chat(train_split, tokenizer, options.max_length)
     test_data = chat_data.encode_chat(test_split, tokenizer, options.max_length)
     key = vera_jax.projection_key(config)
     projections = vera_jax.init_projections(params, key, config)
+    strategy = resolve_strategy(options, model, config, projections)
     ctx = make_context(options, mesh, params, projections, key, train_data, test_data, tokenizer.pad_token_id)
     primary = jax.process_index() == 0
     trainable_params, all_params = vera_jax.count_parameters(params, config)

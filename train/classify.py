@@ -61,9 +61,9 @@ def run(options: Options) -> dict:
     model, train_data, test_data = job.model, job.train_data, job.test_data
     params = model.params
     config, trainable = vera_setup(options, params, model.config.model_type)
-    strategy = resolve_strategy(options, model, config)
     key = vera_jax.projection_key(config)
     projections = vera_jax.init_projections(params, key, config)
+    strategy = resolve_strategy(options, model, config, projections)
     ctx = make_context(options, mesh, params, projections, key, train_data, test_data, job.pad_id)
     primary = jax.process_index() == 0
     if primary:

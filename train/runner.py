@@ -95,7 +95,8 @@ def vera_setup(options: Options, params: dict, model_type: str) -> tuple[vera_ja
         raise RunError(f"VeRA settings do not fit {options.model!r}: {err}") from None
 
 
-def resolve_strategy(options: Options, model, config: vera_jax.VeraConfig) -> str | vera_jax.PathPlan:
+def resolve_strategy(options: Options, model, config: vera_jax.VeraConfig,
+                     projections: vera_jax.Projections) -> str | vera_jax.PathPlan:
     """``--strategy``, with 'auto' the path whose whole training step runs faster here (timed, and printed).
 
     `vera_jax.whole_step_plan` times the model's gradient step on each path for a batch of this shape.
@@ -109,7 +110,6 @@ def resolve_strategy(options: Options, model, config: vera_jax.VeraConfig) -> st
     tokens = options.batch_size * options.max_length
     if primary:
         ids = np.ones((options.batch_size, options.max_length), np.int32)
-        projections = vera_jax.init_projections(model.params, vera_jax.projection_key(config), config)
         plan = vera_jax.whole_step_plan(lambda p, x: model(x, params=p).logits, model.params,
                                         vera_jax.init_trainable(model.params, config), projections, ids, tokens=tokens)
     if jax.process_count() > 1:
