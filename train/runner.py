@@ -113,11 +113,9 @@ def resolve_strategy(options: Options, model, config: vera_jax.VeraConfig,
         plan = vera_jax.whole_step_plan(lambda p, x: model(x, params=p).logits, model.params,
                                         vera_jax.init_trainable(model.params, config), projections, ids, tokens=tokens)
     if jax.process_count() > 1:
-        seconds = multihost_utils.broadcast_one_to_all(
-            np.array([plan.costs[0].merged, plan.costs[0].activation] if primary else [0.0, 0.0]))
-        costs = tuple(vera_jax.strategy.LayerCost(layer.path, *map(float, seconds))
-                      for layer in vera_jax.find_layers(model.params, config))
-        plan = vera_jax.PathPlan(costs, tokens, training=True, measured=True, per_layer=False, whole_steps=True)
+        totals = np.array(plan.totals if primary else (0.0, 0.0), np.float32)
+        merged, activation = map(float, multihost_utils.broadcast_one_to_all(totals))
+        plan = vera_jax.PathPlan.from_whole_steps(model.params, config, merged, activation, tokens)
     if primary:
         print(plan.summary())
     return plan

@@ -88,13 +88,26 @@ class PathPlan:
     per_layer: bool = True
     whole_steps: bool = False
 
+    @classmethod
+    def from_whole_steps(cls, params: Mapping, config: VeraConfig, merged: float, activation: float,
+                         tokens: int) -> PathPlan:
+        """One path for every layer, from the seconds of the model's whole training step on each path."""
+        layers = find_layers(params, config)
+        costs = tuple(LayerCost(layer.path, merged / len(layers), activation / len(layers)) for layer in layers)
+        return cls(costs, tokens, training=True, measured=True, per_layer=False, whole_steps=True)
+
     def paths(self) -> tuple[str, ...]:
         """The path each layer takes, in `costs` order: its own cheaper one, or (``per_layer=False``) the
         one cheaper in total for every layer."""
         if self.per_layer:
             return tuple(c.choice for c in self.costs)
-        merged, activation = (sum(getattr(c, name) for c in self.costs) for name in ("merged", "activation"))
+        merged, activation = self.totals
         return ("merged" if merged <= activation else "activation",) * len(self.costs)
+
+    @property
+    def totals(self) -> tuple[float, float]:
+        """``(merged, activation)``: the cost of sending every layer down each path."""
+        return sum(c.merged for c in self.costs), sum(c.activation for c in self.costs)
 
     @property
     def merged(self) -> frozenset[str]:
@@ -112,7 +125,7 @@ class PathPlan:
     def summary(self) -> str:
         """One line: what was picked and why."""
         merged, activation = len(self.merged), len(self.activation)
-        total = {name: sum(getattr(c, name) for c in self.costs) for name in ("merged", "activation")}
+        total = dict(zip(("merged", "activation"), self.totals))
         chosen = sum(getattr(c, path) for c, path in zip(self.costs, self.paths()))
         mode = "training" if self.training else "inference"
         if self.whole_steps:
@@ -214,7 +227,8 @@ def plan_paths(params: Mapping, config: VeraConfig, *, tokens: int, training: bo
     each member is charged an equal share of the group's time. ``per_layer=False`` sends every layer down
     the path that is cheaper in total: measured whole programs mixing the two paths ran slower than the
     predictions of their parts (SmolLM2 on a CPU: 60 of 210 layers merged, 6.71 s a step, against 6.12 s
-    with every layer on activations), so the training entry points plan one path per model.
+    with every layer on activations), so the training entry points plan one path per model, and time
+    it as whole steps (`whole_step_plan`).
     """
     if tokens <= 0:
         raise ValueError(f"tokens per step must be positive, got {tokens}.")
@@ -253,7 +267,6 @@ def whole_step_plan(fn, params: Mapping, trainable: Mapping, projections, *args,
     """
     from vera_jax.activation import adapt  # the adapter paths build on this module's plans
 
-    layers = find_layers(params, projections.config)
     outputs = jax.eval_shape(fn, params, *args)
     keys = iter(jax.random.split(jax.random.key(0), len(jax.tree.leaves(outputs))))
     cotangents = jax.tree.map(lambda o: jax.random.normal(next(keys), o.shape, jnp.float32), outputs)
@@ -267,5 +280,4 @@ def whole_step_plan(fn, params: Mapping, trainable: Mapping, projections, *args,
         return jax.jit(jax.grad(loss))
 
     merged, activation = (_median_seconds(gradient(path), trainable) for path in ("merged", "activation"))
-    costs = tuple(LayerCost(layer.path, merged / len(layers), activation / len(layers)) for layer in layers)
-    return PathPlan(costs, tokens, training=True, measured=True, per_layer=False, whole_steps=True)
+    return PathPlan.from_whole_steps(params, projections.config, merged, activation, tokens)
