@@ -1,34 +1,121 @@
-"""Write a directory so that readers see the old one or the new one whole, never half of either."""
+"""Write files and directories so that readers see the old copy or the new one whole, never half of either.
+
+A directory is written into a hidden staging directory beside it, then swapped into place: on Linux
+by one atomic exchange of the two names (``renameat2(RENAME_EXCHANGE)``), elsewhere by renaming the old
+copy aside first. The old copy is deleted only once the new one is in place, and a directory that
+does not hold the file marking it as ours (e.g. ``vera_adapter.json``) is never replaced.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["staged_directory"]
+__all__ = ["staged_directory", "stage", "publish", "check_replaceable", "recover", "write_text"]
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _staging(directory: Path) -> Path:
+    return directory.parent / f".{directory.name}.partial"
+
+
+def _aside(directory: Path) -> Path:
+    return directory.parent / f".{directory.name}.old"
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two existing paths atomically; False where the system offers no such call."""
+    libc_name = ctypes.util.find_library("c")
+    renameat2 = getattr(ctypes.CDLL(libc_name, use_errno=True), "renameat2", None) if libc_name else None
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) != 0:
+        errno = ctypes.get_errno()
+        if errno in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: this file system cannot exchange
+            return False
+        raise OSError(errno, os.strerror(errno), str(second))
+    return True
+
+
+def recover(directory: str | os.PathLike) -> None:
+    """Put back an old copy left renamed aside by a crash between the two renames of `publish`."""
+    directory = Path(directory).absolute()
+    if not directory.exists() and _aside(directory).is_dir():
+        os.replace(_aside(directory), directory)
+
+
+def check_replaceable(directory: str | os.PathLike, marker: str) -> None:
+    """Raise unless ``directory`` is absent, empty, or holds ``marker`` (a file our writers put there).
+
+    Raises:
+      FileExistsError: ``directory`` holds something else, which a write must not destroy.
+    """
+    directory = Path(directory).absolute()
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"{directory} exists and is not a directory; choose another path.")
+    if directory.is_dir() and any(directory.iterdir()) and not (directory / marker).is_file():
+        raise FileExistsError(f"{directory} already holds files and is not a directory this writer made (it has no "
+                              f"{marker}); nothing was written. Choose a new or empty directory.")
+
+
+def stage(directory: str | os.PathLike, marker: str) -> Path:
+    """A new, empty staging directory for ``directory``, after checking that it may be replaced."""
+    directory = Path(directory).absolute()
+    recover(directory)
+    check_replaceable(directory, marker)
+    staging = _staging(directory)
+    shutil.rmtree(staging, ignore_errors=True)  # a stale staging directory of an interrupted write
+    staging.mkdir(parents=True)
+    return staging
+
+
+def publish(staging: Path, directory: str | os.PathLike) -> Path:
+    """Move the complete ``staging`` into ``directory``'s place; the old copy goes only after that."""
+    directory = Path(directory).absolute()
+    if not directory.exists():
+        os.replace(staging, directory)
+    elif _exchange(staging, directory):
+        shutil.rmtree(staging)  # now the old copy
+    else:
+        aside = _aside(directory)
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(directory, aside)
+        os.replace(staging, directory)  # a crash before this line leaves the old copy for `recover`
+        shutil.rmtree(aside)
+    return directory
 
 
 @contextlib.contextmanager
-def staged_directory(directory: str | os.PathLike) -> Iterator[Path]:
+def staged_directory(directory: str | os.PathLike, marker: str) -> Iterator[Path]:
     """Yield an empty staging directory; when the block succeeds it takes ``directory``'s place.
 
-    An older ``directory`` is first renamed aside and deleted only after the new one is in place, so
-    a crash at any point leaves a complete copy (``.NAME.old`` at worst).
+    ``marker`` names a file the block writes, which marks the directory as one this writer may replace
+    later; an existing directory without it is refused before anything is written.
+
+    Raises:
+      FileExistsError: ``directory`` holds files that are not a copy of what this writer writes.
     """
-    directory = Path(directory).absolute()
-    staging = directory.parent / f".{directory.name}.partial"
-    previous = directory.parent / f".{directory.name}.old"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    staging = stage(directory, marker)
     try:
         yield staging
-        if directory.exists():
-            shutil.rmtree(previous, ignore_errors=True)
-            os.replace(directory, previous)
-        os.replace(staging, directory)
-        shutil.rmtree(previous, ignore_errors=True)
+        if not (staging / marker).is_file():
+            raise RuntimeError(f"The staged directory holds no {marker}; nothing was published.")
+        publish(staging, directory)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a file through a temporary file and an atomic rename: a reader never sees half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,10 +1,11 @@
 """Adapter checkpoints with Orbax: the trainable tree, the projection key and its recipe; never the base.
 
 A checkpoint directory holds ``trainable/`` (an Orbax checkpoint of the trainable tree, plus A and B
-only when ``config.save_projection``) and ``vera_adapter.json`` (the config, the key's two words, the
+when ``config.save_projection`` asks or when they cannot be drawn again from the key, as those of a
+PEFT file) and ``vera_adapter.json`` (the config, the key's two words, the
 recipe r / in_max / out_max / dtype / generator, and a sha256 fingerprint of A and B). Restoring
 rebuilds A and B from the key and refuses when the fingerprint differs. The directory is written
-under a temporary name and renamed into place, so a crash never leaves half an adapter.
+beside its place and swapped in (`vera_jax.atomic`), so a crash never leaves half an adapter or none.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -21,6 +21,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from vera_jax.adapter import STORED, Adapter
+from vera_jax.atomic import publish, stage
 from vera_jax.config import VeraConfig
 from vera_jax.projections import GENERATOR, Projections, init_projections
 from vera_jax.vectors import init_trainable
@@ -39,13 +41,13 @@ def fingerprint(projections: Projections) -> str:
     return digest.hexdigest()
 
 
-def projection_recipe(projections: Projections, key: jax.Array) -> dict:
+def projection_recipe(adapter: Adapter) -> dict:
     """What rebuilds A and B exactly: the generator, the key's words, shapes, dtype and a fingerprint."""
-    words = jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    projections = adapter.projections
     r, in_max = projections.A.shape[-2:]
     return {
-        "generator": GENERATOR,
-        "key": [int(w) for w in np.asarray(jax.device_get(words)).reshape(-1)],
+        "generator": adapter.generator,
+        "key": [int(w) for w in np.asarray(jax.random.key_data(adapter.key)).reshape(-1)],
         "r": int(r),
         "in_max": int(in_max),
         "out_max": int(projections.B.shape[-2]),
@@ -77,30 +79,32 @@ def projections_from_recipe(params: Mapping, recipe: Mapping, config: VeraConfig
     return projections
 
 
-def save(directory: str | os.PathLike, trainable: Mapping, projections: Projections, key: jax.Array) -> Path:
-    """Write an adapter checkpoint to ``directory``, replacing an older one only once the new one is whole.
+def _stores_projections(adapter: Adapter) -> bool:
+    """A and B go into the checkpoint when asked, and always when they cannot be drawn again from the key."""
+    return adapter.config.save_projection or not adapter.redrawable
+
+
+def save(directory: str | os.PathLike, adapter: Adapter) -> Path:
+    """Write ``adapter`` as a checkpoint in ``directory``, replacing an older adapter only once the new one is whole.
 
     In a multi-process run every process calls it (Orbax writes collectively); process 0 does the renames.
+
+    Raises:
+      FileExistsError: ``directory`` holds files that are not a vera_jax adapter (nothing is written).
     """
     directory = Path(directory).absolute()
-    config = projections.config
-    tree = {"trainable": trainable}
-    if config.save_projection:
-        tree["projections"] = {"A": projections.A, "B": projections.B}
-    metadata = {"config": config.to_dict(), "projection": projection_recipe(projections, key)}
-    staging = directory.parent / f".{directory.name}.partial"
+    tree = {"trainable": adapter.trainable}
+    if _stores_projections(adapter):
+        tree["projections"] = {"A": adapter.projections.A, "B": adapter.projections.B}
+    metadata = {"config": adapter.config.to_dict(), "projection": projection_recipe(adapter)}
     primary = jax.process_index() == 0
-    if primary:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+    staging = stage(directory, METADATA_FILE) if primary else directory.parent / f".{directory.name}.partial"
     multihost_utils.sync_global_devices(f"vera_jax.checkpoint.save:{staging}")
     with ocp.StandardCheckpointer() as checkpointer:  # waits for the asynchronous write to finish
         checkpointer.save(staging / TREE_DIR, tree)
     if primary:
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(staging, directory)
+        publish(staging, directory)
     multihost_utils.sync_global_devices(f"vera_jax.checkpoint.saved:{directory}")
     return directory
 
@@ -115,19 +119,20 @@ def _metadata(directory: Path) -> dict:
         raise ValueError(f"{path} is not valid JSON ({err}); the adapter is damaged.") from None
 
 
-def restore(
-    directory: str | os.PathLike, params: Mapping, *, sharding: jax.sharding.Sharding | None = None
-) -> tuple[dict, Projections]:
-    """Read an adapter checkpoint for ``params``: ``(trainable, projections)``, A and B checked.
+def restore(directory: str | os.PathLike, params: Mapping, *,
+            sharding: jax.sharding.Sharding | None = None) -> Adapter:
+    """Read the adapter checkpoint in ``directory`` for ``params``, A and B checked against their fingerprint.
 
     ``sharding`` places the restored leaves (default: the first device), whatever mesh wrote them.
     """
     directory = Path(directory).absolute()  # Orbax reads relative paths as missing
     metadata = _metadata(directory)
     config = VeraConfig.from_dict(metadata["config"])
+    generator = metadata["projection"].get("generator", GENERATOR)
+    stored_projections = config.save_projection or generator != GENERATOR
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = {"trainable": jax.eval_shape(lambda: init_trainable(params, config))}
-    if config.save_projection:
+    if stored_projections:
         key = np.asarray(metadata["projection"]["key"], np.uint32)
         shapes = jax.eval_shape(lambda: init_projections(params, key, config))
         target["projections"] = {"A": shapes.A, "B": shapes.B}
@@ -143,11 +148,12 @@ def restore(
                          "load it onto the model it was trained with.")
     with ocp.StandardCheckpointer() as checkpointer:
         restored = checkpointer.restore(directory / TREE_DIR, target)
-    if config.save_projection:
-        projections = Projections(A=restored["projections"]["A"], B=restored["projections"]["B"], config=config,
+    if stored_projections:
+        projections = Projections(A=restored["projections"]["A"], B=restored["projections"]["B"],
                                   layers=shapes.layers)
         if fingerprint(projections) != metadata["projection"]["fingerprint"]:
             raise ValueError(f"A and B stored in {directory} do not match their fingerprint; the adapter is damaged.")
     else:
         projections = projections_from_recipe(params, metadata["projection"], config)
-    return restored["trainable"], projections
+    return Adapter(trainable=restored["trainable"], projections=projections, config=config,
+                   generator=generator if generator == GENERATOR else STORED)

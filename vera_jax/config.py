@@ -54,8 +54,8 @@ class VeraConfig:
       projection_seed: seed of the key A and B are drawn from (``projection_key(config)``).
       save_projection: whether checkpoints carry A and B themselves; by default they hold only the key and
         recipe, from which A and B are rebuilt exactly (PEFT-format files always carry them).
-      trainable: extra parameters trained in full (e.g. a new classifier head); same syntax as
-        ``target_modules`` but every leaf below a matched module is trained.
+      modules_to_save: modules trained in full, as PEFT's field of that name (e.g. a new classifier
+        head); same syntax as ``target_modules``, and every leaf below a matched module is trained.
       dtype: dtype of the adapter path (A, B, the vectors and the VeRA matmuls), float32 by default
         even when the base model runs in bfloat16.
       kernel_layout: how the adapted kernels are stored: ``"in_out"`` for ``flax.linen.Dense``,
@@ -80,7 +80,7 @@ class VeraConfig:
     dropout: float = 0.0
     projection_seed: int = 0
     save_projection: bool = False
-    trainable: str | tuple[str, ...] = ()
+    modules_to_save: str | tuple[str, ...] = ()
     dtype: str = "float32"
     kernel_layout: Literal["in_out", "out_in"] = "in_out"
     projection_init: Literal["kaiming_uniform", "kaiming_normal", "uniform"] = "kaiming_uniform"
@@ -91,7 +91,7 @@ class VeraConfig:
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
         set_("target_modules", _as_patterns(self.target_modules, "target_modules"))
-        set_("trainable", _as_patterns(self.trainable, "trainable"))
+        set_("modules_to_save", _as_patterns(self.modules_to_save, "modules_to_save"))
         if not self.target_modules:
             raise ValueError("VeraConfig.target_modules is empty: name the layers to adapt, e.g. ('query', 'value').")
         if isinstance(self.r, bool) or not isinstance(self.r, (int, np.integer)) or self.r <= 0:
@@ -142,7 +142,7 @@ class VeraConfig:
     def to_dict(self) -> dict:
         """Plain JSON-ready values (tuples become lists)."""
         out = dataclasses.asdict(self)
-        for name in ("target_modules", "trainable"):
+        for name in ("target_modules", "modules_to_save"):
             if isinstance(out[name], tuple):
                 out[name] = list(out[name])
         return out

@@ -6,21 +6,26 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from vera_jax.adapter import Adapter
 from vera_jax.atomic import staged_directory
 from vera_jax.merge import merge
-from vera_jax.projections import Projections
 
 __all__ = ["save_merged"]
 
+CONFIG_FILE = "config.json"  # every Hugging Face model directory has one
 
-def save_merged(model, params: Mapping, trainable: Mapping, projections: Projections,
-                directory: str | os.PathLike, *, safetensors: bool = False) -> Path:
-    """Write ``model`` with W0 + delta_W (and trained head leaves) via ``model.save_pretrained``.
+
+def save_merged(directory: str | os.PathLike, adapter: Adapter, params: Mapping, model, *,
+                safetensors: bool = False) -> Path:
+    """Write ``model`` with W0 + delta_W (and the leaves trained in full) via ``model.save_pretrained``.
 
     ``safetensors=False`` writes ``flax_model.msgpack``, ``True`` writes ``model.safetensors``; either
     loads with ``FlaxAutoModel....from_pretrained(directory)``. The directory appears only once whole.
+
+    Raises:
+      FileExistsError: ``directory`` holds files that are not a model directory (nothing is written).
     """
-    merged = merge(params, trainable, projections)
-    with staged_directory(directory) as staging:
+    merged = merge(params, adapter)
+    with staged_directory(directory, CONFIG_FILE) as staging:
         model.save_pretrained(staging, params=merged, safe_serialization=safetensors)
     return Path(directory).absolute()

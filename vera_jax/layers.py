@@ -6,15 +6,27 @@ import dataclasses
 from collections.abc import Mapping
 
 from vera_jax.config import VeraConfig
-from vera_jax.paths import SEP, flatten, module_paths, patterns_regex
+from vera_jax.paths import SEP, compile_rules, first_match, flatten, module_paths, patterns_regex, split_leaf
 
-__all__ = ["AdaptedLayer", "find_layers", "find_trainable_leaves", "trained_vectors", "LAMBDA_D", "LAMBDA_B",
-           "VECTOR_NAMES"]
+__all__ = ["AdaptedLayer", "find_layers", "find_full_leaves", "trained_vectors", "is_vector_path", "vector_module",
+           "LAMBDA_D", "LAMBDA_B", "VECTOR_NAMES"]
 
 LAMBDA_D = "vera_lambda_d"  # (r,): scales the r-sized side, between A and B
 LAMBDA_B = "vera_lambda_b"  # (out,): scales the layer's output side, after B
 VECTOR_NAMES = (LAMBDA_D, LAMBDA_B)
+_VECTOR_RULES = compile_rules([(patterns_regex(VECTOR_NAMES).pattern, True)])
 _MAX_LISTED = 40
+
+
+def is_vector_path(path: str) -> bool:
+    """Whether a '/'-joined leaf path names a VeRA vector (``.../vera_lambda_d`` or ``.../vera_lambda_b``)."""
+    return first_match(_VECTOR_RULES, path) is not None
+
+
+def vector_module(path: str) -> str | None:
+    """The adapted module a vector leaf belongs to (``'a/query/vera_lambda_d'`` -> ``'a/query'``); None for
+    any other leaf."""
+    return split_leaf(path)[0] if is_vector_path(path) else None
 
 
 def trained_vectors(config: VeraConfig) -> tuple[str, ...]:
@@ -86,27 +98,27 @@ def find_layers(params: Mapping, config: VeraConfig) -> tuple[AdaptedLayer, ...]
     return tuple(layers)
 
 
-def find_trainable_leaves(params: Mapping, config: VeraConfig) -> tuple[str, ...]:
-    """Leaf paths trained in full (``config.trainable``), e.g. ``('classifier/bias', 'classifier/kernel')``.
+def find_full_leaves(params: Mapping, config: VeraConfig) -> tuple[str, ...]:
+    """Leaf paths trained in full (``config.modules_to_save``), e.g. ``('classifier/bias', 'classifier/kernel')``.
 
     Raises:
-      ValueError: ``config.trainable`` is set but matches no leaf, or it overlaps an adapted kernel.
+      ValueError: ``config.modules_to_save`` is set but matches no leaf, or it overlaps an adapted kernel.
     """
-    if not config.trainable:
+    if not config.modules_to_save:
         return ()
     flat = flatten(params)
-    regex = patterns_regex(config.trainable, with_leaves=True)
+    regex = patterns_regex(config.modules_to_save, with_leaves=True)
     leaves = tuple(path for path in flat if regex.fullmatch(path))
     if not leaves:
         raise ValueError(
-            f"VeraConfig.trainable={config.trainable!r} matches no parameter. Module paths are:"
+            f"VeraConfig.modules_to_save={config.modules_to_save!r} matches no parameter. Module paths are:"
             f"{_listing(module_paths(flat))}"
         )
     adapted_kernels = {layer.path + SEP + "kernel" for layer in find_layers(params, config)}
     overlap = sorted(adapted_kernels.intersection(leaves))
     if overlap:
         raise ValueError(
-            f"{overlap} are both adapted by VeRA and trained in full; drop them from VeraConfig.trainable "
+            f"{overlap} are both adapted by VeRA and trained in full; drop them from VeraConfig.modules_to_save "
             "or from VeraConfig.target_modules."
         )
     return leaves

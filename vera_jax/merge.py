@@ -4,22 +4,22 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from vera_jax.adapter import Adapter, LayerVectors, layer_vectors
 from vera_jax.ops import delta_weight, promote_add
 from vera_jax.paths import SEP, flatten, unflatten
-from vera_jax.projections import Projections
-from vera_jax.vectors import LayerVectors, extra_leaves, layer_vectors
+from vera_jax.vectors import full_leaves
 
 __all__ = ["merge", "unmerge", "merge_layers"]
 
 
-def merge_layers(params: Mapping, items: Iterable[LayerVectors], projections: Projections, sign: float = 1.0) -> dict:
+def merge_layers(params: Mapping, items: Iterable[LayerVectors], adapter: Adapter, sign: float = 1.0) -> dict:
     """Add ``sign * delta_W`` to the kernel of each given (already checked) layer; other leaves unchanged."""
     flat = flatten(params)
-    config = projections.config
+    config = adapter.config
     for item in items:
         lambda_d = item.lambda_d.astype(config.dtype)
         lambda_b = item.lambda_b.astype(config.dtype)
-        a, b = projections.pair(item.layer.path)
+        a, b = adapter.projections.pair(item.layer.path)
         delta = delta_weight(a, b, lambda_d, lambda_b, item.layer.in_features)  # (out, in)
         if config.kernel_layout == "in_out":
             delta = delta.T
@@ -28,23 +28,23 @@ def merge_layers(params: Mapping, items: Iterable[LayerVectors], projections: Pr
     return unflatten(flat)
 
 
-def merge(params: Mapping, trainable: Mapping, projections: Projections) -> dict:
-    """Params with ``W0 + delta_W`` at every adapted layer and the extra trainable leaves swapped in.
+def merge(params: Mapping, adapter: Adapter) -> dict:
+    """Params with ``W0 + delta_W`` at every adapted layer and the leaves trained in full swapped in.
 
     ``delta_W = (lambda_b[:, None] * B[:out]) @ (lambda_d[:, None] * A[:, :in])`` is (out, in); a
     ``Dense`` kernel (in, out) receives its transpose, a ``FlaxConv1D`` kernel (out, in) receives it as
     is. The delta is computed in ``config.dtype`` and added in the wider of that and the kernel's dtype.
     Works with any function that takes params; dropout is not applied (use the activation path).
     """
-    merged = flatten(merge_layers(params, layer_vectors(params, trainable, projections), projections))
-    merged.update(extra_leaves(trainable))
+    merged = flatten(merge_layers(params, layer_vectors(params, adapter), adapter))
+    merged.update(full_leaves(adapter.trainable))
     return unflatten(merged)
 
 
-def unmerge(params: Mapping, trainable: Mapping, projections: Projections) -> dict:
-    """Subtract the deltas `merge` added: ``unmerge(merge(p, t, P), t, P) == p`` up to float rounding.
+def unmerge(params: Mapping, adapter: Adapter) -> dict:
+    """Subtract the deltas `merge` added: ``unmerge(merge(p, a), a) == p`` up to float rounding.
 
-    Extra trainable leaves (e.g. a trained head) are left as they are in ``params``: `merge` replaced
+    Leaves trained in full (e.g. a trained head) are left as they are in ``params``: `merge` replaced
     them, so there is no original to restore.
     """
-    return merge_layers(params, layer_vectors(params, trainable, projections), projections, -1.0)
+    return merge_layers(params, layer_vectors(params, adapter), adapter, -1.0)

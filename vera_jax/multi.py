@@ -9,19 +9,19 @@ are gathered per example.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vera_jax.layers import LAMBDA_B, LAMBDA_D, VECTOR_NAMES
+from vera_jax.adapter import Adapter, layer_vectors
+from vera_jax.intercept import LayerCall, intercept_layers
+from vera_jax.layers import LAMBDA_B, LAMBDA_D, vector_module
 from vera_jax.ops import promote_add
-from vera_jax.paths import SEP, flatten, unflatten
-from vera_jax.projections import Projections
-from vera_jax.vectors import initial_vector, layer_vectors
+from vera_jax.paths import SEP, flatten, split_leaf
+from vera_jax.vectors import initial_vector
 
 __all__ = ["stack", "unstack", "num_adapters", "map_adapters", "adapters_per_pass", "adapt_mixed"]
 
@@ -32,36 +32,50 @@ __all__ = ["stack", "unstack", "num_adapters", "map_adapters", "adapters_per_pas
 CPU_TOKENS_PER_PASS = 1024
 
 
-def stack(trainables: Sequence[Mapping]) -> dict:
-    """K trainable trees of one config -> one tree whose leaves have a leading axis of size K.
+def stack(adapters: Sequence[Adapter]) -> Adapter:
+    """K adapters of one config -> one adapter whose trainable leaves have a leading axis of size K.
+
+    The K adapters share A and B (one config, one key), so the stacked adapter holds them once.
 
     Raises:
-      ValueError: no trees, or trees whose paths or leaf shapes differ (adapters of other configs).
+      ValueError: no adapters, adapters of different configs or projections, or trainable trees whose
+        paths or leaf shapes differ.
     """
-    if not trainables:
-        raise ValueError("stack needs at least one trainable tree.")
-    flats = [flatten(t) for t in trainables]
+    if not adapters:
+        raise ValueError("stack needs at least one adapter.")
+    first = adapters[0]
+    flats = [flatten(adapter.trainable) for adapter in adapters]
     reference = {path: np.shape(leaf) for path, leaf in flats[0].items()}
-    for index, flat in enumerate(flats[1:], start=1):
+    for index, (adapter, flat) in enumerate(zip(adapters[1:], flats[1:]), start=1):
+        if (adapter.config, adapter.generator) != (first.config, first.generator):
+            differing = sorted(k for k, v in adapter.config.to_dict().items() if first.config.to_dict()[k] != v)
+            raise ValueError(f"Adapter {index} has another config than adapter 0 (fields {differing or ['generator']}): "
+                             "stacked adapters share one config, and so one A/B.")
         shapes = {path: np.shape(leaf) for path, leaf in flat.items()}
         if shapes != reference:
             differing = sorted(set(shapes.items()) ^ set(reference.items()))[:4]
             raise ValueError(f"Adapter {index} does not match adapter 0 (differing leaves {differing}): stacked "
                              "adapters must share one config and one base model.")
-    return unflatten({path: jnp.stack([flat[path] for flat in flats]) for path in reference})
+    trainable = jax.tree.map(lambda *leaves: jnp.stack(leaves), *(adapter.trainable for adapter in adapters))
+    return first.replace(trainable=trainable)
 
 
-def num_adapters(stacked: Mapping) -> int:
-    """K, the size of the leading adapter axis."""
-    sizes = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in jax.tree.leaves(stacked)}
+def num_adapters(stacked: Adapter) -> int:
+    """K, the size of the leading adapter axis of a stacked adapter.
+
+    Raises:
+      ValueError: the adapter's leaves have no common leading axis (not made by `stack`).
+    """
+    sizes = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in jax.tree.leaves(stacked.trainable)}
     if len(sizes) != 1 or None in sizes:
-        raise ValueError(f"Not a stacked trainable tree: leading axis sizes {sorted(map(str, sizes))}; use stack().")
+        raise ValueError(f"Not a stacked adapter: leading axis sizes {sorted(map(str, sizes))}; use vera_jax.stack().")
     return sizes.pop()
 
 
-def unstack(stacked: Mapping) -> list[dict]:
-    """Inverse of `stack`."""
-    return [jax.tree.map(lambda leaf: leaf[k], stacked) for k in range(num_adapters(stacked))]
+def unstack(stacked: Adapter) -> list[Adapter]:
+    """Inverse of `stack`: the K adapters."""
+    return [stacked.replace(trainable=jax.tree.map(lambda leaf: leaf[k], stacked.trainable))
+            for k in range(num_adapters(stacked))]
 
 
 def adapters_per_pass(tokens_per_adapter: int, platform: str | None = None) -> int | None:
@@ -77,17 +91,39 @@ def adapters_per_pass(tokens_per_adapter: int, platform: str | None = None) -> i
     return max(1, CPU_TOKENS_PER_PASS // max(1, tokens_per_adapter))
 
 
+def _is_adapter(value) -> bool:
+    return isinstance(value, Adapter)
+
+
+def _trainable_parts(tree) -> tuple[list, Callable[[list], object]]:
+    """``tree``'s leaves with every `Adapter` in it replaced by its trainable tree, and the inverse.
+
+    The inverse takes A and B of ``shared`` (the mapped input adapter): a stacked adapter holds them once.
+    """
+    leaves, treedef = jax.tree.flatten(tree, is_leaf=_is_adapter)
+    parts = [leaf.trainable if _is_adapter(leaf) else leaf for leaf in leaves]
+
+    def rebuild(new_parts: list, shared: Adapter | None = None) -> object:
+        return jax.tree.unflatten(treedef, [
+            (shared or leaf).replace(trainable=part) if _is_adapter(leaf) else part
+            for leaf, part in zip(leaves, new_parts)])
+
+    return parts, rebuild
+
+
 def map_adapters(fn: Callable, in_axes: Sequence[int | None], adapters_per_pass: int | None = None) -> Callable:
     """``jax.vmap(fn, in_axes)`` over a leading adapter axis, computed ``adapters_per_pass`` adapters at a time.
 
     The K adapters still run in one program: passes of ``adapters_per_pass`` vmapped adapters, looped
     inside it by `jax.lax.map`, and a last pass of the remainder; a pass of one adapter runs ``fn``
-    unbatched. The results are those of ``jax.vmap``. None vmaps all K in one pass.
+    unbatched. The results are those of ``jax.vmap``. None vmaps all K in one pass. A stacked
+    `Adapter` (from `stack`) maps over its trainable tree and shares its A and B; an `Adapter` that
+    ``fn`` returns comes back stacked the same way, with the mapped input adapter's A and B.
 
     Args:
-      fn: the per-adapter function, e.g. a training step ``(trainable, opt_state, params, batch)``.
+      fn: the per-adapter function, e.g. a training step ``(adapter, opt_state, params, batch)``.
       in_axes: one entry per positional argument: 0 for an argument stacked on the adapter axis, None
-        for one shared by every adapter (the frozen params, the projections).
+        for one shared by every adapter (the frozen params).
       adapters_per_pass: adapters vmapped together (see `adapters_per_pass`); None for all.
 
     Raises:
@@ -105,19 +141,25 @@ def map_adapters(fn: Callable, in_axes: Sequence[int | None], adapters_per_pass:
     def mapped(*args):
         if len(args) != len(in_axes):
             raise ValueError(f"map_adapters was given {len(in_axes)} in_axes but called with {len(args)} arguments.")
-        stacked = tuple(arg for arg, axis in zip(args, in_axes) if axis == 0)
+        mapped_args = [arg for arg, axis in zip(args, in_axes) if axis == 0]
+        stacked, rebuild_args = _trainable_parts(mapped_args)
+        shared_adapter = next((arg for arg in mapped_args if _is_adapter(arg)), None)
         sizes = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in jax.tree.leaves(stacked)}
         if len(sizes) != 1 or None in sizes:
             raise ValueError(f"The stacked arguments of map_adapters have adapter axes of sizes "
                              f"{sorted(map(str, sizes))}; every leaf needs the same leading size K.")
         count = sizes.pop()
         per_pass = count if adapters_per_pass is None else min(adapters_per_pass, count)
+        rebuild_output = []  # set while tracing fn: puts the output's adapters back together
 
-        def run(values: tuple) -> object:
+        def run(values: list) -> list:
             """fn on a pass of n stacked adapters; a pass of one runs fn itself (a vmap of one costs time)."""
             def call(*per_adapter):
-                values_iter = iter(per_adapter)
-                return fn(*(next(values_iter) if axis == 0 else arg for arg, axis in zip(args, in_axes)))
+                values_iter = iter(rebuild_args(list(per_adapter)))
+                parts, rebuild = _trainable_parts(fn(*(next(values_iter) if axis == 0 else arg
+                                                       for arg, axis in zip(args, in_axes))))
+                rebuild_output[:] = [rebuild]
+                return parts
 
             if jax.tree.leaves(values)[0].shape[0] == 1:
                 return jax.tree.map(lambda y: y[None], call(*jax.tree.map(lambda x: x[0], values)))
@@ -133,7 +175,7 @@ def map_adapters(fn: Callable, in_axes: Sequence[int | None], adapters_per_pass:
         if remainder:
             rest = run(jax.tree.map(lambda x: x[split:], stacked))
             outputs = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), outputs, rest)
-        return outputs
+        return rebuild_output[0](outputs, shared_adapter)
 
     return mapped
 
@@ -159,51 +201,45 @@ def _per_example(values: jax.Array, like: jax.Array) -> jax.Array:
     return values.reshape(values.shape[:1] + (1,) * (like.ndim - 2) + values.shape[1:])
 
 
-@contextlib.contextmanager
-def _mixed_interception(stacked: Mapping, projections: Projections, adapter_ids: jax.Array) -> Iterator[None]:
-    config = projections.config
-    flat = flatten(stacked)
-    vectors = {p.rsplit(SEP, 1)[0] for p in flat if p.rsplit(SEP, 1)[1] in VECTOR_NAMES}
-    heads = {p.rsplit(SEP, 1)[0] for p in flat if p.rsplit(SEP, 1)[1] not in VECTOR_NAMES}
+def _mixed_handler(stacked: Adapter, adapter_ids: jax.Array) -> Callable[[LayerCall], jax.Array]:
+    """Each adapted layer adds every example's own VeRA output; each Dense trained in full uses its own leaves."""
+    config = stacked.config
+    flat = flatten(stacked.trainable)
+    adapted = {vector_module(path) for path in flat} - {None}
 
-    def interceptor(next_fun, args, kwargs, context):
-        path = SEP.join(context.module.path)
-        if context.method_name != "__call__" or path not in vectors | heads:
-            return next_fun(*args, **kwargs)
-        x = args[0] if args else kwargs["inputs"]
-        if path in heads:
-            if not isinstance(context.module, nn.Dense):
-                raise ValueError(f"{path!r} is trained in full but is a {type(context.module).__name__}; only Dense "
-                                 "leaves can differ per example in a mixed batch.")
-            kernel = _gather(flat[path + SEP + "kernel"], adapter_ids)  # (batch, in, out)
+    def handle(call: LayerCall) -> jax.Array:
+        x = call.x
+        if call.path not in adapted:  # a module trained in full
+            if not isinstance(call.module, nn.Dense):
+                raise ValueError(f"{call.path!r} is trained in full but is a {type(call.module).__name__}; only "
+                                 "Dense leaves can differ per example in a mixed batch.")
+            kernel = _gather(flat[call.path + SEP + "kernel"], adapter_ids)  # (batch, in, out)
             y = jnp.einsum("b...i,bio->b...o", x.astype(kernel.dtype), kernel)
-            if path + SEP + "bias" in flat:
-                y = y + _per_example(_gather(flat[path + SEP + "bias"], adapter_ids), y)
+            if call.path + SEP + "bias" in flat:
+                y = y + _per_example(_gather(flat[call.path + SEP + "bias"], adapter_ids), y)
             return y
-        y = next_fun(*args, **kwargs)
+        y = call.run()
 
         def vector(name: str, like: jax.Array) -> jax.Array:
             """Each example's vector, broadcastable against ``like``; a frozen vector is one constant."""
-            if path + SEP + name not in flat:
+            if call.path + SEP + name not in flat:
                 return initial_vector(config, name, y.shape[-1])
-            return _per_example(_gather(flat[path + SEP + name], adapter_ids).astype(config.dtype), like)
+            return _per_example(_gather(flat[call.path + SEP + name], adapter_ids).astype(config.dtype), like)
 
-        a, b = projections.pair(path)
+        a, b = stacked.projections.pair(call.path)
         hidden = x.astype(config.dtype) @ a[:, : x.shape[-1]].T  # shared: (batch, ..., r)
         delta = (vector(LAMBDA_D, hidden) * hidden) @ b[: y.shape[-1], :].T
         return promote_add(y, vector(LAMBDA_B, delta) * delta)
 
-    with nn.intercept_methods(interceptor):
-        yield
+    return handle
 
 
-def adapt_mixed(fn: Callable, stacked: Mapping, projections: Projections, adapter_ids: jax.Array) -> Callable:
+def adapt_mixed(fn: Callable, stacked: Adapter, adapter_ids: jax.Array) -> Callable:
     """Wrap ``fn(params, *args)`` so that example i of the batch runs with adapter ``adapter_ids[i]``.
 
     Args:
       fn: a function of the base params running a Flax linen model whose leading input axis is the batch.
-      stacked: K trainable trees from `stack` (vectors, and optionally Dense head leaves).
-      projections: the shared A and B of all K adapters.
+      stacked: K adapters from `stack` (vectors, and optionally Dense leaves trained in full).
       adapter_ids: (batch,) integers in [0, K).
 
     Raises:
@@ -211,10 +247,16 @@ def adapt_mixed(fn: Callable, stacked: Mapping, projections: Projections, adapte
     """
     adapter_ids = jnp.asarray(adapter_ids)
     _check_ids(adapter_ids, num_adapters(stacked))
+    modules = {split_leaf(path)[0] for path in flatten(stacked.trainable)}
 
     def adapted(params, *args, **kwargs):
-        layer_vectors(params, jax.tree.map(lambda leaf: leaf[0], stacked), projections)  # shapes fit the params
-        with _mixed_interception(stacked, projections, adapter_ids):
+        layer_vectors(params, _first(stacked))  # shapes fit the params
+        with intercept_layers(modules, _mixed_handler(stacked, adapter_ids)):
             return fn(params, *args, **kwargs)
 
     return adapted
+
+
+def _first(stacked: Adapter) -> Adapter:
+    """Adapter 0 of a stacked adapter, without copying the others."""
+    return stacked.replace(trainable=jax.tree.map(lambda leaf: leaf[0], stacked.trainable))

@@ -22,6 +22,7 @@ __all__ = [
     "compile_rules",
     "first_match",
     "label_paths",
+    "split_leaf",
 ]
 
 SEP = "/"
@@ -36,6 +37,12 @@ def flatten(tree: Mapping) -> dict[str, Any]:
 def unflatten(flat: Mapping[str, Any]) -> dict:
     """Inverse of `flatten`: plain nested dicts."""
     return traverse_util.unflatten_dict(dict(flat), sep=SEP)
+
+
+def split_leaf(path: str) -> tuple[str, str]:
+    """``'a/b/kernel'`` -> ``('a/b', 'kernel')``; a top-level leaf has module ``''``."""
+    module, _, leaf = path.rpartition(SEP)
+    return module, leaf
 
 
 def module_paths(leaf_paths: Iterable[str]) -> list[str]:

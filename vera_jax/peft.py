@@ -24,19 +24,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from vera_jax import hf
+from vera_jax.adapter import STORED, Adapter, layer_vectors
 from vera_jax.atomic import staged_directory
 from vera_jax.config import VeraConfig
-from vera_jax.layers import LAMBDA_B, LAMBDA_D, VECTOR_NAMES, find_layers
-from vera_jax.paths import SEP, flatten, module_paths, unflatten
+from vera_jax.layers import LAMBDA_B, LAMBDA_D, VECTOR_NAMES, find_layers, vector_module
+from vera_jax.paths import SEP, flatten, module_paths, split_leaf, unflatten
 from vera_jax.projections import Projections, kaiming_uniform_bound
-from vera_jax.vectors import extra_leaves, layer_vectors
+from vera_jax.vectors import full_leaves
 
-__all__ = ["load_adapter", "save_adapter", "AdapterFileError", "CONFIG_FILE", "WEIGHTS_FILE"]
+__all__ = ["load_adapter", "save_adapter", "AdapterFileError", "CONFIG_FILE", "WEIGHTS_FILE", "TORCH_GENERATOR"]
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 MODEL_PREFIX = "base_model.model."
 A_KEY, B_KEY = "base_model.vera_A", "base_model.vera_B"
+TORCH_GENERATOR = "torch-cpu-generator"  # PEFT's draw from projection_prng_key, rebuilt with torch
 PEFT_FIELDS = frozenset({
     "auto_mapping", "base_model_name_or_path", "bias", "d_initial", "fan_in_fan_out", "inference_mode",
     "init_weights", "layers_pattern", "layers_to_transform", "modules_to_save", "peft_type", "peft_version",
@@ -143,8 +145,11 @@ def _peft_projections(seed: int, r: int, in_max: int, out_max: int, file: Path) 
     return draws[0], draws[1]
 
 
-def load_adapter(directory: str | os.PathLike, params: Mapping, *, dtype: str = "float32") -> tuple[dict, Projections]:
-    """Read a PEFT VeRA adapter for ``params``: ``(trainable, projections)`` for `merge` or `adapt`.
+def load_adapter(directory: str | os.PathLike, params: Mapping, *, dtype: str = "float32") -> Adapter:
+    """Read the PEFT VeRA adapter in ``directory`` for ``params``, as a `vera_jax.Adapter`.
+
+    A and B come from the file, or (``save_projection: false``) from ``projection_prng_key`` drawn with
+    torch's CPU generator exactly as PEFT draws them.
 
     Raises:
       AdapterFileError: anything wrong with the files or their fit to ``params``.
@@ -177,7 +182,7 @@ def load_adapter(directory: str | os.PathLike, params: Mapping, *, dtype: str = 
                             "Use the adapter_config.json saved with these tensors")
             vectors[path + SEP + leaf] = value
             continue
-        module_params = {p.rsplit(SEP, 1)[1]: v for p, v in flat_params.items() if p.rsplit(SEP, 1)[0] == path}
+        module_params = {split_leaf(p)[1]: v for p, v in flat_params.items() if split_leaf(p)[0] == path}
         try:
             name, converted = hf.to_flax_leaf(module_params, leaf, value)
         except KeyError as err:
@@ -189,13 +194,13 @@ def load_adapter(directory: str | os.PathLike, params: Mapping, *, dtype: str = 
         head_modules.add(hf.resolve_module(wrapped, modules) or path)
 
     layout = "out_in" if peft_config["fan_in_fan_out"] else "in_out"
-    vector_layers = sorted({p.rsplit(SEP, 1)[0] for p in vectors})
+    vector_layers = sorted({vector_module(p) for p in vectors})
     targets = peft_config["target_modules"]
     targets = tuple(hf.flax_path(t) for t in targets) if isinstance(targets, list) else "|".join(vector_layers)
     try:
         config = VeraConfig(r=r, target_modules=targets, d_initial=peft_config["d_initial"],
                             dropout=peft_config["vera_dropout"], projection_seed=peft_config["projection_prng_key"],
-                            save_projection=peft_config["save_projection"], trainable=tuple(sorted(head_modules)),
+                            save_projection=peft_config["save_projection"], modules_to_save=tuple(sorted(head_modules)),
                             dtype=dtype, kernel_layout=layout)
         layers = find_layers(params, config)
     except ValueError as err:
@@ -214,6 +219,7 @@ def load_adapter(directory: str | os.PathLike, params: Mapping, *, dtype: str = 
     if (A_KEY in tensors) != (B_KEY in tensors):
         raise _fail(weights_file, A_KEY if B_KEY in tensors else B_KEY, "missing while its partner is present",
                     "Re-save the adapter")
+    generator = STORED if A_KEY in tensors else TORCH_GENERATOR
     if A_KEY in tensors:
         a, b = tensors[A_KEY], tensors[B_KEY]
         if a.ndim != 2 or a.shape[0] != r or a.shape[1] < in_max:
@@ -224,15 +230,16 @@ def load_adapter(directory: str | os.PathLike, params: Mapping, *, dtype: str = 
                         "Use the adapter_config.json saved with these tensors, on the same model")
     else:
         a, b = _peft_projections(config.projection_seed, r, in_max, out_max, config_file)
-    projections = Projections(A=jnp.asarray(a, dtype), B=jnp.asarray(b, dtype), config=config)
     trainable = unflatten({p: jnp.asarray(v, dtype) for p, v in vectors.items()} |
                           {p: jnp.asarray(v, flat_params[p].dtype) for p, v in head.items()})
+    adapter = Adapter(trainable=trainable, projections=Projections(A=jnp.asarray(a, dtype), B=jnp.asarray(b, dtype)),
+                      config=config, generator=generator)
     try:
-        layer_vectors(params, trainable, projections)
+        layer_vectors(params, adapter)
     except ValueError as err:
         fix = "Check fan_in_fan_out (true for GPT-2's Conv1D layers)"
         raise _fail(weights_file, "vera_lambda_b", str(err), fix) from None
-    return trainable, projections
+    return adapter
 
 
 def _names(patterns, paths: list[str]) -> list[str] | str:
@@ -240,50 +247,45 @@ def _names(patterns, paths: list[str]) -> list[str] | str:
     return [hf.torch_name(p) for p in patterns] if not isinstance(patterns, str) else [hf.torch_name(p) for p in paths]
 
 
-def save_adapter(
-    directory: str | os.PathLike,
-    config: VeraConfig,
-    trainable: Mapping,
-    projections: Projections,
-    *,
-    params: Mapping,
-    task_type: str | None = None,
-    base_model_name_or_path: str | None = None,
-) -> Path:
-    """Write ``trainable`` as a directory ``peft.PeftModel.from_pretrained`` loads.
+def save_adapter(directory: str | os.PathLike, adapter: Adapter, params: Mapping, *, task_type: str | None = None,
+                 base_model_name_or_path: str | None = None) -> Path:
+    """Write ``adapter`` as a directory ``peft.PeftModel.from_pretrained`` loads.
 
     A and B are always written (PyTorch cannot rebuild JAX's random bits), with ``save_projection:
     true``; a vector that ``config.train_vectors`` freezes is written as its constant value. ``params``
     is the base the adapter belongs to; it is used to check the fit and is not saved.
+
+    Raises:
+      ValueError: per-layer projections, which PEFT files cannot hold, or an adapter that does not fit ``params``.
+      FileExistsError: ``directory`` holds files that are not a PEFT adapter (nothing is written).
     """
-    if projections.config != config:
-        raise ValueError("The projections were drawn for another VeraConfig than the one given; pass the same.")
+    config = adapter.config
     if config.projection_sharing != "shared":
         raise ValueError(f"PEFT's VeRA holds one shared A/B pair; an adapter with projection_sharing="
                          f"{config.projection_sharing!r} cannot be written as a PEFT adapter. Keep it as a vera_jax "
                          "checkpoint (vera_jax.checkpoint.save), or export the merged model.")
-    items = layer_vectors(params, trainable, projections)
-    head = extra_leaves(trainable)
-    tensors = {A_KEY: projections.A, B_KEY: projections.B}
+    items = layer_vectors(params, adapter)
+    head = full_leaves(adapter.trainable)
+    tensors = {A_KEY: adapter.projections.A, B_KEY: adapter.projections.B}
     for item in items:
         prefix = MODEL_PREFIX + hf.torch_name(item.layer.path)
         tensors[f"{prefix}.{LAMBDA_D}"], tensors[f"{prefix}.{LAMBDA_B}"] = item.lambda_d, item.lambda_b
     for path, value in head.items():
-        module, leaf = path.rsplit(SEP, 1)
+        module, leaf = split_leaf(path)
         name, converted = hf.to_torch_leaf(leaf, np.asarray(value))
         tensors[f"{MODEL_PREFIX}{hf.torch_name(module)}.{name}"] = converted
-    head_modules = sorted({p.rsplit(SEP, 1)[0] for p in head})
+    head_modules = sorted({split_leaf(p)[0] for p in head})
     peft_config = {
         "peft_type": "VERA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
         "r": config.r, "target_modules": _names(config.target_modules, [i.layer.path for i in items]),
         "projection_prng_key": config.projection_seed, "save_projection": True, "vera_dropout": config.dropout,
         "d_initial": config.d_initial, "fan_in_fan_out": config.kernel_layout == "out_in", "bias": "none",
-        "modules_to_save": (_names(config.trainable, head_modules) if head else None), "init_weights": True,
+        "modules_to_save": (_names(config.modules_to_save, head_modules) if head else None), "init_weights": True,
         "layers_to_transform": None, "layers_pattern": None, "inference_mode": True,
     }
     from safetensors.numpy import save_file
 
-    with staged_directory(directory) as staging:
+    with staged_directory(directory, CONFIG_FILE) as staging:
         arrays = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in tensors.items()}
         save_file(arrays, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         (staging / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2, sort_keys=True))

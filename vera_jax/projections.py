@@ -23,7 +23,8 @@ from jax.extend.random import threefry2x32_p
 from vera_jax.config import VeraConfig
 from vera_jax.layers import find_layers
 
-__all__ = ["GENERATOR", "Projections", "init_projections", "projection_key", "projection_shapes", "kaiming_uniform_bound"]
+__all__ = ["GENERATOR", "Projections", "init_projections", "projection_key", "projection_shapes",
+           "kaiming_uniform_bound"]
 
 _MAX_COUNTER = 2**31  # blocks at 2**31 and above stay free for keys derived with fold_in(key, 2**31 + n)
 GENERATOR = "threefry2x32-counter-stream-v1"  # the stream described above; bump if it ever changes
@@ -31,19 +32,17 @@ GENERATOR = "threefry2x32-counter-stream-v1"  # the stream described above; bump
 
 @struct.dataclass
 class Projections:
-    """The frozen random matrices, and the config they were drawn for (static, not a leaf).
+    """The frozen random matrices.
 
     Attributes:
       A: (r, in_max), shared: each layer uses ``A[:, :in_features]``. With
         ``config.projection_sharing == "per_layer"``: (layers, r, in_max), one slab per adapted layer.
       B: (out_max, r), shared: each layer uses ``B[:out_features, :]``; per layer: (layers, out_max, r).
-      config: the `VeraConfig` they belong to; carried so `merge` and the activation path need no more.
       layers: per-layer pairs only: the adapted layers' paths, in the order of A's and B's leading axis.
     """
 
     A: jax.Array
     B: jax.Array
-    config: VeraConfig = struct.field(pytree_node=False)
     layers: tuple[str, ...] = struct.field(pytree_node=False, default=())
 
     def pair(self, path: str) -> tuple[jax.Array, jax.Array]:
@@ -59,7 +58,7 @@ class Projections:
         except ValueError:
             raise ValueError(
                 f"These per-layer projections hold no pair for {path!r} (they cover {len(self.layers)} layers); "
-                "draw them with vera_jax.init_projections on the same params and config.") from None
+                "build the adapter with vera_jax.init_adapter on the same params and config.") from None
         return self.A[index], self.B[index]
 
 
@@ -88,13 +87,13 @@ def _key_words(key: jax.Array) -> jax.Array:
         if "threefry2x32" not in impl or key.shape != ():
             raise ValueError(
                 f"init_projections needs one threefry2x32 key, got a key of impl {impl} and shape {key.shape}; "
-                "pass jax.random.key(seed, impl='threefry2x32') or vera_jax.projection_key(config)."
+                "pass jax.random.key(seed, impl='threefry2x32')."
             )
         return jax.random.key_data(key)
     if key.shape != (2,) or key.dtype != jnp.uint32:
         raise ValueError(
             f"init_projections needs a threefry key, got an array of shape {key.shape} and dtype {key.dtype}; "
-            "pass jax.random.key(seed) or vera_jax.projection_key(config)."
+            "pass jax.random.key(seed)."
         )
     return key
 
@@ -138,7 +137,7 @@ def init_projections(params: Mapping, key: jax.Array, config: VeraConfig) -> Pro
     the config. Under ``jax.jit`` pass ``config`` as static.
 
     Returns:
-      ``Projections(A (r, in_max), B (out_max, r), config)`` in ``config.dtype``, with (by default)
+      ``Projections(A (r, in_max), B (out_max, r))`` in ``config.dtype``, with (by default)
       A ~ U(-sqrt(6 / in_max), sqrt(6 / in_max)) and B ~ U(-sqrt(6 / r), sqrt(6 / r)). With
       ``projection_sharing="per_layer"``: A (layers, r, in_max) and B (layers, out_max, r), layer i's pair
       drawn after layer i-1's with fan-ins in_i and r (columns past in_i of its A slab are never used).
@@ -149,10 +148,10 @@ def init_projections(params: Mapping, key: jax.Array, config: VeraConfig) -> Pro
     if config.projection_sharing == "shared":
         a = draw(0, (r, in_max), in_max)
         b = draw(_blocks(r * in_max), (out_max, r), r)
-        return Projections(A=a.astype(config.dtype), B=b.astype(config.dtype), config=config)
+        return Projections(A=a.astype(config.dtype), B=b.astype(config.dtype))
     layers = find_layers(params, config)
     per_layer = _blocks(r * in_max) + _blocks(out_max * r)
     a = jnp.stack([draw(i * per_layer, (r, in_max), layer.in_features) for i, layer in enumerate(layers)])
     b = jnp.stack([draw(i * per_layer + _blocks(r * in_max), (out_max, r), r) for i in range(len(layers))])
-    return Projections(A=a.astype(config.dtype), B=b.astype(config.dtype), config=config,
+    return Projections(A=a.astype(config.dtype), B=b.astype(config.dtype),
                        layers=tuple(layer.path for layer in layers))

@@ -7,29 +7,29 @@ from collections.abc import Mapping
 
 import jax
 
+from vera_jax.adapter import Adapter
 from vera_jax.config import VeraConfig
-from vera_jax.layers import (LAMBDA_B, LAMBDA_D, VECTOR_NAMES, AdaptedLayer, find_layers, find_trainable_leaves,
-                             trained_vectors)
+from vera_jax.layers import LAMBDA_B, LAMBDA_D, VECTOR_NAMES, AdaptedLayer, find_full_leaves, find_layers, trained_vectors
 from vera_jax.paths import flatten
 
-__all__ = ["count_parameters", "parameter_report", "layer_table", "lora_parameters"]
+__all__ = ["count_parameters", "parameter_report", "layer_table"]
 
 
 def _size(leaf) -> int:
     return math.prod(getattr(leaf, "shape", ()))
 
 
-def count_parameters(params: Mapping, config: VeraConfig) -> tuple[int, int]:
+def count_parameters(params: Mapping, adapter: Adapter) -> tuple[int, int]:
     """``(trainable, all)`` counted as PEFT counts them.
 
     trainable = sum over adapted layers of (r + out) + the leaves trained in full; all = the base
     params + the vectors + the trained copies of full leaves (PEFT keeps the original and a copy).
     A and B are frozen buffers and are not counted, nor is a vector ``config.train_vectors`` freezes.
     """
-    flat = flatten(params)
+    config, flat = adapter.config, flatten(params)
     vectors = sum(_vector_sizes(layer, config)[name] for layer in find_layers(params, config)
                   for name in trained_vectors(config))
-    extra = sum(_size(flat[path]) for path in find_trainable_leaves(params, config))
+    extra = sum(_size(flat[path]) for path in find_full_leaves(params, config))
     base = sum(_size(leaf) for leaf in jax.tree.leaves(params))
     return vectors + extra, base + vectors + extra
 
@@ -38,19 +38,15 @@ def _vector_sizes(layer: AdaptedLayer, config: VeraConfig) -> dict[str, int]:
     return {LAMBDA_D: config.r, LAMBDA_B: layer.out_features}
 
 
-def lora_parameters(params: Mapping, config: VeraConfig, rank: int) -> int:
-    """What LoRA of ``rank`` on the same layers would train: sum of rank * (in + out); for comparison."""
-    return sum(rank * (layer.in_features + layer.out_features) for layer in find_layers(params, config))
-
-
-def parameter_report(params: Mapping, config: VeraConfig) -> str:
+def parameter_report(params: Mapping, adapter: Adapter) -> str:
     """``'trainable params: N || all params: M || trainable%: P'`` exactly as PEFT prints it."""
-    trainable, total = count_parameters(params, config)
+    trainable, total = count_parameters(params, adapter)
     return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
 
 
-def layer_table(params: Mapping, config: VeraConfig) -> str:
+def layer_table(params: Mapping, adapter: Adapter) -> str:
     """One row per adapted layer: path, kernel shape, in/out used, and the vector sizes ('frozen' if not trained)."""
+    config = adapter.config
     rows = [("path", "kernel", "in", "out", "lambda_d", "lambda_b")]
     for layer in find_layers(params, config):
         sizes = _vector_sizes(layer, config)
