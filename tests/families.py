@@ -22,6 +22,7 @@ class Family:
     apply: Callable  # apply(params, inputs) -> logits
     inputs: jax.Array
     config: vera_jax.VeraConfig
+    model: object = None  # the Hugging Face Flax model, for the families that have one
 
 
 def _ids(vocab: int, low: int = 0) -> jax.Array:
@@ -35,7 +36,8 @@ def bert(dtype=jnp.float32) -> Family:
                      intermediate_size=48, max_position_embeddings=32, num_labels=3)
     model = FlaxBertForSequenceClassification(cfg, seed=0, dtype=dtype)
     return Family("bert", model.params, lambda p, x: model(x, params=p).logits, _ids(99),
-                  vera_jax.VeraConfig(r=8, target_modules=("query", "value"), trainable=("classifier",)))
+                  vera_jax.VeraConfig(r=8, target_modules=("query", "value"), modules_to_save=("classifier",)),
+                  model=model)
 
 
 def roberta() -> Family:
@@ -46,7 +48,8 @@ def roberta() -> Family:
                         intermediate_size=48, max_position_embeddings=40, num_labels=2)
     model = FlaxRobertaForSequenceClassification(cfg, seed=0)
     return Family("roberta", model.params, lambda p, x: model(x, params=p).logits, _ids(99, low=2),
-                  vera_jax.VeraConfig(r=8, target_modules=("query", "value"), trainable=("classifier",)))
+                  vera_jax.VeraConfig(r=8, target_modules=("query", "value"), modules_to_save=("classifier",)),
+                  model=model)
 
 
 def gpt2() -> Family:
@@ -55,7 +58,8 @@ def gpt2() -> Family:
     cfg = GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=32)
     model = FlaxGPT2LMHeadModel(cfg, seed=0)
     return Family("gpt2", model.params, lambda p, x: model(x, params=p).logits, _ids(99),
-                  vera_jax.VeraConfig(r=8, target_modules=("c_attn", "c_proj", "c_fc"), kernel_layout="out_in"))
+                  vera_jax.VeraConfig(r=8, target_modules=("c_attn", "c_proj", "c_fc"), kernel_layout="out_in"),
+                  model=model)
 
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -69,7 +73,7 @@ def llama() -> Family:
                       tie_word_embeddings=False)
     model = FlaxLlamaForCausalLM(cfg, seed=0)
     return Family("llama", model.params, lambda p, x: model(x, params=p).logits, _ids(99),
-                  vera_jax.VeraConfig(r=8, target_modules=LLAMA_TARGETS))
+                  vera_jax.VeraConfig(r=8, target_modules=LLAMA_TARGETS), model=model)
 
 
 def vit() -> Family:
@@ -80,7 +84,8 @@ def vit() -> Family:
     model = FlaxViTForImageClassification(cfg, seed=0)
     pixels = jax.random.normal(jax.random.key(3), (2, 3, 16, 16))
     return Family("vit", model.params, lambda p, x: model(x, params=p).logits, pixels,
-                  vera_jax.VeraConfig(r=8, target_modules=("query", "value"), trainable=("classifier",)))
+                  vera_jax.VeraConfig(r=8, target_modules=("query", "value"), modules_to_save=("classifier",)),
+                  model=model)
 
 
 class SmallCNN(nn.Module):
@@ -106,12 +111,14 @@ def cnn() -> Family:
 ALL = (bert, roberta, gpt2, llama, vit, cnn)
 
 
-def random_trainable(family: Family, seed: int = 1) -> dict:
-    """A trainable tree with every vector (and head leaf) replaced by N(0, 1) draws."""
-    trainable = vera_jax.init_trainable(family.params, family.config)
-    leaves, treedef = jax.tree.flatten(trainable)
+def random_adapter(family: Family, seed: int = 1, config: vera_jax.VeraConfig | None = None) -> vera_jax.Adapter:
+    """A new adapter for ``config`` (default: the family's) with every vector (and head leaf) replaced by
+    N(0, 1) draws, so that it changes the model's output."""
+    adapter = vera_jax.init_adapter(family.params, config or family.config)
+    leaves, treedef = jax.tree.flatten(adapter.trainable)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+    return adapter.replace(trainable=jax.tree.unflatten(
+        treedef, [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]))
 
 
 def as_numpy(tree):

@@ -14,13 +14,16 @@ import families
 import vera_jax
 from vera_jax import checkpoint
 from vera_jax import peft as vera_peft
+from vera_jax.adapter import layer_vectors
+from vera_jax.layers import LAMBDA_B, LAMBDA_D
 from vera_jax.paths import flatten
+from vera_jax.projections import kaiming_uniform_bound
 
 from test_projections import CONFIG, PARAMS, _reference_stream
 
 
 def _projections(**changes):
-    return vera_jax.init_projections(PARAMS, jax.random.key(1234), dataclasses.replace(CONFIG, **changes))
+    return vera_jax.init_adapter(PARAMS, dataclasses.replace(CONFIG, projection_seed=1234, **changes)).projections
 
 
 def test_kaiming_normal_has_the_kaiming_std_and_is_gaussian():
@@ -51,7 +54,7 @@ def test_uniform_init_is_the_same_stream_in_zero_to_a_tenth():
     kaiming = _projections()
     a = np.asarray(projections.A)
     assert a.min() >= 0.0 and a.max() < 0.1 and a.max() > 0.099 and abs(a.mean() - 0.05) < 0.002
-    bound = vera_jax.kaiming_uniform_bound(300)  # the same bits: kaiming = (2u - 1) * bound, uniform = 0.1 u
+    bound = kaiming_uniform_bound(300)  # the same bits: kaiming = (2u - 1) * bound, uniform = 0.1 u
     np.testing.assert_allclose(a, (np.asarray(kaiming.A) / bound + 1) / 2 * 0.1, rtol=1e-5, atol=1e-8)
 
 
@@ -64,8 +67,8 @@ def test_per_layer_pairs_have_their_own_bits_and_their_layers_fan_in():
     up_a, up_b = per_layer.pair("up")
     down_a, down_b = per_layer.pair("down")
     assert not np.array_equal(up_a, down_a) and not np.array_equal(up_b, down_b)
-    assert np.abs(np.asarray(down_a)).max() <= vera_jax.kaiming_uniform_bound(120)  # down's in = 120
-    assert np.abs(np.asarray(down_a)).max() > 0.99 * vera_jax.kaiming_uniform_bound(120)
+    assert np.abs(np.asarray(down_a)).max() <= kaiming_uniform_bound(120)  # down's in = 120
+    assert np.abs(np.asarray(down_a)).max() > 0.99 * kaiming_uniform_bound(120)
     with pytest.raises(ValueError, match="hold no pair for 'norm'"):
         per_layer.pair("norm")
 
@@ -78,57 +81,56 @@ def test_per_layer_pairs_have_their_own_bits_and_their_layers_fan_in():
 def test_every_path_agrees_and_starts_at_the_base_model(build, changes):
     family = build()
     config = dataclasses.replace(family.config, **changes)
-    projections = vera_jax.init_projections(family.params, jax.random.key(0), config)
-    initial = vera_jax.init_trainable(family.params, config)
+    initial = vera_jax.init_adapter(family.params, config)
     base = family.apply(family.params, family.inputs)
-    np.testing.assert_array_equal(vera_jax.adapt(family.apply, initial, projections)(family.params, family.inputs),
-                                  base)
-    trainable = families.random_trainable(dataclasses.replace(family, config=config))
-    merged = vera_jax.adapt(family.apply, trainable, projections, path="merged")(family.params, family.inputs)
+    np.testing.assert_array_equal(vera_jax.adapt(family.apply, initial)(family.params, family.inputs), base)
+    adapter = families.random_adapter(family, config=config)
+    merged = vera_jax.adapt(family.apply, adapter, path="merged")(family.params, family.inputs)
     assert max_rel_error(merged, base) > 1e-3  # the adapter does act
     for path in ("activation", "activation-lean"):
-        out = vera_jax.adapt(family.apply, trainable, projections, path=path)(family.params, family.inputs)
+        out = vera_jax.adapt(family.apply, adapter, path=path)(family.params, family.inputs)
         assert max_rel_error(out, merged) < 1e-5, path
-    mixed = vera_jax.adapt_mixed(family.apply, vera_jax.stack([initial, trainable]), projections,
-                                 jnp.array([1, 0]))(family.params, family.inputs)
+    mixed = vera_jax.adapt_mixed(family.apply, vera_jax.stack([initial, adapter]), jnp.array([1, 0]))(
+        family.params, family.inputs)
     assert max_rel_error(mixed[0], merged[0]) < 1e-5 and max_rel_error(mixed[1], base[1]) < 1e-5
 
 
-@pytest.mark.parametrize("train_vectors, kept, frozen", [("lambda_d", vera_jax.LAMBDA_D, vera_jax.LAMBDA_B),
-                                                          ("lambda_b", vera_jax.LAMBDA_B, vera_jax.LAMBDA_D)])
+@pytest.mark.parametrize("train_vectors, kept, frozen", [("lambda_d", LAMBDA_D, LAMBDA_B),
+                                                          ("lambda_b", LAMBDA_B, LAMBDA_D)])
 def test_a_frozen_vector_is_not_in_the_trainable_tree_and_never_changes(train_vectors, kept, frozen):
     family = families.bert()
     config = dataclasses.replace(family.config, train_vectors=train_vectors, b_initial=0.5)
-    projections = vera_jax.init_projections(family.params, jax.random.key(0), config)
-    trainable = vera_jax.init_trainable(family.params, config)
+    adapter = vera_jax.init_adapter(family.params, config)
+    trainable = adapter.trainable
     names = {p.rsplit("/", 1)[-1] for p in flatten(trainable)}
     assert kept in names and frozen not in names
     layers = vera_jax.find_layers(family.params, config)
-    counted, _ = vera_jax.count_parameters(family.params, config)
-    per_layer = {vera_jax.LAMBDA_D: lambda layer: config.r, vera_jax.LAMBDA_B: lambda layer: layer.out_features}[kept]
+    counted, _ = vera_jax.count_parameters(family.params, adapter)
+    per_layer = {LAMBDA_D: lambda layer: config.r, LAMBDA_B: lambda layer: layer.out_features}[kept]
     assert counted == sum(per_layer(layer) for layer in layers) + 32 * 3 + 3  # plus the classifier head
-    assert "frozen" in vera_jax.layer_table(family.params, config)
+    assert "frozen" in vera_jax.layer_table(family.params, adapter)
 
     tx = optax.adamw(1e-1, weight_decay=0.1)
     state = tx.init(trainable)
     labels = jnp.array([0, 2])
 
     def loss(t):
-        logits = vera_jax.adapt(family.apply, t, projections)(family.params, family.inputs)
+        logits = vera_jax.adapt(family.apply, adapter.replace(trainable=t))(family.params, family.inputs)
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
     for _ in range(3):
         grads = jax.grad(loss)(trainable)
         updates, state = tx.update(grads, state, trainable)
         trainable = optax.apply_updates(trainable, updates)
-    merged = flatten(vera_jax.merge(family.params, trainable, projections))
-    items = vera_jax.vectors.layer_vectors(family.params, trainable, projections)
-    for item in items:
-        value = {vera_jax.LAMBDA_D: item.lambda_d, vera_jax.LAMBDA_B: item.lambda_b}[frozen]
-        np.testing.assert_array_equal(value, np.float32(config.d_initial if frozen == vera_jax.LAMBDA_D else 0.5))
-        trained = {vera_jax.LAMBDA_D: item.lambda_d, vera_jax.LAMBDA_B: item.lambda_b}[kept]
+    trained_adapter = adapter.replace(trainable=trainable)
+    merged = flatten(vera_jax.merge(family.params, trained_adapter))
+    for item in layer_vectors(family.params, trained_adapter):
+        value = {LAMBDA_D: item.lambda_d, LAMBDA_B: item.lambda_b}[frozen]
+        np.testing.assert_array_equal(value, np.float32(config.d_initial if frozen == LAMBDA_D else 0.5))
+        trained = {LAMBDA_D: item.lambda_d, LAMBDA_B: item.lambda_b}[kept]
         assert not np.allclose(trained, trained[0])  # really trained, entry by entry
-        assert item.layer.path + "/kernel" in merged
+        assert not np.array_equal(merged[item.layer.path + "/kernel"],
+                                  flatten(family.params)[item.layer.path + "/kernel"])  # and merged in
 
 
 def test_ablation_adapters_round_trip_through_checkpoints(tmp_path):
@@ -136,30 +138,30 @@ def test_ablation_adapters_round_trip_through_checkpoints(tmp_path):
     for index, changes in enumerate([dict(projection_sharing="per_layer", save_projection=True),
                                      dict(projection_sharing="per_layer", projection_init="uniform"),
                                      dict(train_vectors="lambda_d", b_initial=1.0, projection_init="kaiming_normal")]):
-        config = dataclasses.replace(family.config, **changes)
-        key = jax.random.key(5)
-        projections = vera_jax.init_projections(family.params, key, config)
-        trainable = families.random_trainable(dataclasses.replace(family, config=config), seed=index)
-        checkpoint.save(tmp_path / str(index), trainable, projections, key)
-        again, again_projections = checkpoint.restore(tmp_path / str(index), family.params)
-        assert again_projections.config == config and again_projections.layers == projections.layers
-        jax.tree.map(np.testing.assert_array_equal, again, trainable)
-        np.testing.assert_array_equal(again_projections.A, projections.A)
-        np.testing.assert_array_equal(again_projections.B, projections.B)
+        config = dataclasses.replace(family.config, projection_seed=5, **changes)
+        adapter = families.random_adapter(family, seed=index, config=config)
+        checkpoint.save(tmp_path / str(index), adapter)
+        again = checkpoint.restore(tmp_path / str(index), family.params)
+        assert again.config == config and again.projections.layers == adapter.projections.layers
+        assert again.generator == adapter.generator
+        assert jax.tree.structure(again.trainable) == jax.tree.structure(adapter.trainable)
+        jax.tree.map(np.testing.assert_array_equal, again.trainable, adapter.trainable)
+        np.testing.assert_array_equal(again.projections.A, adapter.projections.A)
+        np.testing.assert_array_equal(again.projections.B, adapter.projections.B)
 
 
 def test_a_frozen_vector_is_written_to_peft_as_its_constant(tmp_path):
     family = families.bert()
     config = dataclasses.replace(family.config, train_vectors="lambda_b")
-    projections = vera_jax.init_projections(family.params, jax.random.key(0), config)
-    trainable = families.random_trainable(dataclasses.replace(family, config=config))
-    vera_peft.save_adapter(tmp_path / "peft", config, trainable, projections, params=family.params)
-    loaded, loaded_projections = vera_peft.load_adapter(tmp_path / "peft", family.params)
-    for path, leaf in flatten(loaded).items():
-        if path.endswith(vera_jax.LAMBDA_D):
-            np.testing.assert_array_equal(leaf, np.full(config.r, config.d_initial, np.float32))
-    ours = vera_jax.adapt(family.apply, trainable, projections)(family.params, family.inputs)
-    theirs = vera_jax.adapt(family.apply, loaded, loaded_projections)(family.params, family.inputs)
+    adapter = families.random_adapter(family, config=config)
+    vera_peft.save_adapter(tmp_path / "peft", adapter, family.params)
+    loaded = vera_peft.load_adapter(tmp_path / "peft", family.params)
+    lambda_d = [leaf for path, leaf in flatten(loaded.trainable).items() if path.endswith(LAMBDA_D)]
+    assert len(lambda_d) == len(vera_jax.find_layers(family.params, config))
+    for leaf in lambda_d:
+        np.testing.assert_array_equal(leaf, np.full(config.r, config.d_initial, np.float32))
+    ours = vera_jax.adapt(family.apply, adapter)(family.params, family.inputs)
+    theirs = vera_jax.adapt(family.apply, loaded)(family.params, family.inputs)
     assert max_rel_error(theirs, ours) < 1e-6
 
 
@@ -176,17 +178,16 @@ def test_ablation_settings_that_cannot_work_are_errors(tmp_path):
     with pytest.raises(ValueError, match="train_vectors must be one of"):
         dataclasses.replace(family.config, train_vectors="neither")
     config = dataclasses.replace(family.config, projection_sharing="per_layer")
-    projections = vera_jax.init_projections(family.params, jax.random.key(0), config)
-    trainable = vera_jax.init_trainable(family.params, config)
+    per_layer = vera_jax.init_adapter(family.params, config)
     with pytest.raises(ValueError, match="PEFT's VeRA holds one shared A/B pair"):
-        vera_peft.save_adapter(tmp_path / "peft", config, trainable, projections, params=family.params)
-    shared = vera_jax.init_projections(family.params, jax.random.key(0), family.config)
+        vera_peft.save_adapter(tmp_path / "peft", per_layer, family.params)
+    assert not (tmp_path / "peft").exists()
+    shared = vera_jax.init_adapter(family.params, family.config)
     with pytest.raises(ValueError, match=r"not the \(layers, r, in_max\) .* that projection_sharing='per_layer' needs"):
-        vera_jax.merge(family.params, trainable, vera_jax.Projections(shared.A, shared.B, config))
-    fewer = dataclasses.replace(config, target_modules=("query",))
+        vera_jax.merge(family.params, per_layer.replace(projections=shared.projections))
+    fewer = vera_jax.init_adapter(family.params, dataclasses.replace(config, target_modules=("query",)))
     with pytest.raises(ValueError, match="drawn for other layers"):
-        vera_jax.merge(family.params, vera_jax.init_trainable(family.params, fewer),
-                       dataclasses.replace(projections, config=fewer))
+        vera_jax.merge(family.params, fewer.replace(projections=per_layer.projections))
 
 
 def test_ablation_fields_survive_json():

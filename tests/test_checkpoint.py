@@ -6,11 +6,15 @@ import json
 import jax
 import numpy as np
 import pytest
+from safetensors.numpy import load_file, save_file
 
 import families
 import vera_jax
 from vera_jax import checkpoint
+from vera_jax import peft as vera_peft
+from vera_jax.adapter import STORED
 from vera_jax.paths import flatten
+from vera_jax.projections import init_projections
 
 
 @pytest.fixture(scope="module")
@@ -18,28 +22,36 @@ def bert():
     return families.bert()
 
 
-def _save(bert, directory, save_projection=False):
-    config = dataclasses.replace(bert.config, save_projection=save_projection)
-    key = jax.random.key(11)
-    projections = vera_jax.init_projections(bert.params, key, config)
-    trainable = families.random_trainable(families.Family("bert", bert.params, bert.apply, bert.inputs, config))
-    checkpoint.save(directory, trainable, projections, key)
-    return trainable, projections
+def _save(bert, directory, save_projection=False, seed=1):
+    config = dataclasses.replace(bert.config, save_projection=save_projection, projection_seed=11)
+    adapter = families.random_adapter(bert, seed=seed, config=config)
+    checkpoint.save(directory, adapter)
+    return adapter
+
+
+def _assert_same_adapter(got, want):
+    assert got.config == want.config
+    assert jax.tree.structure(got.trainable) == jax.tree.structure(want.trainable)
+    jax.tree.map(np.testing.assert_array_equal, got.trainable, want.trainable)
+    for name in ("A", "B"):
+        assert getattr(got.projections, name).dtype == getattr(want.projections, name).dtype
+        np.testing.assert_array_equal(getattr(got.projections, name), getattr(want.projections, name))
 
 
 @pytest.mark.parametrize("save_projection", [False, True])
 def test_round_trip_from_a_relative_path(bert, tmp_path, monkeypatch, save_projection):
     monkeypatch.chdir(tmp_path)
-    trainable, projections = _save(bert, "adapter", save_projection)
+    adapter = _save(bert, "adapter", save_projection)
     stored = {p.name for p in (tmp_path / "adapter").iterdir()}
     assert stored == {"trainable", "vera_adapter.json"}
-    restored, rebuilt = checkpoint.restore("adapter", bert.params)
-    jax.tree.map(np.testing.assert_array_equal, restored, trainable)
-    np.testing.assert_array_equal(rebuilt.A, projections.A)
-    np.testing.assert_array_equal(rebuilt.B, projections.B)
-    assert rebuilt.config == projections.config
-    with_ab = checkpoint.projection_recipe(projections, jax.random.key(11))
-    assert json.loads((tmp_path / "adapter" / "vera_adapter.json").read_text())["projection"] == with_ab
+    restored = checkpoint.restore("adapter", bert.params)
+    _assert_same_adapter(restored, adapter)
+    assert restored.generator == adapter.generator and restored.redrawable
+    recipe = json.loads((tmp_path / "adapter" / "vera_adapter.json").read_text())["projection"]
+    assert recipe == checkpoint.projection_recipe(restored)
+    assert recipe["key"] == [int(w) for w in np.asarray(jax.random.key_data(jax.random.key(11)))]
+    logits = vera_jax.adapt(bert.apply, restored)(bert.params, bert.inputs)
+    np.testing.assert_array_equal(logits, vera_jax.adapt(bert.apply, adapter)(bert.params, bert.inputs))
 
 
 def test_projections_are_stored_only_on_request(bert, tmp_path):
@@ -50,6 +62,40 @@ def test_projections_are_stored_only_on_request(bert, tmp_path):
     assert size(tmp_path / "full") > size(tmp_path / "lean") + ab_bytes / 2
 
 
+def _peft_file_with_other_projections(bert, directory):
+    """A PEFT adapter file whose A and B are not what the key draws, under save_projection: false."""
+    adapter = families.random_adapter(bert, seed=4)
+    vera_peft.save_adapter(directory, adapter, bert.params)
+    tensors = load_file(directory / vera_peft.WEIGHTS_FILE)
+    for name, key in (("A", 21), ("B", 22)):  # e.g. drawn by PyTorch: this library cannot draw them again
+        full = f"base_model.vera_{name}"
+        tensors[full] = np.asarray(jax.random.uniform(jax.random.key(key), tensors[full].shape, minval=-0.5,
+                                                      maxval=0.5))
+    save_file(tensors, directory / vera_peft.WEIGHTS_FILE, metadata={"format": "pt"})
+    peft_config = json.loads((directory / vera_peft.CONFIG_FILE).read_text())
+    (directory / vera_peft.CONFIG_FILE).write_text(json.dumps(peft_config | {"save_projection": False}))
+    return tensors
+
+
+def test_an_adapter_loaded_from_peft_keeps_its_projections_in_a_checkpoint(bert, tmp_path):
+    tensors = _peft_file_with_other_projections(bert, tmp_path / "peft")
+    loaded = vera_peft.load_adapter(tmp_path / "peft", bert.params)
+    assert loaded.generator == STORED and not loaded.redrawable and not loaded.config.save_projection
+    np.testing.assert_array_equal(loaded.projections.A, tensors["base_model.vera_A"])
+    drawn = init_projections(bert.params, loaded.key, loaded.config)
+    assert not np.array_equal(drawn.A, loaded.projections.A)  # the key cannot give them back
+
+    checkpoint.save(tmp_path / "adapter", loaded)
+    restored = checkpoint.restore(tmp_path / "adapter", bert.params)
+    _assert_same_adapter(restored, loaded)
+    assert restored.generator == STORED and not restored.redrawable
+    np.testing.assert_array_equal(vera_jax.adapt(bert.apply, restored)(bert.params, bert.inputs),
+                                  vera_jax.adapt(bert.apply, loaded)(bert.params, bert.inputs))
+    # A and B travel with the vectors: a checkpoint written again from the restored adapter holds them too.
+    checkpoint.save(tmp_path / "again", restored)
+    _assert_same_adapter(checkpoint.restore(tmp_path / "again", bert.params), loaded)
+
+
 def test_a_tampered_fingerprint_is_refused(bert, tmp_path):
     _save(bert, tmp_path / "adapter")
     meta_path = tmp_path / "adapter" / "vera_adapter.json"
@@ -57,6 +103,16 @@ def test_a_tampered_fingerprint_is_refused(bert, tmp_path):
     meta["projection"]["key"][1] += 1  # another key: other A and B than the vectors were trained with
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="fingerprint mismatch"):
+        checkpoint.restore(tmp_path / "adapter", bert.params)
+
+
+def test_tampered_stored_projections_are_refused(bert, tmp_path):
+    _save(bert, tmp_path / "adapter", save_projection=True)
+    meta_path = tmp_path / "adapter" / "vera_adapter.json"
+    meta = json.loads(meta_path.read_text())
+    meta["projection"]["fingerprint"] = "0" * 64
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="do not match their fingerprint; the adapter is damaged"):
         checkpoint.restore(tmp_path / "adapter", bert.params)
 
 
@@ -81,27 +137,33 @@ def test_missing_or_broken_metadata(bert, tmp_path):
 
 
 def test_saving_again_replaces_the_adapter_whole(bert, tmp_path):
-    first, _ = _save(bert, tmp_path / "adapter")
-    second = jax.tree.map(lambda x: x + 1.0, first)
-    projections = vera_jax.init_projections(bert.params, jax.random.key(11), bert.config)
-    checkpoint.save(tmp_path / "adapter", second, projections, jax.random.key(11))
-    restored, _ = checkpoint.restore(tmp_path / "adapter", bert.params)
-    np.testing.assert_array_equal(flatten(restored)["classifier/bias"], flatten(second)["classifier/bias"])
-    assert not list(tmp_path.glob(".adapter*"))
+    first = _save(bert, tmp_path / "adapter")
+    second = first.replace(trainable=jax.tree.map(lambda x: x + 1.0, first.trainable))
+    checkpoint.save(tmp_path / "adapter", second)
+    restored = checkpoint.restore(tmp_path / "adapter", bert.params)
+    _assert_same_adapter(restored, second)
+    bias = "classifier/bias"
+    assert not np.array_equal(flatten(restored.trainable)[bias], flatten(first.trainable)[bias])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no staging or old copy left behind
 
 
 def test_a_failed_write_leaves_the_previous_directory_whole(tmp_path):
     from vera_jax.atomic import staged_directory
 
     target = tmp_path / "adapter"
-    with staged_directory(target) as staging:
+    with staged_directory(target, "weights") as staging:
         (staging / "weights").write_text("first")
     with pytest.raises(RuntimeError, match="disk full"):
-        with staged_directory(target) as staging:
+        with staged_directory(target, "weights") as staging:
             (staging / "weights").write_text("half of the second")
             raise RuntimeError("disk full")
     assert (target / "weights").read_text() == "first"
-    with staged_directory(target) as staging:
+    with pytest.raises(RuntimeError, match="The staged directory holds no weights; nothing was published"):
+        with staged_directory(target, "weights") as staging:
+            (staging / "other").write_text("no marker")
+    assert sorted(p.name for p in target.iterdir()) == ["weights"]
+    assert (target / "weights").read_text() == "first"
+    with staged_directory(target, "weights") as staging:
         (staging / "weights").write_text("second")
     assert (target / "weights").read_text() == "second"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no staging or backup left behind

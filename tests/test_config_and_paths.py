@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import pytest
 
 import vera_jax
-from vera_jax import paths
+from vera_jax import layers, paths
 
 
 def test_json_round_trip_and_hashable():
-    config = vera_jax.VeraConfig(r=32, target_modules=("query", "value"), trainable=("classifier",),
+    config = vera_jax.VeraConfig(r=32, target_modules=("query", "value"), modules_to_save=("classifier",),
                                  dropout=0.1, dtype="bfloat16", projection_seed=7, save_projection=True)
     again = vera_jax.VeraConfig.from_json(config.to_json())
     assert again == config and hash(again) == hash(config)
@@ -55,6 +55,11 @@ def test_bad_config_is_refused_with_the_fix(kwargs, message):
 def test_unknown_fields_are_an_error():
     with pytest.raises(ValueError, match=r"unknown fields \['rank'\]"):
         vera_jax.VeraConfig.from_dict({"target_modules": ["query"], "rank": 8})
+    # The field of leaves trained in full is PEFT's modules_to_save; the old name is an unknown field.
+    with pytest.raises(ValueError, match=r"unknown fields \['trainable'\]"):
+        vera_jax.VeraConfig.from_dict({"target_modules": ["query"], "trainable": ["classifier"]})
+    config = vera_jax.VeraConfig.from_dict({"target_modules": ["query"], "modules_to_save": ["classifier"]})
+    assert config.modules_to_save == ("classifier",)
 
 
 PATHS = ["bert/encoder/layer/0/attention/self/query", "bert/encoder/layer/0/attention/self/myquery",
@@ -91,6 +96,17 @@ def test_rules_first_match_wins_and_unused_rules_fail():
         paths.label_paths(paths.compile_rules([(r".*/kernel", 1)]), ["a/bias"])
     with pytest.raises(ValueError, match="not a valid regular expression"):
         paths.compile_rules([("(", 1)])
+
+
+def test_vector_leaves_have_one_matcher():
+    assert vera_jax.is_vector_path("bert/layer/0/query/vera_lambda_d")
+    assert vera_jax.is_vector_path("bert/layer/0/query/vera_lambda_b")
+    for path in ("bert/layer/0/query/kernel", "bert/layer/0/query/vera_lambda_dx", "bert/my_vera_lambda_b",
+                 "bert/vera_lambda_b/kernel"):
+        assert not vera_jax.is_vector_path(path), path
+    assert layers.vector_module("a/query/vera_lambda_d") == "a/query"
+    assert layers.vector_module("a/query/kernel") is None
+    assert paths.split_leaf("a/b/kernel") == ("a/b", "kernel") and paths.split_leaf("kernel") == ("", "kernel")
 
 
 def test_flatten_round_trips():

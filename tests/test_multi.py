@@ -11,99 +11,130 @@ from conftest import max_rel_error
 
 import families
 import vera_jax
+from vera_jax.layers import LAMBDA_D
+from vera_jax.paths import flatten, unflatten
 
 K = 3
 
 
 def _adapters(family, count=K):
-    return [families.random_trainable(family, seed=10 + k) for k in range(count)]
+    return [families.random_adapter(family, seed=10 + k) for k in range(count)]
 
 
 def test_stack_and_unstack_round_trip():
     family = families.bert()
     adapters = _adapters(family)
     stacked = vera_jax.stack(adapters)
-    assert vera_jax.num_adapters(stacked) == K
-    assert stacked["classifier"]["kernel"].shape == (K, 32, 3)
-    for original, again in zip(adapters, vera_jax.unstack(stacked)):
+    assert isinstance(stacked, vera_jax.Adapter) and vera_jax.num_adapters(stacked) == K
+    assert stacked.trainable["classifier"]["kernel"].shape == (K, 32, 3)
+    assert stacked.config == family.config
+    # A and B are held once, not K times.
+    assert stacked.projections.A.shape == adapters[0].projections.A.shape == (8, 32)
+    np.testing.assert_array_equal(stacked.projections.B, adapters[0].projections.B)
+    unstacked = vera_jax.unstack(stacked)
+    assert len(unstacked) == K
+    for original, again in zip(adapters, unstacked):
+        assert jax.tree.structure(again) == jax.tree.structure(original)
         jax.tree.map(np.testing.assert_array_equal, again, original)
 
 
 def test_adapters_of_different_configs_do_not_stack():
     family = families.bert()
-    other = dataclasses.replace(family.config, r=4)
+    adapter = vera_jax.init_adapter(family.params, family.config)
+    other = vera_jax.init_adapter(family.params, dataclasses.replace(family.config, r=4))
+    with pytest.raises(ValueError, match=r"Adapter 1 has another config than adapter 0 \(fields \['r'\]\)"):
+        vera_jax.stack([adapter, other])
+    reseeded = vera_jax.init_adapter(family.params, dataclasses.replace(family.config, projection_seed=1))
+    with pytest.raises(ValueError, match=r"Adapter 2 has another config .*\['projection_seed'\].*one A/B"):
+        vera_jax.stack([adapter, adapter, reseeded])
+    flat = flatten(adapter.trainable)
+    reshaped = adapter.replace(trainable=unflatten(flat | {"classifier/bias": jnp.zeros(4)}))
     with pytest.raises(ValueError, match="Adapter 1 does not match adapter 0"):
-        vera_jax.stack([vera_jax.init_trainable(family.params, family.config),
-                        vera_jax.init_trainable(family.params, other)])
+        vera_jax.stack([adapter, reshaped])
     with pytest.raises(ValueError, match="stack needs at least one"):
         vera_jax.stack([])
-    with pytest.raises(ValueError, match="Not a stacked trainable tree"):
-        vera_jax.num_adapters({"a": jnp.zeros(3), "b": jnp.zeros(4)})
+    with pytest.raises(ValueError, match="Not a stacked adapter"):
+        vera_jax.num_adapters(adapter)  # one adapter: its leaves have no common leading axis
 
 
 @pytest.mark.parametrize("build", [families.bert, families.gpt2, families.llama], ids=lambda f: f.__name__)
 def test_a_mixed_batch_gives_each_example_its_own_adapters_logits(build):
     family = build()
-    projections = vera_jax.init_projections(family.params, jax.random.key(0), family.config)
     adapters = _adapters(family)
     inputs = jnp.concatenate([family.inputs] * 3)  # 6 examples
     ids = jnp.array([2, 0, 1, 1, 0, 2])
-    mixed = jax.jit(lambda p, x, i: vera_jax.adapt_mixed(family.apply, vera_jax.stack(adapters), projections, i)(
+    mixed = jax.jit(lambda p, x, i: vera_jax.adapt_mixed(family.apply, vera_jax.stack(adapters), i)(
         p, x))(family.params, inputs, ids)
     for k, adapter in enumerate(adapters):
-        alone = vera_jax.adapt(family.apply, adapter, projections, path="activation")(family.params, inputs)
+        alone = vera_jax.adapt(family.apply, adapter, path="activation")(family.params, inputs)
         rows = np.flatnonzero(np.asarray(ids) == k)
         assert max_rel_error(np.asarray(mixed)[rows], np.asarray(alone)[rows]) < 1e-5, k
 
 
 def test_adapter_ids_out_of_range():
     family = families.bert()
-    projections = vera_jax.init_projections(family.params, jax.random.key(0), family.config)
     stacked = vera_jax.stack(_adapters(family))
     with pytest.raises(ValueError, match=r"adapter_ids span 0..3, but 3 adapters are stacked; ids must be in 0..2"):
-        vera_jax.adapt_mixed(family.apply, stacked, projections, jnp.array([0, 3]))
+        vera_jax.adapt_mixed(family.apply, stacked, jnp.array([0, 3]))
     with pytest.raises(ValueError, match="must be a 1-D integer array"):
-        vera_jax.adapt_mixed(family.apply, stacked, projections, jnp.array([0.0, 1.0]))
+        vera_jax.adapt_mixed(family.apply, stacked, jnp.array([0.0, 1.0]))
     # Under jit the ids are not known in advance: an id out of range gives NaN, never another adapter's output.
-    run = jax.jit(lambda i: vera_jax.adapt_mixed(family.apply, stacked, projections, i)(family.params, family.inputs))
+    run = jax.jit(lambda i: vera_jax.adapt_mixed(family.apply, stacked, i)(family.params, family.inputs))
     logits = np.asarray(run(jnp.array([1, 7])))
     assert np.all(np.isfinite(logits[0])) and np.all(np.isnan(logits[1]))
+
+
+def _with_lambda_d(adapter, value):
+    """The adapter with every lambda_d entry set to ``value`` (one config: such adapters stack)."""
+    flat = flatten(adapter.trainable)
+    return adapter.replace(trainable=unflatten(
+        {path: jnp.full_like(leaf, value) if path.endswith(LAMBDA_D) else leaf for path, leaf in flat.items()}))
 
 
 @pytest.mark.parametrize("adapters_per_pass", [None, 1, 2])  # all 3 at once; a scan of 3; a pass of 2, then 1
 def test_vmapped_training_equals_separate_runs(adapters_per_pass):
     family = families.bert()
-    projections = vera_jax.init_projections(family.params, jax.random.key(0), family.config)
+    initial = vera_jax.init_adapter(family.params, family.config)
     d_initials = (1e-7, 0.1, 1.0)  # the paper's sweep: only the initial lambda_d differs
-    starts = [vera_jax.init_trainable(family.params, dataclasses.replace(family.config, d_initial=d))
-              for d in d_initials]
+    starts = [_with_lambda_d(initial, d) for d in d_initials]
     labels = jnp.array([0, 2])
     # SGD keeps the comparison well-conditioned: Adam divides by sqrt(v), which magnifies the ulp-level
     # differences of batched (vmapped) matmuls wherever a gradient is close to zero.
     tx = optax.sgd(0.5, momentum=0.9)
 
-    def step(trainable, opt_state):
-        def loss_fn(t):
-            logits = vera_jax.adapt(family.apply, t, projections, path="activation")(family.params, family.inputs)
+    def step(adapter, opt_state):
+        """One step of one adapter: takes and returns an Adapter, differentiating only its trainable tree."""
+        def loss_fn(trainable):
+            logits = vera_jax.adapt(family.apply, adapter.replace(trainable=trainable), path="activation")(
+                family.params, family.inputs)
             return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-        loss, grads = jax.value_and_grad(loss_fn)(trainable)
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, loss
+        loss, grads = jax.value_and_grad(loss_fn)(adapter.trainable)
+        updates, opt_state = tx.update(grads, opt_state, adapter.trainable)
+        return adapter.replace(trainable=optax.apply_updates(adapter.trainable, updates)), opt_state, loss
 
     stacked = vera_jax.stack(starts)
-    state = (stacked, jax.vmap(tx.init)(stacked))
+    state = (stacked, jax.vmap(tx.init)(stacked.trainable))
     vmapped = jax.jit(vera_jax.map_adapters(step, (0, 0), adapters_per_pass))
     for _ in range(3):
         *state, losses = vmapped(*state)
+    trained = state[0]
+    # The Adapter fn returns comes back stacked: trainable leaves on the K axis, A and B once and unchanged.
+    assert isinstance(trained, vera_jax.Adapter) and vera_jax.num_adapters(trained) == K
+    assert trained.config == family.config and trained.generator == initial.generator
+    assert trained.projections.A.shape == initial.projections.A.shape  # no K axis
+    np.testing.assert_array_equal(trained.projections.A, initial.projections.A)
+    np.testing.assert_array_equal(trained.projections.B, initial.projections.B)
     separate = []
     for start in starts:
-        single = (start, tx.init(start))
+        single = (start, tx.init(start.trainable))
         for _ in range(3):
             *single, _ = jax.jit(step)(*single)
         separate.append(single[0])
-    for k, (got, want) in enumerate(zip(vera_jax.unstack(state[0]), separate)):
-        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    for k, (got, want) in enumerate(zip(vera_jax.unstack(trained), separate)):
+        assert jax.tree.structure(got.trainable) == jax.tree.structure(want.trainable)
+        assert not np.array_equal(got.trainable["classifier"]["bias"], starts[k].trainable["classifier"]["bias"])
+        for a, b in zip(jax.tree.leaves(got.trainable), jax.tree.leaves(want.trainable)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=f"adapter {k}")
     assert losses.shape == (K,)
 
@@ -141,11 +172,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import families, vera_jax
 assert jax.device_count() == 8, jax.devices()
 family = families.bert()
-projections = vera_jax.init_projections(family.params, jax.random.key(0), family.config)
-stacked = vera_jax.stack([families.random_trainable(family, seed=10 + k) for k in range(3)])
+stacked = vera_jax.stack([families.random_adapter(family, seed=10 + k) for k in range(3)])
 inputs = jnp.concatenate([family.inputs] * 4)  # 8 examples, one per device
 ids = jnp.array([2, 0, 1, 1, 0, 2, 2, 1])
-mixed = lambda p, x, i: vera_jax.adapt_mixed(family.apply, stacked, projections, i)(p, x)
+mixed = lambda p, x, i: vera_jax.adapt_mixed(family.apply, stacked, i)(p, x)
 mesh = Mesh(np.array(jax.devices()), ("data",))
 rows, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
 sharded = jax.jit(mixed, in_shardings=(replicated, rows, rows), out_shardings=rows)

@@ -56,8 +56,14 @@ def _edit_tensors(directory, edit):
 
 def test_the_valid_adapter_loads(saved):
     directory, params = saved
-    trainable, projections = vera_peft.load_adapter(directory, params)
-    assert projections.A.shape == (4, 16) and trainable["classifier"]["kernel"].shape == (16, 2)
+    adapter = vera_peft.load_adapter(directory, params)
+    assert adapter.projections.A.shape == (4, 16) and adapter.trainable["classifier"]["kernel"].shape == (16, 2)
+    tensors = load_file(directory / WEIGHTS)
+    np.testing.assert_array_equal(adapter.projections.A, tensors["base_model.vera_A"])
+    np.testing.assert_array_equal(adapter.trainable["classifier"]["kernel"],
+                                  tensors["base_model.model.classifier.weight"].T)  # PyTorch (out, in) -> Dense
+    assert adapter.generator == "stored" and not adapter.redrawable  # A and B came from the file
+    assert adapter.config.r == 4 and adapter.config.modules_to_save == ("classifier",)
 
 
 @pytest.mark.parametrize("changes, message", [

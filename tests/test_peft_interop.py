@@ -12,6 +12,7 @@ import pytest
 from conftest import max_rel_error, random_like
 
 import vera_jax
+from vera_jax import checkpoint
 from vera_jax import peft as vera_peft
 from vera_jax.export import save_merged
 
@@ -79,9 +80,9 @@ def _torch_model(case, base):
     return case.torch_cls.from_pretrained(base).eval()
 
 
-def _flax_logits(model, case, trainable, projections, path):
+def _flax_logits(model, case, adapter, path):
     apply = lambda p, x: model(x, params=p).logits  # noqa: E731
-    return np.asarray(jax.jit(vera_jax.adapt(apply, trainable, projections, path=path))(model.params, case.inputs))
+    return np.asarray(jax.jit(vera_jax.adapt(apply, adapter, path=path))(model.params, case.inputs))
 
 
 @pytest.mark.parametrize("save_projection", [True, False])
@@ -102,46 +103,60 @@ def test_peft_adapter_loads_and_matches_peft(models, tmp_path, save_projection):
     assert max_rel_error(expected, base_logits) > 100 * TOL
     peft_model.save_pretrained(tmp_path / "adapter")
 
-    trainable, projections = vera_peft.load_adapter(tmp_path / "adapter", flax_model.params)
+    adapter = vera_peft.load_adapter(tmp_path / "adapter", flax_model.params)
     buffers = peft_model.base_model
-    np.testing.assert_array_equal(projections.A, buffers.vera_A["default"].numpy())  # rebuilt bit for bit
-    np.testing.assert_array_equal(projections.B, buffers.vera_B["default"].numpy())
-    assert projections.config.kernel_layout == case.layout
+    np.testing.assert_array_equal(adapter.projections.A, buffers.vera_A["default"].numpy())  # rebuilt bit for bit
+    np.testing.assert_array_equal(adapter.projections.B, buffers.vera_B["default"].numpy())
+    assert adapter.config.kernel_layout == case.layout and adapter.config.projection_seed == 1234
+    # Read from the file, or drawn again with PyTorch's generator: either way not this library's draw.
+    assert adapter.generator == ("stored" if save_projection else vera_peft.TORCH_GENERATOR)
+    assert not adapter.redrawable
     for path in ("merged", "activation"):
-        assert max_rel_error(_flax_logits(flax_model, case, trainable, projections, path), expected) < TOL, path
+        assert max_rel_error(_flax_logits(flax_model, case, adapter, path), expected) < TOL, path
+    if not save_projection:  # A and B this library cannot draw: a vera_jax checkpoint must carry them
+        assert not adapter.config.save_projection
+        checkpoint.save(tmp_path / "checkpoint", adapter)
+        restored = checkpoint.restore(tmp_path / "checkpoint", flax_model.params)
+        assert restored.config == adapter.config and not restored.redrawable
+        np.testing.assert_array_equal(restored.projections.A, adapter.projections.A)
+        np.testing.assert_array_equal(restored.projections.B, adapter.projections.B)
+        jax.tree.map(np.testing.assert_array_equal, restored.trainable, adapter.trainable)
 
 
 def _random_adapter(case, flax_model):
-    """A vera_jax adapter with random non-zero vectors (and head): config, projections, trainable, its logits."""
-    config = vera_jax.VeraConfig(r=R, target_modules=tuple(case.targets), trainable=case.head,
-                                 kernel_layout=case.layout)
-    projections = vera_jax.init_projections(flax_model.params, jax.random.key(3), config)
-    trainable = random_like(vera_jax.init_trainable(flax_model.params, config), jax.random.key(4), scale=0.5)
-    return config, projections, trainable, _flax_logits(flax_model, case, trainable, projections, "activation")
+    """A vera_jax adapter with random non-zero vectors (and head), and its logits."""
+    config = vera_jax.VeraConfig(r=R, target_modules=tuple(case.targets), modules_to_save=case.head,
+                                 kernel_layout=case.layout, projection_seed=3)
+    adapter = vera_jax.init_adapter(flax_model.params, config)
+    adapter = adapter.replace(trainable=random_like(adapter.trainable, jax.random.key(4), scale=0.5))
+    return adapter, _flax_logits(flax_model, case, adapter, "activation")
 
 
 def test_vera_jax_adapter_loads_in_peft(models, tmp_path):
     case, base, flax_model = models
-    config, projections, trainable, expected = _random_adapter(case, flax_model)
-    vera_peft.save_adapter(tmp_path / "adapter", config, trainable, projections, params=flax_model.params,
-                           task_type=case.task_type)
+    adapter, expected = _random_adapter(case, flax_model)
+    vera_peft.save_adapter(tmp_path / "adapter", adapter, flax_model.params, task_type=case.task_type)
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert saved["peft_type"] == "VERA" and saved["save_projection"] is True
+    assert saved["projection_prng_key"] == 3 and saved["task_type"] == case.task_type
 
     peft_model = peft.PeftModel.from_pretrained(_torch_model(case, base), tmp_path / "adapter").eval()
     with torch.no_grad():
         logits = peft_model(**_inputs(case)).logits.numpy()
     assert max_rel_error(logits, expected) < TOL
-    again, again_projections = vera_peft.load_adapter(tmp_path / "adapter", flax_model.params)
-    jax.tree.map(np.testing.assert_array_equal, again, trainable)
-    np.testing.assert_array_equal(again_projections.A, projections.A)
+    again = vera_peft.load_adapter(tmp_path / "adapter", flax_model.params)
+    assert jax.tree.structure(again.trainable) == jax.tree.structure(adapter.trainable)
+    jax.tree.map(np.testing.assert_array_equal, again.trainable, adapter.trainable)
+    np.testing.assert_array_equal(again.projections.A, adapter.projections.A)
+    np.testing.assert_array_equal(again.projections.B, adapter.projections.B)
+    assert again.config.modules_to_save == adapter.config.modules_to_save
 
 
 @pytest.mark.parametrize("safetensors", [False, True])
 def test_merged_export_loads_with_transformers_alone(models, tmp_path, safetensors):
     case, _, flax_model = models
-    config, projections, trainable, expected = _random_adapter(case, flax_model)
-    save_merged(flax_model, flax_model.params, trainable, projections, tmp_path / "merged", safetensors=safetensors)
+    adapter, expected = _random_adapter(case, flax_model)
+    save_merged(tmp_path / "merged", adapter, flax_model.params, flax_model, safetensors=safetensors)
     weights = {p.name for p in (tmp_path / "merged").iterdir()}
     assert ("model.safetensors" if safetensors else "flax_model.msgpack") in weights
     exported = case.flax_cls.from_pretrained(tmp_path / "merged")

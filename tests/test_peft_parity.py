@@ -51,16 +51,18 @@ def _copy(tensor, value):
 @pytest.mark.parametrize("build", [_bert, _gpt2, _llama], ids=["bert", "gpt2", "llama"])
 def test_logits_match_peft(build):
     torch.manual_seed(0)
-    pt_model, flax_cls, targets, peft_kwargs, trainable, layout = build()
+    pt_model, flax_cls, targets, peft_kwargs, modules_to_save, layout = build()
     pt_model.eval()
     with tempfile.TemporaryDirectory() as tmp:
         pt_model.save_pretrained(tmp)
         flax_model = flax_cls.from_pretrained(tmp, from_pt=True)  # transformers' own PyTorch-to-Flax loading
     params = flax_model.params
 
-    config = vera_jax.VeraConfig(r=R, target_modules=tuple(targets), trainable=trainable, kernel_layout=layout)
-    projections = vera_jax.init_projections(params, jax.random.key(42), config)
-    trained = random_like(vera_jax.init_trainable(params, config), jax.random.key(1), scale=0.5)
+    config = vera_jax.VeraConfig(r=R, target_modules=tuple(targets), modules_to_save=modules_to_save,
+                                 kernel_layout=layout, projection_seed=42)
+    adapter = vera_jax.init_adapter(params, config)
+    adapter = adapter.replace(trainable=random_like(adapter.trainable, jax.random.key(1), scale=0.5))
+    projections = adapter.projections
 
     peft_config = peft.VeraConfig(r=R, target_modules=targets, vera_dropout=0.0, d_initial=0.1, **peft_kwargs)
     peft_model = peft.get_peft_model(pt_model, peft_config).eval()
@@ -68,18 +70,18 @@ def test_logits_match_peft(build):
     assert tuple(vera_A.shape) == projections.A.shape and tuple(vera_B.shape) == projections.B.shape
     _copy(vera_A, projections.A)
     _copy(vera_B, projections.B)
-    flat = flatten(trained)
+    flat = flatten(adapter.trainable)
     adapted = [(n, m) for n, m in peft_model.named_modules() if isinstance(m, peft.tuners.vera.layer.Linear)]
     assert len(adapted) == len(vera_jax.find_layers(params, config))
     for name, module in adapted:
         _copy(module.vera_lambda_d["default"], flat[_flax_path(name) + "/vera_lambda_d"])
         _copy(module.vera_lambda_b["default"], flat[_flax_path(name) + "/vera_lambda_b"])
-    if trainable:
+    if modules_to_save:
         head = peft_model.base_model.model.classifier.modules_to_save["default"]
         _copy(head.weight, np.asarray(flat["classifier/kernel"]).T)
         _copy(head.bias, flat["classifier/bias"])
 
-    assert vera_jax.count_parameters(params, config) == peft_model.get_nb_trainable_parameters()
+    assert vera_jax.count_parameters(params, adapter) == peft_model.get_nb_trainable_parameters()
 
     ids = np.random.default_rng(0).integers(0, 120, size=(2, 10))
     with torch.no_grad():
@@ -91,5 +93,5 @@ def test_logits_match_peft(build):
 
     apply = lambda p, x: flax_model(x, params=p).logits  # noqa: E731
     for path in ("merged", "activation"):
-        logits = jax.jit(vera_jax.adapt(apply, trained, projections, path=path))(params, ids)
+        logits = jax.jit(vera_jax.adapt(apply, adapter, path=path))(params, ids)
         assert max_rel_error(logits, expected) < TOL, path

@@ -1,11 +1,14 @@
 """A and B: shapes, Kaiming-uniform bounds, draw order, and a generator pinned to its spec."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import vera_jax
+from vera_jax.projections import init_projections, kaiming_uniform_bound, projection_key
 
 # Layers of different shapes: in_max = 300 (from "up"), out_max = 500 (from "down").
 PARAMS = {
@@ -41,7 +44,8 @@ def _reference_stream(key_words, first_block, size, bound):
 
 @pytest.fixture(scope="module")
 def projections():
-    return vera_jax.init_projections(PARAMS, jax.random.key(1234), CONFIG)
+    """A and B of a new adapter for projection_seed 1234 (only the shapes of PARAMS are read)."""
+    return vera_jax.init_adapter(PARAMS, dataclasses.replace(CONFIG, projection_seed=1234)).projections
 
 
 def test_shapes_are_the_maxima_over_adapted_layers(projections):
@@ -54,7 +58,7 @@ def test_shapes_are_the_maxima_over_adapted_layers(projections):
 def test_kaiming_uniform_bounds_and_moments(projections, name, fan_in):
     values = np.asarray(getattr(projections, name), np.float64)
     bound = np.sqrt(6.0 / fan_in)  # gain sqrt(2), a=0, fan_in = the buffer's second dimension
-    assert vera_jax.kaiming_uniform_bound(fan_in) == pytest.approx(bound, rel=1e-15)
+    assert kaiming_uniform_bound(fan_in) == pytest.approx(bound, rel=1e-15)
     assert values.min() >= -bound and values.max() <= bound
     # Tens of thousands of draws fill the interval: extremes within 0.1% of the bounds.
     assert values.min() < -0.999 * bound and values.max() > 0.999 * bound
@@ -75,7 +79,7 @@ def test_a_is_drawn_before_b():
     key = jax.random.key(5)
     wider_out = {**PARAMS, "down": {"kernel": jax.ShapeDtypeStruct((120, 700), jnp.float32)}}
     wider_in = {**PARAMS, "up": {"kernel": jax.ShapeDtypeStruct((400, 120), jnp.float32)}}
-    base, out, inn = (vera_jax.init_projections(p, key, CONFIG) for p in (PARAMS, wider_out, wider_in))
+    base, out, inn = (init_projections(p, key, CONFIG) for p in (PARAMS, wider_out, wider_in))
     # A comes first: a larger B leaves A unchanged, and B's leading rows too.
     np.testing.assert_array_equal(out.A, base.A)
     np.testing.assert_array_equal(out.B[:500], base.B)
@@ -86,33 +90,45 @@ def test_a_is_drawn_before_b():
 @pytest.mark.parametrize("partitionable", [False, True])
 def test_values_do_not_depend_on_threefry_partitionable(projections, partitionable):
     with jax.threefry_partitionable(partitionable):
-        again = vera_jax.init_projections(PARAMS, jax.random.key(1234), CONFIG)
-        jitted = jax.jit(vera_jax.init_projections, static_argnums=2)(PARAMS, jax.random.key(1234), CONFIG)
+        again = init_projections(PARAMS, jax.random.key(1234), CONFIG)
+        jitted = jax.jit(init_projections, static_argnums=2)(PARAMS, jax.random.key(1234), CONFIG)
     for other in (again, jitted):
         np.testing.assert_array_equal(other.A, projections.A)
         np.testing.assert_array_equal(other.B, projections.B)
 
 
 def test_legacy_uint32_keys_and_projection_key_agree(projections):
-    legacy = vera_jax.init_projections(PARAMS, jax.random.PRNGKey(1234), CONFIG)
+    legacy = init_projections(PARAMS, jax.random.PRNGKey(1234), CONFIG)
     np.testing.assert_array_equal(legacy.A, projections.A)
-    seeded = vera_jax.init_projections(PARAMS, vera_jax.projection_key(CONFIG), CONFIG)
+    typed = init_projections(PARAMS, jax.random.key(1234), CONFIG)
+    np.testing.assert_array_equal(typed.B, projections.B)
+    seeded = init_projections(PARAMS, projection_key(CONFIG), CONFIG)
     assert not np.array_equal(seeded.A, projections.A)  # seed 0, not 1234
 
 
+def test_the_adapter_key_is_the_config_seed():
+    adapter = vera_jax.init_adapter(PARAMS, dataclasses.replace(CONFIG, projection_seed=1234))
+    np.testing.assert_array_equal(jax.random.key_data(adapter.key), jax.random.key_data(jax.random.key(1234)))
+    assert adapter.redrawable and adapter.generator == vera_jax.projections.GENERATOR
+    default = vera_jax.init_adapter(PARAMS, CONFIG)  # projection_seed 0
+    np.testing.assert_array_equal(default.projections.A, init_projections(PARAMS, jax.random.key(0), CONFIG).A)
+    assert not np.array_equal(default.projections.A, adapter.projections.A)
+
+
 def test_different_keys_give_different_projections(projections):
-    other = vera_jax.init_projections(PARAMS, jax.random.key(1235), CONFIG)
+    other = init_projections(PARAMS, jax.random.key(1235), CONFIG)
     assert np.mean(np.asarray(other.A) == np.asarray(projections.A)) < 0.01
 
 
 def test_dtype_of_the_adapter_path():
     config = vera_jax.VeraConfig(r=8, target_modules=("up",), dtype="bfloat16")
-    projections = vera_jax.init_projections(PARAMS, jax.random.key(0), config)
-    assert projections.A.dtype == jnp.bfloat16 and projections.B.dtype == jnp.bfloat16
+    adapter = vera_jax.init_adapter(PARAMS, config)
+    assert adapter.projections.A.dtype == jnp.bfloat16 and adapter.projections.B.dtype == jnp.bfloat16
+    assert {leaf.dtype for leaf in jax.tree.leaves(adapter.trainable)} == {jnp.dtype(jnp.bfloat16)}
 
 
 def test_rbg_keys_are_refused_with_the_fix():
     with pytest.raises(ValueError, match="threefry2x32 key.*impl='threefry2x32'"):
-        vera_jax.init_projections(PARAMS, jax.random.key(0, impl="rbg"), CONFIG)
+        init_projections(PARAMS, jax.random.key(0, impl="rbg"), CONFIG)
     with pytest.raises(ValueError, match="needs a threefry key"):
-        vera_jax.init_projections(PARAMS, jnp.zeros((4,), jnp.uint32), CONFIG)
+        init_projections(PARAMS, jnp.zeros((4,), jnp.uint32), CONFIG)

@@ -1,4 +1,4 @@
-"""The cost model's choices, per-layer plans, and the memory-lean custom VJP of the activation path."""
+"""The FLOP model's choices (vera_jax.plan), timed plans (vera_jax.timing), and the memory-lean custom VJP."""
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +8,9 @@ from conftest import max_rel_error
 
 import families
 import vera_jax
+from vera_jax.ops import adapter_output, adapter_output_lean
+from vera_jax.plan import PATHS, PathPlan
+from vera_jax.timing import measured_seconds
 
 
 def _flops(layer, r, tokens, training):
@@ -35,6 +38,22 @@ def test_plan_follows_the_flop_model(r, tokens, training):
     assert len(plan.explain().splitlines()) == len(layers) + 1
 
 
+def test_a_plan_is_a_pure_value_that_jit_can_take_as_static():
+    family = families.bert()
+    plan = vera_jax.plan_paths(family.params, family.config, tokens=64)
+    again = vera_jax.plan_paths(family.params, family.config, tokens=64)
+    assert isinstance(plan, PathPlan) and plan == again and hash(plan) == hash(again)
+    assert not plan.measured and plan.tokens == 64 and plan.training
+    assert set(plan.paths()) <= set(PATHS[:2]) and PATHS == ("merged", "activation", "activation-lean")
+    adapter = families.random_adapter(family)
+    run = jax.jit(lambda p, x, plan: vera_jax.adapt(family.apply, adapter, path=plan)(p, x), static_argnums=2)
+    want = vera_jax.adapt(family.apply, adapter, path="merged")(family.params, family.inputs)
+    assert max_rel_error(run(family.params, family.inputs, plan), want) < 1e-5
+    for planner in (vera_jax.plan_paths, vera_jax.measured_plan):
+        with pytest.raises(ValueError, match="tokens per step must be positive, got 0"):
+            planner(family.params, family.config, tokens=0)
+
+
 def test_few_tokens_favour_activation_and_many_favour_merged_at_inference():
     family = families.bert()
     few = vera_jax.plan_paths(family.params, family.config, tokens=8, training=False)
@@ -52,7 +71,7 @@ def _layers_params(n_in, n_out):
 ])
 def test_a_measured_plan_times_both_paths_and_picks_the_faster(n_in, n_out, r, tokens, expected):
     config = vera_jax.VeraConfig(r=r, target_modules=("layer",))
-    plan = vera_jax.plan_paths(_layers_params(n_in, n_out), config, tokens=tokens, measure=True)
+    plan = vera_jax.measured_plan(_layers_params(n_in, n_out), config, tokens=tokens)
     (cost,) = plan.costs
     assert plan.measured and 0 < min(cost.merged, cost.activation) < 1.0  # seconds
     assert cost.choice == expected, cost
@@ -62,11 +81,9 @@ def test_a_measured_plan_times_both_paths_and_picks_the_faster(n_in, n_out, r, t
 
 
 def test_measurements_are_made_once_per_layer_shape():
-    from vera_jax.strategy import measured_seconds
-
     measured_seconds.cache_clear()
     family = families.llama()  # 14 adapted layers of 4 distinct (in, out) shapes
-    plan = vera_jax.plan_paths(family.params, family.config, tokens=64, measure=True)
+    plan = vera_jax.measured_plan(family.params, family.config, tokens=64)
     layers = vera_jax.find_layers(family.params, family.config)
     shapes = {(layer.in_features, layer.out_features) for layer in layers}
     assert measured_seconds.cache_info().misses == len(shapes) < len(layers) == len(plan.costs)
@@ -79,28 +96,31 @@ def test_layers_that_read_one_input_are_found_by_tracing_and_timed_together():
                    for group in groups)
     per_block = [["down_proj"], ["gate_proj", "up_proj"], ["k_proj", "q_proj", "v_proj"], ["o_proj"]]
     assert names == [(block, members) for block in ("0", "1") for members in per_block]
-    plan = vera_jax.plan_paths(family.params, family.config, tokens=64, measure=True, input_groups=groups)
+    plan = vera_jax.measured_plan(family.params, family.config, tokens=64, input_groups=groups)
     by_path = {cost.path: cost for cost in plan.costs}
     for group in groups:
         assert len({by_path[path].choice for path in group}) == 1, group  # one path per group
         assert len({(by_path[path].merged, by_path[path].activation) for path in group}) == 1  # equal shares
     with pytest.raises(ValueError, match="input_groups cover"):
-        vera_jax.plan_paths(family.params, family.config, tokens=64, measure=True, input_groups=groups[:3])
+        vera_jax.measured_plan(family.params, family.config, tokens=64, input_groups=groups[:3])
+    down = next(path for group in groups for path in group if path.endswith("down_proj"))  # reads 56 features
+    query = next(path for group in groups for path in group if path.endswith("q_proj"))  # reads 32
+    for bad in ((down, query), ("model/embed_tokens",)):
+        with pytest.raises(ValueError, match="are not adapted layers that read one input of one width"):
+            vera_jax.measured_plan(family.params, family.config, tokens=64, input_groups=(bad,) + groups)
 
 
 def test_a_whole_step_plan_times_the_models_gradient_step_on_each_path():
     family = families.llama()
-    projections = vera_jax.init_projections(family.params, jax.random.key(0), family.config)
-    trainable = families.random_trainable(family, seed=3)
-    plan = vera_jax.whole_step_plan(family.apply, family.params, trainable, projections, family.inputs,
-                                    tokens=family.inputs.size)
+    adapter = families.random_adapter(family, seed=3)
+    plan = vera_jax.whole_step_plan(family.apply, family.params, adapter, family.inputs, tokens=family.inputs.size)
     merged, activation = (sum(getattr(c, name) for c in plan.costs) for name in ("merged", "activation"))
     assert plan.measured and plan.whole_steps and not plan.per_layer and 0 < min(merged, activation) < 10.0
     chosen = "merged" if merged <= activation else "activation"
     assert set(plan.paths()) == {chosen} and len(plan.costs) == len(vera_jax.find_layers(family.params, family.config))
     assert plan.summary().startswith(f"auto: every layer {chosen}") and "whole steps" in plan.explain()
-    got = vera_jax.adapt(family.apply, trainable, projections, path=plan)(family.params, family.inputs)
-    want = vera_jax.adapt(family.apply, trainable, projections, path="merged")(family.params, family.inputs)
+    got = vera_jax.adapt(family.apply, adapter, path=plan)(family.params, family.inputs)
+    want = vera_jax.adapt(family.apply, adapter, path="merged")(family.params, family.inputs)
     assert max_rel_error(got, want) < 1e-5
 
 
@@ -108,10 +128,9 @@ def test_a_mixed_plan_gives_the_same_logits():
     family = families.llama()
     plan = vera_jax.plan_paths(family.params, family.config, tokens=100)
     assert plan.merged and plan.activation, "tokens=100 splits this model's layers between the two paths"
-    projections = vera_jax.init_projections(family.params, jax.random.key(0), family.config)
-    trainable = families.random_trainable(family)
-    merged = vera_jax.adapt(family.apply, trainable, projections, path="merged")(family.params, family.inputs)
-    mixed = jax.jit(vera_jax.adapt(family.apply, trainable, projections, path=plan))(family.params, family.inputs)
+    adapter = families.random_adapter(family)
+    merged = vera_jax.adapt(family.apply, adapter, path="merged")(family.params, family.inputs)
+    mixed = jax.jit(vera_jax.adapt(family.apply, adapter, path=plan))(family.params, family.inputs)
     assert max_rel_error(mixed, merged) < 1e-5
 
 
@@ -132,13 +151,13 @@ def _loss(output):
 
 def test_lean_vjp_gives_the_autodiff_gradients():
     x, a, b, lambda_d, lambda_b = _single_layer(tokens=64)
-    np.testing.assert_allclose(vera_jax.adapter_output_lean(x, a, b, lambda_d, lambda_b),
-                               vera_jax.adapter_output(x, a, b, lambda_d, lambda_b), rtol=1e-6)
-    lean = jax.grad(_loss(vera_jax.adapter_output_lean), argnums=(0, 1, 2))(x, lambda_d, lambda_b, a, b)
-    full = jax.grad(_loss(vera_jax.adapter_output), argnums=(0, 1, 2))(x, lambda_d, lambda_b, a, b)
+    np.testing.assert_allclose(adapter_output_lean(x, a, b, lambda_d, lambda_b),
+                               adapter_output(x, a, b, lambda_d, lambda_b), rtol=1e-6)
+    lean = jax.grad(_loss(adapter_output_lean), argnums=(0, 1, 2))(x, lambda_d, lambda_b, a, b)
+    full = jax.grad(_loss(adapter_output), argnums=(0, 1, 2))(x, lambda_d, lambda_b, a, b)
     for got, want in zip(lean, full):
         assert max_rel_error(got, want) < 1e-5
-    frozen = jax.grad(_loss(vera_jax.adapter_output_lean), argnums=(3, 4))(x, lambda_d, lambda_b, a, b)
+    frozen = jax.grad(_loss(adapter_output_lean), argnums=(3, 4))(x, lambda_d, lambda_b, a, b)
     assert all(not np.any(np.asarray(g)) for g in frozen)  # A and B are constants of VeRA
 
 
@@ -150,7 +169,7 @@ def test_lean_vjp_keeps_only_the_r_sized_intermediate():
         return sum(leaf.nbytes for leaf in jax.tree.leaves(backward))  # the residuals the backward pass holds
 
     tokens, r, n_out = x.shape[0] * x.shape[1], a.shape[0], lambda_b.shape[0]
-    lean, full = kept_bytes(vera_jax.adapter_output_lean), kept_bytes(vera_jax.adapter_output)
+    lean, full = kept_bytes(adapter_output_lean), kept_bytes(adapter_output)
     # Lean: the (tokens, r) intermediate plus the inputs it is given (A, B and the vectors), nothing more.
     assert lean == 4 * (tokens * r + a.size + b.size + lambda_d.size + lambda_b.size)
     assert full >= 4 * tokens * (n_out + r)  # autodiff holds the (tokens, out) product as well as (tokens, r)
@@ -158,13 +177,15 @@ def test_lean_vjp_keeps_only_the_r_sized_intermediate():
 
 def test_lean_path_trains_like_the_activation_path():
     family = families.bert()
-    projections = vera_jax.init_projections(family.params, jax.random.key(0), family.config)
-    trainable = families.random_trainable(family)
+    adapter = families.random_adapter(family)
 
     def grads(path):
-        loss = lambda t: jnp.sum(vera_jax.adapt(family.apply, t, projections, path=path)(family.params,  # noqa: E731
-                                                                                         family.inputs) ** 2)
-        return jax.grad(loss)(trainable)
+        def loss(trainable):
+            logits = vera_jax.adapt(family.apply, adapter.replace(trainable=trainable), path=path)(family.params,
+                                                                                                family.inputs)
+            return jnp.sum(logits**2)
+
+        return jax.grad(loss)(adapter.trainable)
 
     for got, want in zip(jax.tree.leaves(grads("activation-lean")), jax.tree.leaves(grads("activation"))):
         assert max_rel_error(got, want) < 1e-5

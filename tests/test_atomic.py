@@ -1,0 +1,202 @@
+"""The atomic writer under failure: a swap that fails leaves the old adapter whole, and no writer replaces a
+directory that is not its own."""
+
+import errno
+import json
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import families
+import vera_jax
+import vera_jax.atomic
+from vera_jax import checkpoint
+from vera_jax import peft as vera_peft
+from vera_jax.export import save_merged
+from vera_jax.paths import flatten
+
+
+@pytest.fixture(scope="module")
+def bert():
+    return families.bert()
+
+
+@pytest.fixture(scope="module")
+def old(bert):
+    return families.random_adapter(bert, seed=1)
+
+
+@pytest.fixture(scope="module")
+def new(bert):
+    return families.random_adapter(bert, seed=2)
+
+
+def _assert_restores_to(directory, params, adapter):
+    restored = checkpoint.restore(directory, params)
+    assert restored.config == adapter.config
+    assert jax.tree.structure(restored.trainable) == jax.tree.structure(adapter.trainable)
+    for got, want in zip(jax.tree.leaves(restored.trainable), jax.tree.leaves(adapter.trainable)):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)  # bit-identical
+    np.testing.assert_array_equal(restored.projections.A, adapter.projections.A)
+    np.testing.assert_array_equal(restored.projections.B, adapter.projections.B)
+
+
+def _hidden(directory: Path) -> list[str]:
+    """What the writer left beside ``directory``: staging or old copies."""
+    return sorted(p.name for p in directory.parent.iterdir() if p.name.startswith(f".{directory.name}."))
+
+
+def test_the_two_adapters_differ(old, new):
+    """The tests below would prove nothing if the old and the new adapter were the same."""
+    for a, b in zip(jax.tree.leaves(old.trainable), jax.tree.leaves(new.trainable)):
+        assert not np.array_equal(a, b)
+
+
+def test_a_failed_exchange_leaves_the_old_adapter(bert, old, new, tmp_path, monkeypatch):
+    directory = tmp_path / "adapter"
+    checkpoint.save(directory, old)
+
+    def failing_exchange(first, second):
+        raise OSError(errno.EIO, "injected: the exchange failed", str(second))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(vera_jax.atomic, "_exchange", failing_exchange)
+        with pytest.raises(OSError, match="injected: the exchange failed"):
+            checkpoint.save(directory, new)
+    _assert_restores_to(directory, bert.params, old)
+
+    exchanged = []
+    real_exchange = vera_jax.atomic._exchange
+    monkeypatch.setattr(vera_jax.atomic, "_exchange", lambda *paths: exchanged.append(paths) or real_exchange(*paths))
+    checkpoint.save(directory, new)  # a later save works, and clears what the failed one left
+    assert len(exchanged) == 1  # through the exchange the failure above was injected into
+    _assert_restores_to(directory, bert.params, new)
+    assert _hidden(directory) == []
+
+
+class _FlakyOs:
+    """``os`` as `vera_jax.atomic` sees it, with a ``replace`` that fails moving ``failing`` into place."""
+
+    def __init__(self, failing: Path):
+        self.failing = failing
+        self.calls = []
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    def replace(self, source, target):
+        self.calls.append((Path(source).name, Path(target).name))
+        if Path(source) == self.failing:
+            raise OSError(errno.EIO, "injected: the second rename failed", str(target))
+        os.replace(source, target)
+
+
+@pytest.mark.parametrize("recover_first", [True, False], ids=["recover", "next-save-recovers"])
+def test_a_crash_between_the_fallback_renames_is_recovered(bert, old, new, tmp_path, monkeypatch, recover_first):
+    directory = tmp_path / "adapter"
+    checkpoint.save(directory, old)
+    flaky = _FlakyOs(tmp_path / ".adapter.partial")
+    with monkeypatch.context() as patch:
+        patch.setattr(vera_jax.atomic, "_exchange", lambda first, second: False)  # no atomic exchange here
+        patch.setattr(vera_jax.atomic, "os", flaky)
+        with pytest.raises(OSError, match="injected: the second rename failed"):
+            checkpoint.save(directory, new)
+    # The old copy went aside, the new one never came in: the state a crash between the two renames leaves.
+    assert flaky.calls == [("adapter", ".adapter.old"), (".adapter.partial", "adapter")]
+    assert not directory.exists() and (tmp_path / ".adapter.old" / checkpoint.METADATA_FILE).is_file()
+
+    if recover_first:
+        vera_jax.atomic.recover(directory)
+        assert directory.is_dir() and not (tmp_path / ".adapter.old").exists()
+        _assert_restores_to(directory, bert.params, old)
+    checkpoint.save(directory, new)  # stage() recovers a copy still aside before it checks the directory
+    _assert_restores_to(directory, bert.params, new)
+    assert _hidden(directory) == []
+
+
+def test_the_fallback_without_an_exchange_replaces_the_adapter(bert, old, new, tmp_path, monkeypatch):
+    directory = tmp_path / "adapter"
+    monkeypatch.setattr(vera_jax.atomic, "_exchange", lambda first, second: False)
+    checkpoint.save(directory, old)
+    checkpoint.save(directory, new)
+    _assert_restores_to(directory, bert.params, new)
+    assert _hidden(directory) == []
+
+
+def test_recover_leaves_a_published_directory_alone(tmp_path):
+    directory, aside = tmp_path / "adapter", tmp_path / ".adapter.old"
+    directory.mkdir()
+    (directory / "marker").write_text("new")
+    aside.mkdir()
+    (aside / "marker").write_text("old")
+    vera_jax.atomic.recover(directory)  # the new copy is in place: the old one must not come back over it
+    assert (directory / "marker").read_text() == "new"
+
+
+def _writers(bert, adapter):
+    """Each writer as a function of its directory."""
+    return {
+        "checkpoint": lambda d: checkpoint.save(d, adapter),
+        "peft": lambda d: vera_peft.save_adapter(d, adapter, bert.params),
+        "merged": lambda d: save_merged(d, adapter, bert.params, bert.model),
+    }
+
+
+@pytest.mark.parametrize("writer", ["checkpoint", "peft", "merged"])
+def test_writers_refuse_a_directory_that_is_not_theirs(bert, old, tmp_path, writer):
+    directory = tmp_path / "mine"
+    directory.mkdir()
+    (directory / "notes.txt").write_text("my notes")
+    with pytest.raises(FileExistsError, match=r"already holds files and is not a directory this writer made"):
+        _writers(bert, old)[writer](directory)
+    assert sorted(p.name for p in directory.iterdir()) == ["notes.txt"]
+    assert (directory / "notes.txt").read_text() == "my notes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # nothing staged beside it either
+    (tmp_path / "file").write_text("a file")
+    with pytest.raises(FileExistsError, match="exists and is not a directory"):
+        _writers(bert, old)[writer](tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "a file"
+
+
+def test_writers_refuse_each_others_directories(bert, old, tmp_path):
+    writers = _writers(bert, old)
+    for name, write in writers.items():
+        write(tmp_path / name)
+    for name, write in writers.items():
+        for other in writers:
+            if other != name:
+                before = {p.name: p.read_bytes() for p in (tmp_path / other).rglob("*") if p.is_file()}
+                with pytest.raises(FileExistsError):
+                    write(tmp_path / other)
+                assert {p.name: p.read_bytes() for p in (tmp_path / other).rglob("*") if p.is_file()} == before
+
+
+def test_writers_replace_their_own_directory_and_accept_an_empty_one(bert, old, new, tmp_path):
+    for name in ("checkpoint", "peft", "merged"):
+        (tmp_path / name).mkdir()  # empty: nothing to lose
+        _writers(bert, old)[name](tmp_path / name)
+        _writers(bert, new)[name](tmp_path / name)
+    _assert_restores_to(tmp_path / "checkpoint", bert.params, new)
+    loaded = vera_peft.load_adapter(tmp_path / "peft", bert.params)
+    jax.tree.map(np.testing.assert_array_equal, loaded.trainable, new.trainable)
+    exported = type(bert.model).from_pretrained(tmp_path / "merged")
+    want = flatten(vera_jax.merge(bert.params, new))
+    for path, leaf in flatten(exported.params).items():
+        np.testing.assert_array_equal(leaf, want[path], err_msg=path)
+    assert json.loads((tmp_path / "peft" / vera_peft.CONFIG_FILE).read_text())["peft_type"] == "VERA"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "merged", "peft"]
+
+
+def test_write_text_replaces_a_file_whole(tmp_path, monkeypatch):
+    path = tmp_path / "sub" / "notes.json"
+    vera_jax.atomic.write_text(path, "first")
+    vera_jax.atomic.write_text(path, "second")
+    assert path.read_text() == "second" and sorted(p.name for p in path.parent.iterdir()) == ["notes.json"]
+    monkeypatch.setattr(vera_jax.atomic, "os", _FlakyOs(path.with_name(".notes.json.tmp")))
+    with pytest.raises(OSError, match="injected"):
+        vera_jax.atomic.write_text(path, "third")
+    assert path.read_text() == "second"
