@@ -95,8 +95,8 @@ class _FlakyOs:
         os.replace(source, target)
 
 
-@pytest.mark.parametrize("recover_first", [True, False], ids=["recover", "next-save-recovers"])
-def test_a_crash_between_the_fallback_renames_is_recovered(bert, old, new, tmp_path, monkeypatch, recover_first):
+@pytest.mark.parametrize("after_crash", ["recover", "restore", "save"])
+def test_a_crash_between_the_fallback_renames_is_recovered(bert, old, new, tmp_path, monkeypatch, after_crash):
     directory = tmp_path / "adapter"
     checkpoint.save(directory, old)
     flaky = _FlakyOs(tmp_path / ".adapter.partial")
@@ -109,10 +109,11 @@ def test_a_crash_between_the_fallback_renames_is_recovered(bert, old, new, tmp_p
     assert flaky.calls == [("adapter", ".adapter.old"), (".adapter.partial", "adapter")]
     assert not directory.exists() and (tmp_path / ".adapter.old" / checkpoint.METADATA_FILE).is_file()
 
-    if recover_first:
+    if after_crash == "recover":
         vera_jax.atomic.recover(directory)
         assert directory.is_dir() and not (tmp_path / ".adapter.old").exists()
-        _assert_restores_to(directory, bert.params, old)
+    if after_crash in ("recover", "restore"):
+        _assert_restores_to(directory, bert.params, old)  # restore also puts a copy still aside back first
     checkpoint.save(directory, new)  # stage() recovers a copy still aside before it checks the directory
     _assert_restores_to(directory, bert.params, new)
     assert _hidden(directory) == []
@@ -135,6 +136,7 @@ def test_recover_leaves_a_published_directory_alone(tmp_path):
     (aside / "marker").write_text("old")
     vera_jax.atomic.recover(directory)  # the new copy is in place: the old one must not come back over it
     assert (directory / "marker").read_text() == "new"
+    assert not aside.exists()  # and the leftover of the finished swap is gone
 
 
 def _writers(bert, adapter):

@@ -45,10 +45,17 @@ def _exchange(first: Path, second: Path) -> bool:
 
 
 def recover(directory: str | os.PathLike) -> None:
-    """Put back an old copy left renamed aside by a crash between the two renames of `publish`."""
+    """Put back an old copy left renamed aside by a crash between the two renames of `publish`, or drop
+    it where a crash came after the new copy was in place."""
     directory = Path(directory).absolute()
-    if not directory.exists() and _aside(directory).is_dir():
-        os.replace(_aside(directory), directory)
+    aside = _aside(directory)
+    if not aside.is_dir():
+        return
+    if directory.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):  # another process put it back first
+            os.replace(aside, directory)
 
 
 def check_replaceable(directory: str | os.PathLike, marker: str) -> None:
@@ -117,5 +124,8 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

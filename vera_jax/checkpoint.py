@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from vera_jax.adapter import STORED, Adapter
-from vera_jax.atomic import publish, stage
+from vera_jax.atomic import publish, recover, stage
 from vera_jax.config import VeraConfig
 from vera_jax.projections import GENERATOR, Projections, init_projections
 from vera_jax.vectors import init_trainable
@@ -100,11 +101,15 @@ def save(directory: str | os.PathLike, adapter: Adapter) -> Path:
     primary = jax.process_index() == 0
     staging = stage(directory, METADATA_FILE) if primary else directory.parent / f".{directory.name}.partial"
     multihost_utils.sync_global_devices(f"vera_jax.checkpoint.save:{staging}")
-    with ocp.StandardCheckpointer() as checkpointer:  # waits for the asynchronous write to finish
-        checkpointer.save(staging / TREE_DIR, tree)
-    if primary:
-        (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
-        publish(staging, directory)
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:  # waits for the asynchronous write to finish
+            checkpointer.save(staging / TREE_DIR, tree)
+        if primary:
+            (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
+            publish(staging, directory)
+    finally:
+        if primary:
+            shutil.rmtree(staging, ignore_errors=True)
     multihost_utils.sync_global_devices(f"vera_jax.checkpoint.saved:{directory}")
     return directory
 
@@ -126,6 +131,7 @@ def restore(directory: str | os.PathLike, params: Mapping, *,
     ``sharding`` places the restored leaves (default: the first device), whatever mesh wrote them.
     """
     directory = Path(directory).absolute()  # Orbax reads relative paths as missing
+    recover(directory)  # an old copy a crash left beside its place
     metadata = _metadata(directory)
     config = VeraConfig.from_dict(metadata["config"])
     generator = metadata["projection"].get("generator", GENERATOR)
