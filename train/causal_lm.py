@@ -10,6 +10,7 @@ checkpoints for resume, the adapter in vera_jax and PEFT formats, summary.json).
 
 from __future__ import annotations
 
+import argparse
 import math
 import resource
 import sys
@@ -22,22 +23,44 @@ import numpy as np
 import vera_jax
 from train import chat_data
 from train import data as data_lib
-from train import mesh as mesh_lib
 from train import steps
-from train.checkpoints import RunCheckpoints
-from train.metrics import MetricsLog, directory_bytes
+from train.metrics import directory_bytes
 from train.model import load_causal_lm
-from train.options import CAUSAL_LM_DEFAULTS, Options, parse_options
-from train.runner import (RunError, evaluate, fit, init_distributed, make_context, output_dir, publish,
-                          recipe_meta, resolve_strategy, save_adapters, vera_setup)
+from train.options import CAUSAL_LM, CAUSAL_LM_DEFAULTS, Options, add_options, from_args
+from train.runner import Prepared, RunError, evaluate, fit, publish, save_adapters, start, to_host
 
-__all__ = ["run", "parse_args"]
+__all__ = ["run", "prepare", "add_arguments", "command", "lora_parameters"]
 
 LORA_RANK = 64  # the LoRA the parameter count is compared with
 
 
-def parse_args(argv) -> Options:
-    return parse_options(argv, CAUSAL_LM_DEFAULTS, prog="python -m train causal-lm")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_options(parser, CAUSAL_LM, CAUSAL_LM_DEFAULTS)
+
+
+def command(args: argparse.Namespace) -> None:
+    run(from_args(args, CAUSAL_LM_DEFAULTS))
+
+
+def lora_parameters(params, config: vera_jax.VeraConfig, rank: int) -> int:
+    """What LoRA of ``rank`` on the same layers would train: rank x (in + out) per layer."""
+    return sum(rank * (layer.in_features + layer.out_features) for layer in vera_jax.find_layers(params, config))
+
+
+def prepare(options: Options) -> Prepared:
+    """Load the question/answer splits and the model, check the chat template and positions, encode both splits."""
+    train_split, test_split = data_lib.load_splits(options)
+    model, tokenizer = load_causal_lm(options.model, options.base_dtype, options.max_length + options.max_new_tokens)
+    chat_data.use_chat_template(tokenizer, options.chat_template, options.model)
+    if tokenizer.pad_token is None:  # GPT-2 and others: padding is masked out, any token will do
+        tokenizer.pad_token = tokenizer.eos_token
+    positions = getattr(model.config, "max_position_embeddings", None) or model.config.n_positions
+    if options.max_length + options.max_new_tokens > positions:
+        raise RunError(f"--max-length {options.max_length} plus --max-new-tokens {options.max_new_tokens} exceeds "
+                       f"the {positions} positions of {options.model!r}; lower them.")
+    train_data = chat_data.encode_chat(train_split, tokenizer, options.max_length)
+    test_data = chat_data.encode_chat(test_split, tokenizer, options.max_length)
+    return Prepared(model, tokenizer, train_data, test_data, tokenizer.pad_token_id, test_split)
 
 
 def _answers(model, tokenizer, params, questions: list[str], options: Options) -> list[str]:
@@ -67,56 +90,34 @@ def run(options: Options) -> dict:
     """Run the job described by ``options`` and return the summary it also writes to summary.json."""
     started = time.perf_counter()
     if options.task != "causal-lm":
-        raise RunError(f"python -m train causal-lm trains a causal LM; --task {options.task!r} belongs to "
-                       "`python -m train`.")
-    init_distributed(options)
-    out = output_dir(options.output_dir)
-    mesh = mesh_lib.make_mesh(options.mesh, options.batch_size)
-    train_split, test_split = data_lib.load_splits(options)
-    model, tokenizer = load_causal_lm(options.model, options.base_dtype, options.max_length + options.max_new_tokens)
-    chat_data.use_chat_template(tokenizer, options.chat_template, options.model)
-    if tokenizer.pad_token is None:  # GPT-2 and others: padding is masked out, any token will do
-        tokenizer.pad_token = tokenizer.eos_token
-    positions = getattr(model.config, "max_position_embeddings", None) or model.config.n_positions
-    if options.max_length + options.max_new_tokens > positions:
-        raise RunError(f"--max-length {options.max_length} plus --max-new-tokens {options.max_new_tokens} exceeds "
-                       f"the {positions} positions of {options.model!r}; lower them.")
-    params = model.params
-    config, initial = vera_setup(options, params, model.config.model_type)
-    train_data = chat_data.encode_chat(train_split, tokenizer, options.max_length)
-    test_data = chat_data.encode_chat(test_split, tokenizer, options.max_length)
-    key = vera_jax.projection_key(config)
-    projections = vera_jax.init_projections(params, key, config)
-    strategy = resolve_strategy(options, model, config, projections)
-    ctx = make_context(options, mesh, params, projections, key, train_data, test_data, tokenizer.pad_token_id)
-    primary = jax.process_index() == 0
-    trainable_params, all_params = vera_jax.count_parameters(params, config)
-    lora_params = vera_jax.lora_parameters(params, config, LORA_RANK)
-    if primary:
-        print(vera_jax.parameter_report(params, config))
+        raise RunError(f"python -m train causal-lm trains a causal LM, not --task {options.task!r}.")
+    setup = start(options, prepare)
+    model, tokenizer, params = setup.model, setup.job.tokenizer, setup.params
+    trainable_params, all_params = vera_jax.count_parameters(params, setup.adapter)
+    lora_params = lora_parameters(params, setup.adapter.config, LORA_RANK)
+    if setup.primary:
         print(f"LoRA r={LORA_RANK} on the same layers would train {lora_params:,d} "
               f"({lora_params / trainable_params:.0f}x)")
 
-    logits_fn = steps.vera_logits(model, strategy)
+    logits_fn = steps.vera_logits(model, setup.path)
+    test_split = setup.job.test_split
     questions = list(test_split["text"][: options.answers])
-    _, log_ppl_before = evaluate(ctx, initial, logits_fn)
+    _, log_ppl_before = evaluate(setup.ctx, setup.adapter, logits_fn)
     answers_before = _answers(model, tokenizer, params, questions, options)
-    checkpoints = RunCheckpoints(out / "checkpoints", options.keep_checkpoints)
-    log = MetricsLog(out / "metrics.jsonl", checkpoints.latest_step() or 0, enabled=primary)
-    trainable, tokens_per_second = fit(ctx, "vera", initial, logits_fn, log, checkpoints, recipe_meta(ctx, key))
-    checkpoints.close()
-    token_accuracy, log_ppl_after = evaluate(ctx, trainable, logits_fn)
-    log.write(run="vera", step=ctx.total_steps, test_loss=log_ppl_after, test_accuracy=token_accuracy)
-    host_trainable = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), trainable)
-    answers_after = _answers(model, tokenizer, vera_jax.merge(params, host_trainable, projections), questions,
-                             options)
-    adapter_dir = save_adapters(out, ctx, config, trainable, key, params, projections, "CAUSAL_LM")
+    adapter, tokens_per_second = fit(setup.ctx, "vera", setup.adapter, logits_fn, setup.log, setup.checkpoints,
+                                     setup.meta())
+    setup.checkpoints.close()
+    token_accuracy, log_ppl_after = evaluate(setup.ctx, adapter, logits_fn)
+    setup.log.write(run="vera", step=setup.total_steps, test_loss=log_ppl_after, test_accuracy=token_accuracy)
+    answers_after = _answers(model, tokenizer, vera_jax.merge(params, to_host(adapter)), questions, options)
+    adapter_dir = save_adapters(setup, adapter, "CAUSAL_LM")
 
     summary = {
         "model": options.model, "dataset": options.dataset, "base_dtype": options.base_dtype,
-        "strategy": options.strategy, "mesh": dict(mesh.shape), "steps": ctx.total_steps,
-        "train_examples": len(train_data), "test_examples": len(test_data),
-        "scored_test_tokens": int(sum(row.sum() for row in test_data.labels)),
+        "path": options.path, "path_detail": setup.path_detail, "mesh": dict(setup.ctx.mesh.shape),
+        "steps": setup.total_steps, "train_examples": len(setup.job.train_data),
+        "test_examples": len(setup.job.test_data),
+        "scored_test_tokens": int(sum(row.sum() for row in setup.job.test_data.labels)),
         "perplexity_before": math.exp(log_ppl_before), "perplexity_after": math.exp(log_ppl_after),
         "test_token_accuracy": token_accuracy, "trainable_params": trainable_params, "all_params": all_params,
         f"lora_r{LORA_RANK}_params": lora_params, "adapter_bytes": directory_bytes(adapter_dir),
@@ -125,7 +126,8 @@ def run(options: Options) -> dict:
                     zip(questions, test_split["label"][: options.answers], answers_before, answers_after)],
     }
     summary["wall_seconds"] = time.perf_counter() - started
-    publish(out, summary, log, _report(summary, vera_jax.parameter_report(params, config), out))
+    report = _report(summary, vera_jax.parameter_report(params, setup.adapter), setup.out)
+    publish(setup.out, summary, setup.log, report)
     return summary
 
 

@@ -3,7 +3,9 @@
 The adapter may be a vera_jax checkpoint (``vera_adapter.json``, e.g. a run's ``adapter/``) or a PEFT
 directory (``adapter_config.json``). Formats: ``peft`` (loads with ``peft.PeftModel.from_pretrained``),
 ``flax`` (``flax_model.msgpack``) or ``safetensors`` (``model.safetensors``): the last two are plain
-Hugging Face model directories with the deltas merged in, loadable with transformers alone.
+Hugging Face model directories with the deltas merged in, loadable with transformers alone. The
+output directory is written whole beside its place and swapped in; a directory that holds anything
+but an earlier export of the same kind is refused, never replaced.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ import argparse
 from pathlib import Path
 
 from train.model import hub_id
-from vera_jax import checkpoint
+from train.options import positive_int
+from vera_jax import atomic, checkpoint
+from vera_jax import export as merged_export
 from vera_jax import peft as vera_peft
-from vera_jax.export import save_merged
 
-__all__ = ["export", "parse_args", "FORMATS", "ExportError"]
+__all__ = ["add_arguments", "command", "export", "FORMATS", "ExportError"]
 
 FORMATS = ("peft", "flax", "safetensors")
 TASKS = {"sequence-classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
@@ -26,15 +29,18 @@ class ExportError(ValueError):
     """The export cannot run as asked."""
 
 
-def parse_args(argv) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m train export", description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", required=True, help="a vera_jax adapter directory or a PEFT adapter directory")
-    parser.add_argument("--output", required=True, help="directory to write")
+    parser.add_argument("--output", required=True, help="directory to write (new, empty, or an earlier export)")
     parser.add_argument("--format", choices=FORMATS, default="peft")
-    parser.add_argument("--model", default="default", help="the base: 'default' (MiniLM), 'smollm2', a hub id or a local directory")
+    parser.add_argument("--model", default="default",
+                        help="the base: 'default' (MiniLM), 'smollm2', a hub id or a local directory")
     parser.add_argument("--task", choices=sorted(TASKS), default="sequence-classification")
-    parser.add_argument("--num-labels", type=int, default=2, help="outputs of the classification head")
-    return parser.parse_args(argv)
+    parser.add_argument("--num-labels", type=positive_int, default=2, help="outputs of the classification head")
+
+
+def command(args: argparse.Namespace) -> None:
+    print(f"wrote {export(args)}")
 
 
 def _load_model(name: str, task: str, num_labels: int):
@@ -44,20 +50,37 @@ def _load_model(name: str, task: str, num_labels: int):
 
 
 def export(args: argparse.Namespace) -> Path:
-    adapter = Path(args.adapter)
-    if (adapter / checkpoint.METADATA_FILE).is_file():
+    """Write the export ``args`` describe; returns its directory.
+
+    Raises:
+      ExportError: no adapter at --adapter, an --output that holds other files, or an adapter that does
+        not fit the model or the format.
+    """
+    adapter_dir = Path(args.adapter)
+    if (adapter_dir / checkpoint.METADATA_FILE).is_file():
         read = checkpoint.restore
-    elif (adapter / vera_peft.CONFIG_FILE).is_file():
+    elif (adapter_dir / vera_peft.CONFIG_FILE).is_file():
         read = vera_peft.load_adapter
     else:
-        raise ExportError(f"{adapter} holds neither {checkpoint.METADATA_FILE} (vera_jax) nor "
+        raise ExportError(f"{adapter_dir} holds neither {checkpoint.METADATA_FILE} (vera_jax) nor "
                           f"{vera_peft.CONFIG_FILE} (PEFT); point --adapter to an adapter directory.")
-    model, tokenizer = _load_model(args.model, args.task, args.num_labels)
-    trainable, projections = read(adapter, model.params)
-    if args.format == "peft":
-        return vera_peft.save_adapter(args.output, projections.config, trainable, projections, params=model.params,
-                                      task_type=TASKS[args.task],
-                                      base_model_name_or_path=hub_id(args.model))
-    out = save_merged(model, model.params, trainable, projections, args.output, safetensors=args.format == "safetensors")
+    marker = vera_peft.CONFIG_FILE if args.format == "peft" else merged_export.CONFIG_FILE
+    try:
+        atomic.check_replaceable(args.output, marker)  # before the model loads
+        model, tokenizer = _load_model(args.model, args.task, args.num_labels)
+        try:
+            adapter = read(adapter_dir, model.params)
+        except ValueError as err:
+            raise ExportError(f"Cannot load the adapter in {adapter_dir} onto --model {args.model!r}: {err}") from None
+        if args.format == "peft":
+            try:
+                return vera_peft.save_adapter(args.output, adapter, model.params, task_type=TASKS[args.task],
+                                              base_model_name_or_path=hub_id(args.model))
+            except ValueError as err:
+                raise ExportError(f"--format peft cannot hold this adapter: {err}") from None
+        out = merged_export.save_merged(args.output, adapter, model.params, model,
+                                        safetensors=args.format == "safetensors")
+    except FileExistsError as err:
+        raise ExportError(f"--output {args.output}: {err}") from None
     tokenizer.save_pretrained(out)
     return out

@@ -24,10 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["convert", "main", "GGUFError", "unpermute_rows"]
+from train.options import positive_int
+
+__all__ = ["convert", "add_arguments", "command", "GGUFError", "unpermute_rows", "CONVERSION_FILE"]
 
 ARCHITECTURE = "llama"
 DEFAULT_MAX_POSITIONS = 2048
+CONVERSION_FILE = "conversion.json"  # marks a directory this converter wrote (and may replace)
 # llama.cpp pre-tokenizer names -> whether digits are split one by one before the GPT-2 regex.
 PRE_TOKENIZERS = {"smollm": True, "gpt2": False, "default": False}
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types that become added (special) tokens
@@ -182,19 +185,25 @@ def convert(gguf_path: str | Path, out_dir: str | Path, max_positions: int = DEF
     tokenizer.save_pretrained(out_dir)
     source = {"gguf": gguf_path.name, "sha256": hashlib.sha256(gguf_path.read_bytes()).hexdigest(),
               "context_length": int(_field(reader, "llama.context_length")), "max_positions": max_positions}
-    (out_dir / "conversion.json").write_text(json.dumps(source, indent=2))
+    (out_dir / CONVERSION_FILE).write_text(json.dumps(source, indent=2))
     return out_dir
 
 
-def main(argv) -> Path:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("gguf", help="a llama.cpp GGUF file of a Llama-architecture model")
+    parser.add_argument("output", help="the Hugging Face directory to write (new, empty, or an earlier conversion, "
+                        "which is replaced whole)")
+    parser.add_argument("--max-positions", type=positive_int, default=DEFAULT_MAX_POSITIONS,
+                        help="positions the model is configured for")
+
+
+def command(args: argparse.Namespace) -> None:
     """``python -m train convert-gguf FILE.gguf OUT_DIR [--max-positions N]``."""
     from vera_jax.atomic import staged_directory
 
-    parser = argparse.ArgumentParser(prog="python -m train convert-gguf", description=__doc__.split("\n\n")[0])
-    parser.add_argument("gguf", help="a llama.cpp GGUF file of a Llama-architecture model")
-    parser.add_argument("output", help="the Hugging Face directory to write (replaced whole if it exists)")
-    parser.add_argument("--max-positions", type=int, default=DEFAULT_MAX_POSITIONS)
-    args = parser.parse_args(argv)
-    with staged_directory(args.output) as staging:
-        convert(args.gguf, staging, args.max_positions)
-    return Path(args.output)
+    try:
+        with staged_directory(args.output, CONVERSION_FILE) as staging:
+            convert(args.gguf, staging, args.max_positions)
+    except FileExistsError as err:
+        raise GGUFError(str(err)) from None
+    print(f"wrote {Path(args.output)}")

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from vera_jax.atomic import write_text
 
 __all__ = ["MetricsLog", "plot_curves", "write_json", "directory_bytes"]
 
 
 def write_json(path: Path, value: dict) -> None:
     """Write through a temporary file and an atomic rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
 def directory_bytes(path: Path) -> int:
@@ -29,7 +27,7 @@ class MetricsLog:
         if enabled and path.exists():
             kept = [line for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
+            write_text(path, "".join(line + "\n" for line in kept))
 
     def write(self, **record) -> None:
         if self.enabled:

@@ -91,8 +91,12 @@ def load_causal_lm(name: str, dtype: str = "float32", max_positions: int | None 
     return model, AutoTokenizer.from_pretrained(source)
 
 
-def load_classifier(name: str, num_labels: int):
-    """``(model, tokenizer)``; PyTorch/safetensors checkpoints are converted by transformers (``from_pt``)."""
+def load_classifier(name: str, num_labels: int, seed: int = 0):
+    """``(model, tokenizer)``; PyTorch/safetensors checkpoints are converted by transformers (``from_pt``).
+
+    Leaves the checkpoint lacks (a new head) are transformers' initialisation from ``seed``, as
+    ``model.init_weights(jax.random.PRNGKey(seed), model.input_shape)`` draws them.
+    """
     from transformers import AutoConfig, AutoTokenizer, FlaxAutoModelForSequenceClassification
     from transformers.models.auto.modeling_flax_auto import FLAX_MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
@@ -105,5 +109,6 @@ def load_classifier(name: str, num_labels: int):
         raise ModelError(f"{name!r} is a {config.model_type!r} model, which has no Flax sequence-classification class "
                          f"in transformers; use one of {sorted(FLAX_MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)}.")
     # A head of another size (other labels, or regression) is re-initialised: it is trained in full anyway.
-    model = _load_flax(FlaxAutoModelForSequenceClassification, source, config=config, ignore_mismatched_sizes=True)
+    model = _load_flax(FlaxAutoModelForSequenceClassification, source, config=config, ignore_mismatched_sizes=True,
+                       seed=seed)
     return model, AutoTokenizer.from_pretrained(source)

@@ -1,72 +1,206 @@
-"""Every choice a user makes about a training run, parsed from the command line.
+"""Every choice a user makes about a training run: `Options`, its flags, and their checks.
 
-One `Options` serves both jobs: `python -m train` (classification, the defaults below) and
-`python -m train causal-lm` (`CAUSAL_LM_DEFAULTS`), where --text-column names the prompt
-(question) column and --label-column the answer column.
+One `Options` serves three commands: ``python -m train classify`` (the main job, the defaults below),
+``python -m train causal-lm`` (`CAUSAL_LM_DEFAULTS`; --text-column names the prompt column and
+--label-column the answer column) and ``python -m train sweep``. Each field declares its flag: its
+check (a bad value is a one-line error naming the flag and what it accepts, before anything loads)
+and the commands that take it. `from_args` also builds the `vera_jax.VeraConfig` the flags describe,
+so that settings which do not fit together fail as early.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Sequence
+import math
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
 
-__all__ = ["Options", "parse_options", "RESUME_KEYS", "CAUSAL_LM_DEFAULTS"]
+import vera_jax
+from vera_jax import config as vera_config_lib
+
+__all__ = ["Options", "FlagError", "RESUME_KEYS", "CAUSAL_LM_DEFAULTS", "PATHS", "SCHEDULES", "add_options",
+           "from_args", "vera_config", "check_options", "positive_int", "non_negative_int", "finite_float",
+           "non_negative_float", "seed_int", "Parser"]
+
+PATHS = (*vera_jax.plan.PATHS, "auto")  # how adapted layers run; 'auto' times a whole step of each and picks
+SCHEDULES = ("linear", "cosine", "constant")
+BASE_DTYPES = ("float32", "bfloat16")
+CLASSIFY, CAUSAL_LM, SWEEP = "classify", "causal-lm", "sweep"
+ALL = frozenset({CLASSIFY, CAUSAL_LM, SWEEP})
+ON_MESH = frozenset({CLASSIFY, CAUSAL_LM})  # a sweep runs on one device and keeps no checkpoints
+SEED_LIMIT = 2**32  # JAX keys take 32-bit seeds (larger ones wrap silently)
+
+
+class FlagError(ValueError):
+    """Flags that are each valid but do not fit together; the message names them."""
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (``error: argument --x: ...``), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+# ---- value checks, used as argparse ``type=``: the message follows "argument --flag: " ----
+
+def _number(text: str, kind: Callable, what: str):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    value = _number(text, int, "a positive integer")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = _number(text, int, "an integer >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def seed_int(text: str) -> int:
+    value = _number(text, int, "an integer in [0, 2**32)")
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32), got {text!r}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    value = _number(text, float, "a finite number")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = _number(text, float, "a finite number >= 0")
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _number(text, float, "a finite number > 0")
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def _in_range(low: float, high: float, low_open: bool) -> Callable[[str], float]:
+    what = f"a number in {'(' if low_open else '['}{low:g}, {high:g})"
+
+    def check(text: str) -> float:
+        value = _number(text, float, what)
+        if not ((low < value) if low_open else (low <= value)) or not value < high:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+
+    return check
+
+
+def _mesh(text: str) -> str:
+    parts = text.lower().split("x")
+    if text != "auto" and not (len(parts) == 2 and all(p.isdigit() and int(p) >= 1 for p in parts)):
+        raise argparse.ArgumentTypeError(f"must be 'auto' or DATAxFSDP with positive sizes, such as '8x1' or '4x2', "
+                                         f"got {text!r}")
+    return text.lower()
+
+
+def _address(text: str) -> str:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"must be HOST:PORT, such as 10.0.0.1:1234, got {text!r}")
+    return text
+
+
+def _flag(default, help: str, *, type: Callable | None = None, choices: Iterable[str] | None = None,
+          nargs: str | None = None, commands: frozenset = ALL):
+    """An `Options` field and its flag: ``type`` checks a value, ``commands`` take the flag."""
+    return dataclasses.field(default=default, metadata={"help": help, "type": type, "nargs": nargs,
+                                                        "commands": commands,
+                                                        "choices": tuple(choices) if choices else None})
 
 
 @dataclasses.dataclass(frozen=True)
 class Options:
     """A fine-tuning run (the defaults are the README's main job)."""
 
-    model: str = "default"  # 'default' (packaged all-MiniLM-L6-v2), a hub id, or a local directory
-    dataset: str = "default"  # 'default' (packaged movie-review sentences), a datasets hub name, or local files
-    text_column: str = "text"
-    label_column: str = "label"
-    task: str = "classification"  # or 'regression'; 'causal-lm' for `python -m train causal-lm`
-    num_labels: int | None = None  # classification: inferred from the training labels when not given
-    r: int = 256
-    targets: tuple[str, ...] = ("query", "value")
-    head: tuple[str, ...] = ("classifier",)  # modules trained in full, like PEFT's modules_to_save
-    d_initial: float = 0.1
-    b_initial: float = 0.0
-    dropout: float = 0.0
+    model: str = _flag("default", "'default' (the packaged all-MiniLM-L6-v2), 'smollm2', a hub id or a local directory")
+    dataset: str = _flag("default", "'default' (packaged movie-review sentences), 'chatterbot', a datasets hub name, "
+                         "or local .csv/.tsv/.json/.jsonl/.parquet files (comma-separated)")
+    text_column: str = _flag("text", "the input text column (causal-lm: the question)")
+    label_column: str = _flag("label", "the label column (causal-lm: the answer)")
+    task: str = _flag("classification", "what the head learns", choices=("classification", "regression"),
+                      commands=frozenset({CLASSIFY, SWEEP}))
+    num_labels: int | None = _flag(None, "classes of the head (default: inferred from the training labels)",
+                                   type=positive_int, commands=frozenset({CLASSIFY, SWEEP}))
+    r: int = _flag(256, "rank of the shared projections A (r, in) and B (out, r)", type=positive_int)
+    targets: tuple[str, ...] = _flag(("query", "value"), "module names (or one regex) VeRA adapts", nargs="+")
+    head: tuple[str, ...] = _flag(("classifier",), "modules trained in full, like PEFT's modules_to_save", nargs="*")
+    d_initial: float = _flag(0.1, "initial value of every lambda_d entry", type=finite_float)
+    b_initial: float = _flag(0.0, "initial value of every lambda_b entry (0: start as the base model)",
+                             type=finite_float)
+    dropout: float = _flag(0.0, "VeRA dropout on each adapted layer's input (needs a --path other than merged)",
+                           type=_in_range(0.0, 1.0, low_open=False))
     # The paper's ablations (vera_jax.VeraConfig documents each): the defaults are VeRA as PEFT runs it.
-    projection_init: str = "kaiming_uniform"  # or 'kaiming_normal', 'uniform'
-    projection_sharing: str = "shared"  # or 'per_layer'
-    train_vectors: str = "both"  # or 'lambda_d', 'lambda_b'
-    lr_vectors: float = 1e-2
-    lr_head: float = 4e-3
-    schedule: str = "linear"  # 'linear' | 'cosine' | 'constant', after a linear warmup
-    warmup_ratio: float = 0.06
-    weight_decay: float = 0.0
-    epochs: int = 2
-    max_steps: int | None = None
-    batch_size: int = 32
-    max_length: int = 64
-    test_fraction: float = 0.2
-    seed: int = 0
-    mesh: str = "auto"  # 'DATAxFSDP', e.g. '8x1' or '4x2'; 'auto' puts every device on the data axis
-    strategy: str = "merged"  # 'merged' | 'activation' | 'activation-lean' | 'auto' (the faster whole step, timed)
-    output_dir: str = "runs/latest"
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    baseline: bool = False  # also train the head alone on the same split and report it
-    base_dtype: str = "float32"  # causal-lm: 'bfloat16' stores and runs the frozen base in bfloat16
-    chat_template: str | None = None  # causal-lm: a Jinja chat-template file, for models that ship none
-    answers: int = 4  # causal-lm: held-out questions answered greedily before and after tuning
-    max_new_tokens: int = 48  # causal-lm: length limit of those answers
-    log_every: int = 10
-    eval_batch_size: int = 128
-    coordinator: str | None = None  # multi-host: 'HOST:PORT' of process 0, with num_processes and process_id
-    num_processes: int = 1
-    process_id: int = 0
+    projection_init: str = _flag("kaiming_uniform", "how A and B are drawn",
+                                 choices=vera_config_lib.PROJECTION_INITS)
+    projection_sharing: str = _flag("shared", "one A/B pair for all layers, or one per layer",
+                                    choices=vera_config_lib.PROJECTION_SHARINGS)
+    train_vectors: str = _flag("both", "which vectors train (a frozen one stays at its initial value)",
+                               choices=vera_config_lib.TRAIN_VECTORS)
+    lr_vectors: float = _flag(1e-2, "peak learning rate of the VeRA vectors", type=_positive_float)
+    lr_head: float = _flag(4e-3, "peak learning rate of the modules trained in full", type=_positive_float)
+    schedule: str = _flag("linear", "learning-rate decay after a linear warmup", choices=SCHEDULES)
+    warmup_ratio: float = _flag(0.06, "fraction of the steps spent warming up", type=_in_range(0.0, 1.0, False))
+    weight_decay: float = _flag(0.0, "AdamW weight decay", type=non_negative_float)
+    epochs: int = _flag(2, "passes over the training split", type=positive_int)
+    max_steps: int | None = _flag(None, "stop after this many steps (default: all epochs)", type=positive_int)
+    batch_size: int = _flag(32, "examples per step (global, over every device)", type=positive_int)
+    max_length: int = _flag(64, "tokens per example at most", type=positive_int)
+    test_fraction: float = _flag(0.2, "rows held out when the dataset has no test split",
+                                 type=_in_range(0.0, 1.0, low_open=True))
+    seed: int = _flag(0, "seed of the held-out split, the projections, the data order, dropout and a new head",
+                      type=seed_int)
+    mesh: str = _flag("auto", "devices as DATAxFSDP, e.g. '8x1' or '4x2'; 'auto' puts every device on data",
+                      type=_mesh, commands=ON_MESH)
+    path: str = _flag("merged", "how adapted layers run: merged, activation, activation-lean, or auto (the faster "
+                      "whole training step, timed here)", choices=PATHS)
+    output_dir: str = _flag("runs/latest", "the run directory (a run there resumes from its last checkpoint)")
+    checkpoint_every: int = _flag(100, "steps between checkpoints", type=positive_int, commands=ON_MESH)
+    keep_checkpoints: int = _flag(2, "checkpoints kept", type=positive_int, commands=ON_MESH)
+    baseline: bool = _flag(False, "also train the head alone on the same split and report it",
+                           commands=frozenset({CLASSIFY}))
+    base_dtype: str = _flag("float32", "dtype of the frozen base (bfloat16 halves its memory)", choices=BASE_DTYPES,
+                            commands=frozenset({CAUSAL_LM}))
+    chat_template: str | None = _flag(None, "a Jinja chat-template file, for models that ship none",
+                                      commands=frozenset({CAUSAL_LM}))
+    answers: int = _flag(4, "held-out questions answered greedily before and after tuning", type=positive_int,
+                         commands=frozenset({CAUSAL_LM}))
+    max_new_tokens: int = _flag(48, "length limit of those answers", type=positive_int,
+                                commands=frozenset({CAUSAL_LM}))
+    log_every: int = _flag(10, "steps between logged losses", type=positive_int)
+    eval_batch_size: int = _flag(128, "examples per evaluation batch", type=positive_int)
+    coordinator: str | None = _flag(None, "multi-host: HOST:PORT of process 0 (with --num-processes, --process-id)",
+                                    type=_address, commands=ON_MESH)
+    num_processes: int = _flag(1, "multi-host: number of processes", type=positive_int, commands=ON_MESH)
+    process_id: int = _flag(0, "multi-host: this process's index", type=non_negative_int, commands=ON_MESH)
 
 
 # The options a resumed run must share with the run that wrote the checkpoint.
 RESUME_KEYS = ("model", "dataset", "text_column", "label_column", "task", "num_labels", "r", "targets", "head",
                "d_initial", "b_initial", "dropout", "projection_init", "projection_sharing", "train_vectors",
                "lr_vectors", "lr_head", "schedule", "warmup_ratio", "weight_decay", "epochs", "max_steps",
-               "batch_size", "max_length", "test_fraction", "seed", "strategy", "base_dtype", "chat_template")
+               "batch_size", "max_length", "test_fraction", "seed", "path", "base_dtype", "chat_template")
 
 # `python -m train causal-lm`: SmolLM2-135M-Instruct on the chatterbot question/answer pairs, VeRA on
 # every linear layer of every decoder block, loss on the answer tokens only.
@@ -78,24 +212,97 @@ CAUSAL_LM_DEFAULTS = Options(
 )
 
 
-def _parser(defaults: Options, prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="Fine-tune a Hugging Face Flax model with VeRA.")
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _shown(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, tuple) else f"{value:g}" if isinstance(value, float) \
+        else str(value)
+
+
+def add_options(parser: argparse.ArgumentParser, command: str, defaults: Options = Options(),
+                several: Iterable[str] = ()) -> None:
+    """The flags ``command`` takes, with ``defaults``; the fields in ``several`` take one or more values
+    (a sweep's grid axes), also spelled in the plural (``--projection-inits``)."""
+    several = set(several)
     for field in dataclasses.fields(Options):
-        flag = "--" + field.name.replace("_", "-")
-        default = getattr(defaults, field.name)
+        spec = field.metadata
+        if command not in spec["commands"]:
+            continue
+        flag, default = flag_name(field.name), getattr(defaults, field.name)
+        names = [flag] + ([flag + "s"] if field.name in several and not flag.endswith("s") else [])
+        kwargs = {"help": spec["help"], "default": default}
         if isinstance(default, bool):
-            parser.add_argument(flag, action="store_true", default=default)
-        elif isinstance(default, tuple):
-            parser.add_argument(flag, nargs="+", default=list(default), metavar="NAME")
-        else:
-            kind = {"num_labels": int, "max_steps": int, "coordinator": str, "chat_template": str}.get(
-                field.name, type(default))
-            parser.add_argument(flag, type=kind, default=default)
-    return parser
+            parser.add_argument(*names, action="store_true", **kwargs)
+            continue
+        if spec["choices"]:
+            kwargs["choices"] = spec["choices"]
+        if spec["type"]:
+            kwargs["type"] = spec["type"]
+        if field.name in several:
+            kwargs.update(nargs="+", default=[default], metavar=field.name.upper())
+            if spec["choices"]:
+                kwargs["help"] += f"; one or more of {', '.join(spec['choices'])}"
+        elif spec["nargs"]:
+            kwargs.update(nargs=spec["nargs"], default=list(default), metavar="NAME")
+        parser.add_argument(*names, dest=field.name, **kwargs)
 
 
-def parse_options(argv: Sequence[str] | None = None, defaults: Options = Options(),
-                  prog: str = "python -m train") -> Options:
-    values = vars(_parser(defaults, prog).parse_args(argv))
+def from_args(args: argparse.Namespace, defaults: Options = Options(), check: bool = True) -> Options:
+    """The `Options` of parsed flags (fields a command does not take keep ``defaults``), checked together.
+
+    Raises:
+      FlagError: flags that do not fit together (`check_options`).
+    """
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Options) if hasattr(args, f.name)}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    return Options(**values)
+    options = dataclasses.replace(defaults, **values)
+    if check:
+        check_options(options)
+    return options
+
+
+# VeraConfig fields -> the Options fields that set them, to name the flags in VeraConfig's errors.
+_CONFIG_FIELDS = {"target_modules": "targets", "modules_to_save": "head", "projection_seed": "seed", "r": "r",
+                  "d_initial": "d_initial", "b_initial": "b_initial", "dropout": "dropout",
+                  "projection_init": "projection_init", "projection_sharing": "projection_sharing",
+                  "train_vectors": "train_vectors"}
+
+
+def vera_config(options: Options, kernel_layout: str = "in_out") -> vera_jax.VeraConfig:
+    """The adapter the flags describe (GPT-2's ``FlaxConv1D`` stores kernels ``out_in``; Dense ``in_out``).
+
+    Raises:
+      FlagError: VeraConfig refuses the combination (e.g. --train-vectors lambda_d with --b-initial 0).
+    """
+    try:
+        return vera_jax.VeraConfig(
+            r=options.r, target_modules=options.targets, modules_to_save=options.head, d_initial=options.d_initial,
+            b_initial=options.b_initial, dropout=options.dropout, projection_seed=options.seed,
+            projection_init=options.projection_init, projection_sharing=options.projection_sharing,
+            train_vectors=options.train_vectors, kernel_layout=kernel_layout)
+    except (TypeError, ValueError) as err:
+        named = [name for field, name in _CONFIG_FIELDS.items() if re.search(rf"\b{field}\b", str(err))]
+        flags = ", ".join(f"{flag_name(name)} {_shown(getattr(options, name))}" for name in named) or "the VeRA flags"
+        raise FlagError(f"{flags}: {err}") from None
+
+
+def check_options(options: Options) -> None:
+    """Checks across flags, before any model or data loads.
+
+    Raises:
+      FlagError: naming the flags and what would work.
+    """
+    vera_config(options)
+    if options.dropout > 0 and options.path == "merged":
+        raise FlagError(f"--dropout {options.dropout:g} acts on each adapted layer's input, which --path merged "
+                        "never computes; use --path activation, activation-lean or auto.")
+    if options.process_id >= options.num_processes:
+        raise FlagError(f"--process-id {options.process_id} must be below --num-processes {options.num_processes}.")
+    if options.num_processes > 1 and not options.coordinator:
+        raise FlagError(f"--num-processes {options.num_processes} needs --coordinator HOST:PORT (process 0's address).")
+    if options.chat_template is not None and not Path(options.chat_template).is_file():
+        raise FlagError(f"--chat-template {options.chat_template} is not a file; give a Jinja chat-template file.")
+    if options.baseline and not options.head:
+        raise FlagError("--baseline trains the head alone, but --head names no module to train.")

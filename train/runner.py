@@ -1,8 +1,11 @@
-"""What every training job shares: the run context on the mesh, the resumable training loop, evaluation.
+"""What every training job shares: one run preparation (`start`), the resumable training loop, evaluation.
 
-A job (classification in `train.classify`, causal LM in `train.causal_lm`) checks its inputs, builds a
-`Context` (frozen base FSDP-placed by path rules, small trees replicated, tokenised splits) and calls
-`fit` and `evaluate`; the loss and metrics follow ``options.task`` (`train.steps`).
+A job (classification in `train.classify`, causal LM in `train.causal_lm`, a sweep in `train.sweep`)
+hands `start` its options and a loader of its model and tokenised splits. `start` checks and prepares
+everything in one order: processes, output directory, mesh, model and data, the adapter the flags
+describe, its path ('auto' timed here), the parameter report, then (on the mesh) the frozen base
+placed FSDP by path rules, the checkpoints and the metrics log. The job then calls `fit` and
+`evaluate`; the loss and metrics follow ``options.task`` (`train.steps`).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -23,21 +27,41 @@ from train import mesh as mesh_lib
 from train import steps
 from train.checkpoints import RunCheckpoints
 from train.metrics import MetricsLog, plot_curves, write_json
-from train.options import RESUME_KEYS, Options
 from train.model import hub_id
+from train.options import RESUME_KEYS, Options, vera_config
+from vera_jax import atomic
 from vera_jax import checkpoint as adapter_checkpoint
 from vera_jax import peft as vera_peft
 
-__all__ = ["Context", "RunError", "init_distributed", "output_dir", "place", "global_batch", "train_batch",
-           "recipe_meta", "fit", "evaluate", "make_context", "count_steps", "vera_setup",
-           "resolve_strategy", "save_adapters", "publish", "DROPOUT_STREAM", "STRATEGIES"]
+__all__ = ["Prepared", "Run", "Context", "RunError", "start", "init_distributed", "output_dir", "place", "to_host",
+           "global_batch", "train_batch", "fit", "evaluate", "count_steps", "model_config", "vera_setup",
+           "resolve_path", "dropout_key", "save_adapters", "publish", "DROPOUT_STREAM"]
 
-STRATEGIES = (*vera_jax.activation.PATHS, "auto")
 DROPOUT_STREAM = 2**31  # fold_in offset for the dropout key: disjoint from the projection stream's blocks
 
 
 class RunError(ValueError):
     """A run cannot start as configured; the message names the setting to change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A job's model and tokenised splits, checked against each other.
+
+    Attributes:
+      model: a Hugging Face Flax model (a sequence classifier or a causal LM).
+      tokenizer: its tokenizer.
+      train_data, test_data: the tokenised splits.
+      pad_id: the token that pads a batch.
+      test_split: the held-out rows as loaded (the causal LM answers some of its questions).
+    """
+
+    model: object
+    tokenizer: object
+    train_data: data_lib.TextData
+    test_data: data_lib.TextData
+    pad_id: int
+    test_split: object = None
 
 
 @dataclasses.dataclass
@@ -47,7 +71,6 @@ class Context:
     options: Options
     mesh: jax.sharding.Mesh
     params: dict
-    projections: vera_jax.Projections
     train_data: data_lib.TextData
     test_data: data_lib.TextData
     pad_id: int
@@ -56,14 +79,84 @@ class Context:
     dropout_key: jax.Array
 
 
-def make_context(options: Options, mesh: jax.sharding.Mesh, params: dict, projections: vera_jax.Projections,
-                 key: jax.Array, train_data: data_lib.TextData, test_data: data_lib.TextData,
-                 pad_id: int) -> Context:
-    """Count the steps (an error when the split is smaller than one batch) and place everything on ``mesh``."""
-    steps_per_epoch, total_steps = count_steps(options, len(train_data))
-    return Context(options, mesh, place(params, mesh_lib.base_shardings(params, mesh)),
-                   place(projections, mesh_lib.replicated(mesh)), train_data, test_data, pad_id, steps_per_epoch,
-                   total_steps, jax.random.fold_in(key, DROPOUT_STREAM))
+@dataclasses.dataclass
+class Run:
+    """A prepared run: its options, directory, model and data, initial adapter and path, and (on the mesh)
+    its placed context, checkpoints and metrics log."""
+
+    options: Options
+    out: Path
+    job: Prepared
+    adapter: vera_jax.Adapter  # the initial adapter, on the host
+    path: str | vera_jax.PathPlan
+    path_detail: str
+    steps_per_epoch: int
+    total_steps: int
+    log: MetricsLog
+    ctx: Context | None = None
+    checkpoints: RunCheckpoints | None = None
+
+    @property
+    def model(self):
+        return self.job.model
+
+    @property
+    def params(self) -> dict:
+        return self.job.model.params
+
+    @property
+    def primary(self) -> bool:
+        return jax.process_index() == 0
+
+    def meta(self) -> dict:
+        """What a checkpoint records and a resumed run must match: the options that shape it, and the
+        projections' recipe."""
+        options = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self.options).items()
+                   if k in RESUME_KEYS}
+        return {"options": options, "projection": adapter_checkpoint.projection_recipe(self.adapter)}
+
+
+def start(options: Options, load: Callable[[Options], Prepared], *, on_mesh: bool = True) -> Run:
+    """Prepare the run ``options`` describe; ``load`` loads and checks its model and data.
+
+    ``on_mesh=False`` (a sweep: one device, no checkpoints) skips the processes, the mesh and the checkpoints.
+
+    Raises:
+      RunError (and the loaders' errors): anything that stops the run, before any training.
+    """
+    if on_mesh:
+        init_distributed(options)
+    out = output_dir(options.output_dir)
+    mesh = mesh_lib.make_mesh(options.mesh, options.batch_size) if on_mesh else None
+    if on_mesh:
+        for name, marker in (("adapter", adapter_checkpoint.METADATA_FILE), ("peft_adapter", vera_peft.CONFIG_FILE)):
+            try:
+                atomic.check_replaceable(out / name, marker)
+            except FileExistsError as err:
+                raise RunError(f"{err} (the run writes its adapter there; choose another --output-dir)") from None
+    job = load(options)
+    steps_per_epoch, total_steps = count_steps(options, len(job.train_data))
+    adapter = vera_setup(options, job.model)
+    path, path_detail = resolve_path(options, job.model, adapter)
+    primary = jax.process_index() == 0
+    if primary:
+        print(vera_jax.parameter_report(job.model.params, adapter))
+    ctx = checkpoints = None
+    resume_step = 0
+    if on_mesh:
+        params = job.model.params
+        ctx = Context(options, mesh, place(params, mesh_lib.base_shardings(params, mesh)), job.train_data,
+                      job.test_data, job.pad_id, steps_per_epoch, total_steps, dropout_key(options.seed))
+        checkpoints = RunCheckpoints(out / "checkpoints", options.keep_checkpoints)
+        resume_step = checkpoints.latest_step() or 0
+    log = MetricsLog(out / "metrics.jsonl", resume_step, enabled=primary)
+    return Run(options, out, job, adapter, path, path_detail, steps_per_epoch, total_steps, log, ctx, checkpoints)
+
+
+def dropout_key(seed: int) -> jax.Array:
+    """The key of a run's dropout (the model's and VeRA's): a stream of ``--seed``'s key that the
+    projections never draw from. A sweep's adapter with seed s uses ``dropout_key(s)``, as the run would."""
+    return jax.random.fold_in(jax.random.key(seed, impl="threefry2x32"), DROPOUT_STREAM)
 
 
 def count_steps(options: Options, train_rows: int) -> tuple[int, int]:
@@ -78,58 +171,56 @@ def count_steps(options: Options, train_rows: int) -> tuple[int, int]:
     return steps_per_epoch, total_steps
 
 
-def vera_setup(options: Options, params: dict, model_type: str) -> tuple[vera_jax.VeraConfig, dict]:
-    """The adapter's config and its initial trainable tree; settings that do not fit the model are a RunError.
+def model_config(options: Options, model) -> vera_jax.VeraConfig:
+    """The adapter the flags describe, for this model (GPT-2's ``FlaxConv1D`` stores kernels (out, in))."""
+    return vera_config(options, "out_in" if model.config.model_type == "gpt2" else "in_out")
 
-    GPT-2's ``FlaxConv1D`` stores kernels (out, in); every other family here uses Dense (in, out).
-    """
+
+def vera_setup(options: Options, model) -> vera_jax.Adapter:
+    """The initial adapter; targets or a head that do not fit the model are a RunError."""
     try:
-        config = vera_jax.VeraConfig(r=options.r, target_modules=options.targets, trainable=options.head,
-                                     d_initial=options.d_initial, b_initial=options.b_initial, dropout=options.dropout,
-                                     projection_seed=options.seed, projection_init=options.projection_init,
-                                     projection_sharing=options.projection_sharing,
-                                     train_vectors=options.train_vectors,
-                                     kernel_layout="out_in" if model_type == "gpt2" else "in_out")
-        return config, vera_jax.init_trainable(params, config)  # checks the targets and the head against the model
+        return vera_jax.init_adapter(model.params, model_config(options, model))
     except (TypeError, ValueError) as err:
         raise RunError(f"VeRA settings do not fit {options.model!r}: {err}") from None
 
 
-def resolve_strategy(options: Options, model, config: vera_jax.VeraConfig,
-                     projections: vera_jax.Projections) -> str | vera_jax.PathPlan:
-    """``--strategy``, with 'auto' the path whose whole training step runs faster here (timed, and printed).
+def resolve_path(options: Options, model, adapter: vera_jax.Adapter) -> tuple[str | vera_jax.PathPlan, str]:
+    """``--path`` and a line saying what it is; 'auto' is the path whose whole training step runs faster here.
 
     `vera_jax.whole_step_plan` times the model's gradient step on each path for a batch of this shape.
     Process 0 measures and every process takes its numbers, so that all of them compile one program.
+    With --dropout, auto is the activation path: the merged path never computes the activations
+    dropout acts on.
     """
-    if options.strategy not in STRATEGIES:
-        raise RunError(f"--strategy must be one of {STRATEGIES}, got {options.strategy!r}.")
-    if options.strategy != "auto":
-        return options.strategy
+    if options.path != "auto":
+        return options.path, options.path
     primary = jax.process_index() == 0
+    if options.dropout > 0:
+        detail = f"auto: every layer activation, the path on which --dropout {options.dropout:g} acts"
+        if primary:
+            print(detail)
+        return "activation", detail
     tokens = options.batch_size * options.max_length
     if primary:
         ids = np.ones((options.batch_size, options.max_length), np.int32)
-        plan = vera_jax.whole_step_plan(lambda p, x: model(x, params=p).logits, model.params,
-                                        vera_jax.init_trainable(model.params, config), projections, ids, tokens=tokens)
+        plan = vera_jax.whole_step_plan(lambda p, x: model(x, params=p).logits, model.params, adapter, ids,
+                                        tokens=tokens)
     if jax.process_count() > 1:
         totals = np.array(plan.totals if primary else (0.0, 0.0), np.float32)
         merged, activation = map(float, multihost_utils.broadcast_one_to_all(totals))
-        plan = vera_jax.PathPlan.from_whole_steps(model.params, config, merged, activation, tokens)
+        plan = vera_jax.PathPlan.from_whole_steps(model.params, adapter.config, merged, activation, tokens)
     if primary:
         print(plan.summary())
-    return plan
+    return plan, plan.summary()
 
 
-def save_adapters(out: Path, ctx: Context, config: vera_jax.VeraConfig, trainable, key: jax.Array, params: dict,
-                  projections: vera_jax.Projections, task_type: str) -> Path:
+def save_adapters(run: Run, adapter: vera_jax.Adapter, task_type: str) -> Path:
     """``out/adapter`` (Orbax, every process) and ``out/peft_adapter`` (PEFT format, process 0, when PEFT can
     hold the adapter: one shared pair); returns the first."""
-    adapter_dir = adapter_checkpoint.save(out / "adapter", trainable, ctx.projections, key)
-    if jax.process_index() == 0 and config.projection_sharing == "shared":
-        host_trainable = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), trainable)
-        vera_peft.save_adapter(out / "peft_adapter", config, host_trainable, projections, params=params,
-                               task_type=task_type, base_model_name_or_path=hub_id(ctx.options.model))
+    adapter_dir = adapter_checkpoint.save(run.out / "adapter", adapter)
+    if run.primary and adapter.config.projection_sharing == "shared":
+        vera_peft.save_adapter(run.out / "peft_adapter", to_host(adapter), run.params, task_type=task_type,
+                               base_model_name_or_path=hub_id(run.options.model))
     return adapter_dir
 
 
@@ -158,12 +249,17 @@ def output_dir(path: str) -> Path:
     return out
 
 
+def to_host(tree):
+    """Host (numpy) copies of a tree's arrays; a replicated global array gives this process's copy."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x, tree)
+
+
 def place(tree, sharding):
-    """Host values -> global arrays with ``sharding`` (one sharding, or a tree of them)."""
+    """Host values (or replicated arrays) -> fresh global arrays with ``sharding`` (one sharding, or a tree)."""
     shardings = sharding if isinstance(sharding, dict) else jax.tree.map(lambda _: sharding, tree)
 
     def put(x, s):
-        x = np.asarray(jax.device_get(x))
+        x = np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
         return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
 
     return jax.tree.map(put, tree, shardings)
@@ -182,19 +278,15 @@ def train_batch(ctx: Context, step: int) -> dict:
     return data_lib.collate(ctx.train_data, indices, ctx.pad_id, ctx.options.max_length)
 
 
-def recipe_meta(ctx: Context, key: jax.Array) -> dict:
-    options = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(ctx.options).items()
-               if k in RESUME_KEYS}
-    return {"options": options, "projection": adapter_checkpoint.projection_recipe(ctx.projections, key)}
-
-
-def fit(ctx: Context, name: str, trainable, logits_fn, log: MetricsLog, checkpoints: RunCheckpoints | None,
-        meta: dict | None):
-    """Train ``trainable`` for ``ctx.total_steps`` (resuming from ``checkpoints``); returns it and the tokens/s."""
+def fit(ctx: Context, name: str, adapter, logits_fn: Callable, log: MetricsLog,
+        checkpoints: RunCheckpoints | None = None, meta: dict | None = None):
+    """Train ``adapter.trainable`` for ``ctx.total_steps`` (resuming from ``checkpoints``); returns the
+    trained adapter (replicated on the mesh) and the tokens/s. ``adapter`` itself is left as it was."""
     options = ctx.options
     replicated, batch_sharding = mesh_lib.replicated(ctx.mesh), mesh_lib.batch_sharding(ctx.mesh)
     tx = steps.make_optimizer(options, ctx.total_steps)
-    state = place({"trainable": trainable, "opt_state": tx.init(trainable)}, replicated)
+    adapter = place(adapter, replicated)  # its own buffers: the step donates them
+    state = place({"trainable": adapter.trainable, "opt_state": tx.init(adapter.trainable)}, replicated)
     start = 0
     if checkpoints is not None:
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
@@ -206,19 +298,19 @@ def fit(ctx: Context, name: str, trainable, logits_fn, log: MetricsLog, checkpoi
     base_shardings = jax.tree.map(lambda x: x.sharding, ctx.params)
     train_step = steps.make_train_step(logits_fn, tx, options.task)
 
-    def step_fn(trainable, opt_state, params, projections, batch, step):
-        return train_step(trainable, opt_state, params, projections, batch, jax.random.fold_in(ctx.dropout_key, step))
+    def step_fn(adapter, opt_state, params, batch, step):
+        return train_step(adapter, opt_state, params, batch, jax.random.fold_in(ctx.dropout_key, step))
 
-    step_fn = jax.jit(step_fn, in_shardings=(replicated, replicated, base_shardings, replicated, batch_sharding, None),
+    step_fn = jax.jit(step_fn, in_shardings=(replicated, replicated, base_shardings, batch_sharding, None),
                       out_shardings=(replicated, replicated, replicated), donate_argnums=(0, 1))
-    trainable, opt_state = state["trainable"], state["opt_state"]
+    adapter, opt_state = adapter.replace(trainable=state["trainable"]), state["opt_state"]
     tokens, started = 0, time.perf_counter()
     progress = tqdm(total=ctx.total_steps, initial=start, desc=name, disable=jax.process_index() != 0)
     for step in range(start, ctx.total_steps):
         batch = train_batch(ctx, step)
         tokens += int(batch["attention_mask"].sum())
-        trainable, opt_state, loss = step_fn(trainable, opt_state, ctx.params, ctx.projections,
-                                             global_batch(batch, batch_sharding), np.uint32(step))
+        adapter, opt_state, loss = step_fn(adapter, opt_state, ctx.params, global_batch(batch, batch_sharding),
+                                           np.uint32(step))
         done = step + 1
         if done % options.log_every == 0 or done == ctx.total_steps:
             loss = float(loss)
@@ -226,22 +318,22 @@ def fit(ctx: Context, name: str, trainable, logits_fn, log: MetricsLog, checkpoi
             progress.set_postfix(loss=f"{loss:.4f}")
         if checkpoints is not None and (done % options.checkpoint_every == 0 or done == ctx.total_steps):
             epoch, position = divmod(done, ctx.steps_per_epoch)
-            checkpoints.save(done, {"trainable": trainable, "opt_state": opt_state},
+            checkpoints.save(done, {"trainable": adapter.trainable, "opt_state": opt_state},
                              {**meta, "step": done, "epoch": epoch, "batch_in_epoch": position})
         progress.update(1)
     progress.close()
     seconds = time.perf_counter() - started
-    return trainable, (tokens / seconds if tokens else 0.0)
+    return adapter, (tokens / seconds if tokens else 0.0)
 
 
-def evaluate(ctx: Context, trainable, logits_fn) -> tuple[float, float]:
+def evaluate(ctx: Context, adapter, logits_fn: Callable) -> tuple[float, float]:
     """(accuracy, mean loss) on the held-out split; the last batch is padded with zero-weight rows."""
     devices = ctx.mesh.size
     size = -(-ctx.options.eval_batch_size // devices) * devices
     replicated, batch_sharding = mesh_lib.replicated(ctx.mesh), mesh_lib.batch_sharding(ctx.mesh)
     eval_fn = jax.jit(steps.make_eval_step(logits_fn, ctx.options.task),
-                      in_shardings=(replicated, jax.tree.map(lambda x: x.sharding, ctx.params), replicated,
-                                    batch_sharding))
+                      in_shardings=(replicated, jax.tree.map(lambda x: x.sharding, ctx.params), batch_sharding))
+    adapter = place(adapter, replicated)
     correct = loss = count = 0.0
     n = len(ctx.test_data)
     for start in range(0, n, size):
@@ -249,6 +341,6 @@ def evaluate(ctx: Context, trainable, logits_fn) -> tuple[float, float]:
         weights = (indices < n).astype(np.float32)
         batch = data_lib.collate(ctx.test_data, np.minimum(indices, n - 1), ctx.pad_id, ctx.options.max_length)
         batch["weights"] = weights
-        sums = eval_fn(trainable, ctx.params, ctx.projections, global_batch(batch, batch_sharding))
+        sums = eval_fn(adapter, ctx.params, global_batch(batch, batch_sharding))
         correct, loss, count = (total + float(part) for total, part in zip((correct, loss, count), sums))
     return correct / count, loss / count

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 import vera_jax
-from vera_jax.paths import SEP, flatten, unflatten
+from vera_jax.paths import flatten, unflatten
 
 __all__ = ["make_optimizer", "model_logits", "vera_logits", "head_only_logits", "make_train_step", "make_eval_step",
            "loss_value", "mean_loss", "next_token_terms"]
@@ -32,8 +32,7 @@ def make_optimizer(options, total_steps: int) -> optax.GradientTransformation:
     """AdamW with separate learning-rate schedules for the VeRA vectors and the leaves trained in full."""
 
     def labels(tree):
-        return unflatten({p: "vectors" if p.rsplit(SEP, 1)[-1] in (vera_jax.LAMBDA_D, vera_jax.LAMBDA_B) else "head"
-                          for p in flatten(tree)})
+        return unflatten({path: "vectors" if vera_jax.is_vector_path(path) else "head" for path in flatten(tree)})
 
     make = lambda lr: optax.adamw(_schedule(options.schedule, lr, total_steps, options.warmup_ratio),  # noqa: E731
                                   weight_decay=options.weight_decay)
@@ -47,16 +46,16 @@ def model_logits(model, params, batch: dict, rng: jax.Array | None) -> jax.Array
                  dropout_rng=rng).logits
 
 
-def vera_logits(model, strategy: str | vera_jax.PathPlan) -> Callable:
-    """``logits(params, trainable, projections, batch, rng)``: the adapted model; rng=None evaluates.
+def vera_logits(model, path: str | vera_jax.PathPlan) -> Callable:
+    """``logits(params, adapter, batch, rng)``: the adapted model; rng=None evaluates.
 
-    ``strategy`` is a path of `vera_jax.adapt` or a `vera_jax.PathPlan`.
+    ``path`` is a path of `vera_jax.adapt` or a `vera_jax.PathPlan`; VeRA dropout acts on the activation path.
     """
 
-    def logits(params, trainable, projections, batch, rng):
+    def logits(params, adapter, batch, rng):
         model_rng, vera_rng = (None, None) if rng is None else jax.random.split(rng)
-        dropout = None if strategy == "merged" else vera_rng
-        run = vera_jax.adapt(lambda p: model_logits(model, p, batch, model_rng), trainable, projections, path=strategy,
+        dropout = None if path == "merged" else vera_rng
+        run = vera_jax.adapt(lambda p: model_logits(model, p, batch, model_rng), adapter, path=path,
                              dropout_rng=dropout)
         return run(params)
 
@@ -64,10 +63,11 @@ def vera_logits(model, strategy: str | vera_jax.PathPlan) -> Callable:
 
 
 def head_only_logits(model) -> Callable:
-    """The baseline: the frozen model with only its head's leaves swapped for the trained ones."""
+    """The baseline: the frozen model with only its head's leaves swapped for the trained ones
+    (``adapter.trainable`` holds the head alone)."""
 
-    def logits(params, trainable, projections, batch, rng):
-        return model_logits(model, vera_jax.combine(params, trainable), batch, rng)
+    def logits(params, adapter, batch, rng):
+        return model_logits(model, vera_jax.combine(params, adapter), batch, rng)
 
     return logits
 
@@ -99,21 +99,28 @@ def mean_loss(logits: jax.Array, batch: dict, task: str) -> jax.Array:
 
 
 def make_train_step(logits_fn: Callable, tx: optax.GradientTransformation, task: str) -> Callable:
-    """``step(trainable, opt_state, params, projections, batch, rng) -> (trainable, opt_state, loss)``."""
+    """The one training step of runs, sweeps and benchmarks.
 
-    def step(trainable, opt_state, params, projections, batch, rng):
+    ``step(adapter, opt_state, params, batch, rng) -> (adapter, opt_state, loss)``: one optimizer step
+    of ``adapter.trainable`` only (the frozen base and A/B get no gradient), for the loss of
+    ``logits_fn(params, adapter, batch, rng)``. ``adapter`` is a `vera_jax.Adapter`, or any
+    ``flax.struct`` with a ``trainable`` field (the benchmark's floor); ``opt_state`` is
+    ``tx.init(adapter.trainable)``; rng None runs without dropout.
+    """
+
+    def step(adapter, opt_state, params, batch, rng):
         def loss_fn(trainable):
-            return mean_loss(logits_fn(params, trainable, projections, batch, rng), batch, task)
+            return mean_loss(logits_fn(params, adapter.replace(trainable=trainable), batch, rng), batch, task)
 
-        loss, grads = jax.value_and_grad(loss_fn)(trainable)
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, loss
+        loss, grads = jax.value_and_grad(loss_fn)(adapter.trainable)
+        updates, opt_state = tx.update(grads, opt_state, adapter.trainable)
+        return adapter.replace(trainable=optax.apply_updates(adapter.trainable, updates)), opt_state, loss
 
     return step
 
 
 def make_eval_step(logits_fn: Callable, task: str) -> Callable:
-    """``evaluate(trainable, params, projections, batch) -> (correct, loss_sum, count)``, weighted sums.
+    """``evaluate(adapter, params, batch) -> (correct, loss_sum, count)``, weighted sums.
 
     ``batch['weights']`` (B,) is 1 for real rows and 0 for padding rows. For regression, "correct"
     counts predictions with the label's sign (the binary task the scores define); for a causal LM the
@@ -121,8 +128,8 @@ def make_eval_step(logits_fn: Callable, task: str) -> Callable:
     next-token accuracy.
     """
 
-    def evaluate(trainable, params, projections, batch):
-        logits = logits_fn(params, trainable, projections, batch, None)
+    def evaluate(adapter, params, batch):
+        logits = logits_fn(params, adapter, batch, None)
         weights = batch["weights"]
         if task == "causal-lm":
             nll, hit, weight = next_token_terms(logits, batch)

@@ -1,14 +1,18 @@
 """``python -m train sweep``: K adapters on a grid of d_initial x seed, trained in one vmapped program.
 
-Every adapter shares the frozen base and one A/B (VeRA's point); each has its own initial lambda_d,
-its own data order and head initialisation (its seed), and its own optimizer state. One compiled step
-trains all K, vmapped ``--adapters-per-pass`` at a time (`vera_jax.map_adapters`); one such evaluation
-scores them on the same held-out split. Takes every flag of
-``python -m train`` (model, data, r, learning rates, ...) plus the grid; single-device, no checkpoints.
+Each grid point trains as ``python -m train`` trains with that point's flags: the adapter with seed s
+and d_initial d starts and learns as ``python -m train --d-initial d --seed s`` (its data order,
+dropout, and a head the checkpoint lacks drawn from s; every other flag the same), except that all
+points share the held-out split and the projections A/B of ``--seed``, VeRA's point. One compiled
+step trains a program's adapters, vmapped ``--adapters-per-pass`` at a time
+(`vera_jax.map_adapters`), each with its own optimizer state; one such evaluation scores them on the
+same held-out split. Runs on one device, without checkpoints.
 
-The paper's ablations are grid axes too (``--projection-inits``, ``--projection-sharings``,
-``--train-vectors``, each taking several values): each combination of them is a variant with its own
-projections or trainable-tree structure, trained as its own vmapped program over d_initial x seed.
+The paper's ablations are grid axes too (``--projection-init``, ``--projection-sharing``,
+``--train-vectors``, each taking several values): each combination is a variant with its own
+projections or trainable-tree structure, trained as its own program over d_initial x seed. With
+``--train-vectors lambda_b`` lambda_d is a constant (d_initial) of the config, so each d_initial is
+a model of its own and trains as its own program.
 """
 
 from __future__ import annotations
@@ -28,24 +32,29 @@ import vera_jax
 from train import classify
 from train import data as data_lib
 from train import steps
-from train.metrics import MetricsLog, write_json
-from train.options import Options, parse_options
-from train.runner import RunError, count_steps, output_dir
+from train.metrics import write_json
+from train.model import load_classifier
+from train.options import (SWEEP, FlagError, Options, add_options, check_options, finite_float, from_args,
+                           positive_int, seed_int)
+from train.runner import Run, dropout_key, model_config, start
 from vera_jax import checkpoint as adapter_checkpoint
+from vera_jax.paths import flatten, unflatten
 
-__all__ = ["parse_args", "sweep", "Grid"]
+__all__ = ["add_arguments", "command", "sweep", "Grid", "point_options"]
 
-# VeraConfig fields a sweep can vary, and the flag that lists each one's values.
-ABLATIONS = {"projection_init": "--projection-inits", "projection_sharing": "--projection-sharings",
-             "train_vectors": "--train-vectors"}
+# VeraConfig fields a sweep can vary: each flag takes several values.
+ABLATIONS = ("projection_init", "projection_sharing", "train_vectors")
+GRID_FIELDS = ("d_initial", *ABLATIONS)
+DEFAULT_D_INITIALS = (1e-7, 0.1, 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
 class Grid:
     """The sweep: every combination of an ablation variant, a d_initial and a seed is one adapter.
 
-    Adapters of one variant (same projections, same trainable-tree structure) train in one vmapped
-    program; variants run one after another.
+    Adapters of one program (one variant; with lambda_b alone trained, one variant and one d_initial)
+    share projections, trainable-tree structure and config, and train in one vmapped program;
+    programs run one after another.
     """
 
     d_initials: tuple[float, ...]
@@ -54,22 +63,62 @@ class Grid:
     frozen_b: float = 1.0  # the value lambda_b is held at in variants that train lambda_d only
     adapters_per_pass: int | None = None  # adapters vmapped together; None: `vera_jax.adapters_per_pass` picks
 
+    def programs(self) -> list[tuple[tuple[str, str, str], tuple[float, ...]]]:
+        """``(variant, d_initials)`` of each compiled program, in order."""
+        programs = []
+        for variant in self.variants:
+            if variant[2] == "lambda_b":  # lambda_d is the constant d_initial: each value is another model
+                programs += [(variant, (d,)) for d in self.d_initials]
+            else:
+                programs.append((variant, self.d_initials))
+        return programs
 
-def parse_args(argv) -> tuple[Options, Grid]:
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    parser.add_argument("--d-initials", type=float, nargs="+", default=[1e-7, 0.1, 1.0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    for name, flag in ABLATIONS.items():
-        parser.add_argument(flag, dest=name + "_values", nargs="+", default=None, metavar=name.upper())
-    parser.add_argument("--frozen-b", type=float, default=1.0)
-    parser.add_argument("--adapters-per-pass", type=int, default=None)
-    grid, rest = parser.parse_known_args(argv)
-    options = parse_options(rest)
-    if grid.adapters_per_pass is not None and grid.adapters_per_pass < 1:
-        raise RunError(f"--adapters-per-pass must be at least 1, got {grid.adapters_per_pass}.")
-    choices = [getattr(grid, name + "_values") or [getattr(options, name)] for name in ABLATIONS]
-    return options, Grid(tuple(grid.d_initials), tuple(grid.seeds), tuple(itertools.product(*choices)), grid.frozen_b,
-                         grid.adapters_per_pass)
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_options(parser, SWEEP, several=GRID_FIELDS)
+    parser.set_defaults(d_initial=list(DEFAULT_D_INITIALS))
+    parser.add_argument("--seeds", type=seed_int, nargs="+", default=[0, 1],
+                        help="one adapter per seed: its data order, dropout and (when the checkpoint lacks one) head")
+    parser.add_argument("--frozen-b", type=finite_float, default=None,
+                        help="where lambda_b is held when --train-vectors lambda_d (default: --b-initial when "
+                             "non-zero, else 1.0)")
+    parser.add_argument("--adapters-per-pass", type=positive_int, default=None,
+                        help="adapters vmapped together (default: chosen for the device by "
+                             "vera_jax.adapters_per_pass)")
+
+
+def parse(args: argparse.Namespace) -> tuple[Options, Grid]:
+    """The shared options (the grid axes at their first value) and the grid, every point's config checked.
+
+    Raises:
+      FlagError: a point whose flags do not fit together.
+    """
+    values = {name: tuple(getattr(args, name)) for name in GRID_FIELDS}
+    for name in GRID_FIELDS:
+        setattr(args, name, values[name][0])
+    options = from_args(args, check=False)
+    frozen_b = args.frozen_b if args.frozen_b is not None else (options.b_initial or 1.0)
+    grid = Grid(values["d_initial"], tuple(args.seeds), tuple(itertools.product(*(values[a] for a in ABLATIONS))),
+                frozen_b, args.adapters_per_pass)
+    for variant, d_initial in itertools.product(grid.variants, grid.d_initials):
+        try:
+            check_options(point_options(options, grid, variant, d_initial))
+        except FlagError as err:
+            message = str(err).replace("--b-initial", "--frozen-b") if variant[2] == "lambda_d" else str(err)
+            raise FlagError(f"sweep point {_setting_name(variant, d_initial)}: {message}") from None
+    return point_options(options, grid, grid.variants[0], grid.d_initials[0]), grid
+
+
+def command(args: argparse.Namespace) -> None:
+    sweep(*parse(args))
+
+
+def point_options(options: Options, grid: Grid, variant: tuple[str, str, str], d_initial: float) -> Options:
+    """The flags of the single run a grid point trains like (its seed aside)."""
+    projection_init, projection_sharing, train_vectors = variant
+    return dataclasses.replace(options, d_initial=d_initial, projection_init=projection_init,
+                               projection_sharing=projection_sharing, train_vectors=train_vectors,
+                               b_initial=grid.frozen_b if train_vectors == "lambda_d" else options.b_initial)
 
 
 def _variant_label(variant: tuple[str, str, str]) -> str:
@@ -92,18 +141,6 @@ def _adapter_name(variant: tuple[str, str, str], d_initial: float, seed: int) ->
     return f"{label + '-' if label else ''}d{d_initial:g}-seed{seed}"
 
 
-def _config(options: Options, grid: Grid, variant: tuple[str, str, str], d_initial: float) -> vera_jax.VeraConfig:
-    projection_init, projection_sharing, train_vectors = variant
-    try:
-        return vera_jax.VeraConfig(
-            r=options.r, target_modules=options.targets, trainable=options.head, d_initial=d_initial,
-            b_initial=grid.frozen_b if train_vectors == "lambda_d" else options.b_initial,
-            projection_seed=options.seed, projection_init=projection_init, projection_sharing=projection_sharing,
-            train_vectors=train_vectors)
-    except ValueError as err:
-        raise RunError(f"Sweep variant {variant} with d_initial={d_initial:g}: {err}") from None
-
-
 def _stack_batches(batches: list[dict], pad_id: int) -> dict:
     """K batches padded to one length and stacked: input_ids (K, B, L), attention_mask (K, B, L), labels (K, B)."""
     length = max(b["input_ids"].shape[1] for b in batches)
@@ -113,83 +150,96 @@ def _stack_batches(batches: list[dict], pad_id: int) -> dict:
             "labels": np.stack([b["labels"] for b in batches])}
 
 
-def _head_for_seed(trainable: dict, seed: int) -> dict:
-    """Re-draw the leaves trained in full (the head) for this seed: N(0, 0.02) kernels, zero biases."""
-    flat = vera_jax.paths.flatten(trainable)
-    keys = iter(jax.random.split(jax.random.key(seed), len(flat)))
-    for path, leaf in flat.items():
-        if path.rsplit("/", 1)[-1] not in vera_jax.layers.VECTOR_NAMES:
-            flat[path] = (0.02 * jax.random.normal(next(keys), leaf.shape, leaf.dtype) if path.endswith("kernel")
-                          else jnp.zeros_like(leaf))
-    return vera_jax.paths.unflatten(flat)
+def _heads_for_seeds(options: Options, model, head: dict, seeds: tuple[int, ...]) -> dict[int, dict]:
+    """Each seed's initial head (the leaves trained in full, flat by path): the one ``--seed s`` would load.
+
+    A leaf the checkpoint holds is loaded whatever the seed; a leaf it lacks (a new head) is transformers'
+    draw from the seed. The leaves that differ when the model is loaded with another seed are the new ones.
+    """
+    others = sorted(set(seeds) - {options.seed})
+    if not head or not others:
+        return {seed: head for seed in seeds}
+    reloaded = flatten(load_classifier(options.model, model.config.num_labels, seed=others[0])[0].params)
+    new = {path for path, leaf in head.items() if not np.array_equal(np.asarray(reloaded[path]), np.asarray(leaf))}
+    if not new:
+        return {seed: head for seed in seeds}
+    init = jax.jit(model.init_weights, static_argnums=1)
+    heads = {options.seed: head}
+    for seed in others:
+        drawn = flatten(init(jax.random.PRNGKey(seed), model.input_shape))
+        heads[seed] = {path: drawn[path] if path in new else leaf for path, leaf in head.items()}
+    return heads
 
 
 def _per_pass(grid: Grid, batch_size: int, options: Options) -> int | None:
     return grid.adapters_per_pass or vera_jax.adapters_per_pass(batch_size * options.max_length)
 
 
-def _train_variant(job: classify.Prepared, options: Options, grid: Grid, configs: list[vera_jax.VeraConfig],
-                   seeds: list[int], names: list[str], log: MetricsLog, steps_per_epoch: int,
-                   total_steps: int) -> tuple[dict, vera_jax.Projections, np.ndarray]:
-    """Train one adapter per (config, seed) of one variant in one compiled program; returns them stacked,
-    their shared projections, and their held-out accuracies (K,)."""
-    params, pad_id = job.model.params, job.pad_id
-    projections = vera_jax.init_projections(params, vera_jax.projection_key(configs[0]), configs[0])
-    stacked = vera_jax.stack([_head_for_seed(vera_jax.init_trainable(params, c), seed)
-                              for c, seed in zip(configs, seeds)])
-    tx = steps.make_optimizer(options, total_steps)
-    logits_fn = steps.vera_logits(job.model, options.strategy)
-    train_step = vera_jax.map_adapters(steps.make_train_step(logits_fn, tx, options.task), (0, 0, None, None, 0, 0),
+def _train_program(setup: Run, grid: Grid, variant: tuple[str, str, str], d_initials: tuple[float, ...],
+                   heads: dict[int, dict]) -> tuple[list[vera_jax.Adapter], vera_jax.Adapter, np.ndarray]:
+    """Train one adapter per (d_initial, seed) of one program in one compiled program.
+
+    Returns each adapter (with its own point's config), the program's initial adapter, and the
+    held-out accuracies (K,).
+    """
+    options, model, params, job = setup.options, setup.model, setup.params, setup.job
+    points = list(itertools.product(d_initials, grid.seeds))
+    configs = [model_config(point_options(options, grid, variant, d), model) for d, _ in points]
+    # One config, one A/B for the program; each point's initial trainable tree from its own config.
+    base = vera_jax.init_adapter(params, configs[0])
+    stacked = vera_jax.stack([
+        base.replace(trainable=unflatten(flatten(vera_jax.vectors.init_trainable(params, config)) | heads[seed]))
+        for config, (_, seed) in zip(configs, points)])
+    names = [_run_name(variant, d, seed) for d, seed in points]
+    seeds = [seed for _, seed in points]
+
+    tx = steps.make_optimizer(options, setup.total_steps)
+    logits_fn = steps.vera_logits(model, setup.path)
+    train_step = vera_jax.map_adapters(steps.make_train_step(logits_fn, tx, options.task), (0, 0, None, 0, 0),
                                        _per_pass(grid, options.batch_size, options))
     train_step = jax.jit(train_step, donate_argnums=(0, 1))
-    opt_state = jax.vmap(tx.init)(stacked)
-    progress = tqdm(range(total_steps), desc=f"{len(configs)} adapters, {names[0].rsplit(' d=', 1)[0]}")
+    opt_state = jax.vmap(tx.init)(stacked.trainable)
+    keys = jnp.stack([dropout_key(seed) for seed in seeds])
+    progress = tqdm(range(setup.total_steps), desc=f"{len(points)} adapters, {_variant_label(variant) or 'vera'}")
     for step in progress:
         batches = [data_lib.collate(job.train_data,
-                                    data_lib.batch_indices(len(job.train_data), seed, step, steps_per_epoch,
-                                                           options.batch_size), pad_id, options.max_length)
+                                    data_lib.batch_indices(len(job.train_data), seed, step, setup.steps_per_epoch,
+                                                           options.batch_size), job.pad_id, options.max_length)
                    for seed in seeds]
-        rngs = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), step))(jnp.asarray(seeds))
-        stacked, opt_state, losses = train_step(stacked, opt_state, params, projections,
-                                                _stack_batches(batches, pad_id), rngs)
-        if (step + 1) % options.log_every == 0 or step + 1 == total_steps:
+        rngs = jax.vmap(lambda key: jax.random.fold_in(key, step))(keys)
+        stacked, opt_state, losses = train_step(stacked, opt_state, params, _stack_batches(batches, job.pad_id), rngs)
+        if (step + 1) % options.log_every == 0 or step + 1 == setup.total_steps:
             for name, loss in zip(names, np.asarray(losses)):
-                log.write(run=name, step=step + 1, loss=float(loss))
+                setup.log.write(run=name, step=step + 1, loss=float(loss))
             progress.set_postfix(loss=f"{float(np.mean(losses)):.4f}")
 
-    evaluate = jax.jit(vera_jax.map_adapters(steps.make_eval_step(logits_fn, options.task), (0, None, None, None),
+    evaluate = jax.jit(vera_jax.map_adapters(steps.make_eval_step(logits_fn, options.task), (0, None, None),
                                              _per_pass(grid, options.eval_batch_size, options)))
-    correct = np.zeros(len(configs))
-    for start in range(0, len(job.test_data), options.eval_batch_size):
-        indices = np.arange(start, min(start + options.eval_batch_size, len(job.test_data)))
-        batch = data_lib.collate(job.test_data, indices, pad_id, options.max_length)
+    correct = np.zeros(len(points))
+    for start_row in range(0, len(job.test_data), options.eval_batch_size):
+        indices = np.arange(start_row, min(start_row + options.eval_batch_size, len(job.test_data)))
+        batch = data_lib.collate(job.test_data, indices, job.pad_id, options.max_length)
         batch["weights"] = np.ones(len(indices), np.float32)
-        correct += np.asarray(evaluate(stacked, params, projections, batch)[0])
-    return stacked, projections, correct / len(job.test_data)
+        correct += np.asarray(evaluate(stacked, params, batch)[0])
+    adapters = [adapter.replace(config=config) for adapter, config in zip(vera_jax.unstack(stacked), configs)]
+    return adapters, base, correct / len(job.test_data)
 
 
 def sweep(options: Options, grid: Grid) -> dict:
     started = time.perf_counter()
-    out = output_dir(options.output_dir)
-    job = classify.prepare(options)
-    steps_per_epoch, total_steps = count_steps(options, len(job.train_data))
-    log = MetricsLog(out / "metrics.jsonl", 0)
-    points = list(itertools.product(grid.d_initials, grid.seeds))
-    # Every variant's configs are built (and so checked) before any training starts.
-    configs = {variant: [_config(options, grid, variant, d) for d, _ in points] for variant in grid.variants}
+    setup = start(options, classify.prepare, on_mesh=False)
+    out, params = setup.out, setup.params
+    heads = _heads_for_seeds(options, setup.model, vera_jax.vectors.full_leaves(setup.adapter.trainable), grid.seeds)
     rows = []
-    for variant in grid.variants:
-        names = [_run_name(variant, d, seed) for d, seed in points]
-        stacked, projections, accuracy = _train_variant(job, options, grid, configs[variant], [s for _, s in points],
-                                                        names, log, steps_per_epoch, total_steps)
-        trainable_params = vera_jax.count_parameters(job.model.params, configs[variant][0])[0]
-        for (d, seed), config, adapter, acc, name in zip(points, configs[variant], vera_jax.unstack(stacked),
-                                                         accuracy, names):
+    for variant, d_initials in grid.programs():
+        adapters, base, accuracy = _train_program(setup, grid, variant, d_initials, heads)
+        trainable_params = vera_jax.count_parameters(params, base)[0]
+        points = itertools.product(d_initials, grid.seeds)
+        for (d, seed), adapter, acc in zip(points, adapters, accuracy):
             rows.append({**dict(zip(ABLATIONS, variant)), "d_initial": d, "seed": seed, "test_accuracy": float(acc),
                          "trainable_params": trainable_params})
-            log.write(run=name, step=total_steps, test_accuracy=float(acc))
-            adapter_checkpoint.save(out / "adapters" / _adapter_name(variant, d, seed), adapter,
-                                    dataclasses.replace(projections, config=config), vera_jax.projection_key(config))
+            setup.log.write(run=_run_name(variant, d, seed), step=setup.total_steps, test_accuracy=float(acc))
+            adapter_checkpoint.save(out / "adapters" / _adapter_name(variant, d, seed), adapter)
     groups = {}
     for row in rows:
         groups.setdefault(_setting_name(tuple(row[a] for a in ABLATIONS), row["d_initial"]), []).append(
@@ -198,10 +248,11 @@ def sweep(options: Options, grid: Grid) -> dict:
                "mean_accuracy_by_d_initial": {f"{d:g}": float(np.mean([r["test_accuracy"] for r in rows
                                                                       if r["d_initial"] == d]))
                                               for d in grid.d_initials},
-               "adapters": len(rows), "steps": total_steps, "wall_seconds": time.perf_counter() - started,
+               "adapters": len(rows), "steps": setup.total_steps, "path_detail": setup.path_detail,
+               "wall_seconds": time.perf_counter() - started,
                "options": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(options).items()}}
     write_json(out / "sweep.json", summary)
-    _plot(summary["mean_accuracy"], groups, log.records(), out / "sweep.png")
+    _plot(summary["mean_accuracy"], groups, setup.log.records(), out / "sweep.png")
     header = [*ABLATIONS, "d_initial", "seed", "trainable", "test accuracy"]
     print("  ".join(f"{h:>18}" for h in header))
     for row in rows:
