@@ -107,8 +107,8 @@ def bench_multi(args: argparse.Namespace) -> dict:
     # Runs and sweeps train with this step; the base model in eval mode (rng None), as serving runs it.
     train_step = steps.make_train_step(steps.vera_logits(model, "merged"), tx, "classification")
 
-    def call(p, batch):
-        return model(batch["input_ids"], attention_mask=batch["attention_mask"], params=p).logits
+    def call(p, batch):  # serving: the model in eval mode
+        return steps.model_logits(model, p, batch, None)
 
     def train_batches(k: int) -> dict:  # k distinct batches on a leading adapter axis
         batches = [_batch(model.config.vocab_size, args.train_batch, args.train_seq_len, seed) for seed in range(k)]

@@ -259,7 +259,7 @@ def place(tree, sharding):
     shardings = sharding if isinstance(sharding, dict) else jax.tree.map(lambda _: sharding, tree)
 
     def put(x, s):
-        x = np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
+        x = np.asarray(to_host(x))
         return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
 
     return jax.tree.map(put, tree, shardings)

@@ -16,13 +16,15 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["staged_directory", "stage", "publish", "check_replaceable", "recover", "write_text"]
+__all__ = ["staged_directory", "stage", "staging_path", "publish", "check_replaceable", "recover", "write_text"]
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
 
-def _staging(directory: Path) -> Path:
+def staging_path(directory: str | os.PathLike) -> Path:
+    """Where `stage` puts ``directory``'s new copy while it is written."""
+    directory = Path(directory).absolute()
     return directory.parent / f".{directory.name}.partial"
 
 
@@ -77,7 +79,7 @@ def stage(directory: str | os.PathLike, marker: str) -> Path:
     directory = Path(directory).absolute()
     recover(directory)
     check_replaceable(directory, marker)
-    staging = _staging(directory)
+    staging = staging_path(directory)
     shutil.rmtree(staging, ignore_errors=True)  # a stale staging directory of an interrupted write
     staging.mkdir(parents=True)
     return staging

@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from vera_jax.adapter import STORED, Adapter
-from vera_jax.atomic import publish, recover, stage
+from vera_jax.atomic import publish, recover, stage, staging_path
 from vera_jax.config import VeraConfig
 from vera_jax.projections import GENERATOR, Projections, init_projections
 from vera_jax.vectors import init_trainable
@@ -99,7 +99,7 @@ def save(directory: str | os.PathLike, adapter: Adapter) -> Path:
         tree["projections"] = {"A": adapter.projections.A, "B": adapter.projections.B}
     metadata = {"config": adapter.config.to_dict(), "projection": projection_recipe(adapter)}
     primary = jax.process_index() == 0
-    staging = stage(directory, METADATA_FILE) if primary else directory.parent / f".{directory.name}.partial"
+    staging = stage(directory, METADATA_FILE) if primary else staging_path(directory)
     multihost_utils.sync_global_devices(f"vera_jax.checkpoint.save:{staging}")
     try:
         with ocp.StandardCheckpointer() as checkpointer:  # waits for the asynchronous write to finish

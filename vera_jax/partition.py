@@ -8,7 +8,7 @@ leaves get an exactly-zero update and hold no optimizer state.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 import optax
@@ -23,9 +23,10 @@ __all__ = ["combine", "split", "combined_optimizer"]
 _TRAINABLE, _FROZEN = "trainable", "frozen"
 
 
-def _is_trainable(path: str, config: VeraConfig) -> bool:
-    return is_vector_path(path) or bool(config.modules_to_save and
-                                        patterns_regex(config.modules_to_save, with_leaves=True).fullmatch(path))
+def _trainable_matcher(config: VeraConfig) -> Callable[[str], bool]:
+    """Whether a leaf path is trained: a VeRA vector, or a leaf of a module ``config.modules_to_save`` selects."""
+    full = patterns_regex(config.modules_to_save, with_leaves=True) if config.modules_to_save else None
+    return lambda path: is_vector_path(path) or bool(full and full.fullmatch(path))
 
 
 def _keypath_str(keypath) -> str:
@@ -34,8 +35,9 @@ def _keypath_str(keypath) -> str:
 
 def _labels(tree: Mapping, config: VeraConfig):
     """A tree of the same structure labelling each leaf trainable or frozen."""
+    is_trainable = _trainable_matcher(config)
     labels = jax.tree_util.tree_map_with_path(
-        lambda kp, _: _TRAINABLE if _is_trainable(_keypath_str(kp), config) else _FROZEN, tree)
+        lambda kp, _: _TRAINABLE if is_trainable(_keypath_str(kp)) else _FROZEN, tree)
     if _TRAINABLE not in jax.tree.leaves(labels):
         raise ValueError("No leaf of this tree is trainable: put the vectors in first with "
                          "vera_jax.combine(params, adapter).")
@@ -51,8 +53,9 @@ def split(combined: Mapping, adapter: Adapter) -> tuple[dict, Adapter]:
     """Combined tree -> ``(params, adapter)``, the adapter holding the combined tree's trainable leaves;
     `combine` inverts it. ``adapter`` gives the config and A/B."""
     params, trainable = {}, {}
+    is_trainable = _trainable_matcher(adapter.config)
     for path, leaf in flatten(combined).items():
-        (trainable if _is_trainable(path, adapter.config) else params)[path] = leaf
+        (trainable if is_trainable(path) else params)[path] = leaf
     return unflatten(params), adapter.replace(trainable=unflatten(trainable))
 
 
