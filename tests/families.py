@@ -58,7 +58,7 @@ def gpt2() -> Family:
     cfg = GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=32)
     model = FlaxGPT2LMHeadModel(cfg, seed=0)
     return Family("gpt2", model.params, lambda p, x: model(x, params=p).logits, _ids(99),
-                  vera_jax.VeraConfig(r=8, target_modules=("c_attn", "c_proj", "c_fc"), kernel_layout="out_in"),
+                  vera_jax.VeraConfig(r=8, target_modules=("c_attn", "c_proj", "c_fc"), kernel_axes={".*": "oi"}),
                   model=model)
 
 

@@ -134,7 +134,7 @@ def test_causal_lm_on_gpt2_with_a_chat_template_file(tiny, tmp_path):
     assert summary["perplexity_after"] < summary["perplexity_before"]
     params = FlaxGPT2LMHeadModel.from_pretrained(gpt2).params
     adapter = checkpoint.restore(out / "adapter", params)
-    assert adapter.config.kernel_layout == "out_in"
+    assert adapter.config.kernel_axes == ((".*", "oi"),)
     assert len([p for p in flatten(adapter.trainable) if p.endswith(LAMBDA_D)]) == 2 * 4  # c_attn, 2 c_proj, c_fc
 
 

@@ -27,7 +27,7 @@ def test_defaults_follow_peft_except_saving_projections():
     config = vera_jax.VeraConfig(target_modules=("query",))
     assert (config.r, config.d_initial, config.dropout, config.dtype) == (256, 0.1, 0.0, "float32")
     # PEFT saves A and B by default because it cannot always rebuild them; a JAX key always can.
-    assert config.save_projection is False and config.kernel_layout == "in_out"
+    assert config.save_projection is False and config.kernel_axes == ()
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -40,7 +40,9 @@ def test_defaults_follow_peft_except_saving_projections():
     (dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
     (dict(dtype="int32"), "must name a floating dtype"),
     (dict(dtype="float33"), "must name a floating dtype"),
-    (dict(kernel_layout="rows"), "'in_out' for flax.linen.Dense, 'out_in' for GPT-2's FlaxConv1D"),
+    (dict(kernel_axes={".*": "rows"}), "'i' for an input axis, 'o' for an output axis"),
+    (dict(kernel_axes={".*": "iol l"}), "at most one 'l'"),
+    (dict(kernel_axes={"(": "io"}), "not a valid regular expression"),
     (dict(target_modules=()), "target_modules is empty"),
     (dict(target_modules="query(["), "not a valid regular expression"),
     (dict(target_modules=("query", "")), "must be non-empty strings"),

@@ -31,8 +31,8 @@ def test_variables_dict_instead_of_params_gets_a_hint(bert):
 
 
 @pytest.mark.parametrize("target", ["LayerNorm", "word_embeddings", "attention"])
-def test_target_that_is_not_a_2d_linear_kernel(bert, target):
-    with pytest.raises(ValueError, match=r"is not a linear layer with a 2-D 'kernel'(.|\n)*Narrow"):
+def test_target_that_is_not_a_linear_kernel(bert, target):
+    with pytest.raises(ValueError, match=r"is not a linear layer with a 'kernel' of rank 2 or more(.|\n)*Narrow"):
         vera_jax.init_adapter(bert.params, _config(target_modules=(target,)))
 
 
@@ -79,11 +79,11 @@ def test_projections_too_small_for_a_layer(bert):
         vera_jax.merge(bert.params, other_rank)
 
 
-def test_wrong_kernel_layout_is_caught_on_the_activation_path():
+def test_wrong_kernel_axes_are_caught_on_the_activation_path():
     gpt2 = families.gpt2()
-    config = vera_jax.VeraConfig(r=8, target_modules=("c_attn",))  # GPT-2 needs kernel_layout="out_in"
+    config = vera_jax.VeraConfig(r=8, target_modules=("c_attn",))  # GPT-2 needs kernel_axes={".*": "oi"}
     adapter = vera_jax.init_adapter(gpt2.params, config)
-    with pytest.raises(ValueError, match="is a FlaxConv1D, whose kernel is stored out_in.*set kernel_layout='out_in'"):
+    with pytest.raises(ValueError, match="is a FlaxConv1D whose kernel axes are 'oi', but the adapter takes them as 'io'.*kernel_axes"):
         vera_jax.adapt(gpt2.apply, adapter, path="activation")(gpt2.params, gpt2.inputs)
 
 
@@ -105,8 +105,8 @@ def test_a_layer_called_with_other_widths_than_its_kernel_is_named():
     def apply_other_images(params, images):  # runs the model on other params than the adapter checks
         return families.SmallCNN().apply({"params": other_params}, bigger)
 
-    with pytest.raises(ValueError, match=r"'hidden' maps 288 to 40 features, but its kernel \(128, 40\) \(in_out\) "
-                                         r"says 128 to 40; apply the model to the params the adapter was built for"):
+    with pytest.raises(ValueError, match=r"An input of shape \(2, 288\) does not fit the call \.\.\.a,ab->\.\.\.b of a "
+                                         r"kernel \(128, 40\); apply the model to the params the adapter was built for"):
         vera_jax.adapt(apply_other_images, adapter, path="activation")(cnn.params, cnn.inputs)
 
 

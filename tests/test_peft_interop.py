@@ -32,7 +32,7 @@ class Case:
     targets: list[str]
     peft_kwargs: dict
     head: tuple[str, ...]
-    layout: str
+    kernel_axes: tuple
     task_type: str | None
     inputs: np.ndarray
 
@@ -43,21 +43,21 @@ SMALL = dict(num_hidden_layers=2, num_attention_heads=4, intermediate_size=56)
 CASES = {
     "bert": Case(transformers.BertForSequenceClassification, transformers.FlaxBertForSequenceClassification,
                  transformers.BertConfig(vocab_size=99, hidden_size=32, num_labels=3, **SMALL),
-                 ["query", "value"], {}, ("classifier",), "in_out", "SEQ_CLS", IDS),
+                 ["query", "value"], {}, ("classifier",), (), "SEQ_CLS", IDS),
     "roberta": Case(transformers.RobertaForSequenceClassification, transformers.FlaxRobertaForSequenceClassification,
                     transformers.RobertaConfig(vocab_size=99, hidden_size=32, max_position_embeddings=40, **SMALL),
-                    ["query", "key", "value"], {}, ("classifier",), "in_out", "SEQ_CLS", IDS),
+                    ["query", "key", "value"], {}, ("classifier",), (), "SEQ_CLS", IDS),
     "gpt2": Case(transformers.GPT2LMHeadModel, transformers.FlaxGPT2LMHeadModel,
                  transformers.GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=32),
-                 ["c_attn", "c_proj", "c_fc"], {"fan_in_fan_out": True}, (), "out_in", "CAUSAL_LM", IDS),
+                 ["c_attn", "c_proj", "c_fc"], {"fan_in_fan_out": True}, (), ((".*", "oi"),), "CAUSAL_LM", IDS),
     "llama": Case(transformers.LlamaForCausalLM, transformers.FlaxLlamaForCausalLM,
                   transformers.LlamaConfig(vocab_size=99, hidden_size=32, num_key_value_heads=2,
                                            max_position_embeddings=32, tie_word_embeddings=False, **SMALL),
                   ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], {}, (),
-                  "in_out", "CAUSAL_LM", IDS),
+                  (), "CAUSAL_LM", IDS),
     "vit": Case(transformers.ViTForImageClassification, transformers.FlaxViTForImageClassification,
                 transformers.ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_labels=5, **SMALL),
-                ["query", "value"], {"modules_to_save": ["classifier"]}, ("classifier",), "in_out", None, PIXELS),
+                ["query", "value"], {"modules_to_save": ["classifier"]}, ("classifier",), (), None, PIXELS),
 }
 
 
@@ -107,7 +107,7 @@ def test_peft_adapter_loads_and_matches_peft(models, tmp_path, save_projection):
     buffers = peft_model.base_model
     np.testing.assert_array_equal(adapter.projections.A, buffers.vera_A["default"].numpy())  # rebuilt bit for bit
     np.testing.assert_array_equal(adapter.projections.B, buffers.vera_B["default"].numpy())
-    assert adapter.config.kernel_layout == case.layout and adapter.config.projection_seed == 1234
+    assert adapter.config.kernel_axes == case.kernel_axes and adapter.config.projection_seed == 1234
     # Read from the file, or drawn again with PyTorch's generator: either way not this library's draw.
     assert adapter.generator == ("stored" if save_projection else vera_peft.TORCH_GENERATOR)
     assert not adapter.redrawable
@@ -126,7 +126,7 @@ def test_peft_adapter_loads_and_matches_peft(models, tmp_path, save_projection):
 def _random_adapter(case, flax_model):
     """A vera_jax adapter with random non-zero vectors (and head), and its logits."""
     config = vera_jax.VeraConfig(r=R, target_modules=tuple(case.targets), modules_to_save=case.head,
-                                 kernel_layout=case.layout, projection_seed=3)
+                                 kernel_axes=case.kernel_axes, projection_seed=3)
     adapter = vera_jax.init_adapter(flax_model.params, config)
     adapter = adapter.replace(trainable=random_like(adapter.trainable, jax.random.key(4), scale=0.5))
     return adapter, _flax_logits(flax_model, case, adapter, "activation")

@@ -22,13 +22,13 @@ def _bert():
     cfg = transformers.BertConfig(vocab_size=120, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
                                   intermediate_size=96, max_position_embeddings=64, num_labels=3)
     return (transformers.BertForSequenceClassification(cfg), transformers.FlaxBertForSequenceClassification,
-            ["query", "value"], dict(modules_to_save=["classifier"]), ("classifier",), "in_out")
+            ["query", "value"], dict(modules_to_save=["classifier"]), ("classifier",), ())
 
 
 def _gpt2():
     cfg = transformers.GPT2Config(vocab_size=120, n_embd=48, n_layer=2, n_head=4, n_positions=64)
     return (transformers.GPT2LMHeadModel(cfg), transformers.FlaxGPT2LMHeadModel,
-            ["c_attn"], dict(fan_in_fan_out=True), (), "out_in")
+            ["c_attn"], dict(fan_in_fan_out=True), (), ((".*", "oi"),))
 
 
 def _llama():
@@ -36,7 +36,7 @@ def _llama():
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                    tie_word_embeddings=False, rope_theta=10000.0)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    return (transformers.LlamaForCausalLM(cfg), transformers.FlaxLlamaForCausalLM, targets, {}, (), "in_out")
+    return (transformers.LlamaForCausalLM(cfg), transformers.FlaxLlamaForCausalLM, targets, {}, (), ())
 
 
 def _flax_path(torch_name: str) -> str:
@@ -59,7 +59,7 @@ def test_logits_match_peft(build):
     params = flax_model.params
 
     config = vera_jax.VeraConfig(r=R, target_modules=tuple(targets), modules_to_save=modules_to_save,
-                                 kernel_layout=layout, projection_seed=42)
+                                 kernel_axes=layout, projection_seed=42)
     adapter = vera_jax.init_adapter(params, config)
     adapter = adapter.replace(trainable=random_like(adapter.trainable, jax.random.key(1), scale=0.5))
     projections = adapter.projections

@@ -270,8 +270,8 @@ _CONFIG_FIELDS = {"target_modules": "targets", "modules_to_save": "head", "proje
                   "train_vectors": "train_vectors"}
 
 
-def vera_config(options: Options, kernel_layout: str = "in_out") -> vera_jax.VeraConfig:
-    """The adapter the flags describe (GPT-2's ``FlaxConv1D`` stores kernels ``out_in``; Dense ``in_out``).
+def vera_config(options: Options, kernel_axes: tuple[tuple[str, str], ...] = ()) -> vera_jax.VeraConfig:
+    """The adapter the flags describe (``kernel_axes``: GPT-2's ``FlaxConv1D`` kernels are (out, in), ``"oi"``).
 
     Raises:
       FlagError: VeraConfig refuses the combination (e.g. --train-vectors lambda_d with --b-initial 0).
@@ -281,7 +281,7 @@ def vera_config(options: Options, kernel_layout: str = "in_out") -> vera_jax.Ver
             r=options.r, target_modules=options.targets, modules_to_save=options.head, d_initial=options.d_initial,
             b_initial=options.b_initial, dropout=options.dropout, projection_seed=options.seed,
             projection_init=options.projection_init, projection_sharing=options.projection_sharing,
-            train_vectors=options.train_vectors, kernel_layout=kernel_layout)
+            train_vectors=options.train_vectors, kernel_axes=kernel_axes)
     except (TypeError, ValueError) as err:
         named = [name for field, name in _CONFIG_FIELDS.items() if re.search(rf"\b{field}\b", str(err))]
         flags = ", ".join(f"{flag_name(name)} {_shown(getattr(options, name))}" for name in named) or "the VeRA flags"

@@ -173,7 +173,7 @@ def count_steps(options: Options, train_rows: int) -> tuple[int, int]:
 
 def model_config(options: Options, model) -> vera_jax.VeraConfig:
     """The adapter the flags describe, for this model (GPT-2's ``FlaxConv1D`` stores kernels (out, in))."""
-    return vera_config(options, "out_in" if model.config.model_type == "gpt2" else "in_out")
+    return vera_config(options, ((".*", "oi"),) if model.config.model_type == "gpt2" else ())
 
 
 def vera_setup(options: Options, model) -> vera_jax.Adapter:

@@ -1,8 +1,11 @@
 """`adapt`: run any function of the base params as the adapted model, on the merged or activation path.
 
 The activation path intercepts (`vera_jax.intercept`) the ``__call__`` of every module whose path is an
-adapted layer (``nn.Dense``, GPT-2's ``FlaxConv1D``, or any linear module of a Flax linen model) and
-returns ``y + lambda_b * (B[:out] @ (lambda_d * (A[:, :in] @ dropout(x))))``. No weight is materialised.
+adapted layer (``nn.Dense``, ``nn.DenseGeneral``, ``nn.Einsum``, GPT-2's ``FlaxConv1D``, or any linear
+module of a Flax linen model) and returns ``y + lambda_b * (B[:out] @ (lambda_d * (A[:, :in] @ dropout(x))))``,
+laid out as y (`vera_jax.calls`). No weight is materialised. Inside a linen ``nn.scan`` each iteration
+needs its own layer's vectors: a stack's vectors travel in the params tree beside its kernel, with the
+layer axis where the scan slices it, and the call reads its slice there.
 """
 
 from __future__ import annotations
@@ -16,23 +19,72 @@ import jax
 import jax.numpy as jnp
 
 from vera_jax.adapter import Adapter, LayerVectors, layer_vectors
+from vera_jax.axes import layer_axis
+from vera_jax.calls import CallSpec, adapter_call_output, dense_call, einsum_call
 from vera_jax.intercept import LayerCall, intercept_layers
+from vera_jax.layers import LAMBDA_B, LAMBDA_D
 from vera_jax.merge import merge_layers
-from vera_jax.ops import adapter_output, adapter_output_lean, promote_add
-from vera_jax.paths import flatten, unflatten
+from vera_jax.ops import promote_add
+from vera_jax.paths import SEP, flatten, unflatten
 from vera_jax.plan import PATHS, PathPlan
 from vera_jax.vectors import full_leaves
 
-__all__ = ["adapt", "module_layout"]
+__all__ = ["adapt", "module_call"]
+
+LAYER_INDEX = "vera_layer_index"  # (L,) beside a stack's vectors: which layer a scan iteration runs (for dropout)
 
 
-def module_layout(module: nn.Module) -> str | None:
-    """The kernel layout a known linear module uses, or None when it is not known."""
+def module_call(module: nn.Module, path: str) -> CallSpec | None:
+    """How a known linen module calls its kernel, or None for a module of unknown kind.
+
+    Raises:
+      ValueError: a ``DenseGeneral`` that contracts axes other than x's trailing ones, or an ``Einsum``
+        whose input/output split is ambiguous.
+    """
     if isinstance(module, nn.Dense):
-        return "in_out"
+        return dense_call("io")
     if type(module).__name__ == "FlaxConv1D":
-        return "out_in"
+        return dense_call("oi")
+    if isinstance(module, nn.DenseGeneral):
+        axes = (module.axis,) if isinstance(module.axis, int) else tuple(module.axis)
+        features = (module.features,) if isinstance(module.features, int) else tuple(module.features)
+        if module.batch_dims or sorted(axes) != list(range(-len(axes), 0)):
+            raise ValueError(f"{path!r} is a DenseGeneral over axes {module.axis} with batch_dims "
+                             f"{module.batch_dims}; VeRA adapts a DenseGeneral over x's trailing axes only.")
+        return dense_call("i" * len(axes) + "o" * len(features))
+    if isinstance(module, nn.Einsum):
+        return einsum_call(module.einsum_str, 1, repr(path))
     return None
+
+
+def _call_spec(call: LayerCall, roles: str) -> CallSpec:
+    """The call's spec, checking the roles of the adapted kernel against what its module states."""
+    stated = module_call(call.module, call.path)
+    if stated is None:
+        return dense_call(roles)
+    if stated.roles != roles.replace("l", ""):
+        raise ValueError(
+            f"{call.path!r} is a {type(call.module).__name__} whose kernel axes are {stated.roles!r}, but the adapter "
+            f"takes them as {roles!r}; set VeraConfig.kernel_axes={{'.*': {stated.roles!r}}} (with 'l' where a "
+            "stack has its layer axis) for such modules.")
+    return stated
+
+
+def stack_leaves(items: tuple[LayerVectors, ...], dropout: bool) -> dict:
+    """The leaves a stack's vectors add beside its kernel for a linen ``nn.scan`` to slice: the vectors (and
+    the layer index, with ``dropout``), each with its layer axis where the kernel has it (0, or 1 as in
+    MaxText, where the scan slices every leaf of the layer at axis 1)."""
+    leaves = {}
+    for item in items:
+        if item.layer.layers is None:
+            continue
+        axis = min(layer_axis(item.layer.axes), 1)
+        named = {LAMBDA_D: item.lambda_d, LAMBDA_B: item.lambda_b}
+        if dropout:
+            named[LAYER_INDEX] = jnp.arange(item.layer.layers, dtype=jnp.int32)
+        for name, value in named.items():
+            leaves[item.layer.path + SEP + name] = jnp.moveaxis(value, 0, axis) if value.ndim > 1 else value
+    return leaves
 
 
 def _dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
@@ -46,8 +98,8 @@ def _on_activations(items: tuple[LayerVectors, ...], adapter: Adapter, dropout_r
     """Within this context, every Flax call of one of ``items``' layers gets the VeRA output added.
 
     Raises:
-      ValueError: a layer's module type contradicts ``config.kernel_layout``, its input or output does
-        not fit the vectors or projections, or no adapted layer was called at all.
+      ValueError: a layer's module states other kernel axes than the adapter's, its input does not fit
+        the kernel, or no adapted layer was called at all.
     """
     config = adapter.config
     by_path = {item.layer.path: item for item in items}
@@ -55,24 +107,30 @@ def _on_activations(items: tuple[LayerVectors, ...], adapter: Adapter, dropout_r
     calls = itertools.count()
 
     def add_adapter_output(call: LayerCall):
-        layout = module_layout(call.module)
-        if layout is not None and layout != config.kernel_layout:
-            raise ValueError(
-                f"{call.path!r} is a {type(call.module).__name__}, whose kernel is stored {layout}, but "
-                f"VeraConfig.kernel_layout is {config.kernel_layout!r}; set kernel_layout={layout!r}.")
-        x, y, item = call.x, call.run(), by_path[call.path]
+        item = by_path[call.path]
+        layer = item.layer
+        spec = _call_spec(call, layer.axes)
+        x, y = call.x, call.run()
         a, b = adapter.projections.pair(call.path)
-        if x.shape[-1] != item.layer.in_features or y.shape[-1] != item.layer.out_features:
-            raise ValueError(
-                f"{call.path!r} maps {x.shape[-1]} to {y.shape[-1]} features, but its kernel "
-                f"{item.layer.kernel_shape} ({config.kernel_layout}) says {item.layer.in_features} to "
-                f"{item.layer.out_features}; apply the model to the params the adapter was built for.")
+        lambda_d, lambda_b = item.lambda_d, item.lambda_b
+        key = None if dropout_rng is None else jax.random.fold_in(dropout_rng, next(calls))
+        if layer.layers is not None:  # one iteration of a scan over the stack: its slice travels with the kernel
+            own = call.module.variables["params"]
+            lambda_d, lambda_b = own[LAMBDA_D], own[LAMBDA_B]
+            key = None if key is None else jax.random.fold_in(key, own[LAYER_INDEX])
+        kernel_shape = tuple(size for size, role in zip(layer.kernel_shape, layer.axes) if role != "l")
+        if lambda_b.shape != (layer.out_features,):
+            raise ValueError(f"{call.path!r} runs with vectors of shape {lambda_b.shape}, not the ({layer.out_features},) "
+                             "of one layer: a stack's layers must be run one at a time (nn.scan or a loop).")
         x = x.astype(config.dtype)
-        if dropout_rng is not None and config.dropout > 0.0:
-            x = _dropout(x, config.dropout, jax.random.fold_in(dropout_rng, next(calls)))
+        if key is not None and config.dropout > 0.0:
+            x = _dropout(x, config.dropout, key)
         seen.add(call.path)
-        output = adapter_output_lean if lean else adapter_output
-        delta = output(x, a, b, item.lambda_d.astype(config.dtype), item.lambda_b.astype(config.dtype))
+        delta = adapter_call_output(x, spec, kernel_shape, a, b, lambda_d.astype(config.dtype),
+                                    lambda_b.astype(config.dtype), lean=lean)
+        if delta.shape != y.shape:
+            raise ValueError(f"{call.path!r} returned {y.shape} but VeRA's output for its input is {delta.shape}; "
+                             "apply the model to the params the adapter was built for.")
         return promote_add(y, delta)
 
     with intercept_layers(by_path, add_adapter_output):
@@ -119,6 +177,8 @@ def adapt(fn: Callable, adapter: Adapter, *, path: str | PathPlan = "merged",
         on_activations = tuple(i for i in items if i.layer.path not in merged)
         if not on_activations:
             return fn(params, *args, **kwargs)
+        with_dropout = dropout_rng is not None and adapter.config.dropout > 0.0
+        params = unflatten(flatten(params) | stack_leaves(on_activations, with_dropout))
         with _on_activations(on_activations, adapter, dropout_rng, lean=path == "activation-lean"):
             return fn(params, *args, **kwargs)
 

@@ -72,7 +72,7 @@ def init_adapter(params: Mapping, config: VeraConfig) -> Adapter:
 
 @dataclasses.dataclass(frozen=True)
 class LayerVectors:
-    """An adapted layer with its vectors: lambda_d (r,), lambda_b (out,)."""
+    """An adapted layer with its vectors: lambda_d (r,), lambda_b (out,); a stack's (L, r), (L, out)."""
 
     layer: AdaptedLayer
     lambda_d: jax.Array
@@ -140,13 +140,14 @@ def layer_vectors(params: Mapping, adapter: Adapter) -> tuple[LayerVectors, ...]
                              f"{_shape(flat_params[path])}; the adapter was built for another model.")
     result = []
     for layer in layers:
-        lambda_d, lambda_b = (flat.get(layer.path + SEP + name, initial_vector(config, name, layer.out_features))
+        lambda_d, lambda_b = (flat.get(layer.path + SEP + name, initial_vector(config, name, layer))
                               for name in VECTOR_NAMES)
-        if _shape(lambda_d) != (config.r,) or _shape(lambda_b) != (layer.out_features,):
+        wanted_d, wanted_b = (layer.vector_shape(name, config.r) for name in VECTOR_NAMES)
+        if _shape(lambda_d) != wanted_d or _shape(lambda_b) != wanted_b:
             raise ValueError(
                 f"Vectors of {layer.path!r} have shapes lambda_d {_shape(lambda_d)} and lambda_b {_shape(lambda_b)}; "
-                f"this layer (kernel {layer.kernel_shape}, layout {config.kernel_layout}) needs "
-                f"lambda_d ({config.r},) and lambda_b ({layer.out_features},). Check VeraConfig.kernel_layout "
-                "and build the adapter with vera_jax.init_adapter(params, config).")
+                f"this layer (kernel {layer.kernel_shape}, axes {layer.axes!r}) needs lambda_d {wanted_d} and "
+                f"lambda_b {wanted_b}. Check VeraConfig.kernel_axes and build the adapter with "
+                "vera_jax.init_adapter(params, config).")
         result.append(LayerVectors(layer, lambda_d, lambda_b))
     return tuple(result)

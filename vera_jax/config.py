@@ -11,9 +11,10 @@ from typing import Literal
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["VeraConfig", "KERNEL_LAYOUTS", "PROJECTION_INITS", "PROJECTION_SHARINGS", "TRAIN_VECTORS"]
+from vera_jax.axes import check_roles
 
-KERNEL_LAYOUTS = ("in_out", "out_in")
+__all__ = ["VeraConfig", "PROJECTION_INITS", "PROJECTION_SHARINGS", "TRAIN_VECTORS"]
+
 PROJECTION_INITS = ("kaiming_uniform", "kaiming_normal", "uniform")
 PROJECTION_SHARINGS = ("shared", "per_layer")
 TRAIN_VECTORS = ("both", "lambda_d", "lambda_b")
@@ -39,6 +40,22 @@ def _as_patterns(value, field: str) -> str | tuple[str, ...]:
     return names
 
 
+def _as_axis_rules(value) -> tuple[tuple[str, str], ...]:
+    """``{regex: roles}`` or ``[(regex, roles), ...]`` -> a tuple of checked pairs, in order."""
+    pairs = tuple(value.items()) if isinstance(value, dict) else tuple(tuple(pair) for pair in value)
+    for pair in pairs:
+        if len(pair) != 2 or not all(isinstance(part, str) for part in pair):
+            raise TypeError(f"VeraConfig.kernel_axes must map path regexes to roles strings, got {pair!r}; "
+                            "e.g. kernel_axes={'.*/c_attn': 'oi'}.")
+        try:
+            re.compile(pair[0])
+        except re.error as err:
+            raise ValueError(f"VeraConfig.kernel_axes pattern {pair[0]!r} is not a valid regular expression: {err}.") \
+                from None
+        check_roles(pair[1], f"VeraConfig.kernel_axes[{pair[0]!r}]")
+    return pairs
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class VeraConfig:
     """What to adapt and how; hashable, so it can be a static argument to `jax.jit`.
@@ -58,8 +75,11 @@ class VeraConfig:
         head); same syntax as ``target_modules``, and every leaf below a matched module is trained.
       dtype: dtype of the adapter path (A, B, the vectors and the VeRA matmuls), float32 by default
         even when the base model runs in bfloat16.
-      kernel_layout: how the adapted kernels are stored: ``"in_out"`` for ``flax.linen.Dense``,
-        ``"out_in"`` for GPT-2's ``FlaxConv1D``.
+      kernel_axes: rules ``{path regex: roles}`` (first full match wins) saying which axes of an adapted
+        kernel are inputs (``i``), outputs (``o``) and the layer axis of a stack (``l``); see `vera_jax.axes`.
+        A module that states its axes (``nnx.Linear``, ``nnx.Einsum``, ...) needs no rule; a 2-D kernel in a
+        params tree that no rule describes is a Flax ``Dense`` (in, out). GPT-2's ``FlaxConv1D`` (out, in)
+        takes ``{".*": "oi"}``; a MaxText-style ``nn.scan`` stack of Dense layers ``{".*": "ilo"}``.
 
     The paper's ablations (section 5 of Kopiczko et al.); the defaults are VeRA as PEFT runs it:
       projection_init: ``"kaiming_uniform"`` (PEFT's), ``"kaiming_normal"`` (N(0, 2 / fan_in)) or
@@ -82,7 +102,7 @@ class VeraConfig:
     save_projection: bool = False
     modules_to_save: str | tuple[str, ...] = ()
     dtype: str = "float32"
-    kernel_layout: Literal["in_out", "out_in"] = "in_out"
+    kernel_axes: tuple[tuple[str, str], ...] = ()
     projection_init: Literal["kaiming_uniform", "kaiming_normal", "uniform"] = "kaiming_uniform"
     projection_sharing: Literal["shared", "per_layer"] = "shared"
     train_vectors: Literal["both", "lambda_d", "lambda_b"] = "both"
@@ -119,11 +139,7 @@ class VeraConfig:
         if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
             raise ValueError(f"VeraConfig.dtype must name a floating dtype such as 'float32', got {self.dtype!r}.")
         set_("dtype", dtype.name)
-        if self.kernel_layout not in KERNEL_LAYOUTS:
-            raise ValueError(
-                f"VeraConfig.kernel_layout must be one of {KERNEL_LAYOUTS}, got {self.kernel_layout!r}: "
-                "'in_out' for flax.linen.Dense, 'out_in' for GPT-2's FlaxConv1D."
-            )
+        set_("kernel_axes", _as_axis_rules(self.kernel_axes))
         for name, allowed in (("projection_init", PROJECTION_INITS), ("projection_sharing", PROJECTION_SHARINGS),
                               ("train_vectors", TRAIN_VECTORS)):
             if getattr(self, name) not in allowed:
@@ -145,6 +161,7 @@ class VeraConfig:
         for name in ("target_modules", "modules_to_save"):
             if isinstance(out[name], tuple):
                 out[name] = list(out[name])
+        out["kernel_axes"] = [list(pair) for pair in self.kernel_axes]
         return out
 
     def to_json(self) -> str:
@@ -153,6 +170,9 @@ class VeraConfig:
     @classmethod
     def from_dict(cls, data: dict) -> VeraConfig:
         """Inverse of `to_dict`; unknown fields are an error, not silently dropped."""
+        data = dict(data)
+        if "kernel_layout" in data and "kernel_axes" not in data:  # files written before kernel_axes existed
+            data["kernel_axes"] = [(".*", "oi")] if data.pop("kernel_layout") == "out_in" else []
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
+from vera_jax.axes import DENSE, check_roles, features
 from vera_jax.config import VeraConfig
 from vera_jax.paths import SEP, compile_rules, first_match, flatten, module_paths, patterns_regex, split_leaf
 
-__all__ = ["AdaptedLayer", "find_layers", "find_full_leaves", "trained_vectors", "is_vector_path", "vector_module",
+__all__ = ["AdaptedLayer", "find_layers", "kernel_roles", "find_full_leaves", "trained_vectors", "is_vector_path", "vector_module",
            "LAMBDA_D", "LAMBDA_B", "VECTOR_NAMES"]
 
 LAMBDA_D = "vera_lambda_d"  # (r,): scales the r-sized side, between A and B
@@ -36,19 +37,30 @@ def trained_vectors(config: VeraConfig) -> tuple[str, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class AdaptedLayer:
-    """One adapted linear layer.
+    """One adapted linear layer, or a stack of them.
 
     Attributes:
       path: '/'-joined module path in the params tree; its kernel is at ``path + '/kernel'``.
-      kernel_shape: shape of the stored kernel, (in, out) or (out, in) by ``VeraConfig.kernel_layout``.
-      in_features: columns of A it uses, ``A[:, :in_features]``.
-      out_features: rows of B it uses, ``B[:out_features, :]``; also the size of lambda_b.
+      kernel_shape: shape of the stored kernel, any rank.
+      axes: the kernel's axis roles (`vera_jax.axes`), e.g. ``"io"`` for (in, out), ``"lio"`` for a stack.
+      in_features: columns of A it uses, ``A[:, :in_features]``: the product of the input axes.
+      out_features: rows of B it uses, ``B[:out_features, :]``: the product of the output axes; also the
+        size of lambda_b.
+      layers: L, the size of the layer axis of a stack (its vectors are lambda_d (L, r), lambda_b (L, out));
+        None for a single layer.
     """
 
     path: str
-    kernel_shape: tuple[int, int]
+    kernel_shape: tuple[int, ...]
+    axes: str
     in_features: int
     out_features: int
+    layers: int | None = None
+
+    def vector_shape(self, name: str, r: int) -> tuple[int, ...]:
+        """lambda_d: (r,) or (L, r); lambda_b: (out,) or (L, out)."""
+        size = r if name == LAMBDA_D else self.out_features
+        return (size,) if self.layers is None else (self.layers, size)
 
 
 def _shape(leaf) -> tuple[int, ...]:
@@ -61,40 +73,63 @@ def _listing(paths: list[str]) -> str:
     return f"\n  {shown}{more}"
 
 
+def kernel_roles(path: str, shape: tuple[int, ...], config: VeraConfig) -> str:
+    """The axis roles of the kernel at ``path``: by the first ``config.kernel_axes`` rule that matches, else
+    Dense's for a 2-D kernel; checked against the kernel's rank.
+
+    Raises:
+      ValueError: no rule describes a kernel of rank other than 2, or the roles do not fit its rank.
+    """
+    roles = first_match(compile_rules(config.kernel_axes), path)
+    if roles is None:
+        if len(shape) != 2:
+            raise ValueError(
+                f"Target {path!r} has a kernel of shape {shape} whose input and output axes no module or rule "
+                f"states; add a VeraConfig.kernel_axes rule for it, e.g. kernel_axes={{{path!r}: "
+                f"{'i' + 'o' * (len(shape) - 1)!r}}} (one letter per axis: i input, o output, l layer axis).")
+        roles = DENSE
+    check_roles(roles, f"for {path!r}")
+    if len(roles) != len(shape):
+        raise ValueError(
+            f"Kernel axis roles {roles!r} for {path!r} name {len(roles)} axes, but its kernel has shape {shape}; "
+            "give one letter per kernel axis (a stack's layer axis included, as 'l').")
+    return roles
+
+
 def find_layers(params: Mapping, config: VeraConfig) -> tuple[AdaptedLayer, ...]:
-    """The layers ``config.target_modules`` selects, in params order.
+    """The layers ``config.target_modules`` selects, in params order, with their kernels' axis roles
+    (`kernel_roles`; ``vera_jax.nnx`` writes the roles its modules state into ``config.kernel_axes``).
 
     Only shapes are read, so ``params`` may be a tree of ``jax.ShapeDtypeStruct``.
 
     Raises:
-      ValueError: nothing matches (the error lists the linear layers it saw), or a match is not a
-        module with a 2-D ``kernel``.
+      ValueError: nothing matches (the error lists the linear layers it saw), a match has no
+        ``kernel``, or its kernel's axes are unknown or do not fit its shape.
     """
     flat = flatten(params)
     regex = patterns_regex(config.target_modules)
     matched = [path for path in module_paths(flat) if regex.fullmatch(path)]
     if not matched:
-        candidates = [p[: -len("/kernel")] for p, leaf in flat.items() if p.endswith("/kernel") and len(_shape(leaf)) == 2]
+        candidates = [p[: -len("/kernel")] for p, leaf in flat.items() if p.endswith("/kernel") and len(_shape(leaf)) >= 2]
         hint = ""
         if set(params) == {"params"}:
             hint = "\nThe tree has a single top-level 'params' key: pass variables['params'], not the variables dict."
         raise ValueError(
             f"VeraConfig.target_modules={config.target_modules!r} matches no module of the params tree. "
-            f"Module paths with a 2-D kernel are:{_listing(candidates)}\n"
+            f"Module paths with a kernel are:{_listing(candidates)}\n"
             "Use names that end such paths (e.g. ('query', 'value')) or a regex matching whole paths." + hint
         )
     layers = []
     for path in matched:
         kernel = flat.get(path + SEP + "kernel")
-        if kernel is None or len(_shape(kernel)) != 2:
+        if kernel is None or len(_shape(kernel)) < 2:
             leaves = [f"{p} {_shape(leaf)}" for p, leaf in flat.items() if p.startswith(path + SEP)]
             raise ValueError(
-                f"Target {path!r} is not a linear layer with a 2-D 'kernel' (VeRA adapts Dense/Conv1D kernels only); "
-                f"its leaves are:{_listing(leaves)}\nNarrow VeraConfig.target_modules so it selects linear layers only."
-            )
-        rows, cols = _shape(kernel)
-        in_features, out_features = (rows, cols) if config.kernel_layout == "in_out" else (cols, rows)
-        layers.append(AdaptedLayer(path, (rows, cols), in_features, out_features))
+                f"Target {path!r} is not a linear layer with a 'kernel' of rank 2 or more; its leaves are:"
+                f"{_listing(leaves)}\nNarrow VeraConfig.target_modules so it selects linear layers only.")
+        shape = _shape(kernel)
+        roles = kernel_roles(path, shape, config)
+        layers.append(AdaptedLayer(path, shape, roles, *features(shape, roles)))
     return tuple(layers)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from vera_jax.adapter import Adapter, layer_vectors
 from vera_jax.intercept import LayerCall, intercept_layers
-from vera_jax.layers import LAMBDA_B, LAMBDA_D, vector_module
+from vera_jax.layers import LAMBDA_B, LAMBDA_D, AdaptedLayer, vector_module
 from vera_jax.ops import promote_add
 from vera_jax.paths import SEP, flatten, split_leaf
 from vera_jax.vectors import initial_vector
@@ -201,7 +201,8 @@ def _per_example(values: jax.Array, like: jax.Array) -> jax.Array:
     return values.reshape(values.shape[:1] + (1,) * (like.ndim - 2) + values.shape[1:])
 
 
-def _mixed_handler(stacked: Adapter, adapter_ids: jax.Array) -> Callable[[LayerCall], jax.Array]:
+def _mixed_handler(stacked: Adapter, adapter_ids: jax.Array, layers: dict[str, AdaptedLayer]
+                   ) -> Callable[[LayerCall], jax.Array]:
     """Each adapted layer adds every example's own VeRA output; each Dense trained in full uses its own leaves."""
     config = stacked.config
     flat = flatten(stacked.trainable)
@@ -223,7 +224,7 @@ def _mixed_handler(stacked: Adapter, adapter_ids: jax.Array) -> Callable[[LayerC
         def vector(name: str, like: jax.Array) -> jax.Array:
             """Each example's vector, broadcastable against ``like``; a frozen vector is one constant."""
             if call.path + SEP + name not in flat:
-                return initial_vector(config, name, y.shape[-1])
+                return initial_vector(config, name, layers[call.path])
             return _per_example(_gather(flat[call.path + SEP + name], adapter_ids).astype(config.dtype), like)
 
         a, b = stacked.projections.pair(call.path)
@@ -250,8 +251,12 @@ def adapt_mixed(fn: Callable, stacked: Adapter, adapter_ids: jax.Array) -> Calla
     modules = {split_leaf(path)[0] for path in flatten(stacked.trainable)}
 
     def adapted(params, *args, **kwargs):
-        layer_vectors(params, _first(stacked))  # shapes fit the params
-        with intercept_layers(modules, _mixed_handler(stacked, adapter_ids)):
+        layers = {item.layer.path: item.layer for item in layer_vectors(params, _first(stacked))}  # shapes fit
+        odd = [layer.path for layer in layers.values() if layer.axes not in ("io", "oi")]
+        if odd:
+            raise ValueError(f"Mixed-adapter batches run 2-D unstacked kernels only; {odd[:3]} have axes "
+                             f"{[layers[p].axes for p in odd[:3]]}. Serve such models with one adapter per batch.")
+        with intercept_layers(modules, _mixed_handler(stacked, adapter_ids, layers)):
             return fn(params, *args, **kwargs)
 
     return adapted

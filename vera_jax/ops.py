@@ -1,7 +1,8 @@
 """The VeRA math for one layer, in both forms: as a weight delta and as an added activation.
 
 Shapes: A (r, in_max), B (out_max, r), lambda_d (r,), lambda_b (out,), x (..., in).
-A layer uses the leading slices ``A[:, :in]`` and ``B[:out, :]``.
+A layer uses the leading slices ``A[:, :in]`` and ``B[:out, :]``. A stack of L layers has vectors
+(L, r) and (L, out), and its delta is (L, out, in).
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ __all__ = ["delta_weight", "adapter_output", "adapter_output_lean", "promote_add
 
 
 def delta_weight(a: jax.Array, b: jax.Array, lambda_d: jax.Array, lambda_b: jax.Array, in_features: int) -> jax.Array:
-    """``(lambda_b[:, None] * B[:out]) @ (lambda_d[:, None] * A[:, :in])``: the (out, in) weight delta."""
+    """``(lambda_b[:, None] * B[:out]) @ (lambda_d[:, None] * A[:, :in])``: the (out, in) weight delta.
+
+    With stacked vectors (L, r) and (L, out): all L deltas (L, out, in) in one batched contraction.
+    """
     out_features = lambda_b.shape[-1]
-    return (lambda_b[:, None] * b[:out_features, :]) @ (lambda_d[:, None] * a[:, :in_features])
+    return (lambda_b[..., :, None] * b[:out_features, :]) @ (lambda_d[..., :, None] * a[:, :in_features])
 
 
 def adapter_output(x: jax.Array, a: jax.Array, b: jax.Array, lambda_d: jax.Array, lambda_b: jax.Array) -> jax.Array:

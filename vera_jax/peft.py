@@ -193,7 +193,6 @@ def load_adapter(directory: str | os.PathLike, params: Mapping, *, dtype: str = 
         head[path + SEP + name] = converted
         head_modules.add(hf.resolve_module(wrapped, modules) or path)
 
-    layout = "out_in" if peft_config["fan_in_fan_out"] else "in_out"
     vector_layers = sorted({vector_module(p) for p in vectors})
     targets = peft_config["target_modules"]
     targets = tuple(hf.flax_path(t) for t in targets) if isinstance(targets, list) else "|".join(vector_layers)
@@ -201,7 +200,7 @@ def load_adapter(directory: str | os.PathLike, params: Mapping, *, dtype: str = 
         config = VeraConfig(r=r, target_modules=targets, d_initial=peft_config["d_initial"],
                             dropout=peft_config["vera_dropout"], projection_seed=peft_config["projection_prng_key"],
                             save_projection=peft_config["save_projection"], modules_to_save=tuple(sorted(head_modules)),
-                            dtype=dtype, kernel_layout=layout)
+                            dtype=dtype, kernel_axes=[(".*", "oi")] if peft_config["fan_in_fan_out"] else [])
         layers = find_layers(params, config)
     except ValueError as err:
         raise _fail(config_file, "target_modules", str(err), "Load the adapter onto the model it was trained for") \
@@ -265,6 +264,11 @@ def save_adapter(directory: str | os.PathLike, adapter: Adapter, params: Mapping
                          f"{config.projection_sharing!r} cannot be written as a PEFT adapter. Keep it as a vera_jax "
                          "checkpoint (vera_jax.checkpoint.save), or export the merged model.")
     items = layer_vectors(params, adapter)
+    axes = {item.layer.axes for item in items}
+    if not axes <= {"io", "oi"} or len(axes) != 1:
+        raise ValueError(f"PEFT's files describe layers as PyTorch nn.Linear (or GPT-2's Conv1D, fan_in_fan_out) "
+                         f"kernels, all of one kind; this adapter's kernels have axes {sorted(axes)}. Keep it as a "
+                         "vera_jax checkpoint (vera_jax.checkpoint.save), or export the merged model.")
     head = full_leaves(adapter.trainable)
     tensors = {A_KEY: adapter.projections.A, B_KEY: adapter.projections.B}
     for item in items:
@@ -279,7 +283,7 @@ def save_adapter(directory: str | os.PathLike, adapter: Adapter, params: Mapping
         "peft_type": "VERA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
         "r": config.r, "target_modules": _names(config.target_modules, [i.layer.path for i in items]),
         "projection_prng_key": config.projection_seed, "save_projection": True, "vera_dropout": config.dropout,
-        "d_initial": config.d_initial, "fan_in_fan_out": config.kernel_layout == "out_in", "bias": "none",
+        "d_initial": config.d_initial, "fan_in_fan_out": axes == {"oi"}, "bias": "none",
         "modules_to_save": (_names(config.modules_to_save, head_modules) if head else None), "init_weights": True,
         "layers_to_transform": None, "layers_pattern": None, "inference_mode": True,
     }

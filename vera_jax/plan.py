@@ -46,6 +46,8 @@ def layer_cost(layer: AdaptedLayer, r: int, tokens: int, training: bool) -> Laye
     per_token = r * (layer.in_features + layer.out_features)
     merged = 2 * r * weight + ((2 * tokens * weight + 4 * r * weight) if training else 0)
     activation = 2 * tokens * per_token * (3 if training else 1)
+    stack = layer.layers or 1  # a stack of L layers: L times the work, each layer seeing the step's tokens
+    merged, activation = stack * merged, stack * activation
     return LayerCost(layer.path, merged, activation)
 
 

@@ -150,6 +150,10 @@ def init_projections(params: Mapping, key: jax.Array, config: VeraConfig) -> Pro
         b = draw(_blocks(r * in_max), (out_max, r), r)
         return Projections(A=a.astype(config.dtype), B=b.astype(config.dtype))
     layers = find_layers(params, config)
+    stacked = [layer.path for layer in layers if layer.layers is not None]
+    if stacked:
+        raise ValueError(f"projection_sharing='per_layer' draws one pair per adapted module, but {stacked[:3]} are "
+                         "stacks of layers; use the default projection_sharing='shared' (one A/B for every layer).")
     per_layer = _blocks(r * in_max) + _blocks(out_max * r)
     a = jnp.stack([draw(i * per_layer, (r, in_max), layer.in_features) for i, layer in enumerate(layers)])
     b = jnp.stack([draw(i * per_layer + _blocks(r * in_max), (out_max, r), r) for i in range(len(layers))])

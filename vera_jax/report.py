@@ -35,7 +35,7 @@ def count_parameters(params: Mapping, adapter: Adapter) -> tuple[int, int]:
 
 
 def _vector_sizes(layer: AdaptedLayer, config: VeraConfig) -> dict[str, int]:
-    return {LAMBDA_D: config.r, LAMBDA_B: layer.out_features}
+    return {name: math.prod(layer.vector_shape(name, config.r)) for name in VECTOR_NAMES}
 
 
 def parameter_report(params: Mapping, adapter: Adapter) -> str:

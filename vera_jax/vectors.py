@@ -1,7 +1,8 @@
 """The trainable tree: lambda_d / lambda_b per adapted layer, plus leaves trained in full.
 
 The trainable tree mirrors the params tree and is a sub-tree of the combined view: each adapted
-layer's module gets ``vera_lambda_d`` (r,) and ``vera_lambda_b`` (out,) next to its ``kernel``; leaves
+layer's module gets ``vera_lambda_d`` (r,) and ``vera_lambda_b`` (out,) next to its ``kernel`` (a
+stack of L layers: (L, r) and (L, out)); leaves
 selected by ``VeraConfig.modules_to_save`` (e.g. ``classifier/kernel``) keep their params paths.
 """
 
@@ -13,17 +14,17 @@ import jax
 import jax.numpy as jnp
 
 from vera_jax.config import VeraConfig
-from vera_jax.layers import LAMBDA_D, find_full_leaves, find_layers, is_vector_path, trained_vectors
+from vera_jax.layers import LAMBDA_D, AdaptedLayer, find_full_leaves, find_layers, is_vector_path, trained_vectors
 from vera_jax.paths import SEP, flatten, unflatten
 
 __all__ = ["initial_vector", "init_trainable", "full_leaves"]
 
 
-def initial_vector(config: VeraConfig, name: str, out_features: int) -> jax.Array:
-    """lambda_d: d_initial (r,), or lambda_b: b_initial (out,), in ``config.dtype``; also a frozen vector's value."""
-    if name == LAMBDA_D:
-        return jnp.full((config.r,), config.d_initial, dtype=config.dtype)
-    return jnp.full((out_features,), config.b_initial, dtype=config.dtype)
+def initial_vector(config: VeraConfig, name: str, layer: AdaptedLayer) -> jax.Array:
+    """lambda_d: d_initial (r,), or lambda_b: b_initial (out,), with a leading (L,) for a stack, in
+    ``config.dtype``; also a frozen vector's value."""
+    value = config.d_initial if name == LAMBDA_D else config.b_initial
+    return jnp.full(layer.vector_shape(name, config.r), value, dtype=config.dtype)
 
 
 def init_trainable(params: Mapping, config: VeraConfig) -> dict:
@@ -34,7 +35,7 @@ def init_trainable(params: Mapping, config: VeraConfig) -> dict:
     ``config.train_vectors`` trains are in the tree; a frozen one stays the constant `initial_vector`.
     """
     flat_params = flatten(params)
-    flat = {layer.path + SEP + name: initial_vector(config, name, layer.out_features)
+    flat = {layer.path + SEP + name: initial_vector(config, name, layer)
             for layer in find_layers(params, config) for name in trained_vectors(config)}
     flat.update({path: jnp.array(flat_params[path]) for path in find_full_leaves(params, config)})
     return unflatten(flat)

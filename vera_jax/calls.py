@@ -1,0 +1,100 @@
+"""How a layer's call lays out its input and output around the kernel, and VeRA's output in that layout.
+
+A `CallSpec` names the axes of one call in einsum letters: the input x, the kernel of one layer (no
+layer axis: inside a scan each iteration sees its own slice) and the output y. A Dense-like call
+(``nn.Dense``, ``nnx.Linear``, GPT-2's ``FlaxConv1D``, ``DenseGeneral``) contracts x's trailing axes
+with the kernel's input axes and puts the kernel's output axes last in y; an einsum says it all itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import string
+
+import jax
+import jax.numpy as jnp
+
+from vera_jax.axes import einsum_roles, parse_einsum
+from vera_jax.ops import adapter_output, adapter_output_lean
+
+__all__ = ["CallSpec", "dense_call", "einsum_call", "adapter_call_output"]
+
+_LETTERS = string.ascii_letters
+
+
+@dataclasses.dataclass(frozen=True)
+class CallSpec:
+    """Einsum letters of one call: ``x``, ``kernel`` and ``y`` (``x`` and ``y`` may start with '...')."""
+
+    x: str
+    kernel: str
+    y: str
+
+    @property
+    def roles(self) -> str:
+        """The kernel's axis roles this call implies (no layer axis)."""
+        return "".join("i" if letter in self.x else "o" for letter in self.kernel)
+
+
+def dense_call(roles: str) -> CallSpec:
+    """A Dense-like call of a kernel with these roles (layer axis dropped): x (..., *in), y (..., *out),
+    both in kernel order."""
+    roles = roles.replace("l", "")
+    kernel = _LETTERS[: len(roles)]
+    inputs = "".join(letter for letter, role in zip(kernel, roles) if role == "i")
+    outputs = "".join(letter for letter, role in zip(kernel, roles) if role == "o")
+    return CallSpec("..." + inputs, kernel, "..." + outputs)
+
+
+def einsum_call(equation: str, kernel_operand: int, where: str) -> CallSpec:
+    """The call of ``jnp.einsum(equation, x, kernel)`` (``kernel_operand=1``) or of ``(kernel, x)`` (0).
+
+    Raises:
+      ValueError: the kernel's input/output split is ambiguous (see `vera_jax.axes.einsum_roles`).
+    """
+    einsum_roles(equation, kernel_operand, where)
+    operands = parse_einsum(equation)
+    return CallSpec(operands[1 - kernel_operand], operands[kernel_operand], operands[2])
+
+
+def _expand(spec: str, ndim: int, fill: str) -> str:
+    """``spec`` with '...' replaced by the first letters of ``fill`` for an array of rank ``ndim``."""
+    if "..." not in spec:
+        return spec
+    return spec.replace("...", fill[: ndim - (len(spec) - 3)])
+
+
+def adapter_call_output(x: jax.Array, spec: CallSpec, kernel_shape: tuple[int, ...], a: jax.Array, b: jax.Array,
+                        lambda_d: jax.Array, lambda_b: jax.Array, *, lean: bool = False) -> jax.Array:
+    """VeRA's output for one call, laid out as the call's y.
+
+    x's input axes (in kernel order) are moved last and flattened to ``in``; the (..., out) result is
+    unflattened into the kernel's output axes and moved to where y has them.
+
+    Args:
+      kernel_shape: one layer's kernel shape, in ``spec.kernel`` letters.
+      lambda_d: (r,); lambda_b: (out,).
+      lean: use `vera_jax.ops.adapter_output_lean`.
+
+    Raises:
+      ValueError: x's axes do not fit the spec or the kernel.
+    """
+    free = "".join(letter for letter in _LETTERS if letter not in spec.x + spec.kernel + spec.y)
+    x_letters = _expand(spec.x, x.ndim, free)
+    sizes = dict(zip(spec.kernel, kernel_shape))
+    inputs = [letter for letter in spec.kernel if letter in spec.x]
+    outputs = [letter for letter in spec.kernel if letter not in spec.x]
+    if len(x_letters) != x.ndim or any(sizes[letter] != x.shape[x_letters.index(letter)] for letter in inputs):
+        raise ValueError(f"An input of shape {x.shape} does not fit the call {spec.x},{spec.kernel}->{spec.y} of a "
+                         f"kernel {tuple(kernel_shape)}; apply the model to the params the adapter was built for.")
+    batch = [letter for letter in x_letters if letter not in inputs]
+    order = [x_letters.index(letter) for letter in batch + inputs]
+    batch_shape = tuple(x.shape[x_letters.index(letter)] for letter in batch)
+    flat_x = jnp.transpose(x, order).reshape(batch_shape + (math.prod(sizes[c] for c in inputs),))
+    output = adapter_output_lean if lean else adapter_output
+    delta = output(flat_x, a, b, lambda_d, lambda_b)  # (*batch, out)
+    delta = delta.reshape(batch_shape + tuple(sizes[letter] for letter in outputs))
+    y_letters = _expand(spec.y, len(batch) + len(outputs), free)
+    current = batch + outputs
+    return jnp.transpose(delta, [current.index(letter) for letter in y_letters])
