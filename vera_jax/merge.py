@@ -25,7 +25,7 @@ def merge_layers(params: Mapping, items: Iterable[LayerVectors], adapter: Adapte
         kernel_path = item.layer.path + SEP + "kernel"
         delta = delta_to_kernel(delta, item.layer.axes, item.layer.kernel_shape)
         flat[kernel_path] = promote_add(flat[kernel_path], sign * delta)
-    return unflatten(flat)
+    return unflatten(flat, like=params)
 
 
 def merge(params: Mapping, adapter: Adapter) -> dict:
@@ -39,7 +39,7 @@ def merge(params: Mapping, adapter: Adapter) -> dict:
     """
     merged = flatten(merge_layers(params, layer_vectors(params, adapter), adapter))
     merged.update(full_leaves(adapter.trainable))
-    return unflatten(merged)
+    return unflatten(merged, like=params)
 
 
 def unmerge(params: Mapping, adapter: Adapter) -> dict:

@@ -30,13 +30,18 @@ T = TypeVar("T")
 
 
 def flatten(tree: Mapping) -> dict[str, Any]:
-    """Nested dict (or FrozenDict) -> ``{'a/b/kernel': leaf}`` in traversal order."""
-    return traverse_util.flatten_dict(tree, sep=SEP)
+    """Nested dict (or FrozenDict) -> ``{'a/b/kernel': leaf}`` in traversal order; integer keys (an NNX
+    list's ``layers/0``) are written as digits."""
+    return {SEP.join(map(str, key)): leaf for key, leaf in traverse_util.flatten_dict(tree).items()}
 
 
-def unflatten(flat: Mapping[str, Any]) -> dict:
-    """Inverse of `flatten`: plain nested dicts."""
-    return traverse_util.unflatten_dict(dict(flat), sep=SEP)
+def unflatten(flat: Mapping[str, Any], like: Mapping | None = None) -> dict:
+    """Inverse of `flatten`: plain nested dicts. With ``like``, a path that ``like`` holds gets ``like``'s own
+    keys back (the integers of an NNX list), so the result fits the tree it came from."""
+    if like is None:
+        return traverse_util.unflatten_dict(dict(flat), sep=SEP)
+    keys = {SEP.join(map(str, key)): key for key in traverse_util.flatten_dict(like)}
+    return traverse_util.unflatten_dict({keys.get(path, tuple(path.split(SEP))): leaf for path, leaf in flat.items()})
 
 
 def split_leaf(path: str) -> tuple[str, str]:

@@ -1,0 +1,69 @@
+"""Tiny models for the NNX and stacked-layer tests: Einsum attention with kernels of rank 3 and 4, and a
+linen ``nn.scan`` stack with the layer axis at 1 (MaxText's layout)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+D, N, H, K = 16, 4, 4, 2  # model width, query heads, head size, key/value heads
+
+
+class EinsumAttention(nnx.Module):
+    """Gemma-style attention: q (D, N, H), fused kv (2, K, D, H), out (N, H, D), all ``nnx.Einsum``."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.q_einsum = nnx.Einsum("BTD,DNH->BTNH", (D, N, H), rngs=rngs)
+        self.kv_einsum = nnx.Einsum("BSD,CKDH->CBSKH", (2, K, D, H), rngs=rngs)
+        self.attn_vec_einsum = nnx.Einsum("BTNH,NHD->BTD", (N, H, D), (D,), rngs=rngs)
+        self.head = nnx.Linear(D, 5, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        q = self.q_einsum(x)
+        k, v = self.kv_einsum(x)
+        k, v = jnp.repeat(k, N // K, axis=2), jnp.repeat(v, N // K, axis=2)
+        weights = jax.nn.softmax(jnp.einsum("BTNH,BSNH->BNTS", q, k) / jnp.sqrt(H), axis=-1)
+        out = x + self.attn_vec_einsum(jnp.einsum("BNTS,BSNH->BTNH", weights, v))
+        return self.head(out)
+
+
+class LinenBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        h = nn.Dense(2 * D, name="up")(x)
+        return x + nn.Dense(D, name="down")(jax.nn.gelu(h)), None
+
+
+class LinenScanStack(nn.Module):
+    """L blocks under ``nn.scan`` with every parameter's layer axis at 1: kernels (in, L, out)."""
+
+    layers: int = 3
+
+    @nn.compact
+    def __call__(self, x):
+        stack = nn.scan(LinenBlock, variable_axes={"params": 1}, split_rngs={"params": True}, length=self.layers,
+                        metadata_params={nn.PARTITION_NAME: None})
+        x, _ = stack(name="blocks")(x, None)
+        return nn.Dense(3, name="head")(x)
+
+
+class LinenUnrolled(nn.Module):
+    """The same blocks one by one: ``blocks_0``, ``blocks_1``, ... with (in, out) kernels."""
+
+    layers: int = 3
+
+    @nn.compact
+    def __call__(self, x):
+        for i in range(self.layers):
+            x, _ = LinenBlock(name=f"blocks_{i}")(x, None)
+        return nn.Dense(3, name="head")(x)
+
+
+def unrolled_params(stacked: dict, layers: int) -> dict:
+    """The scanned stack's params laid out for `LinenUnrolled`: layer i is the slice [:, i] of each leaf."""
+    params = {name: value for name, value in stacked.items() if name != "blocks"}
+    for i in range(layers):
+        params[f"blocks_{i}"] = jax.tree.map(lambda leaf: jnp.take(leaf, i, axis=1), stacked["blocks"])
+    return params

@@ -1,0 +1,301 @@
+"""VeRA on Flax NNX models and stacked layers: Linear Llama (list and nnx.scan), Einsum attention of
+rank-3/4 kernels, a linen nn.scan stack with the layer axis at 1; PEFT parity on the NNX Llama."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import max_rel_error
+from flax import nnx
+
+import nnx_models
+import tiny_llama
+import vera_jax
+import vera_jax.checkpoint
+import vera_jax.peft
+import vera_jax.nnx as vera_nnx
+from train import nnx_llama
+
+LLAMA_TARGETS = ("q_proj", "v_proj", "down_proj")
+EINSUM_TARGETS = ("q_einsum", "kv_einsum", "attn_vec_einsum")
+
+
+@pytest.fixture(scope="module")
+def torch_llama():
+    model = tiny_llama.torch_llama()
+    return model, {name: value.detach().numpy() for name, value in model.state_dict().items()}
+
+
+def llama(torch_llama, *, scan: bool) -> nnx_llama.LlamaForCausalLM:
+    model, state = torch_llama
+    return nnx_llama.from_torch(state, nnx_llama.LlamaConfig.from_hf(model.config), scan_layers=scan)
+
+
+def einsum_model() -> nnx_models.EinsumAttention:
+    return nnx_models.EinsumAttention(nnx.Rngs(0))
+
+
+IDS = jnp.array([[5, 9, 33, 2, 17, 8, 40], [4, 4, 10, 11, 12, 1, 3]])
+X = jax.random.normal(jax.random.key(7), (2, 6, nnx_models.D))
+
+
+def randomise_vectors(model: nnx.Module, seed: int = 1) -> None:
+    """Non-trivial vectors, so that every comparison below sees VeRA's contribution."""
+    state = nnx.state(model, vera_nnx.VeraVector)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    nnx.update(model, jax.tree.unflatten(treedef, [0.5 * jax.random.normal(k, leaf.shape)
+                                                   for k, leaf in zip(keys, leaves)]))
+
+
+def loss_and_grads(model: nnx.Module, inputs: jax.Array):
+    def loss(model):
+        return jnp.mean(jnp.square(model(inputs)))
+
+    value, grads = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+    return value, nnx.to_pure_dict(grads)
+
+
+CASES = {
+    "llama": (lambda tl: llama(tl, scan=False), LLAMA_TARGETS, IDS),
+    "llama-scanned": (lambda tl: llama(tl, scan=True), LLAMA_TARGETS, IDS),
+    "einsum": (lambda tl: einsum_model(), EINSUM_TARGETS, X),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_adapted_model_equals_base_at_init_and_merged_equals_activation(torch_llama, case):
+    build, targets, inputs = CASES[case]
+    base = build(torch_llama)(inputs)
+    config = vera_jax.VeraConfig(r=8, target_modules=targets, projection_seed=3)
+    merged = vera_nnx.attach(build(torch_llama), config, path="merged")
+    np.testing.assert_array_equal(merged(inputs), base)
+    randomise_vectors(merged)
+    activation = vera_nnx.attach(build(torch_llama), config, path="activation")
+    randomise_vectors(activation)
+    loss_m, grads_m = loss_and_grads(merged, inputs)
+    loss_a, grads_a = loss_and_grads(activation, inputs)
+    assert max_rel_error(merged(inputs), base) > 1e-3  # VeRA changes the output
+    assert max_rel_error(activation(inputs), merged(inputs)) < 1e-5
+    assert abs(float(loss_a) - float(loss_m)) <= 1e-5 * abs(float(loss_m))
+    for got, want in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_m), strict=True):
+        assert max_rel_error(got, want) < 1e-4
+
+
+def test_stacked_vectors_carry_the_layer_axis_and_einsum_kernels_their_roles(torch_llama):
+    config = vera_jax.VeraConfig(r=8, target_modules=LLAMA_TARGETS)
+    scanned = vera_nnx.attach(llama(torch_llama, scan=True), config)
+    layers = tiny_llama.LAYERS
+    attn = scanned.model.layers.self_attn
+    assert attn.q_proj.vera_lambda_d.shape == (layers, 8)
+    assert attn.q_proj.vera_lambda_b.shape == (layers, attn.q_proj.out_features)
+    assert scanned.vera_projections.A.shape == (8, tiny_llama.FFN)  # one pair: in_max over q, v and down
+    _, params, adapter = vera_nnx.split(scanned)
+    table = {layer.path: layer.axes for layer in vera_jax.find_layers(params, adapter.config)}
+    assert table["model/layers/self_attn/q_proj"] == "lio"
+    einsum = vera_nnx.attach(einsum_model(), vera_jax.VeraConfig(r=8, target_modules=EINSUM_TARGETS))
+    _, params, adapter = vera_nnx.split(einsum)
+    axes = {layer.path: (layer.axes, layer.in_features, layer.out_features)
+            for layer in vera_jax.find_layers(params, adapter.config)}
+    D, N, H, K = nnx_models.D, nnx_models.N, nnx_models.H, nnx_models.K
+    assert axes == {"q_einsum": ("ioo", D, N * H), "kv_einsum": ("ooio", D, 2 * K * H),
+                    "attn_vec_einsum": ("iio", N * H, D)}
+
+
+def test_scanned_stack_equals_the_same_layers_unstacked(torch_llama):
+    config = vera_jax.VeraConfig(r=8, target_modules=LLAMA_TARGETS, projection_seed=5)
+    listed = vera_nnx.attach(llama(torch_llama, scan=False), config, path="activation")
+    scanned = vera_nnx.attach(llama(torch_llama, scan=True), config, path="activation")
+    randomise_vectors(scanned)
+    _, _, stacked = vera_nnx.split(scanned)
+    np.testing.assert_array_equal(scanned.vera_projections.A[...], listed.vera_projections.A[...])
+    for layer in range(tiny_llama.LAYERS):  # layer i of the stack's vectors -> the listed model's layer i
+        for module in ("self_attn/q_proj", "self_attn/v_proj", "mlp/down_proj"):
+            owner = listed.model.layers[layer]
+            for part in module.split("/"):
+                owner = getattr(owner, part)
+            stack_owner = scanned.model.layers
+            for part in module.split("/"):
+                stack_owner = getattr(stack_owner, part)
+            for name in ("vera_lambda_d", "vera_lambda_b"):
+                getattr(owner, name)[...] = getattr(stack_owner, name)[...][layer]
+    assert max_rel_error(listed(IDS), scanned(IDS)) < 1e-5
+    _, grads_listed = loss_and_grads(listed, IDS)
+    _, grads_scanned = loss_and_grads(scanned, IDS)
+    got = grads_scanned["model"]["layers"]["self_attn"]["q_proj"]["vera_lambda_b"][1]
+    want = grads_listed["model"]["layers"][1]["self_attn"]["q_proj"]["vera_lambda_b"]
+    assert max_rel_error(got, want) < 1e-4
+
+
+@pytest.mark.parametrize("case", ["llama-scanned", "einsum"])
+def test_optimizer_trains_only_the_vectors_and_every_param_stays_bit_identical(torch_llama, case):
+    build, targets, inputs = CASES[case]
+    model = vera_nnx.attach(build(torch_llama), vera_jax.VeraConfig(r=8, target_modules=targets, d_initial=0.5))
+    randomise_vectors(model)
+    frozen_before = jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.LoRAParam))))
+    vectors_before = jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam)))
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.LoRAParam)
+
+    @nnx.jit
+    def step(model, optimizer, inputs):
+        loss, grads = loss_and_grads_state(model, inputs)
+        optimizer.update(model, grads)
+        return loss
+
+    losses = [float(step(model, optimizer, inputs)) for _ in range(3)]
+    assert losses[2] < losses[0]
+    vectors = len(targets) * 2
+    assert len(jax.tree.leaves(nnx.state(model, nnx.LoRAParam))) == vectors
+    moments = [leaf for leaf in jax.tree.leaves(nnx.state(optimizer, nnx.OptState)) if np.ndim(leaf) > 0]
+    assert len(moments) == 2 * vectors  # Adam's two moments, for the vectors only
+    assert "vera_projections" not in nnx.to_pure_dict(nnx.state(model, nnx.Param))  # A, B: never Params
+    jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.LoRAParam))),
+                 frozen_before)
+    changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != b)),
+                           nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam)), vectors_before)
+    assert all(jax.tree.leaves(changed))
+
+
+def loss_and_grads_state(model, inputs):
+    def loss(model):
+        return jnp.mean(jnp.square(model(inputs)))
+
+    return nnx.value_and_grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_pure_view_gives_the_module_views_logits_and_gradients(torch_llama, case):
+    build, targets, inputs = CASES[case]
+    model = vera_nnx.attach(build(torch_llama), vera_jax.VeraConfig(r=8, target_modules=targets), path="activation")
+    randomise_vectors(model)
+    graphdef, params, adapter = vera_nnx.split(model)
+
+    def pure_loss(trainable):
+        merged = vera_jax.merge(params, adapter.replace(trainable=trainable))
+        return jnp.mean(jnp.square(nnx.merge(graphdef, merged)(inputs)))
+
+    pure_value, pure_grads = jax.value_and_grad(pure_loss)(adapter.trainable)
+    value, grads = loss_and_grads(model, inputs)
+    assert abs(float(pure_value) - float(value)) <= 1e-5 * abs(float(value))
+    for got, want in zip(jax.tree.leaves(pure_grads), jax.tree.leaves(grads), strict=True):
+        assert max_rel_error(got, want) < 1e-4
+    unmerged = vera_jax.unmerge(vera_jax.merge(params, adapter), adapter)
+    flat = lambda tree: np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(tree)])  # noqa: E731
+    assert max_rel_error(flat(unmerged), flat(params)) < 1e-5
+
+
+def test_checkpoint_of_an_nnx_adapter_restores_into_a_fresh_model(tmp_path, torch_llama):
+    config = vera_jax.VeraConfig(r=8, target_modules=LLAMA_TARGETS)
+    trained = vera_nnx.attach(llama(torch_llama, scan=True), config)
+    randomise_vectors(trained)
+    vera_jax.checkpoint.save(tmp_path / "adapter", vera_nnx.split(trained)[2])
+    fresh = vera_nnx.attach(llama(torch_llama, scan=True), config)
+    assert max_rel_error(fresh(IDS), trained(IDS)) > 1e-3
+    vera_nnx.update(fresh, vera_jax.checkpoint.restore(tmp_path / "adapter", vera_nnx.split(fresh)[1]))
+    np.testing.assert_array_equal(fresh(IDS), trained(IDS))
+
+
+def test_nnx_llama_matches_peft_vera_in_pytorch(tmp_path, torch_llama):
+    import peft
+    import torch
+
+    torch_model, _ = torch_llama
+    peft_model = peft.get_peft_model(torch_model, peft.VeraConfig(r=8, target_modules=list(LLAMA_TARGETS),
+                                                                  projection_prng_key=11, save_projection=True))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "vera_lambda" in name:
+                param.copy_(torch.randn(param.shape) * 0.5)
+        reference = peft_model(torch.tensor(np.asarray(IDS))).logits.numpy()
+    peft_model.save_pretrained(tmp_path)
+    peft_model.unload()
+    model = vera_nnx.attach(llama(torch_llama, scan=False), vera_jax.VeraConfig(r=8, target_modules=LLAMA_TARGETS))
+    vera_nnx.update(model, vera_jax.peft.load_adapter(tmp_path, vera_nnx.split(model)[1]))
+    assert max_rel_error(model(IDS), reference) < 1e-5
+
+
+def test_linen_scan_stack_with_the_layer_axis_at_1():
+    stack, unrolled = nnx_models.LinenScanStack(), nnx_models.LinenUnrolled()
+    params = stack.init(jax.random.key(0), X)["params"]
+    assert params["blocks"]["up"]["kernel"].shape == (nnx_models.D, 3, 2 * nnx_models.D)
+    config = vera_jax.VeraConfig(r=8, target_modules=("up", "down"), kernel_axes={".*": "ilo"})
+    adapter = vera_jax.init_adapter(params, config)
+    assert adapter.trainable["blocks"]["up"]["vera_lambda_b"].shape == (3, 2 * nnx_models.D)
+    adapter = adapter.replace(trainable=jax.tree.map(
+        lambda leaf: jax.random.normal(jax.random.key(2), leaf.shape), adapter.trainable))
+    apply = lambda p, x: stack.apply({"params": p}, x)  # noqa: E731
+    merged = vera_jax.adapt(apply, adapter)(params, X)
+    activation = vera_jax.adapt(apply, adapter, path="activation")(params, X)
+    assert max_rel_error(activation, merged) < 1e-5
+    flat_config = vera_jax.VeraConfig(r=8, target_modules=("up", "down"))
+    flat_params = nnx_models.unrolled_params(params, 3)
+    flat_adapter = vera_jax.init_adapter(flat_params, flat_config).replace(trainable={
+        f"blocks_{i}": jax.tree.map(lambda leaf: leaf[i], adapter.trainable["blocks"]) for i in range(3)})
+    unrolled_out = vera_jax.adapt(lambda p, x: unrolled.apply({"params": p}, x), flat_adapter)(flat_params, X)
+    assert max_rel_error(merged, unrolled_out) < 1e-5
+
+    def loss(trainable, path):
+        return jnp.mean(jnp.square(vera_jax.adapt(apply, adapter.replace(trainable=trainable), path=path)(params, X)))
+
+    for got, want in zip(jax.tree.leaves(jax.grad(loss)(adapter.trainable, "activation")),
+                         jax.tree.leaves(jax.grad(loss)(adapter.trainable, "merged")), strict=True):
+        assert max_rel_error(got, want) < 1e-4
+
+
+class Unknown(nnx.Module):
+    def __init__(self):
+        self.kernel = nnx.Param(jnp.ones((4, 2, 3)))
+
+    def __call__(self, x):
+        return jnp.einsum("bi,ijk->bjk", x, self.kernel[...])
+
+
+class WithUnknown(nnx.Module):
+    def __init__(self):
+        self.proj = Unknown()
+
+    def __call__(self, x):
+        return self.proj(x)
+
+
+class Ambiguous(nnx.Module):
+    def __init__(self):
+        self.proj = nnx.Einsum("BND,NDH->BNH", (2, 4, 3), rngs=nnx.Rngs(0))
+
+    def __call__(self, x):
+        return self.proj(x)
+
+
+@pytest.mark.parametrize("build, config, message", [
+    (einsum_model, dict(target_modules=("query",)), r"matches no module of this EinsumAttention. Modules with a kernel"),
+    (WithUnknown, dict(target_modules=("proj",)),
+     r"'proj' is a Unknown, a module whose kernel axes vera_jax does not know; add a VeraConfig.kernel_axes rule"),
+    (Ambiguous, dict(target_modules=("proj",)), r"kernel axis 'N' in both the input and the output.*ambiguous"),
+    (einsum_model, dict(target_modules=("q_einsum",), kernel_axes={"q_einsum": "lioo"}),
+     r"gives 'q_einsum' the roles 'lioo'.*states 'ioo'|do not fit its kernel"),
+])
+def test_bad_input_names_the_path_and_the_fix(build, config, message):
+    with pytest.raises(ValueError, match=message):
+        vera_nnx.attach(build(), vera_jax.VeraConfig(r=4, **config))
+
+
+def test_unknown_module_works_with_a_rule_and_a_layer_axis_that_does_not_fit_is_refused():
+    model = vera_nnx.attach(WithUnknown(), vera_jax.VeraConfig(r=4, target_modules=("proj",),
+                                                               kernel_axes={"proj": "ioo"}))
+    randomise_vectors(model)
+    _, params, adapter = vera_nnx.split(model)
+    assert adapter.trainable["proj"]["vera_lambda_b"].shape == (6,)
+    x = jnp.ones((2, 4))
+    assert max_rel_error(model(x), nnx.merge(*vera_nnx.split(model)[:1], vera_jax.merge(params, adapter))(x)) < 1e-6
+    with pytest.raises(ValueError, match=r"Kernel axis roles 'lioo' for 'proj' name 4 axes, but its kernel has shape \(4, 2, 3\)"):
+        vera_nnx.attach(WithUnknown(), vera_jax.VeraConfig(r=4, target_modules=("proj",), kernel_axes={"proj": "lioo"}))
+
+
+def test_attaching_twice_is_refused(torch_llama):
+    config = vera_jax.VeraConfig(r=4, target_modules=LLAMA_TARGETS)
+    model = vera_nnx.attach(llama(torch_llama, scan=True), config)
+    with pytest.raises(ValueError, match="VeRA is already attached to this model"):
+        vera_nnx.attach(model, config)
