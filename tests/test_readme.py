@@ -16,6 +16,10 @@ def test_readme_examples_run(tmp_path, monkeypatch):
     for block in blocks:
         exec(compile(block, str(README), "exec"), namespace)  # noqa: S102 (our own documentation)
     assert np.isfinite(float(namespace["loss"]))
+    assert namespace["nnx_losses"][-1] < namespace["nnx_losses"][0] and namespace["base_unchanged"]
+    np.testing.assert_allclose(namespace["pure_logits"], namespace["llama"](namespace["token_ids"]), rtol=1e-5,
+                               atol=1e-6)
+    assert (tmp_path / "nnx-adapter" / "vera_adapter.json").exists()
     assert (tmp_path / "my-adapter" / "vera_adapter.json").exists()
     assert (tmp_path / "peft-adapter" / "adapter_config.json").exists()
     assert (tmp_path / "merged-model" / "model.safetensors").exists()
