@@ -51,11 +51,16 @@ def randomise_vectors(model: nnx.Module, seed: int = 1) -> None:
                                                    for k, leaf in zip(keys, leaves)]))
 
 
-def loss_and_grads(model: nnx.Module, inputs: jax.Array):
+def loss_and_grad_state(model: nnx.Module, inputs: jax.Array):
+    """mean(model(inputs)^2) and its gradient with respect to the model's LoRAParams (an nnx.State)."""
     def loss(model):
         return jnp.mean(jnp.square(model(inputs)))
 
-    value, grads = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+    return nnx.value_and_grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+
+
+def loss_and_grads(model: nnx.Module, inputs: jax.Array):
+    value, grads = loss_and_grad_state(model, inputs)
     return value, nnx.to_pure_dict(grads)
 
 
@@ -141,7 +146,7 @@ def test_optimizer_trains_only_the_vectors_and_every_param_stays_bit_identical(t
 
     @nnx.jit
     def step(model, optimizer, inputs):
-        loss, grads = loss_and_grads_state(model, inputs)
+        loss, grads = loss_and_grad_state(model, inputs)
         optimizer.update(model, grads)
         return loss
 
@@ -157,13 +162,6 @@ def test_optimizer_trains_only_the_vectors_and_every_param_stays_bit_identical(t
     changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != b)),
                            nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam)), vectors_before)
     assert all(jax.tree.leaves(changed))
-
-
-def loss_and_grads_state(model, inputs):
-    def loss(model):
-        return jnp.mean(jnp.square(model(inputs)))
-
-    return nnx.value_and_grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
 
 
 @pytest.mark.parametrize("case", CASES)
