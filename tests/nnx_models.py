@@ -67,3 +67,23 @@ def unrolled_params(stacked: dict, layers: int) -> dict:
     for i in range(layers):
         params[f"blocks_{i}"] = jax.tree.map(lambda leaf: jnp.take(leaf, i, axis=1), stacked["blocks"])
     return params
+
+
+class RematScanStack(nnx.Module):
+    """Three Linear blocks built with ``nnx.vmap``, run with ``nnx.scan`` over an ``nnx.remat`` body."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        @nnx.split_rngs(splits=3)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def blocks(rngs):
+            return nnx.Linear(D, D, rngs=rngs)
+
+        self.blocks = blocks(rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        @nnx.remat
+        def run(x, block):
+            return x + jnp.tanh(block(x))
+
+        return run(x, self.blocks)

@@ -297,3 +297,19 @@ def test_attaching_twice_is_refused(torch_llama):
     model = vera_nnx.attach(llama(torch_llama, scan=True), config)
     with pytest.raises(ValueError, match="VeRA is already attached to this model"):
         vera_nnx.attach(model, config)
+
+
+def test_remat_body_in_a_scan_runs_unchanged_on_both_paths():
+    config = vera_jax.VeraConfig(r=8, target_modules=("blocks",))
+    models = {}
+    for path in ("merged", "activation"):
+        models[path] = vera_nnx.attach(nnx_models.RematScanStack(nnx.Rngs(0)), config, path=path)
+        assert models[path].blocks.vera_lambda_b.shape == (3, nnx_models.D)
+        randomise_vectors(models[path])
+    loss_m, grads_m = loss_and_grads(models["merged"], X)
+    loss_a, grads_a = loss_and_grads(models["activation"], X)
+    base = nnx_models.RematScanStack(nnx.Rngs(0))(X)
+    assert max_rel_error(models["merged"](X), base) > 1e-3  # VeRA changes the output
+    assert abs(float(loss_a) - float(loss_m)) <= 1e-5 * abs(float(loss_m))
+    for got, want in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_m), strict=True):
+        assert max_rel_error(got, want) < 1e-4
