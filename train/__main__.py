@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from collections.abc import Callable
+from types import ModuleType
 
 from train import bench, bench_multi, causal_lm, classify, export, gguf_llama, sweep
 from train.checkpoints import CheckpointMismatch
@@ -30,28 +30,24 @@ USER_ERRORS = (FlagError, RunError, DataError, MeshError, ModelError, Checkpoint
 
 @dataclasses.dataclass(frozen=True)
 class Command:
+    """A subcommand: its module defines ``add_arguments(parser)``, ``command(args)`` and the description
+    (its docstring)."""
+
     name: str
     help: str  # one line in ``python -m train --help``
-    add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], None]
-    description: str = ""
+    module: ModuleType
 
 
 COMMANDS = (
     Command("classify", "fine-tune a Flax sequence classifier with VeRA: the main job, run when no command is given",
-            classify.add_arguments, classify.command, classify.__doc__),
+            classify),
     Command("causal-lm", "instruction-tune a Flax causal LM with VeRA on every linear layer (SmolLM2 by default)",
-            causal_lm.add_arguments, causal_lm.command, causal_lm.__doc__),
-    Command("sweep", "train K adapters on a grid of d_initial x seed (and ablations) in one vmapped program",
-            sweep.add_arguments, sweep.command, sweep.__doc__),
-    Command("export", "write an adapter as a PEFT adapter or as a merged Flax / safetensors model",
-            export.add_arguments, export.command, export.__doc__),
-    Command("convert-gguf", "convert a llama.cpp GGUF Llama file into a Hugging Face directory",
-            gguf_llama.add_arguments, gguf_llama.command, gguf_llama.__doc__),
-    Command("bench", "time one training step on each VeRA path, the floor and PEFT in PyTorch",
-            bench.add_arguments, bench.command, bench.__doc__),
-    Command("bench-multi", "time K adapters trained in one program, and N adapters mixed in one batch",
-            bench_multi.add_arguments, bench_multi.command, bench_multi.__doc__),
+            causal_lm),
+    Command("sweep", "train K adapters on a grid of d_initial x seed (and ablations) in one vmapped program", sweep),
+    Command("export", "write an adapter as a PEFT adapter or as a merged Flax / safetensors model", export),
+    Command("convert-gguf", "convert a llama.cpp GGUF Llama file into a Hugging Face directory", gguf_llama),
+    Command("bench", "time one training step on each VeRA path, the floor and PEFT in PyTorch", bench),
+    Command("bench-multi", "time K adapters trained in one program, and N adapters mixed in one batch", bench_multi),
 )
 DEFAULT_COMMAND = "classify"
 
@@ -62,10 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "'python -m train COMMAND --help' shows a command's flags.")
     commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
     for command in COMMANDS:
-        sub = commands.add_parser(command.name, help=command.help, description=command.description,
+        sub = commands.add_parser(command.name, help=command.help, description=command.module.__doc__,
                                   formatter_class=_HelpFormatter)
-        command.add_arguments(sub)
-        sub.set_defaults(run=command.run)
+        command.module.add_arguments(sub)
+        sub.set_defaults(run=command.module.command)
     return parser
 
 

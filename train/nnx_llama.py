@@ -15,7 +15,9 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx, traverse_util
+from flax import nnx
+
+from vera_jax import paths
 
 __all__ = ["LlamaConfig", "LlamaForCausalLM", "from_torch"]
 
@@ -196,21 +198,12 @@ def from_torch(state_dict: Mapping[str, np.ndarray], config: LlamaConfig, *, sca
         flat = {path: np.stack([value[i] for i in sorted(value)]) if isinstance(value, dict) else value
                 for path, value in stacked.items()}
     state = nnx.state(model, nnx.Param)
-    expected = {"/".join(map(str, path)) for path in traverse_util.flatten_dict(nnx.to_pure_dict(state))}
+    abstract = nnx.to_pure_dict(state)
+    expected = set(paths.flatten(abstract))
     missing, unexpected = sorted(expected - set(flat)), sorted(set(flat) - expected)
     if missing or unexpected:
         raise ValueError(f"The weights do not fit this Llama: missing {missing[:4]}, unexpected {unexpected[:4]}.")
-
-    def nested(flat_values):
-        tree: dict = {}
-        for path, value in flat_values.items():
-            node = tree
-            parts = [int(p) if p.isdigit() else p for p in path.split("/")]
-            for part in parts[:-1]:
-                node = node.setdefault(part, {})
-            node[parts[-1]] = jnp.asarray(value)
-        return tree
-
-    nnx.replace_by_pure_dict(state, nested(flat))
+    values = {path: jnp.asarray(value) for path, value in flat.items()}
+    nnx.replace_by_pure_dict(state, paths.unflatten(values, like=abstract))
     nnx.update(model, state)
     return model

@@ -118,7 +118,6 @@ def _on_activations(items: tuple[LayerVectors, ...], adapter: Adapter, dropout_r
             own = call.module.variables["params"]
             lambda_d, lambda_b = own[LAMBDA_D], own[LAMBDA_B]
             key = None if key is None else jax.random.fold_in(key, own[LAYER_INDEX])
-        kernel_shape = tuple(size for size, role in zip(layer.kernel_shape, layer.axes) if role != "l")
         if lambda_b.shape != (layer.out_features,):
             raise ValueError(f"{call.path!r} runs with vectors of shape {lambda_b.shape}, not the ({layer.out_features},) "
                              "of one layer: a stack's layers must be run one at a time (nn.scan or a loop).")
@@ -126,7 +125,7 @@ def _on_activations(items: tuple[LayerVectors, ...], adapter: Adapter, dropout_r
         if key is not None and config.dropout > 0.0:
             x = _dropout(x, config.dropout, key)
         seen.add(call.path)
-        delta = adapter_call_output(x, spec, kernel_shape, a, b, lambda_d.astype(config.dtype),
+        delta = adapter_call_output(x, spec, layer.layer_kernel_shape, a, b, lambda_d.astype(config.dtype),
                                     lambda_b.astype(config.dtype), lean=lean)
         if delta.shape != y.shape:
             raise ValueError(f"{call.path!r} returned {y.shape} but VeRA's output for its input is {delta.shape}; "

@@ -5,11 +5,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-from vera_jax.axes import DENSE, check_roles, features
+from vera_jax.axes import DENSE, features
 from vera_jax.config import VeraConfig
 from vera_jax.paths import SEP, compile_rules, first_match, flatten, module_paths, patterns_regex, split_leaf
 
-__all__ = ["AdaptedLayer", "find_layers", "kernel_roles", "find_full_leaves", "trained_vectors", "is_vector_path", "vector_module",
+__all__ = ["AdaptedLayer", "find_layers", "find_full_leaves", "trained_vectors", "is_vector_path", "vector_module",
            "LAMBDA_D", "LAMBDA_B", "VECTOR_NAMES"]
 
 LAMBDA_D = "vera_lambda_d"  # (r,): scales the r-sized side, between A and B
@@ -62,6 +62,11 @@ class AdaptedLayer:
         size = r if name == LAMBDA_D else self.out_features
         return (size,) if self.layers is None else (self.layers, size)
 
+    @property
+    def layer_kernel_shape(self) -> tuple[int, ...]:
+        """One layer's kernel shape: ``kernel_shape`` without the layer axis (what a scan iteration sees)."""
+        return tuple(size for size, role in zip(self.kernel_shape, self.axes) if role != "l")
+
 
 def _shape(leaf) -> tuple[int, ...]:
     return tuple(getattr(leaf, "shape", ()))
@@ -73,14 +78,14 @@ def _listing(paths: list[str]) -> str:
     return f"\n  {shown}{more}"
 
 
-def kernel_roles(path: str, shape: tuple[int, ...], config: VeraConfig) -> str:
-    """The axis roles of the kernel at ``path``: by the first ``config.kernel_axes`` rule that matches, else
-    Dense's for a 2-D kernel; checked against the kernel's rank.
+def _kernel_roles(path: str, shape: tuple[int, ...], rules) -> str:
+    """The axis roles of the kernel at ``path``: by the first compiled ``VeraConfig.kernel_axes`` rule that
+    matches (the config checked them), else Dense's for a 2-D kernel; checked against the kernel's rank.
 
     Raises:
       ValueError: no rule describes a kernel of rank other than 2, or the roles do not fit its rank.
     """
-    roles = first_match(compile_rules(config.kernel_axes), path)
+    roles = first_match(rules, path)
     if roles is None:
         if len(shape) != 2:
             raise ValueError(
@@ -88,7 +93,6 @@ def kernel_roles(path: str, shape: tuple[int, ...], config: VeraConfig) -> str:
                 f"states; add a VeraConfig.kernel_axes rule for it, e.g. kernel_axes={{{path!r}: "
                 f"{'i' + 'o' * (len(shape) - 1)!r}}} (one letter per axis: i input, o output, l layer axis).")
         roles = DENSE
-    check_roles(roles, f"for {path!r}")
     if len(roles) != len(shape):
         raise ValueError(
             f"Kernel axis roles {roles!r} for {path!r} name {len(roles)} axes, but its kernel has shape {shape}; "
@@ -98,7 +102,7 @@ def kernel_roles(path: str, shape: tuple[int, ...], config: VeraConfig) -> str:
 
 def find_layers(params: Mapping, config: VeraConfig) -> tuple[AdaptedLayer, ...]:
     """The layers ``config.target_modules`` selects, in params order, with their kernels' axis roles
-    (`kernel_roles`; ``vera_jax.nnx`` writes the roles its modules state into ``config.kernel_axes``).
+    (by ``config.kernel_axes``; ``vera_jax.nnx`` writes the roles its modules state into ``config.kernel_axes``).
 
     Only shapes are read, so ``params`` may be a tree of ``jax.ShapeDtypeStruct``.
 
@@ -119,6 +123,7 @@ def find_layers(params: Mapping, config: VeraConfig) -> tuple[AdaptedLayer, ...]
             f"Module paths with a kernel are:{_listing(candidates)}\n"
             "Use names that end such paths (e.g. ('query', 'value')) or a regex matching whole paths." + hint
         )
+    rules = compile_rules(config.kernel_axes)
     layers = []
     for path in matched:
         kernel = flat.get(path + SEP + "kernel")
@@ -128,7 +133,7 @@ def find_layers(params: Mapping, config: VeraConfig) -> tuple[AdaptedLayer, ...]
                 f"Target {path!r} is not a linear layer with a 'kernel' of rank 2 or more; its leaves are:"
                 f"{_listing(leaves)}\nNarrow VeraConfig.target_modules so it selects linear layers only.")
         shape = _shape(kernel)
-        roles = kernel_roles(path, shape, config)
+        roles = _kernel_roles(path, shape, rules)
         layers.append(AdaptedLayer(path, shape, roles, *features(shape, roles)))
     return tuple(layers)
 

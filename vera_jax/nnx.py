@@ -32,7 +32,7 @@ import jax
 from flax import nnx
 
 from vera_jax.adapter import Adapter, init_adapter
-from vera_jax.axes import check_roles, delta_to_kernel, einsum_roles
+from vera_jax.axes import delta_to_kernel
 from vera_jax.calls import CallSpec, adapter_call_output, dense_call, einsum_call
 from vera_jax.config import VeraConfig
 from vera_jax.layers import VECTOR_NAMES, AdaptedLayer, find_layers, trained_vectors
@@ -100,7 +100,6 @@ def _module_call(module: nnx.Module, path: str) -> tuple[CallSpec, tuple[int, ..
         roles = "i" * len(module.in_features) + "o" * len(module.out_features)
         return dense_call(roles), tuple(module.in_features) + tuple(module.out_features)
     if isinstance(module, nnx.Einsum):
-        einsum_roles(module.einsum_str, 1, repr(path))
         return einsum_call(module.einsum_str, 1, repr(path)), tuple(module.kernel_shape)
     return None
 
@@ -163,7 +162,7 @@ def _layer_call(self, *args, **kwargs):
     if lambda_b.shape != (layer.out_features,):
         raise ValueError(f"{spec.path!r} runs with lambda_b of shape {lambda_b.shape}, not the "
                          f"({layer.out_features},) of one layer: run a stack one layer at a time (nnx.scan).")
-    kernel_shape = tuple(size for size, role in zip(layer.kernel_shape, layer.axes) if role != "l")
+    kernel_shape = layer.layer_kernel_shape
     if self.vera_path == "merged":
         delta = delta_weight(a, b, lambda_d, lambda_b, layer.in_features)
         kernel = self.kernel
@@ -237,8 +236,7 @@ def _modules(model: nnx.Module) -> dict[str, nnx.Module]:
 
 def _params(model: nnx.Module) -> dict:
     """The model's ``nnx.Param`` values (VeRA's vectors excluded) as a nested dict of arrays."""
-    flat = flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    return unflatten({path: value for path, value in flat.items() if path.rsplit(SEP, 1)[-1] not in VECTOR_NAMES})
+    return nnx.to_pure_dict(nnx.state(model, nnx.All(nnx.Param, nnx.Not(VeraVector))))
 
 
 def attach(model: nnx.Module, config: VeraConfig, *, path: str = "merged") -> nnx.Module:
@@ -277,9 +275,7 @@ def attach(model: nnx.Module, config: VeraConfig, *, path: str = "merged") -> nn
         if not isinstance(kernel, nnx.Variable):
             raise ValueError(f"Target {name!r} is a {type(module).__name__} without a kernel; narrow "
                              f"VeraConfig.target_modules to linear modules, e.g. among {with_kernel[:12]}.")
-        rule = first_match(rules, name)
-        if rule is not None:
-            check_roles(rule, f"for {name!r}")
+        rule = first_match(rules, name)  # VeraConfig checked its roles
         roles, calls[name] = _stated_roles(name, module, tuple(kernel.get_value().shape), rule)
         stated.append((re.escape(name), roles))
     full_config = dataclasses.replace(config, kernel_axes=tuple(stated) + config.kernel_axes)
