@@ -243,6 +243,20 @@ def test_linen_scan_stack_with_the_layer_axis_at_1():
         assert max_rel_error(got, want) < 1e-4
 
 
+def test_dropout_on_a_linen_scan_stack_with_the_layer_axis_at_1():
+    stack = nnx_models.LinenScanStack()
+    params = stack.init(jax.random.key(0), X)["params"]
+    config = vera_jax.VeraConfig(r=8, target_modules=("up", "down"), kernel_axes={".*": "ilo"}, dropout=0.5)
+    adapter = vera_jax.init_adapter(params, config)
+    adapter = adapter.replace(trainable=jax.tree.map(jnp.ones_like, adapter.trainable))
+    run = vera_jax.adapt(lambda p, x: stack.apply({"params": p}, x), adapter, path="activation",
+                         dropout_rng=jax.random.key(3))
+    without = vera_jax.adapt(lambda p, x: stack.apply({"params": p}, x), adapter, path="activation")(params, X)
+    with_dropout = run(params, X)
+    assert bool(jnp.all(jnp.isfinite(with_dropout))) and max_rel_error(with_dropout, without) > 1e-3
+    np.testing.assert_array_equal(run(params, X), with_dropout)
+
+
 class Unknown(nnx.Module):
     def __init__(self):
         self.kernel = nnx.Param(jnp.ones((4, 2, 3)))

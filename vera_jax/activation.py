@@ -79,11 +79,11 @@ def stack_leaves(items: tuple[LayerVectors, ...], dropout: bool) -> dict:
         if item.layer.layers is None:
             continue
         axis = min(layer_axis(item.layer.axes), 1)
-        named = {LAMBDA_D: item.lambda_d, LAMBDA_B: item.lambda_b}
-        if dropout:
-            named[LAYER_INDEX] = jnp.arange(item.layer.layers, dtype=jnp.int32)
-        for name, value in named.items():
-            leaves[item.layer.path + SEP + name] = jnp.moveaxis(value, 0, axis) if value.ndim > 1 else value
+        path = item.layer.path + SEP
+        leaves[path + LAMBDA_D] = jnp.moveaxis(item.lambda_d, 0, axis)
+        leaves[path + LAMBDA_B] = jnp.moveaxis(item.lambda_b, 0, axis)
+        if dropout:  # (L,), or (1, L) where the scan slices axis 1
+            leaves[path + LAYER_INDEX] = jnp.arange(item.layer.layers, dtype=jnp.int32).reshape((1,) * axis + (-1,))
     return leaves
 
 
@@ -117,7 +117,7 @@ def _on_activations(items: tuple[LayerVectors, ...], adapter: Adapter, dropout_r
         if layer.layers is not None:  # one iteration of a scan over the stack: its slice travels with the kernel
             own = call.module.variables["params"]
             lambda_d, lambda_b = own[LAMBDA_D], own[LAMBDA_B]
-            key = None if key is None else jax.random.fold_in(key, own[LAYER_INDEX])
+            key = None if key is None else jax.random.fold_in(key, own[LAYER_INDEX].reshape(()))
         if lambda_b.shape != (layer.out_features,):
             raise ValueError(f"{call.path!r} runs with vectors of shape {lambda_b.shape}, not the ({layer.out_features},) "
                              "of one layer: a stack's layers must be run one at a time (nn.scan or a loop).")
