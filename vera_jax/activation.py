@@ -172,12 +172,12 @@ def adapt(fn: Callable, adapter: Adapter, *, path: str | PathPlan = "merged",
         else:
             merged = {item.layer.path for item in items} if path == "merged" else set()
         params = merge_layers(params, [i for i in items if i.layer.path in merged], adapter)
-        params = unflatten(flatten(params) | full_leaves(adapter.trainable), like=params)
         on_activations = tuple(i for i in items if i.layer.path not in merged)
+        with_dropout = dropout_rng is not None and adapter.config.dropout > 0.0
+        extra = full_leaves(adapter.trainable) | stack_leaves(on_activations, with_dropout)
+        params = unflatten(flatten(params) | extra, like=params)
         if not on_activations:
             return fn(params, *args, **kwargs)
-        with_dropout = dropout_rng is not None and adapter.config.dropout > 0.0
-        params = unflatten(flatten(params) | stack_leaves(on_activations, with_dropout), like=params)
         with _on_activations(on_activations, adapter, dropout_rng, lean=path == "activation-lean"):
             return fn(params, *args, **kwargs)
 

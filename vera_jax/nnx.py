@@ -31,7 +31,7 @@ from collections.abc import Iterator, Mapping
 import jax
 from flax import nnx
 
-from vera_jax.adapter import Adapter, init_adapter
+from vera_jax.adapter import Adapter, init_adapter, layer_vectors
 from vera_jax.axes import delta_to_kernel
 from vera_jax.calls import CallSpec, adapter_call_output, dense_call, einsum_call
 from vera_jax.config import VeraConfig
@@ -138,10 +138,7 @@ def _stated_roles(path: str, module: nnx.Module, kernel_shape: tuple[int, ...], 
                 f"one layer's kernel is {own_shape}. Add a VeraConfig.kernel_axes rule giving its roles with 'l' "
                 f"at the layer axis, e.g. {{{re.escape(path)!r}: {'l' + per_layer!r}}}.")
         roles = per_layer[: places[0]] + "l" + per_layer[places[0]:]
-    if len(roles) != len(kernel_shape):
-        raise ValueError(f"Kernel axis roles {roles!r} for {path!r} do not fit its kernel {kernel_shape}; give one "
-                         "letter per axis, 'l' at a stack's layer axis.")
-    return roles, call
+    return roles, call  # find_layers checks the roles against the kernel's rank
 
 
 def _bound_projections(path: str) -> tuple[jax.Array, jax.Array]:
@@ -304,13 +301,9 @@ def split(model: nnx.Module) -> tuple[nnx.GraphDef, dict, Adapter]:
     every pure function of the library (checkpoints, `vera_jax.stack`, ...) applies.
     """
     info = _info(model)
-    trainable = {}
-    for name, module in _modules(model).items():
-        if _is(module, _LAYER):
-            for vector in trained_vectors(info.config):
-                trainable[name + SEP + vector] = getattr(module, vector).get_value()
+    trainable = unflatten(flatten(nnx.to_pure_dict(nnx.state(model, VeraVector))))  # string keys, as init_adapter's
     pair = getattr(model, PROJECTIONS)
-    adapter = Adapter(trainable=unflatten(trainable),
+    adapter = Adapter(trainable=trainable,
                       projections=Projections(pair.A.get_value(), pair.B.get_value(), info.projection_layers),
                       config=info.config, generator=info.generator)
     with _detached(model):
@@ -336,18 +329,13 @@ def update(model: nnx.Module, adapter: Adapter) -> None:
             f"This adapter adapts {[layer.path for layer in theirs][:4]} (r={config.r}, train_vectors="
             f"{config.train_vectors!r}), but the model's VeRA adapts {[layer.path for layer in ours][:4]} "
             f"(r={info.config.r}, train_vectors={info.config.train_vectors!r}); attach VeRA with the adapter's config.")
+    layer_vectors(params, adapter.replace(config=config))  # every vector and A/B fits, before anything is written
     flat = flatten(adapter.trainable)
     for name, module in _modules(model).items():
         if _is(module, _LAYER):
             module.vera_layer = dataclasses.replace(module.vera_layer, config=config)
-            for vector in trained_vectors(info.config):
-                variable = getattr(module, vector)
-                value = flat.get(name + SEP + vector)
-                if value is None or value.shape != variable.get_value().shape:
-                    raise ValueError(f"The adapter's {vector} for {name!r} is "
-                                     f"{'missing' if value is None else value.shape}, the model's is "
-                                     f"{variable.get_value().shape}.")
-                variable.set_value(value)
+            for vector in trained_vectors(config):
+                getattr(module, vector).set_value(flat[name + SEP + vector])
     pair = getattr(model, PROJECTIONS)
     pair.A.set_value(adapter.projections.A)
     pair.B.set_value(adapter.projections.B)
