@@ -66,11 +66,10 @@ class VeraProjections(nnx.Module):
 
 @dataclasses.dataclass(frozen=True)
 class _Layer:
-    """What an adapted module needs at call time (static, hashable): its layer, config, path and call."""
+    """What an adapted module needs at call time (static, hashable): its layer, config and call."""
 
     layer: AdaptedLayer
     config: VeraConfig
-    path: str
     call: CallSpec
 
 
@@ -154,10 +153,10 @@ def _layer_call(self, *args, **kwargs):
     spec: _Layer = self.vera_layer
     layer, config = spec.layer, spec.config
     base_call = type(self).__mro__[1].__call__
-    a, b = _bound_projections(spec.path)
+    a, b = _bound_projections(spec.layer.path)
     lambda_d, lambda_b = (_vector(self, name) for name in VECTOR_NAMES)
     if lambda_b.shape != (layer.out_features,):
-        raise ValueError(f"{spec.path!r} runs with lambda_b of shape {lambda_b.shape}, not the "
+        raise ValueError(f"{spec.layer.path!r} runs with lambda_b of shape {lambda_b.shape}, not the "
                          f"({layer.out_features},) of one layer: run a stack one layer at a time (nnx.scan).")
     kernel_shape = layer.layer_kernel_shape
     if self.vera_path == "merged":
@@ -285,7 +284,7 @@ def attach(model: nnx.Module, config: VeraConfig, *, path: str = "merged") -> nn
     for name, module in matched.items():
         for vector in trained_vectors(full_config):
             setattr(module, vector, VeraVector(vectors[name + SEP + vector]))
-        module.vera_layer = _Layer(layers[name], full_config, name, calls[name])
+        module.vera_layer = _Layer(layers[name], full_config, calls[name])
         module.vera_path = path
         module.__class__ = _subclass(_LAYER, type(module))
     model.__class__ = _subclass(_MODEL, type(model))
