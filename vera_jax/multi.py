@@ -23,7 +23,8 @@ from vera_jax.ops import promote_add
 from vera_jax.paths import SEP, flatten, split_leaf
 from vera_jax.vectors import initial_vector
 
-__all__ = ["stack", "unstack", "num_adapters", "map_adapters", "adapters_per_pass", "adapt_mixed"]
+__all__ = ["stack", "unstack", "num_adapters", "map_adapters", "adapters_per_pass", "adapt_mixed", "check_adapter_ids",
+           "gather_rows", "first_adapter"]
 
 # Tokens one vmapped pass of a training step should hold on a CPU. Measured with MiniLM on 2 cores: a
 # pass past about a thousand tokens runs slower per token than a small one (its activations leave the
@@ -180,7 +181,12 @@ def map_adapters(fn: Callable, in_axes: Sequence[int | None], adapters_per_pass:
     return mapped
 
 
-def _check_ids(adapter_ids: jax.Array, count: int) -> None:
+def check_adapter_ids(adapter_ids: jax.Array, count: int) -> None:
+    """Checks ``adapter_ids`` is (batch,) integers in [0, count) (the range only outside jit).
+
+    Raises:
+      ValueError: another dtype or rank, or an id out of range.
+    """
     if not jnp.issubdtype(adapter_ids.dtype, jnp.integer) or adapter_ids.ndim != 1:
         raise ValueError(f"adapter_ids must be a 1-D integer array (one id per example), got "
                          f"{adapter_ids.dtype} of shape {adapter_ids.shape}.")
@@ -191,7 +197,7 @@ def _check_ids(adapter_ids: jax.Array, count: int) -> None:
                              f"ids must be in 0..{count - 1}.")
 
 
-def _gather(stacked_leaf: jax.Array, adapter_ids: jax.Array) -> jax.Array:
+def gather_rows(stacked_leaf: jax.Array, adapter_ids: jax.Array) -> jax.Array:
     """Per-example rows; an id out of range (only possible under jit) yields NaN, never another adapter."""
     return jnp.take(stacked_leaf, adapter_ids, axis=0, mode="fill", fill_value=jnp.nan)
 
@@ -214,10 +220,10 @@ def _mixed_handler(stacked: Adapter, adapter_ids: jax.Array, layers: dict[str, A
             if not isinstance(call.module, nn.Dense):
                 raise ValueError(f"{call.path!r} is trained in full but is a {type(call.module).__name__}; only "
                                  "Dense leaves can differ per example in a mixed batch.")
-            kernel = _gather(flat[call.path + SEP + "kernel"], adapter_ids)  # (batch, in, out)
+            kernel = gather_rows(flat[call.path + SEP + "kernel"], adapter_ids)  # (batch, in, out)
             y = jnp.einsum("b...i,bio->b...o", x.astype(kernel.dtype), kernel)
             if call.path + SEP + "bias" in flat:
-                y = y + _per_example(_gather(flat[call.path + SEP + "bias"], adapter_ids), y)
+                y = y + _per_example(gather_rows(flat[call.path + SEP + "bias"], adapter_ids), y)
             return y
         y = call.run()
 
@@ -225,7 +231,7 @@ def _mixed_handler(stacked: Adapter, adapter_ids: jax.Array, layers: dict[str, A
             """Each example's vector, broadcastable against ``like``; a frozen vector is one constant."""
             if call.path + SEP + name not in flat:
                 return initial_vector(config, name, layers[call.path])
-            return _per_example(_gather(flat[call.path + SEP + name], adapter_ids).astype(config.dtype), like)
+            return _per_example(gather_rows(flat[call.path + SEP + name], adapter_ids).astype(config.dtype), like)
 
         a, b = stacked.projections.pair(call.path)
         hidden = x.astype(config.dtype) @ a[:, : x.shape[-1]].T  # shared: (batch, ..., r)
@@ -247,11 +253,11 @@ def adapt_mixed(fn: Callable, stacked: Adapter, adapter_ids: jax.Array) -> Calla
       ValueError: ids out of range or of the wrong type, or adapters that do not fit the params.
     """
     adapter_ids = jnp.asarray(adapter_ids)
-    _check_ids(adapter_ids, num_adapters(stacked))
+    check_adapter_ids(adapter_ids, num_adapters(stacked))
     modules = {split_leaf(path)[0] for path in flatten(stacked.trainable)}
 
     def adapted(params, *args, **kwargs):
-        layers = {item.layer.path: item.layer for item in layer_vectors(params, _first(stacked))}  # shapes fit
+        layers = {item.layer.path: item.layer for item in layer_vectors(params, first_adapter(stacked))}  # shapes fit
         odd = [layer.path for layer in layers.values() if layer.axes not in ("io", "oi")]
         if odd:
             raise ValueError(f"Mixed-adapter batches run 2-D unstacked kernels only; {odd[:3]} have axes "
@@ -262,6 +268,6 @@ def adapt_mixed(fn: Callable, stacked: Adapter, adapter_ids: jax.Array) -> Calla
     return adapted
 
 
-def _first(stacked: Adapter) -> Adapter:
+def first_adapter(stacked: Adapter) -> Adapter:
     """Adapter 0 of a stacked adapter, without copying the others."""
     return stacked.replace(trainable=jax.tree.map(lambda leaf: leaf[0], stacked.trainable))
