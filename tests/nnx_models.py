@@ -87,3 +87,43 @@ class RematScanStack(nnx.Module):
             return x + jnp.tanh(block(x))
 
         return run(x, self.blocks)
+
+
+def _partitioned(*names):
+    return nnx.with_partitioning(nnx.initializers.lecun_normal(), names)
+
+
+class ShardedStack(nnx.Module):
+    """Megatron-style sharded kernels over a ``model`` mesh axis: Einsums of (D, N, H) sharded over their
+    heads (N) or their last axis (H), one of (N, H, D) sharded by rows (N), and a scanned stack of MLP
+    blocks (up (D, 4D) sharded by columns, down (4D, D) by rows)."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.heads = nnx.Einsum("BTD,DNH->BTNH", (D, N, H), kernel_init=_partitioned(None, "model", None), rngs=rngs)
+        self.values = nnx.Einsum("BTD,DNH->BTNH", (D, N, H), kernel_init=_partitioned(None, None, "model"), rngs=rngs)
+        self.mix = nnx.Einsum("BTNH,NHE->BTE", (N, H, D), kernel_init=_partitioned("model", None, None), rngs=rngs)
+
+        @nnx.split_rngs(splits=3)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
+        def blocks(rngs):
+            return MLPBlock(rngs)
+
+        self.blocks = blocks(rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.mix(self.heads(x) * self.values(x))
+
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: None})
+        def run(x, block):
+            return block(x)
+
+        return run(x, self.blocks)
+
+
+class MLPBlock(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.up = nnx.Linear(D, 4 * D, kernel_init=_partitioned(None, "model"), use_bias=False, rngs=rngs)
+        self.down = nnx.Linear(4 * D, D, kernel_init=_partitioned("model", None), use_bias=False, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x + self.down(jax.nn.gelu(self.up(x)))

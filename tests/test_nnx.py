@@ -288,6 +288,8 @@ class Ambiguous(nnx.Module):
     (Ambiguous, dict(target_modules=("proj",)), r"kernel axis 'N' in both the input and the output.*ambiguous"),
     (einsum_model, dict(target_modules=("q_einsum",), kernel_axes={"q_einsum": "lioo"}),
      r"Kernel axis roles 'lioo' for 'q_einsum' name 4 axes, but its kernel has shape \(16, 4, 4\)"),
+    (WithUnknown, dict(target_modules=("proj",), kernel_axes={"proj": "ilo"}),
+     r"'proj' has its stack's layer axis at position 1 \(roles 'ilo'\).*build and scan the stack over axis 0"),
 ])
 def test_bad_input_names_the_path_and_the_fix(build, config, message):
     with pytest.raises(ValueError, match=message):
@@ -339,3 +341,83 @@ def test_update_with_vectors_that_do_not_fit_changes_nothing():
     with pytest.raises(ValueError, match=r"Vectors of 'kv_einsum' have shapes lambda_d \(8,\) and lambda_b \(3,\)"):
         vera_nnx.update(model, adapter.replace(trainable=trainable))
     np.testing.assert_array_equal(model(X), before)
+
+
+SHARDED_NNX = """
+import jax, jax.numpy as jnp, numpy as np, optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+import nnx_models, vera_jax, vera_jax.nnx as vera_nnx
+assert jax.device_count() == 8, jax.devices()
+mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+config = vera_jax.VeraConfig(r=8, target_modules=("heads", "values", "mix", "up", "down"), d_initial=0.5)
+with jax.set_mesh(mesh):
+    sharded = {path: vera_nnx.attach(nnx_models.ShardedStack(nnx.Rngs(0)), config, path=path)
+               for path in vera_nnx.PATHS}
+with nnx.use_eager_sharding(False):
+    plain = vera_nnx.attach(nnx_models.ShardedStack(nnx.Rngs(0)), config)
+model = sharded["merged"]
+specs = {"/".join(map(str, path)): tuple(variable.get_value().sharding.spec)
+         for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Any(vera_nnx.VeraVector,
+                                                                          vera_nnx.VeraProjection)))}
+meshes = {variable.get_value().sharding.mesh for _, variable in nnx.to_flat_state(nnx.state(model))}
+print("specs", sorted(specs.items()))
+print("one_mesh", meshes == {mesh})
+print("partition_spec", tuple(nnx.get_partition_spec(nnx.state(model)).blocks.up.vera_lambda_b.get_value()))
+x = jax.random.normal(jax.random.key(1), (4, 6, nnx_models.D))
+rows = jax.device_put(x, NamedSharding(mesh, P("data")))
+with jax.set_mesh(mesh):
+    logits = {path: nnx.jit(lambda m, x: m(x))(m, rows) for path, m in sharded.items()}
+print("merged_vs_activation", float(np.max(np.abs(logits["merged"] - logits["activation"]))
+                                    / np.max(np.abs(logits["activation"]))))
+
+def step(model, optimizer, x):
+    loss, grads = nnx.value_and_grad(lambda m: jnp.mean(jnp.square(m(x))),
+                                     argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+    optimizer.update(model, grads)
+    return loss
+
+base = nnx.All(nnx.Param, nnx.Not(vera_nnx.VeraVector))
+before = jax.tree.map(np.asarray, nnx.state(model, base))
+losses = {}
+for name, m, inputs in (("sharded", model, rows), ("plain", plain, x)):
+    optimizer = nnx.Optimizer(m, optax.adam(1e-2), wrt=nnx.LoRAParam)
+    with jax.set_mesh(mesh):
+        losses[name] = np.array([float(nnx.jit(step)(m, optimizer, inputs)) for _ in range(3)])
+print("losses", losses["sharded"].tolist())
+print("loss_rel", float(np.max(np.abs(losses["sharded"] - losses["plain"]) / losses["plain"])))
+after = jax.tree.map(np.asarray, nnx.state(model, base))
+print("params_identical", len(jax.tree.leaves(before)) == 5 and all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after))))
+print("kept_sharding", tuple(model.blocks.up.vera_lambda_b.get_value().sharding.spec))
+"""
+
+
+def test_sharded_kernels_shard_their_vectors_and_train_like_one_device():
+    """nnx.with_partitioning kernels on a (data 2, model 4) mesh of 8 simulated CPU devices."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).parent
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", SHARDED_NNX], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = dict(line.split(" ", 1) for line in done.stdout.splitlines())
+    assert eval(printed["specs"]) == [  # lambda_b follows the kernel's leading output axis; the rest is replicated
+        ("blocks/down/vera_lambda_b", (None, None)), ("blocks/down/vera_lambda_d", (None, None)),
+        ("blocks/up/vera_lambda_b", (None, "model")), ("blocks/up/vera_lambda_d", (None, None)),
+        ("heads/vera_lambda_b", ("model",)), ("heads/vera_lambda_d", (None,)),
+        ("mix/vera_lambda_b", (None,)), ("mix/vera_lambda_d", (None,)),
+        ("values/vera_lambda_b", (None,)), ("values/vera_lambda_d", (None,)),
+        ("vera_projections/A", (None, None)), ("vera_projections/B", (None, None)),
+    ]
+    assert printed["one_mesh"] == "True"
+    assert printed["partition_spec"] == "(None, 'model')"
+    assert float(printed["merged_vs_activation"]) < 1e-5
+    losses = eval(printed["losses"])
+    assert losses[-1] < losses[0]
+    assert float(printed["loss_rel"]) < 1e-5
+    assert printed["params_identical"] == "True"
+    assert printed["kept_sharding"] == "(None, 'model')"
