@@ -49,6 +49,26 @@ def _module_call(module: nnx.Module, path: str) -> tuple[CallSpec, tuple[int, ..
     return None
 
 
+def _layer_roles(path: str, module: nnx.Module, kernel_shape: tuple[int, ...], own_shape: tuple[int, ...],
+                 per_layer: str, rule: str | None) -> str:
+    """The roles of a known module's kernel: its own (``per_layer``), with a stack's layer axis placed."""
+    if rule is not None:
+        if rule.replace("l", "") != per_layer:
+            raise ValueError(f"VeraConfig.kernel_axes gives {path!r} the roles {rule!r}, but its "
+                             f"{type(module).__name__} states {per_layer!r}; drop or fix the rule.")
+        return rule
+    if kernel_shape == own_shape:
+        return per_layer
+    places = [k for k in range(len(kernel_shape)) if kernel_shape[:k] + kernel_shape[k + 1:] == own_shape]
+    if len(places) != 1:
+        problem = "could be at several positions" if places else "does not fit"
+        raise ValueError(
+            f"Target {path!r} ({type(module).__name__}) has a kernel {kernel_shape} whose layer axis {problem}: "
+            f"one layer's kernel is {own_shape}. Add a VeraConfig.kernel_axes rule giving its roles with 'l' "
+            f"at the layer axis, e.g. {{{re.escape(path)!r}: {'l' + per_layer!r}}}.")
+    return per_layer[: places[0]] + "l" + per_layer[places[0]:]
+
+
 def _stated_roles(path: str, module: nnx.Module, kernel_shape: tuple[int, ...], rule: str | None
                   ) -> tuple[str, CallSpec]:
     """The full roles of a target's kernel (a stack's layer axis included) and its call.
@@ -64,25 +84,10 @@ def _stated_roles(path: str, module: nnx.Module, kernel_shape: tuple[int, ...], 
                 f"Target {path!r} is a {type(module).__name__}, a module whose kernel axes vera_jax does not know; "
                 f"add a VeraConfig.kernel_axes rule for it (its kernel is {kernel_shape}), e.g. kernel_axes="
                 f"{{{re.escape(path)!r}: {'i' + 'o' * (len(kernel_shape) - 1)!r}}} (i input, o output, l layer axis).")
-        return rule, dense_call(rule)
-    call, own_shape = known
-    per_layer = call.roles
-    if rule is not None:
-        if rule.replace("l", "") != per_layer:
-            raise ValueError(f"VeraConfig.kernel_axes gives {path!r} the roles {rule!r}, but its "
-                             f"{type(module).__name__} states {per_layer!r}; drop or fix the rule.")
-        roles = rule
-    elif kernel_shape == own_shape:
-        roles = per_layer
+        roles, call = rule, dense_call(rule)
     else:
-        places = [k for k in range(len(kernel_shape)) if kernel_shape[:k] + kernel_shape[k + 1:] == own_shape]
-        if len(places) != 1:
-            problem = "could be at several positions" if places else "does not fit"
-            raise ValueError(
-                f"Target {path!r} ({type(module).__name__}) has a kernel {kernel_shape} whose layer axis {problem}: "
-                f"one layer's kernel is {own_shape}. Add a VeraConfig.kernel_axes rule giving its roles with 'l' "
-                f"at the layer axis, e.g. {{{re.escape(path)!r}: {'l' + per_layer!r}}}.")
-        roles = per_layer[: places[0]] + "l" + per_layer[places[0]:]
+        call, own_shape = known
+        roles = _layer_roles(path, module, kernel_shape, own_shape, call.roles, rule)
     if "l" in roles and not roles.startswith("l"):
         raise ValueError(f"Target {path!r} has its stack's layer axis at position {roles.index('l')} (roles {roles!r}); "
                          "VeRA on NNX gives a stack's vectors the layer axis first, where nnx.vmap and nnx.scan with "
