@@ -65,6 +65,11 @@ def _expand(spec: str, ndim: int, fill: str) -> str:
     return spec.replace("...", fill[: ndim - (len(spec) - 3)])
 
 
+def _per_example(vector: jax.Array, batch_ndim: int) -> jax.Array:
+    """(n, k) -> (n, 1, ..., 1, k), broadcastable against (*batch, k) whose first axis is the examples'."""
+    return vector.reshape(vector.shape[:1] + (1,) * (batch_ndim - 1) + vector.shape[1:])
+
+
 def adapter_call_output(x: jax.Array, spec: CallSpec, kernel_shape: tuple[int, ...], a: jax.Array, b: jax.Array,
                         lambda_d: jax.Array, lambda_b: jax.Array, *, lean: bool = False) -> jax.Array:
     """VeRA's output for one call, laid out as the call's y.
@@ -74,8 +79,9 @@ def adapter_call_output(x: jax.Array, spec: CallSpec, kernel_shape: tuple[int, .
 
     Args:
       kernel_shape: one layer's kernel shape, in ``spec.kernel`` letters.
-      lambda_d: (r,); lambda_b: (out,).
-      lean: use `vera_jax.ops.adapter_output_lean`.
+      lambda_d: (r,), or (n, r) per example: one row for each index of x's leading axis.
+      lambda_b: (out,), or (n, out) per example.
+      lean: use `vera_jax.ops.adapter_output_lean` (vectors of one adapter only).
 
     Raises:
       ValueError: x's axes do not fit the spec or the kernel.
@@ -92,6 +98,12 @@ def adapter_call_output(x: jax.Array, spec: CallSpec, kernel_shape: tuple[int, .
     order = [x_letters.index(letter) for letter in batch + inputs]
     batch_shape = tuple(x.shape[x_letters.index(letter)] for letter in batch)
     flat_x = jnp.transpose(x, order).reshape(batch_shape + (math.prod(sizes[c] for c in inputs),))
+    per_example = [vector.ndim == 2 for vector in (lambda_d, lambda_b)]
+    if any(per_example) and x_letters[0] not in batch:
+        raise ValueError(f"Per-example vectors need x's leading axis to be its batch, but the call "
+                         f"{spec.x},{spec.kernel}->{spec.y} contracts it with the kernel.")
+    lambda_d, lambda_b = (_per_example(vector, len(batch)) if flag else vector
+                          for vector, flag in zip((lambda_d, lambda_b), per_example))
     output = adapter_output_lean if lean else adapter_output
     delta = output(flat_x, a, b, lambda_d, lambda_b)  # (*batch, out)
     delta = delta.reshape(batch_shape + tuple(sizes[letter] for letter in outputs))

@@ -16,6 +16,7 @@ import dataclasses
 import functools
 from collections.abc import Iterator
 
+import flax.errors
 import jax
 from flax import nnx
 
@@ -146,7 +147,13 @@ def _layer_call(self, *args, **kwargs):
         delta = delta_weight(a, b, lambda_d, lambda_b, layer.in_features)
         kernel = self.kernel
         base = kernel.get_value()
-        kernel.set_value(promote_add(base, delta_to_kernel(delta, record.call.roles, kernel_shape)))
+        merged = promote_add(base, delta_to_kernel(delta, record.call.roles, kernel_shape))
+        try:
+            kernel.set_value(merged)
+        except flax.errors.TraceContextError:  # the kernel belongs to an outer trace (closed over, not passed in)
+            copy = nnx.clone(self)  # this module alone, its variables made in the current trace
+            copy.kernel.set_value(merged)
+            return base_call(copy, *args, **kwargs)
         try:
             return base_call(self, *args, **kwargs)
         finally:
