@@ -196,10 +196,14 @@ def test_checkpoint_of_an_nnx_adapter_restores_into_a_fresh_model(tmp_path, torc
     np.testing.assert_array_equal(fresh(IDS), trained(IDS))
 
 
-def test_nnx_llama_matches_peft_vera_in_pytorch(tmp_path, torch_llama):
+@pytest.mark.parametrize("scan", [False, True], ids=["listed", "scanned"])
+def test_nnx_llama_reads_and_writes_peft_vera_files(tmp_path, torch_llama, scan):
+    """PEFT's own files load into the NNX Llama and give PEFT's PyTorch logits; the NNX Llama's adapter,
+    written as PEFT files (a scanned stack per layer), loads into PEFT and gives the NNX logits."""
     import peft
     import torch
 
+    stacks = ("model/layers",) if scan else ()
     torch_model, _ = torch_llama
     peft_model = peft.get_peft_model(torch_model, peft.VeraConfig(r=8, target_modules=list(LLAMA_TARGETS),
                                                                   projection_prng_key=11, save_projection=True))
@@ -208,11 +212,38 @@ def test_nnx_llama_matches_peft_vera_in_pytorch(tmp_path, torch_llama):
             if "vera_lambda" in name:
                 param.copy_(torch.randn(param.shape) * 0.5)
         reference = peft_model(torch.tensor(np.asarray(IDS))).logits.numpy()
-    peft_model.save_pretrained(tmp_path)
+    peft_model.save_pretrained(tmp_path / "peft")
     peft_model.unload()
-    model = vera_nnx.attach(llama(torch_llama, scan=False), vera_jax.VeraConfig(r=8, target_modules=LLAMA_TARGETS))
-    vera_nnx.update(model, vera_jax.peft.load_adapter(tmp_path, vera_nnx.split(model)[1]))
+    model = vera_nnx.attach(llama(torch_llama, scan=scan), vera_jax.VeraConfig(r=8, target_modules=LLAMA_TARGETS))
+    _, params, _ = vera_nnx.split(model)
+    vera_nnx.update(model, vera_jax.peft.load_adapter(tmp_path / "peft", params, stacks=stacks))
     assert max_rel_error(model(IDS), reference) < 1e-5
+
+    randomise_vectors(model, seed=4)
+    vera_jax.peft.save_adapter(tmp_path / "ours", vera_nnx.split(model)[2], params, stacks=stacks)
+    served = peft.PeftModel.from_pretrained(tiny_llama.torch_llama(), tmp_path / "ours")
+    with torch.no_grad():
+        logits = served(torch.tensor(np.asarray(IDS))).logits.numpy()
+    assert max_rel_error(logits, model(IDS)) < 1e-5
+    assert max_rel_error(logits, reference) > 1e-3  # the vectors written are the NNX model's, not PEFT's
+
+
+def test_peft_files_of_a_stack_need_its_root_and_every_layer(tmp_path, torch_llama):
+    model = vera_nnx.attach(llama(torch_llama, scan=True), vera_jax.VeraConfig(r=8, target_modules=LLAMA_TARGETS))
+    _, params, adapter = vera_nnx.split(model)
+    with pytest.raises(ValueError, match=r"'model/layers/[a-z_/]+' is a stack of 2 layers, and PyTorch names "
+                                         r"each layer: pass .* stacks=\('model/layers',\)"):
+        vera_jax.peft.save_adapter(tmp_path / "a", adapter, params)
+    vera_jax.peft.save_adapter(tmp_path / "a", adapter, params, stacks=("model/layers",))
+    from safetensors.numpy import load_file, save_file
+
+    weights = tmp_path / "a" / vera_jax.peft.WEIGHTS_FILE
+    tensors = load_file(weights)
+    del tensors["base_model.model.model.layers.1.self_attn.v_proj.vera_lambda_d"]
+    save_file(tensors, weights)
+    with pytest.raises(vera_jax.peft.AdapterFileError,
+                       match=r"model.layers.self_attn.v_proj \(per layer\): has \[1, 2\] layers, but the stack .* has 2"):
+        vera_jax.peft.load_adapter(tmp_path / "a", params, stacks=("model/layers",))
 
 
 def test_linen_scan_stack_with_the_layer_axis_at_1():

@@ -9,11 +9,15 @@ Leaves differ in name and layout: a PyTorch ``weight`` is a Flax ``kernel`` (2-D
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["flax_path", "torch_name", "resolve_module", "to_flax_leaf", "to_torch_leaf"]
+__all__ = ["flax_path", "torch_name", "resolve_module", "to_flax_leaf", "to_torch_leaf", "layer_names",
+           "split_layer_index"]
+
+
+_STACK_NAMES = ("layers", "layer", "h", "blocks")  # only to suggest a stack's root in an error
 
 
 def flax_path(torch_module: str) -> str:
@@ -22,6 +26,47 @@ def flax_path(torch_module: str) -> str:
 
 def torch_name(flax_module: str) -> str:
     return flax_module.replace("/", ".")
+
+
+def _stack_of(path: str, stacks: Sequence[str]) -> tuple[str, str] | None:
+    """(root, rest) of a Flax path inside one of ``stacks``, or None."""
+    for root in stacks:
+        if path.startswith(root.rstrip("/") + "/"):
+            return root.rstrip("/"), path[len(root.rstrip("/")) + 1:]
+    return None
+
+
+def layer_names(path: str, layers: int | None, stacks: Sequence[str]) -> list[str]:
+    """The PyTorch module names of the Flax module at ``path``: one, or, for a stack of ``layers`` layers
+    under one of ``stacks`` (e.g. ``"model/layers"``), one per layer with its index after the stack's root.
+
+    Raises:
+      ValueError: a stack under none of ``stacks``.
+    """
+    if layers is None:
+        return [torch_name(path)]
+    found = _stack_of(path, stacks)
+    if found is None:
+        parts = path.split("/")
+        root = next(("/".join(parts[: k + 1]) for k, part in enumerate(parts) if part in _STACK_NAMES),
+                    "/".join(parts[:-2]) or parts[0])
+        raise ValueError(f"{path!r} is a stack of {layers} layers, and PyTorch names each layer: pass the path after "
+                         f"which the layer index goes, e.g. stacks=({root!r},) for {torch_name(root)}.0...")
+    root, rest = found
+    return [f"{torch_name(root)}.{index}.{torch_name(rest)}" for index in range(layers)]
+
+
+def split_layer_index(torch_module: str, stacks: Sequence[str]) -> tuple[str, int | None]:
+    """A PyTorch module name -> (the name without its layer index, the index) when a stack holds it:
+    ``model.layers.3.self_attn.q_proj`` -> (``model.layers.self_attn.q_proj``, 3) with stacks ``("model/layers",)``;
+    (the name, None) otherwise."""
+    for root in (torch_name(root.rstrip("/")) for root in stacks):
+        if not torch_module.startswith(root + "."):
+            continue
+        index, _, inner = torch_module[len(root) + 1:].partition(".")
+        if index.isdigit() and inner:
+            return f"{root}.{inner}", int(index)
+    return torch_module, None
 
 
 def resolve_module(torch_module: str, modules: Collection[str]) -> str | None:

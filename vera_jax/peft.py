@@ -17,7 +17,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -145,11 +146,14 @@ def _peft_projections(seed: int, r: int, in_max: int, out_max: int, file: Path) 
     return draws[0], draws[1]
 
 
-def load_adapter(directory: str | os.PathLike, params: Mapping, *, dtype: str = "float32") -> Adapter:
+def load_adapter(directory: str | os.PathLike, params: Mapping, *, dtype: str = "float32",
+                 stacks: Sequence[str] = ()) -> Adapter:
     """Read the PEFT VeRA adapter in ``directory`` for ``params``, as a `vera_jax.Adapter`.
 
     A and B come from the file, or (``save_projection: false``) from ``projection_prng_key`` drawn with
-    torch's CPU generator exactly as PEFT draws them.
+    torch's CPU generator exactly as PEFT draws them. With ``stacks`` (e.g. ``("model/layers",)``), the
+    PyTorch layers ``model.layers.{i}...`` become the L layers of a stack in ``params`` (kernels with the
+    layer axis first, as an NNX ``nnx.vmap`` stack has them): vectors (L, r) and (L, out).
 
     Raises:
       AdapterFileError: anything wrong with the files or their fit to ``params``.
@@ -162,25 +166,30 @@ def load_adapter(directory: str | os.PathLike, params: Mapping, *, dtype: str = 
     modules = set(module_paths(flat_params))
     r = peft_config["r"]
 
-    vectors, head, head_modules = {}, {}, set()
+    vectors, head, head_modules, stacked_rows = {}, {}, set(), {}
     for key, value in tensors.items():
         if key in (A_KEY, B_KEY):
             continue
         module, _, leaf = key.removeprefix(MODEL_PREFIX).rpartition(".")
         wrapped = _saved_module(module, peft_config["modules_to_save"])
+        module, index = hf.split_layer_index(module, stacks) if leaf in VECTOR_NAMES else (module, None)
         if not key.startswith(MODEL_PREFIX) or not module or (leaf not in VECTOR_NAMES and wrapped is None):
             raise _fail(weights_file, key, "unexpected key for a VeRA adapter", "Remove it or re-save the adapter")
         path = hf.resolve_module(module, modules)
         if path is None:
             raise _fail(weights_file, key, f"names module {module!r}, which these params do not have",
-                        "Load the adapter onto the model it was trained for")
+                        "Load the adapter onto the model it was trained for (into a stack of its layers: pass "
+                        "stacks=(the stack's path,), e.g. ('model/layers',))")
         if leaf in VECTOR_NAMES:
             expected = (r,) if leaf == LAMBDA_D else value.shape
             if value.ndim != 1 or value.shape != expected:
                 raise _fail(weights_file, key, f"has shape {value.shape}, but r={r} in {CONFIG_FILE} needs ({r},)"
                             if leaf == LAMBDA_D else f"has shape {value.shape}, not a vector",
                             "Use the adapter_config.json saved with these tensors")
-            vectors[path + SEP + leaf] = value
+            if index is None:
+                vectors[path + SEP + leaf] = value
+            else:
+                stacked_rows.setdefault(path + SEP + leaf, {})[index] = value
             continue
         module_params = {split_leaf(p)[1]: v for p, v in flat_params.items() if split_leaf(p)[0] == path}
         try:
@@ -193,18 +202,35 @@ def load_adapter(directory: str | os.PathLike, params: Mapping, *, dtype: str = 
         head[path + SEP + name] = converted
         head_modules.add(hf.resolve_module(wrapped, modules) or path)
 
+    for path, rows in stacked_rows.items():
+        shapes = sorted({row.shape for row in rows.values()})
+        if sorted(rows) != list(range(len(rows))) or path in vectors or len(shapes) != 1:
+            raise _fail(weights_file, f"{hf.torch_name(path)} (per layer)", f"has layers {sorted(rows)[:8]} of "
+                        f"shapes {shapes[:3]}" + (" and an unstacked copy" if path in vectors else ""),
+                        "Write every layer of the stack once, numbered from 0, each of one shape")
+        vectors[path] = np.stack([rows[index] for index in range(len(rows))])
     vector_layers = sorted({vector_module(p) for p in vectors})
     targets = peft_config["target_modules"]
-    targets = tuple(hf.flax_path(t) for t in targets) if isinstance(targets, list) else "|".join(vector_layers)
+    if isinstance(targets, list):  # a stack's per-layer names are the stack's one module
+        targets = tuple(dict.fromkeys(hf.flax_path(hf.split_layer_index(t, stacks)[0]) for t in targets))
+    else:
+        targets = "|".join(vector_layers)
     try:
         config = VeraConfig(r=r, target_modules=targets, d_initial=peft_config["d_initial"],
                             dropout=peft_config["vera_dropout"], projection_seed=peft_config["projection_prng_key"],
                             save_projection=peft_config["save_projection"], modules_to_save=tuple(sorted(head_modules)),
-                            dtype=dtype, kernel_axes=[(".*", "oi")] if peft_config["fan_in_fan_out"] else [])
+                            dtype=dtype, kernel_axes=_kernel_axes(peft_config["fan_in_fan_out"], stacks))
         layers = find_layers(params, config)
     except ValueError as err:
         raise _fail(config_file, "target_modules", str(err), "Load the adapter onto the model it was trained for") \
             from None
+    for layer in layers:
+        rows = {len(stacked_rows[key]) for key in (layer.path + SEP + name for name in VECTOR_NAMES)
+                if key in stacked_rows}
+        if rows and rows != {layer.layers}:
+            raise _fail(weights_file, f"{hf.torch_name(layer.path)} (per layer)", f"has {sorted(rows)} layers, but "
+                        f"the stack in these params has {layer.layers}", "Load the adapter onto the model it was "
+                        "trained for, with every layer of the stack written")
     missing = sorted({layer.path for layer in layers} - set(vector_layers))
     extra = sorted(set(vector_layers) - {layer.path for layer in layers})
     incomplete = sorted(p for p in vector_layers if {p + SEP + n for n in VECTOR_NAMES} - set(vectors))
@@ -241,21 +267,32 @@ def load_adapter(directory: str | os.PathLike, params: Mapping, *, dtype: str = 
     return adapter
 
 
-def _names(patterns, paths: list[str]) -> list[str] | str:
+def _kernel_axes(fan_in_fan_out: bool, stacks: Sequence[str]) -> list[tuple[str, str]]:
+    """PyTorch layers' kernel roles: (in, out) as Flax Dense, or (out, in) with ``fan_in_fan_out``; under
+    a stack's root, with the layer axis first."""
+    roles = "oi" if fan_in_fan_out else "io"
+    rules = [(re.escape(root.rstrip("/")) + "/.*", "l" + roles) for root in stacks]
+    return rules + ([(".*", roles)] if fan_in_fan_out else [])
+
+
+def _names(patterns, torch_names: list[str]) -> list[str] | str:
     """PEFT's list-of-names form: the config's names, or the exact module names when it used a regex."""
-    return [hf.torch_name(p) for p in patterns] if not isinstance(patterns, str) else [hf.torch_name(p) for p in paths]
+    return [hf.torch_name(p) for p in patterns] if not isinstance(patterns, str) else torch_names
 
 
 def save_adapter(directory: str | os.PathLike, adapter: Adapter, params: Mapping, *, task_type: str | None = None,
-                 base_model_name_or_path: str | None = None) -> Path:
+                 base_model_name_or_path: str | None = None, stacks: Sequence[str] = ()) -> Path:
     """Write ``adapter`` as a directory ``peft.PeftModel.from_pretrained`` loads.
 
     A and B are always written (PyTorch cannot rebuild JAX's random bits), with ``save_projection:
     true``; a vector that ``config.train_vectors`` freezes is written as its constant value. ``params``
-    is the base the adapter belongs to; it is used to check the fit and is not saved.
+    is the base the adapter belongs to; it is used to check the fit and is not saved. A stack of L layers
+    (an NNX ``nnx.vmap`` stack, vectors (L, r) / (L, out)) is written as its L PyTorch layers, named with
+    the layer index after the stack's root in ``stacks`` (``("model/layers",)``: ``model.layers.{i}...``).
 
     Raises:
-      ValueError: per-layer projections, which PEFT files cannot hold, or an adapter that does not fit ``params``.
+      ValueError: per-layer projections, which PEFT files cannot hold, an adapter that does not fit ``params``,
+        or a stack under none of ``stacks``.
       FileExistsError: ``directory`` holds files that are not a PEFT adapter (nothing is written).
     """
     config = adapter.config
@@ -264,16 +301,19 @@ def save_adapter(directory: str | os.PathLike, adapter: Adapter, params: Mapping
                          f"{config.projection_sharing!r} cannot be written as a PEFT adapter. Keep it as a vera_jax "
                          "checkpoint (vera_jax.checkpoint.save), or export the merged model.")
     items = layer_vectors(params, adapter)
-    axes = {item.layer.axes for item in items}
+    axes = {item.layer.axes.replace("l", "") for item in items}  # one layer's: a stack is written per layer
     if not axes <= {"io", "oi"} or len(axes) != 1:
         raise ValueError(f"PEFT's files describe layers as PyTorch nn.Linear (or GPT-2's Conv1D, fan_in_fan_out) "
                          f"kernels, all of one kind; this adapter's kernels have axes {sorted(axes)}. Keep it as a "
                          "vera_jax checkpoint (vera_jax.checkpoint.save), or export the merged model.")
     head = full_leaves(adapter.trainable)
     tensors = {A_KEY: adapter.projections.A, B_KEY: adapter.projections.B}
+    names = {}
     for item in items:
-        prefix = MODEL_PREFIX + hf.torch_name(item.layer.path)
-        tensors[f"{prefix}.{LAMBDA_D}"], tensors[f"{prefix}.{LAMBDA_B}"] = item.lambda_d, item.lambda_b
+        names[item.layer.path] = hf.layer_names(item.layer.path, item.layer.layers, stacks)
+        rows = zip(item.lambda_d, item.lambda_b) if item.layer.layers else [(item.lambda_d, item.lambda_b)]
+        for name, (lambda_d, lambda_b) in zip(names[item.layer.path], rows, strict=True):
+            tensors[f"{MODEL_PREFIX}{name}.{LAMBDA_D}"], tensors[f"{MODEL_PREFIX}{name}.{LAMBDA_B}"] = lambda_d, lambda_b
     for path, value in head.items():
         module, leaf = split_leaf(path)
         name, converted = hf.to_torch_leaf(leaf, np.asarray(value))
@@ -281,10 +321,11 @@ def save_adapter(directory: str | os.PathLike, adapter: Adapter, params: Mapping
     head_modules = sorted({split_leaf(p)[0] for p in head})
     peft_config = {
         "peft_type": "VERA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
-        "r": config.r, "target_modules": _names(config.target_modules, [i.layer.path for i in items]),
+        "r": config.r, "target_modules": _names(config.target_modules, [n for ns in names.values() for n in ns]),
         "projection_prng_key": config.projection_seed, "save_projection": True, "vera_dropout": config.dropout,
         "d_initial": config.d_initial, "fan_in_fan_out": axes == {"oi"}, "bias": "none",
-        "modules_to_save": (_names(config.modules_to_save, head_modules) if head else None), "init_weights": True,
+        "modules_to_save": _names(config.modules_to_save, [hf.torch_name(m) for m in head_modules]) if head else None,
+        "init_weights": True,
         "layers_to_transform": None, "layers_pattern": None, "inference_mode": True,
     }
     from safetensors.numpy import save_file
