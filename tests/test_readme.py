@@ -20,6 +20,12 @@ def test_readme_examples_run(tmp_path, monkeypatch):
     np.testing.assert_allclose(namespace["pure_logits"], namespace["llama"](namespace["token_ids"]), rtol=1e-5,
                                atol=1e-6)
     assert (tmp_path / "nnx-adapter" / "vera_adapter.json").exists()
+    assert (tmp_path / "nnx-peft-adapter" / "adapter_config.json").exists()
+    assert namespace["k_losses"].shape == (3,) and len(set(np.asarray(namespace["k_losses"]).tolist())) == 3
+    mixed, llama, ids = namespace["mixed_logits"], namespace["llama"], namespace["token_ids"]
+    np.testing.assert_allclose(mixed[1], llama(ids)[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(mixed[0], mixed[2], rtol=1e-5, atol=1e-6)
+    assert float(np.max(np.abs(mixed[0] - mixed[1]))) > 1e-4
     assert (tmp_path / "my-adapter" / "vera_adapter.json").exists()
     assert (tmp_path / "peft-adapter" / "adapter_config.json").exists()
     assert (tmp_path / "merged-model" / "model.safetensors").exists()
