@@ -15,6 +15,7 @@ import nnx_models
 import tiny_llama
 import vera_jax
 import vera_jax.checkpoint
+import vera_jax.paths
 import vera_jax.peft
 import vera_jax.nnx as vera_nnx
 from train import nnx_llama
@@ -452,3 +453,29 @@ def test_sharded_kernels_shard_their_vectors_and_train_like_one_device():
     assert float(printed["loss_rel"]) < 1e-5
     assert printed["params_identical"] == "True"
     assert printed["kept_sharding"] == "(None, 'model')"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_functional_runs_either_path_as_a_pure_function_of_params_and_adapter(torch_llama, case):
+    build, targets, inputs = CASES[case]
+    model = vera_nnx.attach(build(torch_llama), vera_jax.VeraConfig(r=8, target_modules=targets), path="merged")
+    randomise_vectors(model)
+    _, params, adapter = vera_nnx.split(model)
+    want_loss, want_grads = loss_and_grads(model, inputs)
+    for path in vera_nnx.PATHS:
+        call = vera_nnx.functional(model, path=path)
+
+        def loss(trainable):
+            return jnp.mean(jnp.square(call(params, adapter.replace(trainable=trainable), inputs)))
+
+        got_loss, got_grads = jax.jit(jax.value_and_grad(loss))(adapter.trainable)
+        assert abs(float(got_loss) - float(want_loss)) <= 1e-5 * float(want_loss)
+        flat_want = vera_jax.paths.flatten(want_grads)
+        for name, grad in vera_jax.paths.flatten(got_grads).items():
+            assert max_rel_error(grad, flat_want[name]) < 1e-4
+    assert {module.vera_path for module in vera_nnx.adapted_modules(model).values()} == {"merged"}
+    shifted = adapter.replace(trainable=jax.tree.map(lambda v: 2 * v, adapter.trainable))
+    assert max_rel_error(vera_nnx.functional(model)(params, shifted, inputs), model(inputs)) > 1e-3  # the adapter's
+    with pytest.raises(ValueError, match="adapts .* but the model's VeRA adapts"):
+        vera_nnx.functional(model)(params, adapter.replace(config=vera_jax.VeraConfig(r=4, target_modules=targets)),
+                                   inputs)

@@ -13,13 +13,16 @@
   activation path (see `vera_jax.nnx.modules`).
 
 `split` gives the pure view (the base model's graphdef, its params and a `vera_jax.Adapter`) for
-`vera_jax.merge` and the rest of the library; `update` writes an adapter back; `mixed` runs a batch in
+`vera_jax.merge` and the rest of the library; `functional` runs the adapted model as a pure function of
+(params, adapter) on either path; `update` writes an adapter back; `mixed` runs a batch in
 which each example uses its own adapter of a stack.
 """
 
 from vera_jax.nnx.attach import PATHS, adapted_modules, attach, split, update
+from vera_jax.nnx.functional import functional
 from vera_jax.nnx.mixed import mixed
 from vera_jax.nnx.modules import bound
 from vera_jax.nnx.variables import VeraProjection, VeraVector
 
-__all__ = ["VeraVector", "VeraProjection", "attach", "bound", "split", "update", "mixed", "adapted_modules", "PATHS"]
+__all__ = ["VeraVector", "VeraProjection", "attach", "bound", "split", "update", "functional", "mixed",
+           "adapted_modules", "PATHS"]

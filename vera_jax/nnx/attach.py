@@ -116,7 +116,7 @@ def adapter_config(model: nnx.Module, adapter: Adapter) -> VeraConfig:
     config = dataclasses.replace(adapter.config, kernel_axes=rules)
     params = base_params(model)
     theirs, ours = find_layers(params, config), find_layers(params, info.config)
-    if theirs != ours or trained_vectors(config) != trained_vectors(info.config):
+    if theirs != ours or config.r != info.config.r or trained_vectors(config) != trained_vectors(info.config):
         raise ValueError(
             f"This adapter adapts {[layer.path for layer in theirs][:4]} (r={config.r}, train_vectors="
             f"{config.train_vectors!r}), but the model's VeRA adapts {[layer.path for layer in ours][:4]} "
