@@ -18,6 +18,7 @@ from train import assets
 from train.__main__ import main
 from train.gguf_llama import convert
 from train.llama_rope import FlaxLlamaForCausalLMRopeTheta
+from train.model import load_causal_lm
 from vera_jax import checkpoint
 from vera_jax.layers import LAMBDA_B, LAMBDA_D
 from vera_jax.paths import flatten
@@ -37,9 +38,9 @@ def _args(model, data, out, *extra):
             "--eval-batch-size", "8", *extra]
 
 
-def _vectors(model_dir, run_dir):
+def _vectors(model_dir, run_dir, backend="nnx"):
     """(the restored vera_jax.Adapter, the base params) of a run."""
-    params = FlaxLlamaForCausalLMRopeTheta.from_pretrained(model_dir, from_pt=True).params
+    params = load_causal_lm(str(model_dir), backend=backend)[0].params
     return checkpoint.restore(run_dir / "adapter", params), params
 
 
@@ -53,10 +54,13 @@ def test_causal_lm_lowers_perplexity_and_writes_every_output(tiny, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["perplexity_after"] < 0.9 * summary["perplexity_before"]
     assert len(summary["answers"]) == 2 and all(a["before"] is not None for a in summary["answers"])
+    assert summary["backend"] == "nnx"
     adapter, params = _vectors(model_dir, out)
-    # Every linear layer of both blocks, and nothing else, is adapted; one A/B sized by the largest layer.
-    paths = sorted(p.rsplit("/", 2)[-2] for p in flatten(adapter.trainable) if p.endswith(LAMBDA_B))
-    assert paths == sorted(TARGETS * 2)
+    # Every linear layer of the stack of both blocks, and nothing else, is adapted; one A/B sized by the
+    # largest layer; each stacked vector has the layer axis.
+    vectors = {p: v for p, v in flatten(adapter.trainable).items() if p.endswith(LAMBDA_B)}
+    assert sorted(p.rsplit("/", 2)[-2] for p in vectors) == sorted(TARGETS)
+    assert all(p.startswith("model/layers/") and v.shape[0] == 2 for p, v in vectors.items())
     assert adapter.projections.A.shape == (8, 96) and adapter.projections.B.shape == (96, 8)  # gate/up out, down in
     sizes = {"q_proj": (64, 64), "k_proj": (64, 32), "v_proj": (64, 32), "o_proj": (64, 64), "gate_proj": (64, 96),
              "up_proj": (64, 96), "down_proj": (96, 64)}
@@ -65,15 +69,52 @@ def test_causal_lm_lowers_perplexity_and_writes_every_output(tiny, tmp_path):
     for key in ("adapter_bytes", "tokens_per_second", "host_peak_rss_bytes", "wall_seconds"):
         assert summary[key] > 0
 
-    # The PEFT export, applied by PEFT to the PyTorch model, gives the logits of the merged Flax model.
+    # The PEFT export (the stack written per layer), applied by PEFT to the PyTorch model, gives the logits
+    # of the merged NNX model.
     ids = np.random.default_rng(0).integers(3, 250, (2, 20))
-    flax_model = FlaxLlamaForCausalLMRopeTheta.from_pretrained(model_dir, from_pt=True)
-    expected = np.asarray(flax_model(ids, params=vera_jax.merge(params, adapter)).logits)
+    nnx_model = load_causal_lm(str(model_dir))[0]
+    expected = np.asarray(nnx_model(ids, params=vera_jax.merge(params, adapter)).logits)
     peft_model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(model_dir), out / "peft_adapter").eval()
     with torch.no_grad():
         logits = peft_model(torch.tensor(ids)).logits.numpy()
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
     assert json.loads((out / "peft_adapter" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+
+
+def test_nnx_scanned_nnx_listed_and_linen_backends_train_alike(tiny, tmp_path):
+    """The same data, steps and seed on the three implementations of the same Llama: the same perplexities,
+    and the scanned stack's vectors are the listed layers' and linen's, layer by layer."""
+    model_dir, data = tiny
+    summaries, vectors = {}, {}
+    for backend in ("nnx", "nnx-listed", "linen"):
+        out = tmp_path / backend
+        assert main(_args(model_dir, data, out, "--max-steps", "6", "--lr-vectors", "0.05", "--backend", backend)) == 0
+        summaries[backend] = json.loads((out / "summary.json").read_text())
+        adapter, _ = _vectors(model_dir, out, backend)
+        vectors[backend] = {p.replace("/layers/0/", "/layers/@0/").replace("/layers/1/", "/layers/@1/"): v
+                            for p, v in flatten(adapter.trainable).items()}
+    for backend in ("nnx-listed", "linen"):
+        for key in ("perplexity_before", "perplexity_after"):
+            assert abs(summaries[backend][key] / summaries["nnx"][key] - 1) < 1e-4, (backend, key)
+    assert summaries["nnx"]["perplexity_after"] < summaries["nnx"]["perplexity_before"]
+    for path, stacked in vectors["nnx"].items():
+        for layer in range(2):
+            listed = path.replace("model/layers/", f"model/layers/@{layer}/")
+            for backend in ("nnx-listed", "linen"):
+                np.testing.assert_allclose(vectors[backend][listed], stacked[layer], rtol=1e-4, atol=1e-6)
+
+
+def test_nnx_causal_lm_on_a_two_device_mesh_with_a_bfloat16_base(tiny, tmp_path):
+    from tiny_run import run_subprocess
+
+    model_dir, data = tiny
+    out = tmp_path / "run"
+    done = run_subprocess(_args(model_dir, data, out, "--max-steps", "8", "--lr-vectors", "0.05", "--mesh", "1x2",
+                                "--base-dtype", "bfloat16"), devices=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mesh"] == {"data": 1, "fsdp": 2} and summary["base_dtype"] == "bfloat16"
+    assert summary["perplexity_after"] < summary["perplexity_before"]
 
 
 def test_causal_lm_resumes_from_its_checkpoint(tiny, tmp_path):
@@ -108,6 +149,9 @@ def test_causal_lm_bad_input(tiny, tmp_path, capsys):
          "argument --base-dtype: invalid choice: 'float16' (choose from 'float32', 'bfloat16')"),
         (_args(model_dir, data, tmp_path / "e", "--targets", "nonexistent"), "VeRA settings do not fit"),
         (_args(model_dir, data, tmp_path / "f", "--text-column", "prompt"), "has no column 'prompt'"),
+        (_args(model_dir, data, tmp_path / "i", "--path", "auto"), "--path auto is not offered with --backend nnx"),
+        (_args(model_dir, data, tmp_path / "j", "--dropout", "0.1", "--path", "activation"),
+         "--backend nnx runs VeRA on NNX models, which has no --dropout or --head yet"),
     ]
     for args, message in cases:
         assert main(args) == 2, args
@@ -129,7 +173,7 @@ def test_causal_lm_on_gpt2_with_a_chat_template_file(tiny, tmp_path):
     template.write_text(CHATML)
     out = tmp_path / "run"
     assert main(_args(gpt2, data, out, "--targets", "c_attn", "c_proj", "c_fc", "--chat-template", str(template),
-                      "--max-steps", "12", "--lr-vectors", "0.05")) == 0
+                      "--max-steps", "12", "--lr-vectors", "0.05", "--backend", "linen")) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["perplexity_after"] < summary["perplexity_before"]
     params = FlaxGPT2LMHeadModel.from_pretrained(gpt2).params
@@ -234,6 +278,30 @@ def test_smollm2_says_paris_and_matches_pytorch(smollm2):
     np.testing.assert_allclose(logits, reference, rtol=2e-3, atol=2e-3)
 
 
+@pytest.fixture(scope="module")
+def smollm2_reference(smollm2):
+    """600 random tokens and PyTorch's LlamaForCausalLM logits for them."""
+    from transformers import LlamaForCausalLM
+
+    long_ids = np.random.default_rng(0).integers(17, 49152, (1, 600))
+    with torch.no_grad():
+        return long_ids, LlamaForCausalLM.from_pretrained(smollm2[0])(torch.tensor(long_ids)).logits.numpy()
+
+
+@pytest.mark.parametrize("backend", ["nnx", "nnx-listed"])
+def test_smollm2_on_nnx_says_paris_and_matches_pytorch(smollm2, smollm2_reference, backend):
+    from conftest import max_rel_error
+
+    model, tokenizer = load_causal_lm(str(smollm2[0]), backend=backend)
+    assert model.scan_layers == (backend == "nnx")
+    ids = tokenizer("The capital of France is", return_tensors="np")["input_ids"]
+    out = model.generate(ids, max_new_tokens=3, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id).sequences
+    assert tokenizer.decode(np.asarray(out)[0, ids.shape[1]:]).startswith(" Paris")
+    long_ids, reference = smollm2_reference
+    assert max_rel_error(model(long_ids).logits, reference) < 1e-4
+
+
 def test_bench_causal_workload_compares_bf16_and_float32_bases(tiny, tmp_path):
     model_dir, _ = tiny
     peaks = {}
@@ -245,6 +313,12 @@ def test_bench_causal_workload_compares_bf16_and_float32_bases(tiny, tmp_path):
         results = json.loads(out.read_text())
         assert results["workload"]["targets"] == TARGETS and results["workload"]["task"] == "causal-lm"
         assert set(results["median_seconds"]) >= {"merged", "activation", "activation-lean", "auto", "floor"}
+        table = results["nnx"]["table"]  # the NNX backend, layers listed and scanned, both paths
+        assert {(form, path) for form in table for path in table[form]} == {
+            (form, path) for form in ("listed", "scanned") for path in ("merged", "activation")}
+        assert all(row["compile_seconds"] > 0 and row["median_step_seconds"] > 0
+                   for paths in table.values() for row in paths.values())
+        assert set(results["nnx"]["scanned_compile_speedup"]) == {"merged", "activation"}
         peaks[dtype] = results["peak_bytes"]["merged"]
     assert "peft_speedup" in json.loads((tmp_path / "float32.json").read_text())
     assert peaks["bfloat16"] < peaks["float32"]  # the frozen base is stored in half the bytes
@@ -282,7 +356,7 @@ def test_causal_lm_on_mistral_with_its_rotary_base(tiny, tmp_path):
         assert np.abs(np.asarray(stock(ids).logits) - reference).max() > 1e-3, window
 
     out = tmp_path / "run"
-    assert main(_args(mistral, data, out, "--max-steps", "12", "--lr-vectors", "0.05")) == 0
+    assert main(_args(mistral, data, out, "--max-steps", "12", "--lr-vectors", "0.05", "--backend", "linen")) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["perplexity_after"] < summary["perplexity_before"]
     adapter = checkpoint.restore(out / "adapter", model.params)

@@ -15,6 +15,7 @@ import vera_jax
 from vera_jax import checkpoint
 from vera_jax import peft as vera_peft
 from vera_jax.export import save_merged
+from vera_jax.lora import save_lora
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
@@ -150,6 +151,22 @@ def test_vera_jax_adapter_loads_in_peft(models, tmp_path):
     np.testing.assert_array_equal(again.projections.A, adapter.projections.A)
     np.testing.assert_array_equal(again.projections.B, adapter.projections.B)
     assert again.config.modules_to_save == adapter.config.modules_to_save
+
+
+def test_vera_adapter_served_as_lora_gives_its_logits_in_peft(models, tmp_path):
+    """lora_A = lambda_d * A[:, :in], lora_B = lambda_b * B[:out], lora_alpha = r: PEFT's LoRA runs VeRA."""
+    case, base, flax_model = models
+    adapter, expected = _random_adapter(case, flax_model)
+    _, factors = save_lora(tmp_path / "lora", adapter, flax_model.params, task_type=case.task_type)
+    saved = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "LORA" and saved["r"] == saved["lora_alpha"] == R
+    assert saved["fan_in_fan_out"] == (case.kernel_axes == ((".*", "oi"),))
+    assert all(factor.relative_error == 0.0 for factor in factors)
+    peft_model = peft.PeftModel.from_pretrained(_torch_model(case, base), tmp_path / "lora").eval()
+    assert isinstance(peft_model.base_model, peft.LoraModel)
+    with torch.no_grad():
+        logits = peft_model(**_inputs(case)).logits.numpy()
+    assert max_rel_error(logits, expected) < TOL
 
 
 @pytest.mark.parametrize("safetensors", [False, True])

@@ -12,7 +12,8 @@ alike; the medians and their ratios are printed and written as JSON.
 
 Workloads (``--workload``): ``minilm`` (all-MiniLM-L6-v2 classification, VeRA on query/value, batch
 32 x 128) and ``smollm2`` (SmolLM2-135M causal LM, VeRA on every linear layer, batch 8 x 128,
-next-token loss on every position); each flag below overrides the workload's value.
+next-token loss on every position); each flag below overrides the workload's value. The causal-LM
+workload also times the NNX backend's compile and step, layers listed against scanned (`train.bench_nnx`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import optax
 from flax import struct
 
 import vera_jax
-from train import steps
+from train import bench_nnx, steps
 from train.metrics import write_json
 from train.model import load_causal_lm, load_classifier, model_source
 from train.options import non_negative_float, non_negative_int, positive_int
@@ -72,6 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps per variant after compiling")
     parser.add_argument("--settle", type=non_negative_float, default=0.3, help="idle seconds before each timed step")
     parser.add_argument("--no-peft", action="store_true", help="skip PEFT in PyTorch")
+    parser.add_argument("--no-nnx", action="store_true",
+                        help="causal-lm: skip the NNX table (compile and step, layers listed vs scanned)")
     parser.add_argument("--no-dropout", action="store_true",
                         help="run every variant, PEFT's too, in eval mode: no dropout in the model (by default "
                              "the model's own dropout is on in all of them, as when training)")
@@ -256,6 +259,12 @@ def bench(args: argparse.Namespace) -> dict:
     if "peft" in median:
         results["peft_speedup"] = median["peft"] / median["auto"]
     _print(results)
+    if causal and not args.no_nnx:
+        if model.config.model_type != "llama":
+            print(f"NNX table skipped: the NNX backend runs Llama models, not {model.config.model_type!r}")
+        else:
+            results["nnx"] = bench_nnx.compile_table(args, device_batch, time_in_rounds)
+            bench_nnx.print_table(results["nnx"], model.config.num_hidden_layers)
     if args.json:
         write_json(args.json, results)
     return results

@@ -26,7 +26,7 @@ import optax
 
 import vera_jax
 from train import steps
-from train.bench import peak_bytes, time_in_rounds
+from train.bench import LLAMA_LINEAR, peak_bytes, time_in_rounds
 from train.metrics import write_json
 from train.model import load_classifier
 from train.options import positive_int
@@ -36,23 +36,44 @@ __all__ = ["add_arguments", "command", "bench_multi"]
 CHECKED_ADAPTERS = 4  # serving: adapters whose rows of the mixed batch are checked against the adapter alone
 
 
+WORKLOADS = {  # flags left unset take the workload's values
+    "minilm": {"model": "default", "targets": ["query", "value"], "ns": [1, 16, 256], "serve_batch": 256,
+               "serve_seq_len": 32},
+    "smollm2": {"model": "smollm2", "targets": LLAMA_LINEAR, "ns": [1, 16], "serve_batch": 16, "serve_seq_len": 64},
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="default", help="'default' (all-MiniLM-L6-v2), a hub id or a directory")
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="minilm",
+                        help="minilm: training and serving on all-MiniLM-L6-v2 (linen); smollm2: mixed-adapter "
+                        "serving on the scanned NNX SmolLM2")
+    parser.add_argument("--model", help="'default' (all-MiniLM-L6-v2), 'smollm2', a hub id or a directory")
     parser.add_argument("--r", type=positive_int, default=256, help="VeRA rank")
-    parser.add_argument("--targets", nargs="+", default=["query", "value"], help="modules VeRA adapts")
+    parser.add_argument("--targets", nargs="+", help="modules VeRA adapts")
     parser.add_argument("--ks", type=positive_int, nargs="+", default=[1, 4, 16], help="adapters trained at once")
     parser.add_argument("--train-batch", type=positive_int, default=8, help="examples per adapter per step")
     parser.add_argument("--train-seq-len", type=positive_int, default=64)
     parser.add_argument("--adapters-per-pass", type=positive_int, help="adapters vmapped together (default: chosen "
                         "for the device by vera_jax.adapters_per_pass)")
-    parser.add_argument("--ns", type=positive_int, nargs="+", default=[1, 16, 256], help="distinct adapters in a batch")
-    parser.add_argument("--serve-batch", type=positive_int, default=256)
-    parser.add_argument("--serve-seq-len", type=positive_int, default=32)
+    parser.add_argument("--ns", type=positive_int, nargs="+", help="distinct adapters in a batch")
+    parser.add_argument("--serve-batch", type=positive_int)
+    parser.add_argument("--serve-seq-len", type=positive_int)
     parser.add_argument("--repeats", type=positive_int, default=5, help="timed rounds")
     parser.add_argument("--json", type=Path, help="also write the results here")
 
 
 def command(args: argparse.Namespace) -> None:
+    for name, value in WORKLOADS[args.workload].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.workload == "smollm2":
+        from train.bench_multi_nnx import bench_multi_smollm2
+
+        results = bench_multi_smollm2(args)
+        _print_serving(results)
+        if args.json:
+            write_json(args.json, results)
+        return
     bench_multi(args)
 
 
@@ -210,3 +231,11 @@ def _print(results: dict) -> None:
         print(f"{n:<12}{row['mixed_seconds'] * 1e3:>11.1f} ms{row['single_adapter_seconds'] * 1e3:>11.1f} ms"
               f"{row['ratio']:>9.2f}")
     print(json.dumps({k: round(v, 3) for k, v in results.items() if k.startswith(("vmap_", "all_at", "mixed_"))}))
+
+
+def _print_serving(results: dict) -> None:
+    print(f"{results['workload']} on {results['device']}")
+    print(f"{'adapters in the batch':<24}{'time vs one':>12}{'peak memory vs one':>20}{'max |difference|':>18}")
+    for n, row in results["serving"].items():
+        print(f"{n:<24}{row['time_ratio']:>11.2f}x{row['memory_ratio']:>19.3f}x"
+              f"{row['max_difference_from_one_adapter']:>18.2e}")

@@ -50,7 +50,8 @@ def lora_parameters(params, config: vera_jax.VeraConfig, rank: int) -> int:
 def prepare(options: Options) -> Prepared:
     """Load the question/answer splits and the model, check the chat template and positions, encode both splits."""
     train_split, test_split = data_lib.load_splits(options)
-    model, tokenizer = load_causal_lm(options.model, options.base_dtype, options.max_length + options.max_new_tokens)
+    model, tokenizer = load_causal_lm(options.model, options.base_dtype, options.max_length + options.max_new_tokens,
+                                      backend=options.backend)
     chat_data.use_chat_template(tokenizer, options.chat_template, options.model)
     if tokenizer.pad_token is None:  # GPT-2 and others: padding is masked out, any token will do
         tokenizer.pad_token = tokenizer.eos_token
@@ -99,7 +100,7 @@ def run(options: Options) -> dict:
         print(f"LoRA r={LORA_RANK} on the same layers would train {lora_params:,d} "
               f"({lora_params / trainable_params:.0f}x)")
 
-    logits_fn = steps.vera_logits(model, setup.path)
+    logits_fn = steps.vera_logits(model, setup.path, setup.adapter.config)
     test_split = setup.job.test_split
     questions = list(test_split["text"][: options.answers])
     _, log_ppl_before = evaluate(setup.ctx, setup.adapter, logits_fn)
@@ -113,7 +114,8 @@ def run(options: Options) -> dict:
     adapter_dir = save_adapters(setup, adapter, "CAUSAL_LM")
 
     summary = {
-        "model": options.model, "dataset": options.dataset, "base_dtype": options.base_dtype,
+        "model": options.model, "backend": options.backend, "dataset": options.dataset,
+        "base_dtype": options.base_dtype,
         "path": options.path, "path_detail": setup.path_detail, "mesh": dict(setup.ctx.mesh.shape),
         "steps": setup.total_steps, "train_examples": len(setup.job.train_data),
         "test_examples": len(setup.job.test_data),

@@ -1,8 +1,10 @@
-"""``python -m train export``: turn an adapter into a PEFT adapter, or into a merged Flax model.
+"""``python -m train export``: turn an adapter into a PEFT adapter, a LoRA adapter, or a merged Flax model.
 
 The adapter may be a vera_jax checkpoint (``vera_adapter.json``, e.g. a run's ``adapter/``) or a PEFT
-directory (``adapter_config.json``). Formats: ``peft`` (loads with ``peft.PeftModel.from_pretrained``),
-``flax`` (``flax_model.msgpack``) or ``safetensors`` (``model.safetensors``): the last two are plain
+directory (``adapter_config.json``). Formats: ``peft`` (VeRA; loads with ``peft.PeftModel.from_pretrained``),
+``lora`` (the same deltas as a standard PEFT LoRA adapter, for engines that serve LoRA; ``--rank k`` writes
+each delta's best rank-k approximation and prints its relative error), ``flax`` (``flax_model.msgpack``) or
+``safetensors`` (``model.safetensors``): the last two are plain
 Hugging Face model directories with the deltas merged in, loadable with transformers alone. The
 output directory is written whole beside its place and swapped in; a directory that holds anything
 but an earlier export of the same kind is refused, never replaced.
@@ -11,17 +13,20 @@ but an earlier export of the same kind is refused, never replaced.
 from __future__ import annotations
 
 import argparse
+import functools
 from pathlib import Path
 
 from train.model import hub_id
-from train.options import positive_int
+from train.nnx_causal_lm import NnxCausalLM
+from train.options import BACKENDS, positive_int
 from vera_jax import atomic, checkpoint
 from vera_jax import export as merged_export
+from vera_jax import lora as vera_lora
 from vera_jax import peft as vera_peft
 
 __all__ = ["add_arguments", "command", "export", "FORMATS", "ExportError"]
 
-FORMATS = ("peft", "flax", "safetensors")
+FORMATS = ("peft", "lora", "flax", "safetensors")
 TASKS = {"sequence-classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
 
 
@@ -37,16 +42,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the base: 'default' (MiniLM), 'smollm2', a hub id or a local directory")
     parser.add_argument("--task", choices=sorted(TASKS), default="sequence-classification")
     parser.add_argument("--num-labels", type=positive_int, default=2, help="outputs of the classification head")
+    parser.add_argument("--rank", type=positive_int, default=None,
+                        help="--format lora: the LoRA rank k (default: the adapter's r, exact)")
+    parser.add_argument("--backend", choices=BACKENDS, default="nnx",
+                        help="--task causal-lm: the implementation the adapter was trained on (as causal-lm's flag)")
 
 
 def command(args: argparse.Namespace) -> None:
     print(f"wrote {export(args)}")
 
 
-def _load_model(name: str, task: str, num_labels: int):
+def _load_model(name: str, task: str, num_labels: int, backend: str):
     from train.model import load_causal_lm, load_classifier
 
-    return load_classifier(name, num_labels) if task == "sequence-classification" else load_causal_lm(name)
+    if task == "sequence-classification":
+        return load_classifier(name, num_labels)
+    return load_causal_lm(name, backend=backend)
 
 
 def export(args: argparse.Namespace) -> Path:
@@ -64,10 +75,18 @@ def export(args: argparse.Namespace) -> Path:
     else:
         raise ExportError(f"{adapter_dir} holds neither {checkpoint.METADATA_FILE} (vera_jax) nor "
                           f"{vera_peft.CONFIG_FILE} (PEFT); point --adapter to an adapter directory.")
-    marker = vera_peft.CONFIG_FILE if args.format == "peft" else merged_export.CONFIG_FILE
+    if args.rank is not None and args.format != "lora":
+        raise ExportError(f"--rank {args.rank} applies to --format lora only.")
+    if args.task == "causal-lm" and args.backend != "linen" and args.format not in ("peft", "lora"):
+        raise ExportError(f"--format {args.format} writes a transformers Flax model; an adapter of the NNX backend "
+                          "exports as --format peft or lora (or train and export with --backend linen).")
+    marker = vera_peft.CONFIG_FILE if args.format in ("peft", "lora") else merged_export.CONFIG_FILE
     try:
         atomic.check_replaceable(args.output, marker)  # before the model loads
-        model, tokenizer = _load_model(args.model, args.task, args.num_labels)
+        model, tokenizer = _load_model(args.model, args.task, args.num_labels, args.backend)
+        stacks = model.stacks if isinstance(model, NnxCausalLM) else ()
+        if read is vera_peft.load_adapter:
+            read = functools.partial(vera_peft.load_adapter, stacks=stacks)
         try:
             adapter = read(adapter_dir, model.params)
         except ValueError as err:
@@ -75,12 +94,27 @@ def export(args: argparse.Namespace) -> Path:
         if args.format == "peft":
             try:
                 return vera_peft.save_adapter(args.output, adapter, model.params, task_type=TASKS[args.task],
-                                              base_model_name_or_path=hub_id(args.model))
+                                              base_model_name_or_path=hub_id(args.model), stacks=stacks)
             except ValueError as err:
                 raise ExportError(f"--format peft cannot hold this adapter: {err}") from None
+        if args.format == "lora":
+            return _lora(args, adapter, model.params, stacks)
         out = merged_export.save_merged(args.output, adapter, model.params, model,
                                         safetensors=args.format == "safetensors")
     except FileExistsError as err:
         raise ExportError(f"--output {args.output}: {err}") from None
     tokenizer.save_pretrained(out)
+    return out
+
+
+def _lora(args: argparse.Namespace, adapter, params, stacks: tuple[str, ...]) -> Path:
+    """The LoRA export, with each layer's relative error printed when --rank truncates."""
+    try:
+        out, factors = vera_lora.save_lora(args.output, adapter, params, rank=args.rank, stacks=stacks,
+                                           task_type=TASKS[args.task], base_model_name_or_path=hub_id(args.model))
+    except ValueError as err:
+        raise ExportError(f"--format lora cannot hold this adapter: {err}") from None
+    if args.rank is not None:
+        for factor in factors:
+            print(f"{factor.name}  rank {factor.lora_a.shape[0]}  relative error {factor.relative_error:.4f}")
     return out

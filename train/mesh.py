@@ -55,14 +55,17 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def base_shardings(params: Mapping, mesh: Mesh, rules=BASE_RULES) -> dict:
-    """A sharding per frozen leaf from path rules; a dimension that does not divide stays replicated."""
+    """A sharding per frozen leaf from path rules; a dimension that does not divide stays replicated, and a
+    stack's leaf (one axis more than its rule's spec: the layer axis first) keeps that axis whole."""
     compiled = compile_rules(rules)
     fsdp = mesh.shape["fsdp"]
 
     def sharding(path, leaf):
         spec = first_match(compiled, path) or PartitionSpec()
+        if len(spec) and leaf.ndim == len(spec) + 1:
+            spec = PartitionSpec(None, *spec)
         if len(spec) > leaf.ndim or any(axis and leaf.shape[i] % fsdp for i, axis in enumerate(spec)):
             spec = PartitionSpec()
         return NamedSharding(mesh, spec)
 
-    return unflatten({path: sharding(path, leaf) for path, leaf in flatten(params).items()})
+    return unflatten({path: sharding(path, leaf) for path, leaf in flatten(params).items()}, like=params)

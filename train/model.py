@@ -51,8 +51,11 @@ def _load_flax(auto_class, source: str, **kwargs):
         return auto_class.from_pretrained(source, from_pt=True, **kwargs)  # a hub repository with PyTorch weights only
 
 
-def load_causal_lm(name: str, dtype: str = "float32", max_positions: int | None = None):
+def load_causal_lm(name: str, dtype: str = "float32", max_positions: int | None = None, backend: str = "linen"):
     """``(model, tokenizer)`` of a Flax causal LM; ``dtype='bfloat16'`` stores and runs the base in bfloat16.
+
+    ``backend``: ``"nnx"`` (a Llama-architecture checkpoint as `train.nnx_causal_lm.NnxCausalLM`, layers
+    stacked and scanned), ``"nnx-listed"`` (the same, layers in a list) or ``"linen"`` (transformers' Flax class).
 
     ``max_positions``: the longest sequence the job runs. A rotary Llama or Mistral whose config allows
     more is loaded with that many positions: Flax builds a (positions, positions) causal mask in every
@@ -75,6 +78,8 @@ def load_causal_lm(name: str, dtype: str = "float32", max_positions: int | None 
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as err:
         raise ModelError(f"Cannot read a model config from {name!r}: {err}") from None
+    if backend != "linen":
+        return _load_nnx(name, source, config, dtype, backend), AutoTokenizer.from_pretrained(source)
     if config.model_type not in FLAX_MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ModelError(f"{name!r} is a {config.model_type!r} model, which has no Flax causal-LM class in "
                          f"transformers; use one of {sorted(FLAX_MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)}.")
@@ -89,6 +94,24 @@ def load_causal_lm(name: str, dtype: str = "float32", max_positions: int | None 
     if dtype == "bfloat16":
         model.params = model.to_bf16(model.params)
     return model, AutoTokenizer.from_pretrained(source)
+
+
+def _load_nnx(name: str, source: str, config, dtype: str, backend: str):
+    """The NNX Llama of a local directory, or of a hub repository's safetensors (fetched once)."""
+    from train.nnx_causal_lm import load_nnx_causal_lm
+
+    if config.model_type != "llama":
+        raise ModelError(f"{name!r} is a {config.model_type!r} model; --backend {backend} runs Llama-architecture "
+                         "models (SmolLM2, Llama): use --backend linen for it.")
+    directory = Path(source)
+    if not directory.is_dir():
+        from huggingface_hub import snapshot_download
+
+        directory = Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
+    try:
+        return load_nnx_causal_lm(directory, config, dtype=dtype, scan_layers=backend == "nnx")
+    except ValueError as err:
+        raise ModelError(f"{name!r}: {err}") from None
 
 
 def load_classifier(name: str, num_labels: int, seed: int = 0):

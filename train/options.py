@@ -24,6 +24,8 @@ __all__ = ["Options", "FlagError", "RESUME_KEYS", "CAUSAL_LM_DEFAULTS", "PATHS",
            "from_args", "vera_config", "check_options", "positive_int", "non_negative_int", "finite_float",
            "non_negative_float", "seed_int", "Parser"]
 
+BACKENDS = ("nnx", "nnx-listed", "linen")  # causal LM implementations; NNX runs Llama-architecture models
+NNX_PATHS = ("merged", "activation")
 PATHS = (*vera_jax.plan.PATHS, "auto")  # how adapted layers run; 'auto' times a whole step of each and picks
 SCHEDULES = ("linear", "cosine", "constant")
 BASE_DTYPES = ("float32", "bfloat16")
@@ -182,6 +184,9 @@ class Options:
                            commands=frozenset({CLASSIFY}))
     base_dtype: str = _flag("float32", "dtype of the frozen base (bfloat16 halves its memory)", choices=BASE_DTYPES,
                             commands=frozenset({CAUSAL_LM}))
+    backend: str = _flag("nnx", "the model's implementation: Flax NNX (a Llama, layers stacked and scanned), "
+                         "nnx-listed (layers in a list), or linen (transformers' Flax class: GPT-2, Mistral, ...)",
+                         choices=BACKENDS, commands=frozenset({CAUSAL_LM}))
     chat_template: str | None = _flag(None, "a Jinja chat-template file, for models that ship none",
                                       commands=frozenset({CAUSAL_LM}))
     answers: int = _flag(4, "held-out questions answered greedily before and after tuning", type=positive_int,
@@ -200,7 +205,7 @@ class Options:
 RESUME_KEYS = ("model", "dataset", "text_column", "label_column", "task", "num_labels", "r", "targets", "head",
                "d_initial", "b_initial", "dropout", "projection_init", "projection_sharing", "train_vectors",
                "lr_vectors", "lr_head", "schedule", "warmup_ratio", "weight_decay", "epochs", "max_steps",
-               "batch_size", "max_length", "test_fraction", "seed", "path", "base_dtype", "chat_template")
+               "batch_size", "max_length", "test_fraction", "seed", "path", "base_dtype", "chat_template", "backend")
 
 # `python -m train causal-lm`: SmolLM2-135M-Instruct on the chatterbot question/answer pairs, VeRA on
 # every linear layer of every decoder block, loss on the answer tokens only.
@@ -295,6 +300,13 @@ def check_options(options: Options) -> None:
       FlagError: naming the flags and what would work.
     """
     vera_config(options)
+    if options.task == "causal-lm" and options.backend != "linen":
+        if options.path not in NNX_PATHS:
+            raise FlagError(f"--path {options.path} is not offered with --backend {options.backend}; use one of "
+                            f"{', '.join(NNX_PATHS)}, or --backend linen.")
+        if options.dropout > 0 or options.head:
+            raise FlagError(f"--backend {options.backend} runs VeRA on NNX models, which has no --dropout or --head yet; "
+                            "drop them, or use --backend linen.")
     if options.dropout > 0 and options.path == "merged":
         raise FlagError(f"--dropout {options.dropout:g} acts on each adapted layer's input, which --path merged "
                         "never computes; use --path activation, activation-lean or auto.")

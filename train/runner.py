@@ -28,6 +28,7 @@ from train import steps
 from train.checkpoints import RunCheckpoints
 from train.metrics import MetricsLog, plot_curves, write_json
 from train.model import hub_id
+from train.nnx_causal_lm import NnxCausalLM
 from train.options import RESUME_KEYS, Options, vera_config
 from vera_jax import atomic
 from vera_jax import checkpoint as adapter_checkpoint
@@ -172,7 +173,10 @@ def count_steps(options: Options, train_rows: int) -> tuple[int, int]:
 
 
 def model_config(options: Options, model) -> vera_jax.VeraConfig:
-    """The adapter the flags describe, for this model (GPT-2's ``FlaxConv1D`` stores kernels (out, in))."""
+    """The adapter the flags describe, for this model (GPT-2's ``FlaxConv1D`` stores kernels (out, in); an
+    NNX model says its own, a stack's with its layer axis)."""
+    if isinstance(model, NnxCausalLM):
+        return vera_config(options, model.kernel_axes)
     return vera_config(options, ((".*", "oi"),) if model.config.model_type == "gpt2" else ())
 
 
@@ -220,8 +224,13 @@ def save_adapters(run: Run, adapter: vera_jax.Adapter, task_type: str) -> Path:
     adapter_dir = adapter_checkpoint.save(run.out / "adapter", adapter)
     if run.primary and adapter.config.projection_sharing == "shared":
         vera_peft.save_adapter(run.out / "peft_adapter", to_host(adapter), run.params, task_type=task_type,
-                               base_model_name_or_path=hub_id(run.options.model))
+                               base_model_name_or_path=hub_id(run.options.model), stacks=_stacks(run.model))
     return adapter_dir
+
+
+def _stacks(model) -> tuple[str, ...]:
+    """Where a model's stacked layers live (PEFT names them per layer)."""
+    return model.stacks if isinstance(model, NnxCausalLM) else ()
 
 
 def publish(out: Path, summary: dict, log: MetricsLog, report: str) -> None:

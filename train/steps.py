@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 import vera_jax
+from train.nnx_causal_lm import NnxCausalLM
 from vera_jax.paths import flatten, unflatten
 
 __all__ = ["make_optimizer", "model_logits", "vera_logits", "head_only_logits", "make_train_step", "make_eval_step",
@@ -46,11 +47,16 @@ def model_logits(model, params, batch: dict, rng: jax.Array | None) -> jax.Array
                  dropout_rng=rng).logits
 
 
-def vera_logits(model, path: str | vera_jax.PathPlan) -> Callable:
+def vera_logits(model, path: str | vera_jax.PathPlan, config: vera_jax.VeraConfig | None = None) -> Callable:
     """``logits(params, adapter, batch, rng)``: the adapted model; rng=None evaluates.
 
-    ``path`` is a path of `vera_jax.adapt` or a `vera_jax.PathPlan`; VeRA dropout acts on the activation path.
+    ``path`` is a path of `vera_jax.adapt` or a `vera_jax.PathPlan`; VeRA dropout acts on the activation
+    path. An NNX model (`train.nnx_causal_lm.NnxCausalLM`) runs its own adapted modules, adapted with ``config``.
     """
+    if isinstance(model, NnxCausalLM):
+        if config is None:
+            raise ValueError("An NNX model's logits need the adapter's config: vera_logits(model, path, config).")
+        return model.vera_logits(path, config)
 
     def logits(params, adapter, batch, rng):
         model_rng, vera_rng = (None, None) if rng is None else jax.random.split(rng)

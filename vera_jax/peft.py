@@ -275,8 +275,9 @@ def _kernel_axes(fan_in_fan_out: bool, stacks: Sequence[str]) -> list[tuple[str,
     return rules + ([(".*", roles)] if fan_in_fan_out else [])
 
 
-def _names(patterns, torch_names: list[str]) -> list[str] | str:
-    """PEFT's list-of-names form: the config's names, or the exact module names when it used a regex."""
+def module_names(patterns, torch_names: list[str]) -> list[str]:
+    """PEFT's list-of-names form of ``target_modules`` / ``modules_to_save``: the config's names, or the
+    exact PyTorch module names (``torch_names``) when it used a regex."""
     return [hf.torch_name(p) for p in patterns] if not isinstance(patterns, str) else torch_names
 
 
@@ -321,10 +322,11 @@ def save_adapter(directory: str | os.PathLike, adapter: Adapter, params: Mapping
     head_modules = sorted({split_leaf(p)[0] for p in head})
     peft_config = {
         "peft_type": "VERA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
-        "r": config.r, "target_modules": _names(config.target_modules, [n for ns in names.values() for n in ns]),
+        "r": config.r, "target_modules": module_names(config.target_modules, [n for ns in names.values() for n in ns]),
         "projection_prng_key": config.projection_seed, "save_projection": True, "vera_dropout": config.dropout,
         "d_initial": config.d_initial, "fan_in_fan_out": axes == {"oi"}, "bias": "none",
-        "modules_to_save": _names(config.modules_to_save, [hf.torch_name(m) for m in head_modules]) if head else None,
+        "modules_to_save": (module_names(config.modules_to_save, [hf.torch_name(m) for m in head_modules])
+                            if head else None),
         "init_weights": True,
         "layers_to_transform": None, "layers_pattern": None, "inference_mode": True,
     }

@@ -1,0 +1,78 @@
+"""Compile time and step time of a causal LM on the NNX backend, its layers in a list against stacked
+and run with ``nnx.scan``, on the merged and activation paths: one table, side by side in one run.
+
+Compile seconds are what a user waits before the first step: tracing, lowering and XLA compilation of
+the jitted training step. Steps are timed in rounds (`train.bench.time_in_rounds`).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import optax
+
+import vera_jax
+from train import steps
+from train.model import load_causal_lm
+
+__all__ = ["compile_table", "FORMS", "PATHS"]
+
+FORMS = {"listed": "nnx-listed", "scanned": "nnx"}
+PATHS = ("merged", "activation")
+
+
+class _Compiled:
+    """One compiled, donated training step of an NNX model and the state it carries."""
+
+    def __init__(self, model, adapter: vera_jax.Adapter, path: str, batch):
+        tx = optax.adam(1e-3)
+        step = jax.jit(steps.make_train_step(model.vera_logits(path, adapter.config), tx, "causal-lm"),
+                       donate_argnums=(0, 1))
+        adapter = jax.tree.map(lambda leaf: leaf.copy(), adapter)  # its own buffers: the step donates them
+        self.state = (adapter, tx.init(adapter.trainable))
+        self.params, self.batch = model.params, batch
+        started = time.perf_counter()
+        self.step = step.lower(*self.state, self.params, batch, None).compile()
+        self.compile_seconds = time.perf_counter() - started
+
+    def __call__(self) -> None:
+        adapter, opt_state, loss = self.step(*self.state, self.params, self.batch, None)
+        loss.block_until_ready()
+        self.state = (adapter, opt_state)
+
+
+def compile_table(args, batch, time_in_rounds) -> dict:
+    """``{"listed"|"scanned": {"merged"|"activation": {"compile_seconds", "median_step_seconds"}}}`` plus the
+    ratios ``scanned_compile_speedup`` (listed compile / scanned compile, per path and at best) and
+    ``scanned_step_ratio`` (scanned step / listed step)."""
+    variants = {}
+    for form, backend in FORMS.items():
+        model = load_causal_lm(args.model, args.base_dtype, max_positions=args.seq_len, backend=backend)[0]
+        config = vera_jax.VeraConfig(r=args.r, target_modules=tuple(args.targets), kernel_axes=model.kernel_axes)
+        adapter = vera_jax.init_adapter(model.params, config)
+        for path in PATHS:
+            variants[(form, path)] = _Compiled(model, adapter, path, batch)
+    times = time_in_rounds({f"{form}/{path}": variant for (form, path), variant in variants.items()}, args.steps,
+                           args.warmup, args.settle)
+    table = {form: {path: {"compile_seconds": variants[(form, path)].compile_seconds,
+                           "median_step_seconds": statistics.median(times[f"{form}/{path}"])}
+                    for path in PATHS} for form in FORMS}
+    ratios = {path: (table["listed"][path]["compile_seconds"] / table["scanned"][path]["compile_seconds"],
+                     table["scanned"][path]["median_step_seconds"] / table["listed"][path]["median_step_seconds"])
+              for path in PATHS}
+    return {"table": table,
+            "scanned_compile_speedup": {path: compile for path, (compile, _) in ratios.items()},
+            "scanned_step_ratio": {path: step for path, (_, step) in ratios.items()}}
+
+
+def print_table(nnx: dict, layers: int) -> None:
+    print(f"NNX model, {layers} layers: compile (first step) and median step, layers listed vs scanned")
+    print(f"{'form':<10}{'path':<12}{'compile':>10}{'median step':>14}")
+    for form, paths in nnx["table"].items():
+        for path, row in paths.items():
+            print(f"{form:<10}{path:<12}{row['compile_seconds']:>9.1f}s{row['median_step_seconds'] * 1e3:>11.1f} ms")
+    for path in PATHS:
+        print(f"{path}: scanned compiles {nnx['scanned_compile_speedup'][path]:.1f}x faster, "
+              f"steps at {nnx['scanned_step_ratio'][path]:.2f}x the listed model's")

@@ -1,0 +1,130 @@
+"""A Llama-architecture causal LM as a Flax NNX model (`train.nnx_llama`), presented to the jobs as they
+use a Hugging Face Flax causal LM: ``config``, ``params``, ``model(ids, attention_mask, params=...)``,
+``generate``; plus the adapted model as a pure function of (params, adapter) on either path
+(`vera_jax.nnx.functional`).
+
+Weights come from a directory of PyTorch-named safetensors (the packaged SmolLM2, converted from its
+GGUF, or any Llama checkpoint); layers are stacked and run with ``nnx.scan`` by default, or kept in a list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import vera_jax
+import vera_jax.nnx
+from train import nnx_llama
+
+__all__ = ["NnxCausalLM", "load_nnx_causal_lm", "STACK"]
+
+STACK = "model/layers"  # where a scanned model's stacked layers live; PyTorch numbers them model.layers.{i}
+
+
+@dataclasses.dataclass(frozen=True)
+class Output:
+    logits: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Generated:
+    sequences: jax.Array  # (batch, prompt + new tokens)
+
+
+class NnxCausalLM:
+    """An `nnx_llama.LlamaForCausalLM` split into its graphdef and params (a plain nested dict)."""
+
+    def __init__(self, model: nnx_llama.LlamaForCausalLM, config):
+        """``config``: the transformers config of the checkpoint (``model_type``, positions, ...)."""
+        self.config = config
+        self.scan_layers = model.model.scan_layers
+        self.graphdef, self._state = nnx.split(model)
+        self.params = nnx.to_pure_dict(self._state)
+
+    @property
+    def stacks(self) -> tuple[str, ...]:
+        """Stacked layer roots, for PEFT's per-layer names."""
+        return (STACK,) if self.scan_layers else ()
+
+    @property
+    def kernel_axes(self) -> tuple[tuple[str, str], ...]:
+        """VeRA's kernel roles: ``nnx.Linear`` kernels (in, out), a stack's with its layer axis first."""
+        return ((f"{STACK}/.*", "lio"),) if self.scan_layers else ()
+
+    def module(self, params) -> nnx_llama.LlamaForCausalLM:
+        """The NNX model holding ``params`` (its own variables; nothing is copied eagerly under jit)."""
+        state = jax.tree.map(lambda leaf: leaf, self._state)
+        nnx.replace_by_pure_dict(state, params)
+        return nnx.merge(self.graphdef, state)
+
+    def __call__(self, input_ids, attention_mask=None, params=None, train: bool = False, dropout_rng=None) -> Output:
+        del train, dropout_rng  # the Llama has no dropout
+        return Output(self.module(self.params if params is None else params)(input_ids, attention_mask))
+
+    def vera_logits(self, path: str, config: vera_jax.VeraConfig) -> Callable:
+        """``logits(params, adapter, batch, rng)`` of the model adapted with ``config`` on ``path``."""
+        template = vera_jax.nnx.attach(self.module(self.params), config, path=path)
+        call = vera_jax.nnx.functional(template)
+
+        def logits(params, adapter, batch, rng):
+            del rng  # no dropout on NNX models
+            return call(params, adapter, batch["input_ids"], batch["attention_mask"])
+
+        return logits
+
+    def generate(self, input_ids, attention_mask=None, params=None, max_new_tokens: int = 32, do_sample: bool = False,
+                 pad_token_id: int = 0, eos_token_id: int | None = None) -> Generated:
+        """Greedy continuation of left-padded prompts (batch, prompt); each step runs the whole buffer (no
+        KV cache: answers of a few dozen tokens), and a row that emitted ``eos_token_id`` pads from then on."""
+        if do_sample:
+            raise ValueError("NnxCausalLM.generate decodes greedily only (do_sample=False).")
+        ids = jnp.asarray(input_ids)
+        mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask)
+        batch, prompt = ids.shape
+        total = prompt + max_new_tokens
+        ids = jnp.concatenate([ids, jnp.full((batch, max_new_tokens), pad_token_id, ids.dtype)], axis=1)
+        mask = jnp.concatenate([mask, jnp.zeros((batch, max_new_tokens), mask.dtype)], axis=1)
+        step = jax.jit(_greedy_step, static_argnums=0)
+        done = jnp.zeros((batch,), bool)
+        params = self.params if params is None else params
+        for position in range(prompt, total):
+            ids, mask, done = step(self, params, ids, mask, done, position, pad_token_id,
+                                   -1 if eos_token_id is None else eos_token_id)
+        return Generated(ids)
+
+
+def _greedy_step(model: NnxCausalLM, params, ids, mask, done, position, pad_id, eos_id):
+    """Writes each row's next token at ``position`` (pad once a row is done)."""
+    logits = model(ids, mask, params=params).logits
+    token = jnp.argmax(jnp.take(logits, position - 1, axis=1), axis=-1).astype(ids.dtype)
+    token = jnp.where(done, pad_id, token)
+    ids = jax.lax.dynamic_update_slice_in_dim(ids, token[:, None], position, axis=1)
+    mask = jax.lax.dynamic_update_slice_in_dim(mask, (~done)[:, None].astype(mask.dtype), position, axis=1)
+    return ids, mask, done | (token == eos_id)
+
+
+def load_nnx_causal_lm(directory: Path, config, *, dtype: str = "float32", scan_layers: bool = True) -> NnxCausalLM:
+    """The Llama checkpoint in ``directory`` (``model.safetensors`` or shards, PyTorch names) as an NNX model.
+
+    Raises:
+      ValueError: no safetensors weights there, or weights that do not fit ``config``.
+    """
+    from safetensors.numpy import load_file
+
+    files = sorted(Path(directory).glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{directory} holds no .safetensors weights; the NNX backend reads PyTorch-named "
+                         "safetensors (use --backend linen for other checkpoints).")
+    state_dict = {}
+    for file in files:
+        state_dict |= load_file(file)
+    if dtype != "float32":
+        state_dict = {name: value.astype(np.float32).astype(jnp.dtype(dtype)) for name, value in state_dict.items()}
+    model = nnx_llama.from_torch(state_dict, nnx_llama.LlamaConfig.from_hf(config), scan_layers=scan_layers)
+    return NnxCausalLM(model, config)

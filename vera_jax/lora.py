@@ -1,0 +1,141 @@
+"""VeRA adapters served as LoRA.
+
+delta_W = (lambda_b * B[:out]) @ (lambda_d * A[:, :in]) is a rank-r product, so every VeRA adapter is
+also a LoRA adapter: lora_A = lambda_d * A[:, :in] (r, in), lora_B = lambda_b * B[:out] (out, r),
+lora_alpha = r (scaling 1). `save_lora` writes it as a standard PEFT LoRA directory, which every engine
+that serves LoRA runs (PEFT, vLLM, SGLang), though none of them runs VeRA.
+
+With ``rank=k`` each delta is replaced by its best rank-k approximation (Eckart-Young), computed through
+the small r x r core: with P = lambda_b * B[:out] = Q_p R_p and Q^T = (lambda_d * A[:, :in])^T = Q_q R_q,
+delta = Q_p (R_p R_q^T) Q_q^T, and the SVD of the r x r core gives the factors; the relative error
+(Frobenius) of each layer is reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from vera_jax import hf
+from vera_jax.adapter import Adapter, layer_vectors
+from vera_jax.atomic import staged_directory
+from vera_jax.paths import split_leaf
+from vera_jax.peft import CONFIG_FILE, MODEL_PREFIX, WEIGHTS_FILE, module_names
+from vera_jax.vectors import full_leaves
+
+__all__ = ["LoraFactors", "lora_factors", "save_lora"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraFactors:
+    """One PyTorch layer's LoRA: ``lora_a`` (k, in), ``lora_b`` (out, k); ``relative_error`` of lora_b @ lora_a
+    against VeRA's delta (0 at full rank)."""
+
+    name: str
+    lora_a: np.ndarray
+    lora_b: np.ndarray
+    relative_error: float
+
+
+def _factors(a: np.ndarray, b: np.ndarray, lambda_d: np.ndarray, lambda_b: np.ndarray, in_features: int,
+             rank: int | None) -> tuple[np.ndarray, np.ndarray, float]:
+    """(lora_A (k, in), lora_B (out, k), relative error) of one layer's delta, in float64."""
+    left = lambda_b[:, None] * b[: lambda_b.shape[0]]  # (out, r)
+    right = lambda_d[:, None] * a[:, :in_features]  # (r, in)
+    if rank is None or rank >= left.shape[1]:
+        return right, left, 0.0
+    q_left, r_left = np.linalg.qr(left)  # (out, r), (r, r)
+    q_right, r_right = np.linalg.qr(right.T)  # (in, r), (r, r)
+    u, s, vt = np.linalg.svd(r_left @ r_right.T)
+    root = np.sqrt(s[:rank])
+    total = float(np.sqrt(np.sum(np.square(s))))
+    error = float(np.sqrt(np.sum(np.square(s[rank:])))) / total if total > 0 else 0.0
+    return (root[:, None] * vt[:rank]) @ q_right.T, q_left @ (u[:, :rank] * root), error
+
+
+def _linear_kind(items) -> str:
+    """'io' (Flax Dense: PyTorch nn.Linear) or 'oi' (GPT-2's Conv1D: fan_in_fan_out), one per layer of a stack.
+
+    Raises:
+      ValueError: kernels of other roles, or of both kinds.
+    """
+    axes = {item.layer.axes.replace("l", "") for item in items}
+    if not axes <= {"io", "oi"} or len(axes) != 1:
+        raise ValueError(f"LoRA files describe layers as PyTorch nn.Linear (or GPT-2's Conv1D) kernels, all of one "
+                         f"kind; this adapter's kernels have axes {sorted(axes)}. Keep it as a vera_jax checkpoint, "
+                         "or export the merged model.")
+    return axes.pop()
+
+
+def lora_factors(adapter: Adapter, params: Mapping, *, rank: int | None = None,
+                 stacks: Sequence[str] = ()) -> list[LoraFactors]:
+    """The LoRA factors of every adapted layer, named as PyTorch names it (a stack per layer, see
+    `vera_jax.peft.save_adapter`'s ``stacks``).
+
+    Args:
+      rank: the LoRA rank k; None (or k >= r) is VeRA's exact rank r.
+
+    Raises:
+      ValueError: a rank below 1, per-layer projections, kernels that are not one PyTorch ``nn.Linear``
+        kind ((in, out) or (out, in)), a stack under none of ``stacks``, or an adapter that does not fit.
+    """
+    if rank is not None and rank < 1:
+        raise ValueError(f"rank must be a positive integer (or None for VeRA's rank r), got {rank}.")
+    items = layer_vectors(params, adapter)
+    _linear_kind(items)
+    factors = []
+    for item in items:
+        a, b = (np.asarray(m, np.float64) for m in adapter.projections.pair(item.layer.path))
+        names = hf.layer_names(item.layer.path, item.layer.layers, stacks)
+        rows = zip(item.lambda_d, item.lambda_b) if item.layer.layers else [(item.lambda_d, item.lambda_b)]
+        for name, (lambda_d, lambda_b) in zip(names, rows, strict=True):
+            lora_a, lora_b, error = _factors(a, b, np.asarray(lambda_d, np.float64), np.asarray(lambda_b, np.float64),
+                                             item.layer.in_features, rank)
+            factors.append(LoraFactors(name, lora_a, lora_b, error))
+    return factors
+
+
+def save_lora(directory: str | os.PathLike, adapter: Adapter, params: Mapping, *, rank: int | None = None,
+              stacks: Sequence[str] = (), task_type: str | None = None,
+              base_model_name_or_path: str | None = None) -> tuple[Path, list[LoraFactors]]:
+    """Write ``adapter`` as a PEFT LoRA directory (``peft.PeftModel.from_pretrained`` loads it); returns the
+    directory and the factors written (each with its relative error).
+
+    Leaves trained in full (``modules_to_save``) are written as PEFT writes them. See `lora_factors`.
+
+    Raises:
+      ValueError: as `lora_factors`.
+      FileExistsError: ``directory`` holds files that are not a PEFT adapter (nothing is written).
+    """
+    factors = lora_factors(adapter, params, rank=rank, stacks=stacks)
+    k = factors[0].lora_a.shape[0]
+    tensors = {}
+    for factor in factors:
+        tensors[f"{MODEL_PREFIX}{factor.name}.lora_A.weight"] = factor.lora_a
+        tensors[f"{MODEL_PREFIX}{factor.name}.lora_B.weight"] = factor.lora_b
+    head = full_leaves(adapter.trainable)
+    for path, value in head.items():
+        module, leaf = split_leaf(path)
+        name, converted = hf.to_torch_leaf(leaf, np.asarray(value))
+        tensors[f"{MODEL_PREFIX}{hf.torch_name(module)}.{name}"] = converted
+    config = {
+        "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
+        "r": k, "lora_alpha": k, "lora_dropout": 0.0, "target_modules": [factor.name for factor in factors],
+        "fan_in_fan_out": _linear_kind(layer_vectors(params, adapter)) == "oi",
+        "bias": "none", "modules_to_save": module_names(adapter.config.modules_to_save, sorted(
+            {hf.torch_name(split_leaf(p)[0]) for p in head})) if head else None,
+        "init_lora_weights": True, "use_rslora": False, "use_dora": False, "layers_to_transform": None,
+        "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True,
+    }
+    from safetensors.numpy import save_file
+
+    with staged_directory(directory, CONFIG_FILE) as staging:
+        save_file({name: np.ascontiguousarray(value, np.float32) for name, value in tensors.items()},
+                  str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+    return Path(directory).absolute(), factors
