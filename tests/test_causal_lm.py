@@ -72,7 +72,7 @@ def test_causal_lm_lowers_perplexity_and_writes_every_output(tiny, tmp_path):
     # The PEFT export (the stack written per layer), applied by PEFT to the PyTorch model, gives the logits
     # of the merged NNX model.
     ids = np.random.default_rng(0).integers(3, 250, (2, 20))
-    nnx_model = load_causal_lm(str(model_dir))[0]
+    nnx_model = load_causal_lm(str(model_dir), backend="nnx")[0]
     expected = np.asarray(nnx_model(ids, params=vera_jax.merge(params, adapter)).logits)
     peft_model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(model_dir), out / "peft_adapter").eval()
     with torch.no_grad():

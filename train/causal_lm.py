@@ -43,8 +43,9 @@ def command(args: argparse.Namespace) -> None:
 
 
 def lora_parameters(params, config: vera_jax.VeraConfig, rank: int) -> int:
-    """What LoRA of ``rank`` on the same layers would train: rank x (in + out) per layer."""
-    return sum(rank * (layer.in_features + layer.out_features) for layer in vera_jax.find_layers(params, config))
+    """What LoRA of ``rank`` on the same layers would train: rank x (in + out) per layer (each layer of a stack)."""
+    return sum(rank * (layer.in_features + layer.out_features) * (layer.layers or 1)
+               for layer in vera_jax.find_layers(params, config))
 
 
 def prepare(options: Options) -> Prepared:
