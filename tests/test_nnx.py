@@ -166,21 +166,33 @@ def test_optimizer_trains_only_the_vectors_and_every_param_stays_bit_identical(t
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_pure_view_gives_the_module_views_logits_and_gradients(torch_llama, case):
+def test_pure_views_give_the_module_views_logits_and_gradients(torch_llama, case):
+    """``vera_jax.merge`` over `split`'s params and base graphdef, and `vera_jax.nnx.functional` on either path."""
     build, targets, inputs = CASES[case]
-    model = vera_nnx.attach(build(torch_llama), vera_jax.VeraConfig(r=8, target_modules=targets), path="activation")
+    model = vera_nnx.attach(build(torch_llama), vera_jax.VeraConfig(r=8, target_modules=targets), path="merged")
     randomise_vectors(model)
     graphdef, params, adapter = vera_nnx.split(model)
-
-    def pure_loss(trainable):
-        merged = vera_jax.merge(params, adapter.replace(trainable=trainable))
-        return jnp.mean(jnp.square(nnx.merge(graphdef, merged)(inputs)))
-
-    pure_value, pure_grads = jax.value_and_grad(pure_loss)(adapter.trainable)
+    views = {"merge": lambda p, a: nnx.merge(graphdef, vera_jax.merge(p, a))(inputs)}
+    views |= {path: (lambda call: lambda p, a: call(p, a, inputs))(vera_nnx.functional(model, path=path))
+              for path in vera_nnx.PATHS}
     value, grads = loss_and_grads(model, inputs)
-    assert abs(float(pure_value) - float(value)) <= 1e-5 * abs(float(value))
-    for got, want in zip(jax.tree.leaves(pure_grads), jax.tree.leaves(grads), strict=True):
-        assert max_rel_error(got, want) < 1e-4
+    want = vera_jax.paths.flatten(grads)
+    for name, view in views.items():
+        def loss(trainable):
+            return jnp.mean(jnp.square(view(params, adapter.replace(trainable=trainable))))
+
+        got_value, got_grads = jax.jit(jax.value_and_grad(loss))(adapter.trainable)
+        assert abs(float(got_value) - float(value)) <= 1e-5 * abs(float(value)), name
+        got = vera_jax.paths.flatten(got_grads)
+        assert sorted(got) == sorted(want)
+        for path, grad in got.items():
+            assert max_rel_error(grad, want[path]) < 1e-4, (name, path)
+    assert {module.vera_path for module in vera_nnx.adapted_modules(model).values()} == {"merged"}
+    shifted = adapter.replace(trainable=jax.tree.map(lambda v: 2 * v, adapter.trainable))
+    assert max_rel_error(vera_nnx.functional(model)(params, shifted, inputs), model(inputs)) > 1e-3  # the adapter's
+    with pytest.raises(ValueError, match="adapts .* but the model's VeRA adapts"):
+        vera_nnx.functional(model)(params, adapter.replace(config=vera_jax.VeraConfig(r=4, target_modules=targets)),
+                                   inputs)
     unmerged = vera_jax.unmerge(vera_jax.merge(params, adapter), adapter)
     flat = lambda tree: np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(tree)])  # noqa: E731
     assert max_rel_error(flat(unmerged), flat(params)) < 1e-5
@@ -453,29 +465,3 @@ def test_sharded_kernels_shard_their_vectors_and_train_like_one_device():
     assert float(printed["loss_rel"]) < 1e-5
     assert printed["params_identical"] == "True"
     assert printed["kept_sharding"] == "(None, 'model')"
-
-
-@pytest.mark.parametrize("case", CASES)
-def test_functional_runs_either_path_as_a_pure_function_of_params_and_adapter(torch_llama, case):
-    build, targets, inputs = CASES[case]
-    model = vera_nnx.attach(build(torch_llama), vera_jax.VeraConfig(r=8, target_modules=targets), path="merged")
-    randomise_vectors(model)
-    _, params, adapter = vera_nnx.split(model)
-    want_loss, want_grads = loss_and_grads(model, inputs)
-    for path in vera_nnx.PATHS:
-        call = vera_nnx.functional(model, path=path)
-
-        def loss(trainable):
-            return jnp.mean(jnp.square(call(params, adapter.replace(trainable=trainable), inputs)))
-
-        got_loss, got_grads = jax.jit(jax.value_and_grad(loss))(adapter.trainable)
-        assert abs(float(got_loss) - float(want_loss)) <= 1e-5 * float(want_loss)
-        flat_want = vera_jax.paths.flatten(want_grads)
-        for name, grad in vera_jax.paths.flatten(got_grads).items():
-            assert max_rel_error(grad, flat_want[name]) < 1e-4
-    assert {module.vera_path for module in vera_nnx.adapted_modules(model).values()} == {"merged"}
-    shifted = adapter.replace(trainable=jax.tree.map(lambda v: 2 * v, adapter.trainable))
-    assert max_rel_error(vera_nnx.functional(model)(params, shifted, inputs), model(inputs)) > 1e-3  # the adapter's
-    with pytest.raises(ValueError, match="adapts .* but the model's VeRA adapts"):
-        vera_nnx.functional(model)(params, adapter.replace(config=vera_jax.VeraConfig(r=4, target_modules=targets)),
-                                   inputs)

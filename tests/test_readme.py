@@ -19,6 +19,7 @@ def test_readme_examples_run(tmp_path, monkeypatch):
     assert namespace["nnx_losses"][-1] < namespace["nnx_losses"][0] and namespace["base_unchanged"]
     np.testing.assert_allclose(namespace["pure_logits"], namespace["llama"](namespace["token_ids"]), rtol=1e-5,
                                atol=1e-6)
+    np.testing.assert_allclose(namespace["functional_logits"], namespace["pure_logits"], rtol=1e-5, atol=1e-6)
     assert (tmp_path / "nnx-adapter" / "vera_adapter.json").exists()
     assert (tmp_path / "nnx-peft-adapter" / "adapter_config.json").exists()
     assert namespace["k_losses"].shape == (3,) and len(set(np.asarray(namespace["k_losses"]).tolist())) == 3
@@ -29,3 +30,5 @@ def test_readme_examples_run(tmp_path, monkeypatch):
     assert (tmp_path / "my-adapter" / "vera_adapter.json").exists()
     assert (tmp_path / "peft-adapter" / "adapter_config.json").exists()
     assert (tmp_path / "merged-model" / "model.safetensors").exists()
+    assert (tmp_path / "lora-adapter" / "adapter_config.json").exists()
+    assert 0 < max(layer.relative_error for layer in namespace["lora_layers"]) < 1

@@ -13,6 +13,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 import tiny_run
 import vera_jax
@@ -245,12 +246,23 @@ def test_export_command_writes_peft_and_merged_models(tiny, tmp_path, capsys):
     apply = lambda p, x: base(x, params=p).logits  # noqa: E731
     expected = np.asarray(vera_jax.adapt(apply, adapter, path="activation")(base.params, ids))
 
-    for fmt in ("peft", "flax", "safetensors"):
+    for fmt in ("peft", "lora", "flax", "safetensors"):
         out = tmp_path / fmt
         args = ["export", "--adapter", str(run_dir / "adapter"), "--model", str(model), "--format", fmt,
                 "--output", str(out)]
         assert main(args) == 0, capsys.readouterr().err
         assert main(args) == 0, capsys.readouterr().err  # an earlier export of the same kind is replaced
+        if fmt == "lora":  # lora_B @ lora_A is each layer's delta: the merged kernel minus the base kernel
+            tensors = load_file(out / "adapter_model.safetensors")
+            merged, kernels = flatten(vera_jax.merge(base.params, adapter)), flatten(base.params)
+            modules = [k.removeprefix("base_model.model.").removesuffix(".lora_A.weight") for k in tensors
+                       if k.endswith("lora_A.weight")]
+            assert len(modules) == 4  # query and value of both layers
+            for module in modules:
+                prefix, kernel = f"base_model.model.{module}", module.replace(".", "/") + "/kernel"
+                delta = tensors[f"{prefix}.lora_B.weight"] @ tensors[f"{prefix}.lora_A.weight"]
+                np.testing.assert_allclose(delta.T, merged[kernel] - kernels[kernel], rtol=1e-4, atol=1e-6)
+            continue
         if fmt == "peft":
             again = vera_peft.load_adapter(out, base.params)
             logits = vera_jax.adapt(apply, again, path="activation")(base.params, ids)
@@ -258,6 +270,13 @@ def test_export_command_writes_peft_and_merged_models(tiny, tmp_path, capsys):
             merged = FlaxBertForSequenceClassification.from_pretrained(out)
             logits = merged(ids, params=merged.params).logits
         np.testing.assert_allclose(np.asarray(logits), expected, rtol=1e-5, atol=1e-5, err_msg=fmt)
+    assert main(["export", "--adapter", str(run_dir / "adapter"), "--model", str(model), "--format", "lora",
+                 "--rank", "2", "--output", str(tmp_path / "lora-2")]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("rank 2  relative error") == 4
+    assert main(["export", "--adapter", str(run_dir / "adapter"), "--model", str(model), "--format", "peft",
+                 "--rank", "2", "--output", str(tmp_path / "x")]) == 2
+    assert "--rank 2 applies to --format lora only" in capsys.readouterr().err
     # The run itself also wrote the PEFT form of its adapter.
     assert (run_dir / "peft_adapter" / "adapter_model.safetensors").exists()
     capsys.readouterr()
