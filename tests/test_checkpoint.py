@@ -2,8 +2,11 @@
 
 import dataclasses
 import json
+import shutil
+import warnings
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
@@ -132,7 +135,40 @@ def test_missing_or_broken_metadata(bert, tmp_path):
         checkpoint.restore(tmp_path, bert.params)
     _save(bert, tmp_path / "adapter")
     (tmp_path / "adapter" / "vera_adapter.json").write_text("{not json")
-    with pytest.raises(ValueError, match="is not valid JSON"):
+    with pytest.raises(vera_jax.AdapterFileError, match=r"vera_adapter.json is damaged \(JSONDecodeError"):
+        checkpoint.restore(tmp_path / "adapter", bert.params)
+
+
+def test_stored_tensors_are_checked_against_their_checksums(bert, tmp_path):
+    _save(bert, tmp_path / "adapter", seed=1)
+    _save(bert, tmp_path / "other", seed=2)  # the same shapes, other values
+    shutil.rmtree(tmp_path / "adapter" / "trainable")
+    shutil.copytree(tmp_path / "other" / "trainable", tmp_path / "adapter" / "trainable")
+    with pytest.raises(vera_jax.AdapterFileError, match=r"adapter/trainable: tensor \['trainable'\].* does not "
+                       "match its checksum in vera_adapter.json; the adapter is damaged"):
+        checkpoint.restore(tmp_path / "adapter", bert.params)
+
+
+def test_the_recorded_base_tells_another_base(bert, tmp_path):
+    adapter = families.random_adapter(bert, seed=1)
+    checkpoint.save(tmp_path / "adapter", adapter, bert.params)
+    base = json.loads((tmp_path / "adapter" / "vera_adapter.json").read_text())["base"]
+    assert base["kernels"] == {layer.path: list(layer.kernel_shape)
+                               for layer in vera_jax.find_layers(bert.params, adapter.config)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _assert_same_adapter(checkpoint.restore(tmp_path / "adapter", bert.params), adapter)
+    for other in (jax.tree.map(lambda x: x * 1.5, bert.params),  # another model of the same shapes
+                  jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(x.dtype), bert.params)):  # a bf16 copy
+        with pytest.warns(UserWarning, match="hold other values than those the adapter .* was trained on"):
+            _assert_same_adapter(checkpoint.restore(tmp_path / "adapter", other), adapter)
+    meta_path = tmp_path / "adapter" / "vera_adapter.json"
+    meta = json.loads(meta_path.read_text())
+    layer = next(iter(meta["base"]["kernels"]))
+    meta["base"]["kernels"][layer] = [7, 7]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(vera_jax.AdapterFileError, match=f"trained on a base whose adapted kernels differ from these "
+                       f"params' at \\['{layer}'\\]"):
         checkpoint.restore(tmp_path / "adapter", bert.params)
 
 

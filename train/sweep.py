@@ -239,7 +239,7 @@ def sweep(options: Options, grid: Grid) -> dict:
             rows.append({**dict(zip(ABLATIONS, variant)), "d_initial": d, "seed": seed, "test_accuracy": float(acc),
                          "trainable_params": trainable_params})
             setup.log.write(run=_run_name(variant, d, seed), step=setup.total_steps, test_accuracy=float(acc))
-            adapter_checkpoint.save(out / "adapters" / _adapter_name(variant, d, seed), adapter)
+            adapter_checkpoint.save(out / "adapters" / _adapter_name(variant, d, seed), adapter, params)
     groups = {}
     for row in rows:
         groups.setdefault(_setting_name(tuple(row[a] for a in ABLATIONS), row["d_initial"]), []).append(

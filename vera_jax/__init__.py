@@ -7,6 +7,7 @@ Saving and loading live in submodules, so that ``import vera_jax`` stays light: 
 from vera_jax.activation import adapt
 from vera_jax.adapter import Adapter, init_adapter
 from vera_jax.config import VeraConfig
+from vera_jax.errors import AdapterFileError
 from vera_jax.input_groups import shared_input_groups
 from vera_jax.layers import AdaptedLayer, find_layers, is_vector_path
 from vera_jax.merge import merge, unmerge
@@ -19,6 +20,7 @@ from vera_jax.timing import measured_plan, whole_step_plan
 __all__ = [
     "AdaptedLayer",
     "Adapter",
+    "AdapterFileError",
     "PathPlan",
     "VeraConfig",
     "adapt",

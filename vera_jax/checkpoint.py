@@ -3,8 +3,11 @@
 A checkpoint directory holds ``trainable/`` (an Orbax checkpoint of the trainable tree, plus A and B
 when ``config.save_projection`` asks or when they cannot be drawn again from the key, as those of a
 PEFT file) and ``vera_adapter.json`` (the config, the key's two words, the
-recipe r / in_max / out_max / dtype / generator, and a sha256 fingerprint of A and B). Restoring
-rebuilds A and B from the key and refuses when the fingerprint differs. The directory is written
+recipe r / in_max / out_max / dtype / generator, a sha256 fingerprint of A and B, the shape, dtype and
+sha256 of every stored tensor, and the base's adapted kernel shapes with a fingerprint of a sample of
+their values). Restoring rebuilds A and B from the key and refuses when the fingerprint differs, checks
+every tensor against its checksum (a damaged file is an `AdapterFileError` naming it), refuses a base
+whose adapted kernels have other shapes and warns when their values differ. The directory is written
 beside its place and swapped in (`vera_jax.atomic`), so a crash never leaves half an adapter or none.
 """
 
@@ -14,24 +17,32 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 
 from vera_jax.adapter import STORED, Adapter
 from vera_jax.atomic import publish, recover, stage, staging_path
 from vera_jax.config import VeraConfig
+from vera_jax.errors import AdapterFileError
+from vera_jax.layers import find_layers
+from vera_jax.paths import SEP, flatten
 from vera_jax.projections import GENERATOR, Projections, init_projections
 from vera_jax.vectors import init_trainable
 
-__all__ = ["fingerprint", "projection_recipe", "projections_from_recipe", "save", "restore", "METADATA_FILE"]
+__all__ = ["fingerprint", "projection_recipe", "projections_from_recipe", "base_record", "save", "restore",
+           "METADATA_FILE"]
 
 METADATA_FILE = "vera_adapter.json"
 TREE_DIR = "trainable"
+BASE_SAMPLE = 64  # values per adapted kernel in the base's fingerprint, evenly spaced over its flat index
 
 
 def fingerprint(projections: Projections) -> str:
@@ -80,24 +91,64 @@ def projections_from_recipe(params: Mapping, recipe: Mapping, config: VeraConfig
     return projections
 
 
+def _host(value: jax.Array) -> np.ndarray:
+    """A leaf's values on this host, also when other processes hold parts of it (small trees only)."""
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+    return np.asarray(jax.device_get(value))
+
+
+def tensor_records(tree) -> dict[str, dict]:
+    """``{leaf path: {"shape", "dtype", "sha256"}}`` of every leaf of ``tree``, its bytes row-major."""
+    records = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        value = np.ascontiguousarray(_host(leaf))
+        records[jax.tree_util.keystr(path)] = {"shape": list(value.shape), "dtype": str(value.dtype),
+                                               "sha256": hashlib.sha256(value.tobytes()).hexdigest()}
+    return records
+
+
+def _kernel_sample(kernel: jax.Array) -> np.ndarray:
+    """``BASE_SAMPLE`` values of ``kernel`` evenly spaced over its flat index, as float32."""
+    indices = np.linspace(0, kernel.size - 1, BASE_SAMPLE).astype(np.int64)
+    take = lambda k: jnp.ravel(k)[indices].astype(jnp.float32)  # noqa: E731
+    if isinstance(kernel, jax.Array) and not kernel.is_fully_addressable:
+        replicated = NamedSharding(kernel.sharding.mesh, PartitionSpec())
+        return np.asarray(jax.jit(take, out_shardings=replicated)(kernel))
+    return np.asarray(take(kernel))
+
+
+def base_record(params: Mapping, config: VeraConfig) -> dict:
+    """The adapted kernels' shapes and a sha256 of a sample of their values: what tells this base from another."""
+    flat = flatten(params)
+    digest, kernels = hashlib.sha256(), {}
+    for layer in find_layers(params, config):
+        kernels[layer.path] = list(layer.kernel_shape)
+        digest.update(_kernel_sample(flat[layer.path + SEP + "kernel"]).tobytes())
+    return {"kernels": kernels, "sample_sha256": digest.hexdigest()}
+
+
 def _stores_projections(adapter: Adapter) -> bool:
     """A and B go into the checkpoint when asked, and always when they cannot be drawn again from the key."""
     return adapter.config.save_projection or not adapter.redrawable
 
 
-def save(directory: str | os.PathLike, adapter: Adapter) -> Path:
+def save(directory: str | os.PathLike, adapter: Adapter, params: Mapping | None = None) -> Path:
     """Write ``adapter`` as a checkpoint in ``directory``, replacing an older adapter only once the new one is whole.
 
+    ``params``, the base the adapter was trained on, is not saved: its adapted kernels' shapes and a fingerprint
+    of their values are, so that `restore` can tell another base (pass it; without it that check is skipped).
     In a multi-process run every process calls it (Orbax writes collectively); process 0 does the renames.
 
     Raises:
       FileExistsError: ``directory`` holds files that are not a vera_jax adapter (nothing is written).
     """
     directory = Path(directory).absolute()
-    tree = {"trainable": adapter.trainable}
-    if _stores_projections(adapter):
-        tree["projections"] = {"A": adapter.projections.A, "B": adapter.projections.B}
-    metadata = {"config": adapter.config.to_dict(), "projection": projection_recipe(adapter)}
+    tree = _stored_tree(adapter)
+    metadata = {"config": adapter.config.to_dict(), "projection": projection_recipe(adapter),
+                "tensors": tensor_records(tree)}
+    if params is not None:
+        metadata["base"] = base_record(params, adapter.config)
     primary = jax.process_index() == 0
     staging = stage(directory, METADATA_FILE) if primary else staging_path(directory)
     multihost_utils.sync_global_devices(f"vera_jax.checkpoint.save:{staging}")
@@ -114,52 +165,128 @@ def save(directory: str | os.PathLike, adapter: Adapter) -> Path:
     return directory
 
 
+def _stored_tree(adapter: Adapter) -> dict:
+    """What goes into the Orbax checkpoint: the trainable tree, and A and B when `_stores_projections`."""
+    tree = {"trainable": adapter.trainable}
+    if _stores_projections(adapter):
+        tree["projections"] = {"A": adapter.projections.A, "B": adapter.projections.B}
+    return tree
+
+
 def _metadata(directory: Path) -> dict:
+    """``vera_adapter.json``, its fields checked for type (a damaged file is an `AdapterFileError`)."""
     path = directory / METADATA_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: {directory} is not a vera_jax adapter checkpoint.")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); the adapter is damaged.") from None
+        metadata = json.loads(path.read_text(encoding="utf-8"))
+        config = VeraConfig.from_dict(metadata["config"])
+        recipe = metadata["projection"]
+        valid = (isinstance(recipe.get("generator", GENERATOR), str) and isinstance(recipe["fingerprint"], str)
+                 and recipe["key"] and all(isinstance(w, int) and 0 <= w < 2**32 for w in recipe["key"])
+                 and all(isinstance(recipe[n], int) for n in ("r", "in_max", "out_max"))
+                 and isinstance(recipe["dtype"], str) and isinstance(metadata.get("tensors", {}), dict))
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
+        raise AdapterFileError(f"{path} is damaged ({type(err).__name__}: {err}); re-save the adapter.") from None
+    if not valid:
+        raise AdapterFileError(f"{path} is damaged (its projection recipe has fields of the wrong type); "
+                               "re-save the adapter.")
+    return metadata | {"config": config}
+
+
+def _check_base(directory: Path, recorded: dict, params: Mapping, config: VeraConfig) -> None:
+    """Refuse a base whose adapted kernels differ in shape from the recorded ones; warn when their values differ."""
+    try:
+        record = base_record(params, config)
+    except ValueError as err:
+        raise AdapterFileError(f"The adapter in {directory} does not fit these params ({err}); load it onto the "
+                               "model it was trained with.") from None
+    if record["kernels"] != recorded.get("kernels"):
+        recorded_kernels = recorded.get("kernels") or {}
+        differing = sorted(p for p in set(record["kernels"]) | set(recorded_kernels)
+                           if record["kernels"].get(p) != recorded_kernels.get(p))
+        raise AdapterFileError(f"The adapter in {directory} was trained on a base whose adapted kernels differ from "
+                               f"these params' at {differing[:4]}; load it onto the model it was trained with.")
+    if record["sample_sha256"] != recorded.get("sample_sha256"):
+        warnings.warn(f"The base's adapted kernels hold other values than those the adapter in {directory} was "
+                      "trained on (another model of the same shapes, or a copy in another dtype); its results "
+                      "may differ.", stacklevel=3)
 
 
 def restore(directory: str | os.PathLike, params: Mapping, *,
             sharding: jax.sharding.Sharding | None = None) -> Adapter:
-    """Read the adapter checkpoint in ``directory`` for ``params``, A and B checked against their fingerprint.
+    """Read the adapter checkpoint in ``directory`` for ``params``, every tensor checked against its checksum
+    and A and B against their fingerprint.
 
     ``sharding`` places the restored leaves (default: the first device), whatever mesh wrote them.
+
+    Raises:
+      AdapterFileError: the directory is damaged (naming the file or tensor), or the adapter does not fit
+        ``params``. Warns when the base's adapted kernels hold other values than the recorded base's.
     """
     directory = Path(directory).absolute()  # Orbax reads relative paths as missing
     recover(directory)  # an old copy a crash left beside its place
     metadata = _metadata(directory)
-    config = VeraConfig.from_dict(metadata["config"])
+    config = metadata["config"]
+    if "base" in metadata:  # adapters written before vera_jax recorded the base lack it
+        _check_base(directory, metadata["base"], params, config)
     generator = metadata["projection"].get("generator", GENERATOR)
     stored_projections = config.save_projection or generator != GENERATOR
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = {"trainable": jax.eval_shape(lambda: init_trainable(params, config))}
-    if stored_projections:
-        key = np.asarray(metadata["projection"]["key"], np.uint32)
-        shapes = jax.eval_shape(lambda: init_projections(params, key, config))
-        target["projections"] = {"A": shapes.A, "B": shapes.B}
+    try:
+        target = {"trainable": jax.eval_shape(lambda: init_trainable(params, config))}
+        if stored_projections:
+            key = np.asarray(metadata["projection"]["key"], np.uint32)
+            shapes = jax.eval_shape(lambda: init_projections(params, key, config))
+            target["projections"] = {"A": shapes.A, "B": shapes.B}
+    except ValueError as err:
+        raise AdapterFileError(f"The adapter in {directory} does not fit these params ({err}); load it onto the "
+                               "model it was trained with.") from None
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), target)
-    with ocp.StandardCheckpointer() as checkpointer:
-        stored = checkpointer.metadata(directory / TREE_DIR)
-    stored_tree = getattr(stored, "item_metadata", stored)
-    stored_shapes = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(stored_tree)}
-    wanted = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(target)}
-    if stored_shapes != wanted:
-        diff = sorted(set(stored_shapes.items()) ^ set(wanted.items()))[:6]
-        raise ValueError(f"The adapter in {directory} does not fit these params (differing leaves: {diff}); "
-                         "load it onto the model it was trained with.")
-    with ocp.StandardCheckpointer() as checkpointer:
-        restored = checkpointer.restore(directory / TREE_DIR, target)
+    wanted = {jax.tree_util.keystr(k): list(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(target)}
+    records = metadata.get("tensors")
+    if records is not None:
+        recorded = {name: record.get("shape") if isinstance(record, dict) else None for name, record in records.items()}
+        if recorded != wanted:
+            diff = sorted(n for n in set(recorded) | set(wanted) if recorded.get(n) != wanted.get(n))[:6]
+            raise AdapterFileError(f"The adapter in {directory} does not fit these params (differing leaves: {diff}); "
+                                   "load it onto the model it was trained with.")
+    restored = _read_tree(directory, target, wanted)
+    if records is not None:
+        for name, record in tensor_records(restored).items():
+            if record != records[name]:
+                raise AdapterFileError(f"{directory / TREE_DIR}: tensor {name} does not match its checksum in "
+                                       f"{METADATA_FILE}; the adapter is damaged. Re-save it or use a backup.")
     if stored_projections:
         projections = Projections(A=restored["projections"]["A"], B=restored["projections"]["B"],
                                   layers=shapes.layers)
         if fingerprint(projections) != metadata["projection"]["fingerprint"]:
-            raise ValueError(f"A and B stored in {directory} do not match their fingerprint; the adapter is damaged.")
+            raise AdapterFileError(f"A and B stored in {directory} do not match their fingerprint; the adapter is "
+                                   "damaged.")
     else:
-        projections = projections_from_recipe(params, metadata["projection"], config)
+        try:
+            projections = projections_from_recipe(params, metadata["projection"], config)
+        except ValueError as err:
+            raise AdapterFileError(f"{directory / METADATA_FILE}: {err}") from None
     return Adapter(trainable=restored["trainable"], projections=projections, config=config,
                    generator=generator if generator == GENERATOR else STORED)
+
+
+def _read_tree(directory: Path, target: dict, wanted: dict) -> dict:
+    """The Orbax tree in ``directory``, read as ``target``; a damaged or unreadable tree is an `AdapterFileError`."""
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            stored = checkpointer.metadata(directory / TREE_DIR)
+            stored_tree = getattr(stored, "item_metadata", stored)
+            stored_shapes = {jax.tree_util.keystr(k): list(v.shape)
+                             for k, v in jax.tree_util.tree_leaves_with_path(stored_tree)}
+            if stored_shapes != wanted:
+                diff = sorted(n for n in set(stored_shapes) | set(wanted) if stored_shapes.get(n) != wanted.get(n))
+                raise AdapterFileError(f"The adapter in {directory} does not fit these params (differing leaves: "
+                                       f"{diff[:6]}); load it onto the model it was trained with.")
+            return checkpointer.restore(directory / TREE_DIR, target)
+    except AdapterFileError:
+        raise
+    except Exception as err:  # Orbax and TensorStore raise many types for damaged files
+        raise AdapterFileError(f"{directory / TREE_DIR} cannot be read ({type(err).__name__}: "
+                               f"{str(err)[:300]}); the adapter is damaged. Re-save it or use a backup.") from None

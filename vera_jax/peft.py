@@ -28,6 +28,7 @@ from vera_jax import hf
 from vera_jax.adapter import STORED, Adapter, layer_vectors
 from vera_jax.atomic import staged_directory
 from vera_jax.config import VeraConfig
+from vera_jax.errors import AdapterFileError
 from vera_jax.layers import LAMBDA_B, LAMBDA_D, VECTOR_NAMES, find_layers, vector_module
 from vera_jax.paths import SEP, flatten, module_paths, split_leaf, unflatten
 from vera_jax.projections import Projections, kaiming_uniform_bound
@@ -45,10 +46,6 @@ PEFT_FIELDS = frozenset({
     "init_weights", "layers_pattern", "layers_to_transform", "modules_to_save", "peft_type", "peft_version",
     "projection_prng_key", "r", "revision", "save_projection", "target_modules", "task_type", "vera_dropout",
 })
-
-
-class AdapterFileError(ValueError):
-    """A PEFT adapter file that cannot be used; the message names the file, the key and the fix."""
 
 
 def _fail(file: Path, key: str, problem: str, fix: str) -> AdapterFileError:
