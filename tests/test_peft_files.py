@@ -74,6 +74,8 @@ def test_the_valid_adapter_loads(saved):
     ({"target_modules": ["query"]}, r"vectors missing .* or present for layers target_modules does not select"),
     ({"target_modules": ["q_proj"]}, r"target_modules: .*matches no module"),
     ({"bias": "all"}, r"only bias='none'"),
+    ({"fan_in_fan_out": True}, r"fan_in_fan_out: is true, but bert/encoder/layer/0/attention/self/query's kernel is "
+                               r"\(in, out\), as Flax Dense / nn.Linear. Set it to false"),
 ])
 def test_bad_config_fields(copy, changes, message):
     directory, params = copy
@@ -99,6 +101,11 @@ def test_config_that_is_not_json(copy):
      r"classifier.weight: has shape \(3, 16\), which does not fit classifier/kernel \(16, 2\)"),
     (lambda t: t.update({"base_model.vera_A": np.zeros((4, 8), np.float32)}), r"vera_A: has shape \(4, 8\)"),
     (lambda t: t.pop("base_model.vera_B"), r"vera_B: missing while its partner is present"),
+    (lambda t: (t.pop("base_model.vera_A"), t.pop("base_model.vera_B")),
+     r"vera_A, base_model.vera_B: missing, but adapter_config.json says save_projection: true \(PEFT refuses"),
+    (lambda t: (t.pop("base_model.model.classifier.weight"), t.pop("base_model.model.classifier.bias")),
+     r"classifier: listed in adapter_config.json's modules_to_save, but \['classifier/bias', 'classifier/kernel'\]"),
+    (lambda t: t.pop("base_model.model.classifier.bias"), r"modules_to_save, but \['classifier/bias'\] are not in"),
     (lambda t: t.update({QUERY + ".vera_lambda_d": np.array([0.1, np.nan, 0.1, 0.1], np.float32)}),
      r"vera_lambda_d: holds NaN or infinite values"),
     (lambda t: t.update({QUERY + ".vera_lambda_d": np.array([1, 2, 3, 4], np.int32)}), r"has dtype int32, not a float"),

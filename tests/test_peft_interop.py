@@ -104,7 +104,7 @@ def test_peft_adapter_loads_and_matches_peft(models, tmp_path, save_projection):
     assert max_rel_error(expected, base_logits) > 100 * TOL
     peft_model.save_pretrained(tmp_path / "adapter")
 
-    adapter = vera_peft.load_adapter(tmp_path / "adapter", flax_model.params)
+    adapter = vera_peft.load_adapter(tmp_path / "adapter", flax_model.params, kernel_axes=case.kernel_axes)
     buffers = peft_model.base_model
     np.testing.assert_array_equal(adapter.projections.A, buffers.vera_A["default"].numpy())  # rebuilt bit for bit
     np.testing.assert_array_equal(adapter.projections.B, buffers.vera_B["default"].numpy())
@@ -145,7 +145,7 @@ def test_vera_jax_adapter_loads_in_peft(models, tmp_path):
     with torch.no_grad():
         logits = peft_model(**_inputs(case)).logits.numpy()
     assert max_rel_error(logits, expected) < TOL
-    again = vera_peft.load_adapter(tmp_path / "adapter", flax_model.params)
+    again = vera_peft.load_adapter(tmp_path / "adapter", flax_model.params, kernel_axes=case.kernel_axes)
     assert jax.tree.structure(again.trainable) == jax.tree.structure(adapter.trainable)
     jax.tree.map(np.testing.assert_array_equal, again.trainable, adapter.trainable)
     np.testing.assert_array_equal(again.projections.A, adapter.projections.A)

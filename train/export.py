@@ -16,7 +16,7 @@ import argparse
 import functools
 from pathlib import Path
 
-from train.model import hub_id
+from train.model import hub_id, kernel_axes
 from train.nnx_causal_lm import NnxCausalLM
 from train.options import BACKENDS, positive_int
 from vera_jax import atomic, checkpoint
@@ -86,7 +86,7 @@ def export(args: argparse.Namespace) -> Path:
         model, tokenizer = _load_model(args.model, args.task, args.num_labels, args.backend)
         stacks = model.stacks if isinstance(model, NnxCausalLM) else ()
         if read is vera_peft.load_adapter:
-            read = functools.partial(vera_peft.load_adapter, stacks=stacks)
+            read = functools.partial(vera_peft.load_adapter, stacks=stacks, kernel_axes=kernel_axes(model))
         try:
             adapter = read(adapter_dir, model.params)
         except ValueError as err:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from train import assets
 
-__all__ = ["load_classifier", "load_causal_lm", "ModelError", "PACKAGED_MODELS", "hub_id", "model_source"]
+__all__ = ["load_classifier", "load_causal_lm", "ModelError", "PACKAGED_MODELS", "hub_id", "kernel_axes", "model_source"]
 
 
 # Packaged model names -> (local directory builder, the hub id the same weights have online).
@@ -37,6 +37,15 @@ def hub_id(name: str) -> str:
 def model_source(name: str) -> str:
     """The directory of a packaged model (fetched on first use), else ``name`` itself."""
     return str(PACKAGED_MODELS[name][0]()) if name in PACKAGED_MODELS else name
+
+
+def kernel_axes(model) -> tuple[tuple[str, str], ...]:
+    """VeRA's kernel roles for a loaded model: an NNX model states its own (a stack's with its layer axis);
+    Flax GPT-2's ``FlaxConv1D`` stores kernels (out, in); other Flax models' Dense kernels are (in, out)."""
+    own = getattr(model, "kernel_axes", None)
+    if own is not None:
+        return own
+    return ((".*", "oi"),) if model.config.model_type == "gpt2" else ()
 
 
 def _load_flax(auto_class, source: str, **kwargs):

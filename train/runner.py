@@ -11,6 +11,7 @@ placed FSDP by path rules, the checkpoints and the metrics log. The job then cal
 from __future__ import annotations
 
 import dataclasses
+import math
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,14 +28,14 @@ from train import mesh as mesh_lib
 from train import steps
 from train.checkpoints import RunCheckpoints
 from train.metrics import MetricsLog, plot_curves, write_json
-from train.model import hub_id
+from train.model import hub_id, kernel_axes, model_source
 from train.nnx_causal_lm import NnxCausalLM
-from train.options import RESUME_KEYS, Options, vera_config
+from train.options import RESUME_KEYS, Options, flag_name, vera_config
 from vera_jax import atomic
 from vera_jax import checkpoint as adapter_checkpoint
 from vera_jax import peft as vera_peft
 
-__all__ = ["Prepared", "Run", "Context", "RunError", "start", "init_distributed", "output_dir", "place", "to_host",
+__all__ = ["Prepared", "Run", "Context", "RunError", "TrainingDiverged", "start", "check_positions", "init_distributed", "output_dir", "place", "to_host",
            "global_batch", "train_batch", "fit", "evaluate", "count_steps", "model_config", "vera_setup",
            "resolve_path", "dropout_key", "save_adapters", "publish", "DROPOUT_STREAM"]
 
@@ -43,6 +44,10 @@ DROPOUT_STREAM = 2**31  # fold_in offset for the dropout key: disjoint from the 
 
 class RunError(ValueError):
     """A run cannot start as configured; the message names the setting to change."""
+
+
+class TrainingDiverged(RunError):
+    """The loss or the trained state stopped being finite; the last checkpoint kept is the last finite one."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +101,7 @@ class Run:
     log: MetricsLog
     ctx: Context | None = None
     checkpoints: RunCheckpoints | None = None
+    data_sha256: str | None = None  # of the dataset's files (`train.data.dataset_sha256`), on the mesh
 
     @property
     def model(self):
@@ -110,11 +116,12 @@ class Run:
         return jax.process_index() == 0
 
     def meta(self) -> dict:
-        """What a checkpoint records and a resumed run must match: the options that shape it, and the
-        projections' recipe."""
+        """What a checkpoint records and a resumed run must match: the options that shape it (the split's
+        among them), the dataset files' sha256, and the projections' recipe."""
         options = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self.options).items()
                    if k in RESUME_KEYS}
-        return {"options": options, "projection": adapter_checkpoint.projection_recipe(self.adapter)}
+        return {"options": options, "data": {"sha256": self.data_sha256},
+                "projection": adapter_checkpoint.projection_recipe(self.adapter)}
 
 
 def start(options: Options, load: Callable[[Options], Prepared], *, on_mesh: bool = True) -> Run:
@@ -142,16 +149,34 @@ def start(options: Options, load: Callable[[Options], Prepared], *, on_mesh: boo
     primary = jax.process_index() == 0
     if primary:
         print(vera_jax.parameter_report(job.model.params, adapter))
-    ctx = checkpoints = None
+    ctx = checkpoints = data_sha256 = None
     resume_step = 0
     if on_mesh:
+        data_sha256 = data_lib.dataset_sha256(options.dataset)
         params = job.model.params
         ctx = Context(options, mesh, place(params, mesh_lib.base_shardings(params, mesh)), job.train_data,
                       job.test_data, job.pad_id, steps_per_epoch, total_steps, dropout_key(options.seed))
         checkpoints = RunCheckpoints(out / "checkpoints", options.keep_checkpoints)
         resume_step = checkpoints.latest_step() or 0
     log = MetricsLog(out / "metrics.jsonl", resume_step, enabled=primary)
-    return Run(options, out, job, adapter, path, path_detail, steps_per_epoch, total_steps, log, ctx, checkpoints)
+    return Run(options, out, job, adapter, path, path_detail, steps_per_epoch, total_steps, log, ctx, checkpoints,
+               data_sha256)
+
+
+def check_positions(options: Options, fields: tuple[str, ...] = ("max_length",)) -> None:
+    """A RunError when the tokens of ``fields`` add up to more than the positions in the model's config, read
+    before its weights (a config that cannot be read is left for the model's loader to report)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_source(options.model))
+    except (OSError, ValueError):
+        return
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and sum(getattr(options, f) for f in fields) > positions:
+        flags = " plus ".join(f"{flag_name(f)} {getattr(options, f)}" for f in fields)
+        raise RunError(f"{flags} exceeds the {positions} positions of {options.model!r} (max_position_embeddings "
+                       f"in its config); lower {'it' if len(fields) == 1 else 'them'}.")
 
 
 def dropout_key(seed: int) -> jax.Array:
@@ -173,11 +198,8 @@ def count_steps(options: Options, train_rows: int) -> tuple[int, int]:
 
 
 def model_config(options: Options, model) -> vera_jax.VeraConfig:
-    """The adapter the flags describe, for this model (GPT-2's ``FlaxConv1D`` stores kernels (out, in); an
-    NNX model says its own, a stack's with its layer axis)."""
-    if isinstance(model, NnxCausalLM):
-        return vera_config(options, model.kernel_axes)
-    return vera_config(options, ((".*", "oi"),) if model.config.model_type == "gpt2" else ())
+    """The adapter the flags describe, for this model's kernel layouts (`train.model.kernel_axes`)."""
+    return vera_config(options, kernel_axes(model))
 
 
 def vera_setup(options: Options, model) -> vera_jax.Adapter:
@@ -221,7 +243,7 @@ def resolve_path(options: Options, model, adapter: vera_jax.Adapter) -> tuple[st
 def save_adapters(run: Run, adapter: vera_jax.Adapter, task_type: str) -> Path:
     """``out/adapter`` (Orbax, every process) and ``out/peft_adapter`` (PEFT format, process 0, when PEFT can
     hold the adapter: one shared pair); returns the first."""
-    adapter_dir = adapter_checkpoint.save(run.out / "adapter", adapter)
+    adapter_dir = adapter_checkpoint.save(run.out / "adapter", adapter, run.params)
     if run.primary and adapter.config.projection_sharing == "shared":
         vera_peft.save_adapter(run.out / "peft_adapter", to_host(adapter), run.params, task_type=task_type,
                                base_model_name_or_path=hub_id(run.options.model), stacks=_stacks(run.model))
@@ -302,6 +324,7 @@ def fit(ctx: Context, name: str, adapter, logits_fn: Callable, log: MetricsLog,
         restored = checkpoints.restore(abstract, meta)
         if restored is not None:
             start, state, _ = restored
+            log = MetricsLog(log.path, start, enabled=log.enabled)  # drops records past an older step resumed
             print(f"[{name}] resumed from the checkpoint at step {start}")
 
     base_shardings = jax.tree.map(lambda x: x.sharding, ctx.params)
@@ -323,16 +346,35 @@ def fit(ctx: Context, name: str, adapter, logits_fn: Callable, log: MetricsLog,
         done = step + 1
         if done % options.log_every == 0 or done == ctx.total_steps:
             loss = float(loss)
+            if not math.isfinite(loss):
+                raise _diverged(options, done, f"the training loss is {loss}", checkpoints)
             log.write(run=name, step=done, epoch=step // ctx.steps_per_epoch, loss=loss)
             progress.set_postfix(loss=f"{loss:.4f}")
         if checkpoints is not None and (done % options.checkpoint_every == 0 or done == ctx.total_steps):
+            state = {"trainable": adapter.trainable, "opt_state": opt_state}
+            if not _finite(state):
+                raise _diverged(options, done, "the trained state is not finite", checkpoints)
             epoch, position = divmod(done, ctx.steps_per_epoch)
-            checkpoints.save(done, {"trainable": adapter.trainable, "opt_state": opt_state},
-                             {**meta, "step": done, "epoch": epoch, "batch_in_epoch": position})
+            checkpoints.save(done, state, {**meta, "step": done, "epoch": epoch, "batch_in_epoch": position})
         progress.update(1)
     progress.close()
+    if not _finite(adapter.trainable):
+        raise _diverged(options, ctx.total_steps, "the trained state is not finite", checkpoints)
     seconds = time.perf_counter() - started
     return adapter, (tokens / seconds if tokens else 0.0)
+
+
+def _finite(tree) -> bool:
+    """Whether every entry of a (replicated) tree is finite: one host copy of an adapter-sized tree."""
+    return all(np.isfinite(np.asarray(x, np.float64)).all() for x in jax.tree.leaves(to_host(tree)))
+
+
+def _diverged(options: Options, step: int, what: str, checkpoints: RunCheckpoints | None) -> TrainingDiverged:
+    rates = f"--lr-vectors {options.lr_vectors:g}" + (f", --lr-head {options.lr_head:g}" if options.head else "")
+    kept = checkpoints.latest_step() if checkpoints is not None else None
+    return TrainingDiverged(f"Training stopped at step {step}: {what}. Lower the learning rate ({rates}) and train "
+                            "in a new --output-dir" + (f"; the last checkpoint here, step {kept}, is finite."
+                                                       if kept is not None else "."))
 
 
 def evaluate(ctx: Context, adapter, logits_fn: Callable) -> tuple[float, float]:

@@ -144,13 +144,16 @@ def _peft_projections(seed: int, r: int, in_max: int, out_max: int, file: Path) 
 
 
 def load_adapter(directory: str | os.PathLike, params: Mapping, *, dtype: str = "float32",
-                 stacks: Sequence[str] = ()) -> Adapter:
+                 stacks: Sequence[str] = (), kernel_axes: Sequence[tuple[str, str]] | None = None) -> Adapter:
     """Read the PEFT VeRA adapter in ``directory`` for ``params``, as a `vera_jax.Adapter`.
 
     A and B come from the file, or (``save_projection: false``) from ``projection_prng_key`` drawn with
     torch's CPU generator exactly as PEFT draws them. With ``stacks`` (e.g. ``("model/layers",)``), the
     PyTorch layers ``model.layers.{i}...`` become the L layers of a stack in ``params`` (kernels with the
     layer axis first, as an NNX ``nnx.vmap`` stack has them): vectors (L, r) and (L, out).
+    ``kernel_axes`` are the model's kernel layouts, as `VeraConfig.kernel_axes` (``((".*", "oi"),)`` for
+    Flax GPT-2's (out, in) kernels); None: (in, out) kernels, Flax Dense and nn.Linear alike, a stack's
+    with its layer axis first. The file's ``fan_in_fan_out`` must agree with them.
 
     Raises:
       AdapterFileError: anything wrong with the files or their fit to ``params``.
@@ -216,11 +219,13 @@ def load_adapter(directory: str | os.PathLike, params: Mapping, *, dtype: str = 
         config = VeraConfig(r=r, target_modules=targets, d_initial=peft_config["d_initial"],
                             dropout=peft_config["vera_dropout"], projection_seed=peft_config["projection_prng_key"],
                             save_projection=peft_config["save_projection"], modules_to_save=tuple(sorted(head_modules)),
-                            dtype=dtype, kernel_axes=_kernel_axes(peft_config["fan_in_fan_out"], stacks))
+                            dtype=dtype, kernel_axes=_stack_axes(stacks) if kernel_axes is None else kernel_axes)
         layers = find_layers(params, config)
     except ValueError as err:
         raise _fail(config_file, "target_modules", str(err), "Load the adapter onto the model it was trained for") \
             from None
+    _check_fan_in_fan_out(config_file, peft_config["fan_in_fan_out"], layers)
+    _check_saved_modules(weights_file, peft_config["modules_to_save"], flat_params, head)
     for layer in layers:
         rows = {len(stacked_rows[key]) for key in (layer.path + SEP + name for name in VECTOR_NAMES)
                 if key in stacked_rows}
@@ -241,6 +246,9 @@ def load_adapter(directory: str | os.PathLike, params: Mapping, *, dtype: str = 
     if (A_KEY in tensors) != (B_KEY in tensors):
         raise _fail(weights_file, A_KEY if B_KEY in tensors else B_KEY, "missing while its partner is present",
                     "Re-save the adapter")
+    if peft_config["save_projection"] and A_KEY not in tensors:
+        raise _fail(weights_file, f"{A_KEY}, {B_KEY}", f"missing, but {CONFIG_FILE} says save_projection: true "
+                    "(PEFT refuses this file too)", "Re-save the adapter with its projections")
     generator = STORED if A_KEY in tensors else TORCH_GENERATOR
     if A_KEY in tensors:
         a, b = tensors[A_KEY], tensors[B_KEY]
@@ -264,12 +272,32 @@ def load_adapter(directory: str | os.PathLike, params: Mapping, *, dtype: str = 
     return adapter
 
 
-def _kernel_axes(fan_in_fan_out: bool, stacks: Sequence[str]) -> list[tuple[str, str]]:
-    """PyTorch layers' kernel roles: (in, out) as Flax Dense, or (out, in) with ``fan_in_fan_out``; under
-    a stack's root, with the layer axis first."""
-    roles = "oi" if fan_in_fan_out else "io"
-    rules = [(re.escape(root.rstrip("/")) + "/.*", "l" + roles) for root in stacks]
-    return rules + ([(".*", roles)] if fan_in_fan_out else [])
+def _stack_axes(stacks: Sequence[str]) -> list[tuple[str, str]]:
+    """(in, out) kernels, as PyTorch nn.Linear layers load into Flax; under a stack's root with the layer axis first."""
+    return [(re.escape(root.rstrip("/")) + "/.*", "lio") for root in stacks]
+
+
+def _check_fan_in_fan_out(file: Path, fan_in_fan_out: bool, layers) -> None:
+    """The file's ``fan_in_fan_out`` (PyTorch Conv1D weights, (in, out)) must describe the model's kernels."""
+    for layer in layers:
+        roles = layer.axes.replace("l", "")
+        if roles in ("io", "oi") and (roles == "oi") != fan_in_fan_out:
+            kind = "(out, in), as Flax GPT-2's Conv1D" if roles == "oi" else "(in, out), as Flax Dense / nn.Linear"
+            raise _fail(file, "fan_in_fan_out", f"is {str(fan_in_fan_out).lower()}, but {layer.path}'s kernel is "
+                        f"{kind}", f"Set it to {str(not fan_in_fan_out).lower()} (PEFT sets it from the module kind), "
+                        "or pass the model's kernel_axes (e.g. ((\".*\", \"oi\"),) for Flax GPT-2)")
+
+
+def _check_saved_modules(file: Path, modules_to_save: list[str] | None, flat_params: Mapping, head: Mapping) -> None:
+    """Every leaf of the modules ``modules_to_save`` names must be in the file, else the base's own, untrained
+    values would be used. Names no module of the params has are skipped, as PEFT skips them."""
+    for name in modules_to_save or ():
+        leaves = [p for p in flat_params if _saved_module(hf.torch_name(split_leaf(p)[0]), [name])]
+        missing = [p for p in leaves if p not in head]
+        if missing:
+            raise _fail(file, name, f"listed in {CONFIG_FILE}'s modules_to_save, but {missing[:4]} are not in the "
+                        "file (PEFT would use the base model's untrained values)",
+                        "Re-save the adapter with its trained modules")
 
 
 def module_names(patterns, torch_names: list[str]) -> list[str]:
