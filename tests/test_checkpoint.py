@@ -1,6 +1,7 @@
 """Adapter checkpoints: round trip with and without A/B, projections rebuilt and checked, clear refusals."""
 
 import dataclasses
+import hashlib
 import json
 import shutil
 import warnings
@@ -30,6 +31,16 @@ def _save(bert, directory, save_projection=False, seed=1):
     adapter = families.random_adapter(bert, seed=seed, config=config)
     checkpoint.save(directory, adapter)
     return adapter
+
+
+def _edit_metadata(directory, edit):
+    """Edit vera_adapter.json and seal it again with its checksum, as a consistent file of other content."""
+    path = directory / "vera_adapter.json"
+    meta = json.loads(path.read_text())
+    del meta["sha256"]
+    edit(meta)
+    meta["sha256"] = hashlib.sha256(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    path.write_text(json.dumps(meta))
 
 
 def _assert_same_adapter(got, want):
@@ -105,16 +116,20 @@ def test_a_tampered_fingerprint_is_refused(bert, tmp_path):
     meta = json.loads(meta_path.read_text())
     meta["projection"]["key"][1] += 1  # another key: other A and B than the vectors were trained with
     meta_path.write_text(json.dumps(meta))
+    with pytest.raises(vera_jax.AdapterFileError, match="does not match its own checksum: it was edited or damaged"):
+        checkpoint.restore(tmp_path / "adapter", bert.params)
+
+    def another_key(meta):
+        meta["projection"]["key"][1] += 1
+
+    _edit_metadata(tmp_path / "adapter", another_key)
     with pytest.raises(ValueError, match="fingerprint mismatch"):
         checkpoint.restore(tmp_path / "adapter", bert.params)
 
 
 def test_tampered_stored_projections_are_refused(bert, tmp_path):
     _save(bert, tmp_path / "adapter", save_projection=True)
-    meta_path = tmp_path / "adapter" / "vera_adapter.json"
-    meta = json.loads(meta_path.read_text())
-    meta["projection"]["fingerprint"] = "0" * 64
-    meta_path.write_text(json.dumps(meta))
+    _edit_metadata(tmp_path / "adapter", lambda meta: meta["projection"].update(fingerprint="0" * 64))
     with pytest.raises(ValueError, match="do not match their fingerprint; the adapter is damaged"):
         checkpoint.restore(tmp_path / "adapter", bert.params)
 
@@ -162,11 +177,8 @@ def test_the_recorded_base_tells_another_base(bert, tmp_path):
                   jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(x.dtype), bert.params)):  # a bf16 copy
         with pytest.warns(UserWarning, match="hold other values than those the adapter .* was trained on"):
             _assert_same_adapter(checkpoint.restore(tmp_path / "adapter", other), adapter)
-    meta_path = tmp_path / "adapter" / "vera_adapter.json"
-    meta = json.loads(meta_path.read_text())
-    layer = next(iter(meta["base"]["kernels"]))
-    meta["base"]["kernels"][layer] = [7, 7]
-    meta_path.write_text(json.dumps(meta))
+    layer = next(iter(base["kernels"]))
+    _edit_metadata(tmp_path / "adapter", lambda meta: meta["base"]["kernels"].update({layer: [7, 7]}))
     with pytest.raises(vera_jax.AdapterFileError, match=f"trained on a base whose adapted kernels differ from these "
                        f"params' at \\['{layer}'\\]"):
         checkpoint.restore(tmp_path / "adapter", bert.params)

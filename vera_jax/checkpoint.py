@@ -42,6 +42,7 @@ __all__ = ["fingerprint", "projection_recipe", "projections_from_recipe", "base_
 
 METADATA_FILE = "vera_adapter.json"
 TREE_DIR = "trainable"
+METADATA_CHECKSUM = "sha256"  # of the rest of vera_adapter.json, as `_json_digest` writes it
 BASE_SAMPLE = 64  # values per adapted kernel in the base's fingerprint, evenly spaced over its flat index
 
 
@@ -149,6 +150,7 @@ def save(directory: str | os.PathLike, adapter: Adapter, params: Mapping | None 
                 "tensors": tensor_records(tree)}
     if params is not None:
         metadata["base"] = base_record(params, adapter.config)
+    metadata[METADATA_CHECKSUM] = _json_digest(metadata)
     primary = jax.process_index() == 0
     staging = stage(directory, METADATA_FILE) if primary else staging_path(directory)
     multihost_utils.sync_global_devices(f"vera_jax.checkpoint.save:{staging}")
@@ -173,6 +175,11 @@ def _stored_tree(adapter: Adapter) -> dict:
     return tree
 
 
+def _json_digest(metadata: dict) -> str:
+    """sha256 of ``metadata`` as canonical JSON (sorted keys, no spaces)."""
+    return hashlib.sha256(json.dumps(metadata, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def _metadata(directory: Path) -> dict:
     """``vera_adapter.json``, its fields checked for type (a damaged file is an `AdapterFileError`)."""
     path = directory / METADATA_FILE
@@ -180,12 +187,18 @@ def _metadata(directory: Path) -> dict:
         raise FileNotFoundError(f"{path} is missing: {directory} is not a vera_jax adapter checkpoint.")
     try:
         metadata = json.loads(path.read_text(encoding="utf-8"))
+        checksum = metadata.pop(METADATA_CHECKSUM, None)  # files written before vera_jax checked them lack it
+        if checksum is not None and checksum != _json_digest(metadata):
+            raise AdapterFileError(f"{path} does not match its own checksum: it was edited or damaged. Re-save the "
+                                   "adapter or use a backup.")
         config = VeraConfig.from_dict(metadata["config"])
         recipe = metadata["projection"]
         valid = (isinstance(recipe.get("generator", GENERATOR), str) and isinstance(recipe["fingerprint"], str)
                  and recipe["key"] and all(isinstance(w, int) and 0 <= w < 2**32 for w in recipe["key"])
                  and all(isinstance(recipe[n], int) for n in ("r", "in_max", "out_max"))
                  and isinstance(recipe["dtype"], str) and isinstance(metadata.get("tensors", {}), dict))
+    except AdapterFileError:
+        raise
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
         raise AdapterFileError(f"{path} is damaged ({type(err).__name__}: {err}); re-save the adapter.") from None
     if not valid:

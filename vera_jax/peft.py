@@ -9,11 +9,13 @@ A directory holds ``adapter_config.json`` (``peft_type: "VERA"``) and ``adapter_
 
 Only JSON and safetensors are read, never pickle. Every key, shape, dtype and value is checked before
 anything is returned, so a hostile or broken file gives one error naming the file, the key and the
-fix, and never half an adapter.
+fix, and never half an adapter. Files vera_jax writes also carry every tensor's sha256 in the
+safetensors header (``vera_jax_sha256``, which PEFT ignores), checked on load; PEFT's own files have none.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -40,6 +42,7 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 MODEL_PREFIX = "base_model.model."
 A_KEY, B_KEY = "base_model.vera_A", "base_model.vera_B"
+CHECKSUMS = "vera_jax_sha256"  # safetensors header entry: every tensor's sha256 (PEFT ignores it)
 TORCH_GENERATOR = "torch-cpu-generator"  # PEFT's draw from projection_prng_key, rebuilt with torch
 PEFT_FIELDS = frozenset({
     "auto_mapping", "base_model_name_or_path", "bias", "d_initial", "fan_in_fan_out", "inference_mode",
@@ -107,14 +110,36 @@ def _read_tensors(directory: Path) -> dict[str, np.ndarray]:
         with safe_open(str(path), framework="flax") as file:
             for key in file.keys():
                 tensors[key] = np.asarray(file.get_tensor(key))
+            header = file.metadata() or {}
     except Exception as err:  # safetensors raises its own error types for truncated or corrupted files
         raise _fail(path, "(file)", f"truncated or corrupted ({err})", "Re-save or re-download the adapter") from None
+    if CHECKSUMS in header:
+        _check_checksums(path, header[CHECKSUMS], tensors)
     for key, value in tensors.items():
         if not np.issubdtype(value.dtype, np.floating) and value.dtype.name != "bfloat16":
             raise _fail(path, key, f"has dtype {value.dtype}, not a float", "Re-save the adapter in float32")
         if not np.all(np.isfinite(value.astype(np.float32))):
             raise _fail(path, key, "holds NaN or infinite values", "Re-train or re-save the adapter")
     return tensors
+
+
+def _tensor_checksums(tensors: Mapping[str, np.ndarray]) -> str:
+    """JSON ``{key: sha256 of the tensor's bytes}``, kept in the safetensors header by `save_adapter`."""
+    return json.dumps({key: hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest()
+                       for key, value in sorted(tensors.items())})
+
+
+def _check_checksums(path: Path, recorded: str, tensors: Mapping[str, np.ndarray]) -> None:
+    """Files vera_jax wrote carry a checksum of every tensor; a tensor that differs from it is damage."""
+    try:
+        expected = json.loads(recorded)
+    except ValueError:
+        raise _fail(path, CHECKSUMS, "damaged header", "Re-save or re-download the adapter") from None
+    got = json.loads(_tensor_checksums(tensors))
+    if expected != got:
+        differing = sorted(k for k in set(expected) | set(got) if expected.get(k) != got.get(k))
+        raise _fail(path, ", ".join(differing[:4]), "does not match the checksum written with the file: the file is "
+                    "damaged", "Re-save or re-download the adapter")
 
 
 def _saved_module(module: str, modules_to_save: list[str] | None) -> str | None:
@@ -359,6 +384,6 @@ def save_adapter(directory: str | os.PathLike, adapter: Adapter, params: Mapping
 
     with staged_directory(directory, CONFIG_FILE) as staging:
         arrays = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in tensors.items()}
-        save_file(arrays, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_file(arrays, str(staging / WEIGHTS_FILE), metadata={"format": "pt", CHECKSUMS: _tensor_checksums(arrays)})
         (staging / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2, sort_keys=True))
     return Path(directory).absolute()
