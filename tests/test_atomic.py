@@ -4,11 +4,13 @@ directory that is not its own."""
 import errno
 import json
 import os
+import shutil
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 import families
 import vera_jax
@@ -16,6 +18,7 @@ import vera_jax.atomic
 from vera_jax import checkpoint
 from vera_jax import peft as vera_peft
 from vera_jax.export import save_merged
+from vera_jax.lora import save_lora
 from vera_jax.paths import flatten
 
 
@@ -202,3 +205,68 @@ def test_write_text_replaces_a_file_whole(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="injected"):
         vera_jax.atomic.write_text(path, "third")
     assert path.read_text() == "second"
+
+
+class CrashRecorder:
+    """Copies the disk under ``root`` before every step a writer takes on it (a directory made or removed, a
+    rename or exchange, a file written): each copy is what a crash at that step leaves."""
+
+    STEPS = [(os, "replace"), (os, "rename"), (shutil, "rmtree"), (vera_jax.atomic, "_exchange"),
+             (Path, "mkdir"), (Path, "write_text"), (Path, "write_bytes")]
+
+    def __init__(self, root: Path, crashes: Path, monkeypatch):
+        self.root, self.crashes, self.count = root, crashes, 0
+        for owner, name in self.STEPS:
+            monkeypatch.setattr(owner, name, self._before(getattr(owner, name)))
+
+    def _before(self, step):
+        def recorded(*args, **kwargs):
+            self.count += 1
+            shutil.copytree(self.root, self.crashes / str(self.count), symlinks=True)
+            return step(*args, **kwargs)
+
+        return recorded
+
+
+def _contents(directory: Path) -> dict:
+    """Each file's bytes; a safetensors file's tensors (its header's key order varies from write to write)."""
+    return {p.relative_to(directory): {k: (v.dtype, v.shape, v.tobytes()) for k, v in load_file(p).items()}
+            if p.suffix == ".safetensors" else p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "two-renames"])
+@pytest.mark.parametrize("writer", ["checkpoint", "peft", "lora", "merged"])
+def test_a_crash_at_any_step_of_a_writer_leaves_the_old_or_the_new_copy(bert, old, new, tmp_path, monkeypatch,
+                                                                        writer, exchange):
+    writers = _writers(bert, old) | {"lora": lambda d: save_lora(d, old, bert.params)}
+    new_writers = _writers(bert, new) | {"lora": lambda d: save_lora(d, new, bert.params)}
+    reference = {}
+    for name, write in (("old", writers[writer]), ("new", new_writers[writer])):
+        write(tmp_path / name)
+        reference[name] = _contents(tmp_path / name)
+    target = tmp_path / "work" / "out"
+    writers[writer](target)
+    if not exchange:
+        monkeypatch.setattr(vera_jax.atomic, "_exchange", lambda first, second: False)
+    recorder = CrashRecorder(tmp_path / "work", tmp_path / "crashes", monkeypatch)
+    new_writers[writer](target)
+    monkeypatch.undo()
+    assert recorder.count >= 4
+    seen = set()
+    for crash in range(1, recorder.count + 1):
+        left = tmp_path / "crashes" / str(crash) / "out"
+        vera_jax.atomic.recover(left)  # what the next save or restore does first
+        if writer == "checkpoint":
+            restored = checkpoint.restore(left, bert.params)
+            match = [name for name, adapter in (("old", old), ("new", new))
+                     if all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(restored.trainable),
+                                                                 jax.tree.leaves(adapter.trainable)))]
+        else:
+            match = [name for name, contents in reference.items() if _contents(left) == contents]
+        assert match, f"a crash at step {crash} of {recorder.count} left neither copy whole"
+        seen.update(match)
+    assert seen == {"old", "new"}  # crashes before the swap keep the old copy; after it (cleaning up), the new
+    if writer == "checkpoint":
+        _assert_restores_to(target, bert.params, new)
+    else:
+        assert _contents(target) == reference["new"]
