@@ -13,14 +13,14 @@ import dataclasses
 import sys
 from types import ModuleType
 
-from train import bench, bench_multi, causal_lm, classify, export, gguf_llama, sweep
+from train import bench, bench_multi, causal_lm, classify, compile_cache, export, gguf_llama, sweep
 from train.checkpoints import CheckpointMismatch
 from train.data import DataError
 from train.mesh import MeshError
 from train.model import ModelError
 from train.options import FlagError, Parser
 from train.runner import RunError
-from vera_jax.peft import AdapterFileError
+from vera_jax import AdapterFileError
 
 __all__ = ["main", "build_parser", "COMMANDS", "DEFAULT_COMMAND"]
 
@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(command.name, help=command.help, description=command.module.__doc__,
                                   formatter_class=_HelpFormatter)
         command.module.add_arguments(sub)
+        sub.add_argument("--no-compile-cache", action="store_true",
+                         help="compile every program afresh instead of reusing JAX's persistent compilation cache "
+                              f"(in ~/.cache/vera_jax/xla, or ${compile_cache.ENV})")
         sub.set_defaults(run=command.module.command)
     return parser
 
@@ -85,6 +88,8 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exit:  # --help, or a bad flag (one line already on stderr)
         return exit.code if isinstance(exit.code, int) else 0
+    if not args.no_compile_cache:
+        compile_cache.enable()
     try:
         args.run(args)
     except USER_ERRORS as err:

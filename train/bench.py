@@ -35,7 +35,7 @@ import optax
 from flax import struct
 
 import vera_jax
-from train import bench_nnx, steps
+from train import bench_nnx, bench_startup, steps
 from train.metrics import write_json
 from train.model import load_causal_lm, load_classifier, model_source
 from train.options import non_negative_float, non_negative_int, positive_int
@@ -78,10 +78,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-dropout", action="store_true",
                         help="run every variant, PEFT's too, in eval mode: no dropout in the model (by default "
                              "the model's own dropout is on in all of them, as when training)")
+    parser.add_argument("--startup", action="store_true",
+                        help="instead: time to the first training step of the main job and the causal LM, each "
+                             "launched twice as a user would, with JAX's compilation cache cold then warm "
+                             "(`train.bench_startup`; about 2 minutes here)")
     parser.add_argument("--json", type=Path, help="also write the results here")
 
 
 def command(args: argparse.Namespace) -> None:
+    if args.startup:
+        results = bench_startup.measure_startup()
+        if args.json:
+            write_json(args.json, results)
+        return
     for name, value in WORKLOADS[args.workload].items():
         if getattr(args, name) is None:
             setattr(args, name, value)

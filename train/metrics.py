@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from vera_jax.atomic import write_text
@@ -30,9 +31,10 @@ class MetricsLog:
             write_text(path, "".join(line + "\n" for line in kept))
 
     def write(self, **record) -> None:
+        """One line: ``record`` and ``time``, the Unix time it was written."""
         if self.enabled:
             with self.path.open("a") as file:
-                file.write(json.dumps(record) + "\n")
+                file.write(json.dumps(record | {"time": round(time.time(), 3)}) + "\n")
 
     def records(self) -> list[dict]:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]

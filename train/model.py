@@ -60,6 +60,33 @@ def _load_flax(auto_class, source: str, **kwargs):
         return auto_class.from_pretrained(source, from_pt=True, **kwargs)  # a hub repository with PyTorch weights only
 
 
+def _from_safetensors(auto_class, directory: Path, config, seed: int):
+    """``auto_class`` with the PyTorch-named ``model.safetensors`` in ``directory``, converted without the eager
+    random initialisation ``from_pretrained`` runs first (seconds on a CPU): leaves the file lacks or holds in
+    another shape (a new head) are those of ``init_weights(PRNGKey(seed), input_shape)``, drawn in one jitted
+    program (which JAX's compilation cache keeps)."""
+    import types
+
+    import jax
+    from flax.traverse_util import flatten_dict, unflatten_dict
+    from safetensors import safe_open
+    from transformers.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
+
+    model = auto_class.from_config(config, _do_init=False, seed=seed)
+    shapes = flatten_dict(model.params_shape_tree)
+    with safe_open(str(directory / "model.safetensors"), framework="flax") as file:
+        torch_state = {key: file.get_tensor(key) for key in file.keys()}
+    shaped = types.SimpleNamespace(base_model_prefix=model.base_model_prefix, params=model.params_shape_tree)
+    loaded = flatten_dict(convert_pytorch_state_dict_to_flax(torch_state, shaped))
+    params = {key: loaded[key] for key in shapes if key in loaded and loaded[key].shape == shapes[key].shape}
+    if len(params) < len(shapes):
+        drawn = flatten_dict(jax.jit(model.init_weights, static_argnums=1)(jax.random.PRNGKey(seed), model.input_shape))
+        params |= {key: drawn[key] for key in shapes if key not in params}
+    model._is_initialized = True  # transformers' flag for a model that holds its params (set below)
+    model.params = unflatten_dict(params)
+    return model
+
+
 def load_causal_lm(name: str, dtype: str = "float32", max_positions: int | None = None, backend: str = "linen"):
     """``(model, tokenizer)`` of a Flax causal LM; ``dtype='bfloat16'`` stores and runs the base in bfloat16.
 
@@ -141,6 +168,10 @@ def load_classifier(name: str, num_labels: int, seed: int = 0):
         raise ModelError(f"{name!r} is a {config.model_type!r} model, which has no Flax sequence-classification class "
                          f"in transformers; use one of {sorted(FLAX_MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)}.")
     # A head of another size (other labels, or regression) is re-initialised: it is trained in full anyway.
-    model = _load_flax(FlaxAutoModelForSequenceClassification, source, config=config, ignore_mismatched_sizes=True,
-                       seed=seed)
+    local = Path(source)
+    if local.is_dir() and not _has_flax_weights(local) and (local / "model.safetensors").is_file():
+        model = _from_safetensors(FlaxAutoModelForSequenceClassification, local, config, seed)
+    else:
+        model = _load_flax(FlaxAutoModelForSequenceClassification, source, config=config, ignore_mismatched_sizes=True,
+                           seed=seed)
     return model, AutoTokenizer.from_pretrained(source)
