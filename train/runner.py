@@ -35,9 +35,10 @@ from vera_jax import atomic
 from vera_jax import checkpoint as adapter_checkpoint
 from vera_jax import peft as vera_peft
 
-__all__ = ["Prepared", "Run", "Context", "RunError", "TrainingDiverged", "start", "check_positions", "init_distributed", "output_dir", "place", "to_host",
-           "global_batch", "train_batch", "fit", "evaluate", "count_steps", "model_config", "vera_setup",
-           "resolve_path", "dropout_key", "save_adapters", "publish", "DROPOUT_STREAM"]
+__all__ = ["Prepared", "Run", "Context", "RunError", "TrainingDiverged", "start", "check_positions",
+           "init_distributed", "output_dir", "place", "to_host", "global_batch", "train_batch", "fit", "evaluate",
+           "count_steps", "model_config", "vera_setup", "resolve_path", "dropout_key", "save_adapters", "publish",
+           "DROPOUT_STREAM"]
 
 DROPOUT_STREAM = 2**31  # fold_in offset for the dropout key: disjoint from the projection stream's blocks
 
