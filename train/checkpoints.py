@@ -2,19 +2,48 @@
 position, and the projection key with its recipe and fingerprint. Never the base model; A and B only
 when ``save_projection`` asks. Orbax commits a step only once it is whole, so a run killed mid-write
 restarts from the previous complete step.
+
+Each step's JSON meta also holds the sha256 of every tensor of its state. A step that cannot be read,
+or whose tensors do not match their sums (a truncated file, a flipped bit), is damaged: a resume takes
+the newest sound step instead, and moves the damaged newer ones aside so that the run can write those
+steps again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import sys
+import time
 from pathlib import Path
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
-__all__ = ["RunCheckpoints", "CheckpointMismatch"]
+__all__ = ["RunCheckpoints", "CheckpointMismatch", "CheckpointDamaged"]
+
+SUMS_KEY = "tensor_sha256"  # the meta entry of the state's sums: {tensor path: sha256 of its bytes}
+_FIXES = {"data": "the dataset files it was trained on"}  # how to resume, by meta entry; else the same settings
 
 
 class CheckpointMismatch(ValueError):
     """The checkpoint in the run directory belongs to another model, dataset or config."""
+
+
+class CheckpointDamaged(CheckpointMismatch):
+    """No checkpoint in the run directory can be read whole; the message names the folders to remove."""
+
+
+def _tensor_sums(state: dict) -> dict[str, str]:
+    """The sha256 of each tensor of a (replicated) state, by its path in the tree."""
+    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+    return {jax.tree_util.keystr(path): hashlib.sha256(np.ascontiguousarray(_host(x)).tobytes()).hexdigest()
+            for path, x in leaves}
+
+
+def _host(x) -> np.ndarray:
+    return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
 
 
 class RunCheckpoints:
@@ -24,35 +53,118 @@ class RunCheckpoints:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
         self._manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
 
+    @property
+    def directory(self) -> Path:
+        return Path(self._manager.directory)
+
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
     def save(self, step: int, state: dict, meta: dict) -> None:
-        """``state``: {'trainable', 'opt_state'[, 'projections']}; ``meta``: JSON (position, options, recipe)."""
+        """``state``: {'trainable', 'opt_state'[, 'projections']}; ``meta``: JSON (position, options, recipe),
+        stored with the sums of ``state``'s tensors."""
+        meta = {**meta, SUMS_KEY: _tensor_sums(state)}
         self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                          meta=ocp.args.JsonSave(meta)))
         self._manager.wait_until_finished()
 
     def restore(self, abstract_state: dict, expected_meta: dict) -> tuple[int, dict, dict] | None:
-        """The latest step, its state (placed as ``abstract_state``'s shardings) and meta; None if no checkpoint.
+        """The newest sound step, its state (placed as ``abstract_state``'s shardings) and meta; None if no checkpoint.
+
+        Damaged steps newer than it are named in a warning and moved to ``checkpoints-damaged/`` beside the
+        checkpoints (never deleted).
 
         Raises:
-          CheckpointMismatch: the stored options or projection recipe differ from ``expected_meta``.
+          CheckpointMismatch: the newest readable meta's entries (options, data, projection recipe) differ
+            from ``expected_meta``'s.
+          CheckpointDamaged: there are checkpoints, and none of them is sound.
         """
-        step = self._manager.latest_step()
-        if step is None:
-            return None
+        damaged = []
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                meta = self._read_meta(step)
+            except Exception as err:  # whatever Orbax or tensorstore raise on a broken step: it is damaged
+                damaged.append((step, err))
+                continue
+            self._check_matches(step, meta, expected_meta)
+            _drop_closed_loop_errors()
+            try:
+                state = self._read_state(step, abstract_state, meta)
+            except Exception as err:
+                damaged.append((step, err))
+                continue
+            self._set_aside(step, damaged)
+            return step, state, meta
+        if damaged:
+            listed = "; ".join(f"{self.directory / str(s)}: {_reason(e)}" for s, e in damaged)
+            raise CheckpointDamaged(f"Every checkpoint in {self.directory} is damaged ({listed}). Remove those step "
+                                    f"folders (or all of {self.directory}) to train from the start, or choose "
+                                    "another --output-dir.")
+        return None
+
+    def _read_meta(self, step: int) -> dict:
         meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        for key in ("options", "projection"):
-            if meta.get(key) != expected_meta[key]:
-                stored, wanted = meta.get(key) or {}, expected_meta[key]
+        if not isinstance(meta, dict):
+            raise ValueError(f"its meta is {type(meta).__name__}, not an object")
+        return meta
+
+    def _check_matches(self, step: int, meta: dict, expected_meta: dict) -> None:
+        for key, wanted in expected_meta.items():
+            if meta.get(key) != wanted:
+                stored = meta.get(key) or {}
                 differing = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
                 raise CheckpointMismatch(
-                    f"The checkpoint at step {step} in {self._manager.directory} was written with different {key} "
-                    f"({differing}). Use another --output-dir, or the same settings to resume."
+                    f"The checkpoint at step {step} in {self.directory} was written with different {key} "
+                    f"({differing}). Use another --output-dir, or {_FIXES.get(key, 'the same settings')} to resume."
                 )
-        state = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-        return step, state["state"], meta
+
+    def _read_state(self, step: int, abstract_state: dict, meta: dict) -> dict:
+        state = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state)))["state"]
+        sums, stored = _tensor_sums(state), meta.get(SUMS_KEY) or {}
+        differing = sorted(path for path in sums.keys() | stored.keys() if sums.get(path) != stored.get(path))
+        if differing:
+            raise ValueError(f"{len(differing)} of its tensors differ from their sha256, first {differing[0]}")
+        return state
+
+    def _set_aside(self, resumed: int, damaged: list[tuple[int, Exception]]) -> None:
+        """Warn of the damaged steps (all newer than ``resumed``) and move them out of Orbax's sight."""
+        if not damaged:
+            return
+        aside = self.directory.parent / f"{self.directory.name}-damaged"
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for step, err in damaged:
+            source, target = self.directory / str(step), aside / f"{step}-{stamp}"
+            if jax.process_index() == 0:
+                aside.mkdir(exist_ok=True)
+                source.rename(target)
+                print(f"warning: the checkpoint {source} is damaged ({_reason(err)}); moved it to {target} and "
+                      f"resuming from step {resumed}.", file=sys.stderr)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("checkpoints set aside")
+        self._manager.reload()
 
     def close(self) -> None:
         self._manager.close()
+
+
+def _drop_closed_loop_errors() -> None:
+    """From here on, drop the "Event loop is closed" errors that Python would print, one traceback each, when
+    tensorstore's reads of a damaged step finish after Orbax gave up on it and closed its event loop (they can
+    come after the restore returns, so the hook stays)."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_errors", False):
+        return
+
+    def hook(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.drops_closed_loop_errors = True
+    sys.unraisablehook = hook
+
+
+def _reason(err: Exception) -> str:
+    """An error in one line with its type: tensorstore's runs long, its cause last and its spec after it."""
+    text = " ".join(str(err).split("tensorstore_spec")[0].removesuffix("[").split())
+    return f"{type(err).__name__}: {text if len(text) <= 240 else '...' + text[-240:]}"

@@ -1,0 +1,192 @@
+"""Nothing lost, nothing silently wrong: bad data and lengths refused before the model loads, a resume on changed
+data refused, damaged checkpoints skipped for the newest sound one, a diverging run stopped before it saves NaNs."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+import tiny_run
+from train import classify
+from train.__main__ import main
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return tiny_run.make_model(root / "model"), tiny_run.make_csv(root / "data.csv")
+
+
+def _write(path, text: str | bytes):
+    (path.write_bytes if isinstance(text, bytes) else path.write_text)(text)
+    return path
+
+
+def _csv(path, rows):
+    return _write(path, "text,label\n" + "".join(f"{text},{label}\n" for text, label in rows))
+
+
+GOOD = [("good film", 1), ("dull plot", 0)] * 20
+BAD_DATA = {
+    "missing file": (lambda d: d / "nowhere.csv", r"--dataset \S+nowhere.csv: \S+ does not exist; give an existing "
+                                                  r"\.csv/\.tsv/\.json/\.jsonl/\.parquet file"),
+    "unsupported extension": (lambda d: _write(d / "rows.txt", "text,label\na,1\n"),
+                              r"rows.txt has the unsupported extension '.txt'; use "
+                              r"\.csv/\.tsv/\.json/\.jsonl/\.parquet"),
+    "0-byte file": (lambda d: _write(d / "empty.csv", ""), r"empty.csv is empty \(0 bytes\)"),
+    "binary file": (lambda d: _write(d / "sheet.csv", b"PK\x03\x04\x14\x00\x06\x00\xe8\xb1\x00\xff" * 50),
+                    r"sheet.csv is not UTF-8 text \(byte 8 cannot be decoded\)"),
+    "NUL bytes": (lambda d: _write(d / "nul.csv", b"text,label\na\x00b,1\n"), r"nul.csv holds binary data"),
+    "blank text": (lambda d: _csv(d / "blank.csv", GOOD[:4] + [("  ", 1)] + GOOD[4:] + [("", 0)]),
+                   r"the --text-column 'text' cell is blank in row 5 \(2 such rows"),
+    "missing label": (lambda d: _csv(d / "nolabel.csv", GOOD[:2] + [("fine", "")] + GOOD[2:]),
+                      r"the --label-column 'label' cell is empty in row 3 \(1 such rows"),
+    "a mistyped label": (lambda d: _csv(d / "typo.csv", GOOD[:7] + [("good one", 1000000)] + GOOD[7:]),
+                         r"go up to 1000000 \(a 1,000,001-class head\), but 999,998 of those classes never occur "
+                         r"\(2, 3, 4, 5, \.\.\.\)"),
+    "one class": (lambda d: _csv(d / "one.csv", [(text, 1) for text, _ in GOOD]),
+                  r"Every label in --label-column 'label' is 1: one class, on which accuracy is 1.000 and means "
+                  r"nothing"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_DATA)
+def test_bad_data_is_one_line_before_the_model_loads(tiny, tmp_path, monkeypatch, capsys, case):
+    model, _ = tiny
+    make, message = BAD_DATA[case]
+    monkeypatch.setattr(classify, "load_classifier", lambda *a, **k: pytest.fail("the model loaded"))
+    assert main(tiny_run.train_args(model, make(tmp_path), tmp_path / "run")) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert err.strip().splitlines()[-1].startswith("error: ") and err.count("error") == 1  # datasets' progress aside
+
+
+def test_max_length_beyond_the_positions_is_refused_before_the_weights_load(tiny, tmp_path, monkeypatch, capsys):
+    model, data = tiny
+    monkeypatch.setattr(classify, "load_classifier", lambda *a, **k: pytest.fail("the model loaded"))
+    assert main([*tiny_run.train_args(model, data, tmp_path / "run"), "--max-length", "65"]) == 2
+    assert ("error: --max-length 65 exceeds the 64 positions of" in capsys.readouterr().err)
+
+
+def test_a_resume_on_changed_data_is_refused(tiny, tmp_path, capsys):
+    model, _ = tiny
+    data = tiny_run.make_csv(tmp_path / "data.csv")
+    args = tiny_run.train_args(model, data, tmp_path / "run", "--max-steps", "2")
+    assert main(args) == 0
+    original = data.read_bytes()
+    data.write_bytes(original.replace(b"good", b"fine", 1))  # one word of one row
+    assert main(args) == 2
+    assert "was written with different data (['sha256']). Use another --output-dir, or the dataset files it was " \
+           "trained on to resume." in capsys.readouterr().err
+    data.write_bytes(original)
+    assert main(args) == 0
+    assert "resumed from the checkpoint at step 2" in capsys.readouterr().out
+
+
+# ---- damaged checkpoints ----
+
+def _truncate_state(step_dir):
+    for path in (step_dir / "state" / "d").iterdir():
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _garble_meta(step_dir):
+    (step_dir / "meta" / "metadata").write_text('{"options": {"model"')
+
+
+def _flip_a_stored_bit(step_dir):
+    """Rewrite the step's state with one bit of one vector flipped, as storage that corrupts silently would."""
+    with ocp.StandardCheckpointer() as checkpointer:
+        state = jax.tree.map(np.array, checkpointer.restore(step_dir / "state"))
+        vector = state["trainable"]["bert"]["encoder"]["layer"]["0"]["attention"]["self"]["query"]["vera_lambda_d"]
+        vector.view(np.uint32)[0] ^= 1
+        shutil.rmtree(step_dir / "state")
+        checkpointer.save(step_dir / "state", state)
+
+
+def _final_sums(out) -> dict:
+    step = max(int(p.name) for p in (out / "checkpoints").iterdir())
+    return json.loads((out / "checkpoints" / str(step) / "meta" / "metadata").read_text())["tensor_sha256"]
+
+
+@pytest.fixture(scope="module")
+def straight(tiny, tmp_path_factory):
+    """A run of 8 steps keeping its checkpoints at 2, 4, 6 and 8."""
+    model, data = tiny
+    out = tmp_path_factory.mktemp("straight") / "run"
+    assert main(tiny_run.train_args(model, data, out, "--max-steps", "8", "--checkpoint-every", "2",
+                                    "--keep-checkpoints", "4")) == 0
+    return out
+
+
+def _rerun(tiny, out):
+    model, data = tiny
+    return main(tiny_run.train_args(model, data, out, "--max-steps", "8", "--checkpoint-every", "2",
+                                    "--keep-checkpoints", "4"))
+
+
+def test_damaged_newest_checkpoints_fall_back_to_the_newest_sound_one(tiny, straight, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    checkpoints = out / "checkpoints"
+    _truncate_state(checkpoints / "8")
+    _garble_meta(checkpoints / "6")
+    _flip_a_stored_bit(checkpoints / "4")
+    capsys.readouterr()
+    assert _rerun(tiny, out) == 0
+    captured = capsys.readouterr()
+    for step, reason in (("8", "ValueError"), ("6", "JSONDecodeError"),
+                         ("4", "ValueError: 1 of its tensors differ from their sha256")):
+        assert re.search(rf"warning: the checkpoint {checkpoints / step} is damaged \({reason}.*\); moved it to "
+                         rf"{out / 'checkpoints-damaged'}/{step}-\S+ and resuming from step 2", captured.err), step
+    assert "resumed from the checkpoint at step 2" in captured.out
+    assert len(list((out / "checkpoints-damaged").iterdir())) == 3
+    assert _final_sums(out) == _final_sums(straight)  # steps 3..8 trained again, to the same state
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == list(range(1, 9))  # the records past step 2 were dropped, not repeated
+
+
+def test_no_sound_checkpoint_is_a_clear_error_and_nothing_is_removed(tiny, straight, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    checkpoints = out / "checkpoints"
+    for step in ("2", "4", "6", "8"):
+        _garble_meta(checkpoints / step)
+    assert _rerun(tiny, out) == 2
+    err = capsys.readouterr().err
+    assert f"error: Every checkpoint in {checkpoints} is damaged ({checkpoints / '8'}: JSONDecodeError" in err
+    assert f"Remove those step folders (or all of {checkpoints}) to train from the start" in err
+    assert len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["2", "4", "6", "8"]
+
+
+# ---- divergence ----
+
+def _stored_state(step_dir):
+    with ocp.StandardCheckpointer() as checkpointer:
+        return checkpointer.restore(step_dir / "state")
+
+
+@pytest.mark.parametrize("log_every, found", [("1", r"step 3: the training loss is (nan|inf)"),
+                                              ("100", r"step 4: the trained state is not finite")])
+def test_a_diverging_run_stops_and_keeps_its_last_finite_checkpoint(tiny, tmp_path, capsys, log_every, found):
+    model, data = tiny
+    out = tmp_path / "run"
+    args = tiny_run.train_args(model, data, out, "--max-steps", "8", "--lr-vectors", "1e30", "--lr-head", "1e30",
+                               "--checkpoint-every", "2", "--keep-checkpoints", "5", "--log-every", log_every)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"error: Training stopped at {found}\. Lower the learning rate \(--lr-vectors 1e\+30, "
+                     r"--lr-head 1e\+30\) and train in a new --output-dir; the last checkpoint here, step 2, is "
+                     r"finite\.", err), err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["2"]
+    assert all(np.isfinite(np.asarray(x, np.float64)).all() for x in jax.tree.leaves(_stored_state(
+        out / "checkpoints" / "2")))
+    assert not (out / "adapter").exists() and not (out / "summary.json").exists()
