@@ -57,9 +57,12 @@ def train_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
             "--batch-size", "8", "--max-length", "16", "--log-every", "1", "--eval-batch-size", "16", *extra]
 
 
-def run_subprocess(args: list[str], devices: int = 1, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
-    """``python -m train ARGS`` in a fresh interpreter with ``devices`` simulated CPU devices."""
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+def run_subprocess(args: list[str], devices: int = 1, timeout: float = 600, env_extra: dict | None = None,
+                   **kwargs) -> subprocess.CompletedProcess:
+    """``python -m train ARGS`` in a fresh interpreter with ``devices`` simulated CPU devices (and ``env_extra``
+    in its environment)."""
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
+           **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "train", *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout, **kwargs)
 

@@ -70,13 +70,16 @@ def _from_safetensors(auto_class, directory: Path, config, seed: int):
     import jax
     from flax.traverse_util import flatten_dict, unflatten_dict
     from safetensors import safe_open
+    from transformers import AutoConfig
     from transformers.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
 
     model = auto_class.from_config(config, _do_init=False, seed=seed)
     shapes = flatten_dict(model.params_shape_tree)
     with safe_open(str(directory / "model.safetensors"), framework="flax") as file:
         torch_state = {key: file.get_tensor(key) for key in file.keys()}
-    shaped = types.SimpleNamespace(base_model_prefix=model.base_model_prefix, params=model.params_shape_tree)
+    stored = AutoConfig.from_pretrained(directory)  # the file's own head, which the conversion checks shapes against
+    as_stored = model if stored.num_labels == config.num_labels else auto_class.from_config(stored, _do_init=False)
+    shaped = types.SimpleNamespace(base_model_prefix=model.base_model_prefix, params=as_stored.params_shape_tree)
     loaded = flatten_dict(convert_pytorch_state_dict_to_flax(torch_state, shaped))
     params = {key: loaded[key] for key in shapes if key in loaded and loaded[key].shape == shapes[key].shape}
     if len(params) < len(shapes):
