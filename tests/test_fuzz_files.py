@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 import families
 import vera_jax
 from vera_jax import checkpoint
+from train.checkpoints import CheckpointMismatch, RunCheckpoints
 from vera_jax import peft as vera_peft
 
 EXAMPLES = 1000
@@ -82,9 +83,9 @@ def _same_tensors(got: vera_jax.Adapter, want: vera_jax.Adapter) -> bool:
 class Fuzzer:
     """Mutates copies of one saved adapter directory and tallies what loading them does."""
 
-    def __init__(self, original: Path, scratch: Path, load, same):
+    def __init__(self, original: Path, scratch: Path, load, same, refusal=vera_jax.AdapterFileError):
         self.files = {p.relative_to(original): p.read_bytes() for p in sorted(original.rglob("*")) if p.is_file()}
-        self.original, self.scratch, self.load, self.same = original, scratch, load, same
+        self.original, self.scratch, self.load, self.same, self.refusal = original, scratch, load, same, refusal
         self.refused = self.loaded = 0
 
     def run(self, draw) -> None:
@@ -95,13 +96,14 @@ class Fuzzer:
         (directory / name).write_bytes(_mutate(data, _is_json(data), draw))
         try:
             got = self.load(directory)
-        except vera_jax.AdapterFileError:
+        except self.refusal:
             self.refused += 1
         else:
             assert self.same(got), f"{name}: a mutated file loaded other values than the original"
             self.loaded += 1
         finally:
             shutil.rmtree(directory)
+            shutil.rmtree(directory.parent / f"{directory.name}-damaged", ignore_errors=True)
 
 
 def _fuzz(fuzzer: Fuzzer) -> None:
@@ -144,3 +146,30 @@ def test_mutated_peft_adapters_are_refused_or_load_the_original(bert, tmp_path):
                     vera_jax.find_layers(params, original.config))
     _fuzz(fuzzer)
     jax.tree.map(np.testing.assert_array_equal, params, bert.params)
+
+
+def test_mutated_run_checkpoints_are_refused_or_resume_the_original(tmp_path):
+    state = {"trainable": {"lambda_d": np.linspace(0, 1, 8, dtype=np.float32)},
+             "opt_state": {"mu": np.arange(8, dtype=np.float32), "count": np.array(3, np.int32)}}
+    meta = {"options": {"r": 8, "lr": 0.01}, "projection": {"key": [0, 11]}, "data": {"sha256": "ab" * 32},
+            "position": {"epoch": 1, "batch": 17}}
+    checkpoints = RunCheckpoints(tmp_path / "checkpoints", keep=2)
+    checkpoints.save(5, state, meta)
+    checkpoints.close()
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    expected = {key: meta[key] for key in ("options", "projection", "data")}
+
+    def resume(directory):
+        run = RunCheckpoints(directory, keep=2)
+        try:
+            return run.restore(abstract, expected)
+        finally:
+            run.close()
+
+    def same(resumed):
+        step, got, got_meta = resumed
+        return (step == 5 and {k: got_meta[k] for k in meta} == meta and jax.tree.structure(got) ==
+                jax.tree.structure(state) and all(a.dtype == b.dtype and np.array_equal(a, b)
+                                                  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(state))))
+
+    _fuzz(Fuzzer(tmp_path / "checkpoints", tmp_path, resume, same, refusal=CheckpointMismatch))

@@ -3,7 +3,7 @@ position, and the projection key with its recipe and fingerprint. Never the base
 when ``save_projection`` asks. Orbax commits a step only once it is whole, so a run killed mid-write
 restarts from the previous complete step.
 
-Each step's JSON meta also holds the sha256 of every tensor of its state. A step that cannot be read,
+Each step's JSON meta also holds the sha256 of every tensor of its state, and its own. A step that cannot be read,
 or whose tensors do not match their sums (a truncated file, a flipped bit), is damaged: a resume takes
 the newest sound step instead, and moves the damaged newer ones aside so that the run can write those
 steps again.
@@ -12,6 +12,7 @@ steps again.
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from jax.experimental import multihost_utils
 __all__ = ["RunCheckpoints", "CheckpointMismatch", "CheckpointDamaged"]
 
 SUMS_KEY = "tensor_sha256"  # the meta entry of the state's sums: {tensor path: sha256 of its bytes}
+META_SUM_KEY = "meta_sha256"  # the sha256 of the rest of the meta, as `_meta_sum` writes it
 _FIXES = {"data": "the dataset files it was trained on"}  # how to resume, by meta entry; else the same settings
 
 
@@ -42,6 +44,11 @@ def _tensor_sums(state: dict) -> dict[str, str]:
             for path, x in leaves}
 
 
+def _meta_sum(meta: dict) -> str:
+    """sha256 of ``meta`` as canonical JSON (sorted keys, no spaces)."""
+    return hashlib.sha256(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def _host(x) -> np.ndarray:
     return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
 
@@ -50,8 +57,10 @@ class RunCheckpoints:
     """The last ``keep`` steps of one run directory."""
 
     def __init__(self, directory: Path, keep: int):
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
-        self._manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
+        # lightweight: Orbax reads no step's own metadata up front, where a damaged one would stop it
+        self._options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False,
+                                                     lightweight_initialize=True)
+        self._manager = ocp.CheckpointManager(Path(directory).absolute(), options=self._options)
 
     @property
     def directory(self) -> Path:
@@ -64,6 +73,7 @@ class RunCheckpoints:
         """``state``: {'trainable', 'opt_state'[, 'projections']}; ``meta``: JSON (position, options, recipe),
         stored with the sums of ``state``'s tensors."""
         meta = {**meta, SUMS_KEY: _tensor_sums(state)}
+        meta[META_SUM_KEY] = _meta_sum(meta)
         self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                          meta=ocp.args.JsonSave(meta)))
         self._manager.wait_until_finished()
@@ -106,6 +116,9 @@ class RunCheckpoints:
         meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         if not isinstance(meta, dict):
             raise ValueError(f"its meta is {type(meta).__name__}, not an object")
+        meta = dict(meta)
+        if meta.pop(META_SUM_KEY, None) != _meta_sum(meta):
+            raise ValueError("its meta does not match its sha256")
         return meta
 
     def _check_matches(self, step: int, meta: dict, expected_meta: dict) -> None:
@@ -142,7 +155,8 @@ class RunCheckpoints:
                       f"resuming from step {resumed}.", file=sys.stderr)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("checkpoints set aside")
-        self._manager.reload()
+        self._manager.close()  # a new manager, as lightweight as the first (a reload would read every step's metadata)
+        self._manager = ocp.CheckpointManager(self.directory, options=self._options)
 
     def close(self) -> None:
         self._manager.close()
