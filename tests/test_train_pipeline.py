@@ -355,6 +355,39 @@ def test_bench_multi_times_programs_that_compute_what_single_adapters_do(tiny, t
     assert "mixed_batch_ratio_4" in capsys.readouterr().out
 
 
+def test_bench_multi_against_peft(tmp_path):
+    """PEFT's grouped forwards (one per adapter, as PEFT serves VeRA) hold the very adapters of the mixed batch:
+    every row's logits agree. PEFT's sweep trains each of its K adapters, and only it, on its own batch."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    from train.bench_multi_peft import PeftSweepTrainer
+
+    model = tiny_run.make_model(tmp_path / "model", pytorch_weights=True)
+    out = tmp_path / "multi.json"
+    assert main(["bench-multi", "--model", str(model), "--r", "8", "--ks", "1", "2", "--ns", "1", "4",
+                 "--train-batch", "2", "--train-seq-len", "8", "--serve-batch", "8", "--serve-seq-len", "16",
+                 "--repeats", "1", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    for n in ("1", "4"):
+        row = results["serving"][n]
+        assert row["max_difference_from_peft"] < 1e-5, row
+        assert results[f"serve_vs_peft_n{n}"] == pytest.approx(row["peft_grouped_seconds"] / row["mixed_seconds"])
+    for k in ("1", "2"):
+        row = results["training"][k]
+        assert results[f"sweep_vs_peft_k{k}"] == pytest.approx(row["peft_seconds"] / row["vmapped_seconds"])
+
+    rng = np.random.default_rng(0)
+    batches = {"input_ids": rng.integers(5, 20, (2, 4, 8)), "attention_mask": np.ones((2, 4, 8), np.int64),
+               "labels": rng.integers(0, 2, (2, 4))}
+    sweep = PeftSweepTrainer(str(model), 8, ["query", "value"], batches)
+    before = {name: [p.detach().clone() for p in sweep.parameters(name)] for name in sweep.names}
+    assert all(len(tensors) == 2 * 2 * 2 + 2 for tensors in before.values())  # 2 vectors x 4 layers + the head
+    sweep()
+    for name in sweep.names:  # lambda_b and the head move; lambda_d's first gradient is zero (lambda_b starts at 0)
+        changed = [not torch.equal(b, a) for b, a in zip(before[name], sweep.parameters(name))]
+        assert sum(changed) == 2 * 2 + 2, (name, changed)
+
+
 def test_sweep_trains_k_adapters_like_separate_runs(tiny, tmp_path, capsys):
     model, data = tiny
     grid_dir, single_dir = tmp_path / "grid", tmp_path / "single"

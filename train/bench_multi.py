@@ -4,9 +4,12 @@
   frozen base and one A/B, against K sequential steps of one adapter (time, and XLA's compiled peak
   memory). The step is measured as ``python -m train sweep`` runs it (`vera_jax.map_adapters`,
   vmapped ``--adapters-per-pass`` at a time, by default `vera_jax.adapters_per_pass`) and with all K
-  vmapped at once.
+  vmapped at once; and against PEFT in PyTorch training K adapters as its users do (one PeftModel,
+  ``set_adapter`` in turn, each on its own batch, an optimizer per adapter).
 - Serving: one batch in which N distinct adapters (N = 1, 16, 256) are mixed, one per example id,
-  against the same batch run with a single adapter on the activation path.
+  against the same batch run with a single adapter on the activation path, and against PEFT in PyTorch
+  serving the same adapters as it serves VeRA: grouped by adapter, one forward each
+  (`train.bench_multi_peft`).
 Every program is compiled and run once first; then all are timed in rounds (one call each per round,
 shuffled), and the medians are printed and written as JSON with ``--json``.
 """
@@ -28,7 +31,7 @@ import vera_jax
 from train import steps
 from train.bench import LLAMA_LINEAR, peak_bytes, time_in_rounds
 from train.metrics import write_json
-from train.model import load_classifier
+from train.model import load_classifier, model_source
 from train.options import positive_int
 
 __all__ = ["add_arguments", "command", "bench_multi"]
@@ -59,6 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--serve-batch", type=positive_int)
     parser.add_argument("--serve-seq-len", type=positive_int)
     parser.add_argument("--repeats", type=positive_int, default=5, help="timed rounds")
+    parser.add_argument("--no-peft", action="store_true", help="skip PEFT in PyTorch as the serving peer (it groups "
+                        "a batch by adapter: one forward per adapter, as PEFT serves VeRA)")
     parser.add_argument("--json", type=Path, help="also write the results here")
 
 
@@ -157,6 +162,10 @@ def bench_multi(args: argparse.Namespace) -> dict:
         runners[f"mixed {n}"] = (lambda s, i: lambda: jax.block_until_ready(mixed(params, serve_batch, s, i)))(
             stacked, ids)
 
+    peers = _peft_peers(args, params, serve_batch, served) if not args.no_peft else {}
+    runners |= {f"peft {n}": peer for n, peer in peers.items()}
+    sweepers = _peft_sweepers(args, {k: runners[f"passes {k}"].batch for k in args.ks}) if not args.no_peft else {}
+    runners |= {f"peft sweep {k}": sweeper for k, sweeper in sweepers.items()}
     median = {name: statistics.median(t) for name, t in time_in_rounds(runners, args.repeats).items()}
     training = {}
     for k in args.ks:
@@ -169,10 +178,17 @@ def bench_multi(args: argparse.Namespace) -> dict:
                        "vmapped_peak_bytes": passes.peak_bytes, "all_at_once_peak_bytes": at_once.peak_bytes,
                        "sequential_peak_bytes": runners["single"].peak_bytes,
                        "max_difference_from_single_steps": _training_difference(runners, k)}
+        if k in sweepers:
+            training[k] |= {"peft_seconds": median[f"peft sweep {k}"], "vs_peft": median[f"peft sweep {k}"] / seconds}
     serving = {n: {"mixed_seconds": median[f"mixed {n}"], "single_adapter_seconds": median["one adapter"],
                    "ratio": median[f"mixed {n}"] / median["one adapter"],
                    "max_difference_from_one_adapter": _serving_difference(one, mixed, params, serve_batch, *served[n])}
                for n in args.ns}
+    for n, peer in peers.items():
+        ours = np.asarray(mixed(params, serve_batch, *served[n]))
+        peft_seconds = median[f"peft {n}"]
+        serving[n] |= {"peft_grouped_seconds": peft_seconds, "vs_peft": peft_seconds / median[f"mixed {n}"],
+                       "max_difference_from_peft": float(np.max(np.abs(peer.logits() - ours)))}
 
     results = {
         "workload": {"model": args.model, "r": args.r, "targets": list(args.targets),
@@ -184,10 +200,46 @@ def bench_multi(args: argparse.Namespace) -> dict:
     results |= {f"vmap_speedup_k{k}": v["speedup"] for k, v in training.items()}
     results |= {f"all_at_once_speedup_k{k}": v["all_at_once_speedup"] for k, v in training.items()}
     results |= {f"mixed_batch_ratio_{n}": v["ratio"] for n, v in serving.items()}
+    results |= {f"serve_vs_peft_n{n}": v["vs_peft"] for n, v in serving.items() if "vs_peft" in v}
+    results |= {f"sweep_vs_peft_k{k}": v["vs_peft"] for k, v in training.items() if "vs_peft" in v}
     _print(results)
     if args.json:
         write_json(args.json, results)
     return results
+
+
+def _torch_source(args) -> str | None:
+    """The model's directory or hub id when PEFT can run it (torch and peft import, PyTorch weights exist)."""
+    source = Path(model_source(args.model))
+    if source.is_dir() and not any((source / f).exists() for f in ("model.safetensors", "pytorch_model.bin")):
+        print(f"PEFT skipped: {source} has no PyTorch weights")
+        return None
+    try:
+        import peft  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError as err:
+        print(f"PEFT skipped: {err}")
+        return None
+    return str(source)
+
+
+def _peft_peers(args, params, batch: dict, served: dict) -> dict:
+    """``{n: PeftGroupedServer}`` holding the same n adapters as the mixed batches."""
+    from train.bench_multi_peft import PeftGroupedServer
+
+    source = _torch_source(args)
+    host_batch = jax.device_get(batch)
+    return {} if source is None else {n: PeftGroupedServer(source, params, stacked, host_batch, np.asarray(ids))
+                                      for n, (stacked, ids) in served.items()}
+
+
+def _peft_sweepers(args, batches: dict) -> dict:
+    """``{k: PeftSweepTrainer}`` training k adapters on the batches of the timed k-adapter program."""
+    from train.bench_multi_peft import PeftSweepTrainer
+
+    source = _torch_source(args)
+    return {} if source is None else {k: PeftSweepTrainer(source, args.r, args.targets, jax.device_get(b))
+                                      for k, b in batches.items()}
 
 
 def _training_difference(runners: dict, k: int) -> float:
@@ -220,17 +272,20 @@ def _serving_difference(one: Callable, mixed: Callable, params, batch: dict, sta
 def _print(results: dict) -> None:
     print(f"{results['workload']} on {results['device']}")
     print(f"{'K adapters':<12}{'per pass':>9}{'one program':>14}{'K sequential':>14}{'speedup':>9}{'peak':>10}"
-          f"{'all at once':>14}{'speedup':>9}{'peak':>10}")
+          f"{'all at once':>14}{'speedup':>9}{'peak':>10}{'PEFT, K steps':>15}{'vs PEFT':>9}")
     for k, row in results["training"].items():
+        peft = f"{row['peft_seconds'] * 1e3:>12.1f} ms{row['vs_peft']:>9.2f}" if "vs_peft" in row else ""
         print(f"{k:<12}{row['adapters_per_pass']:>9}{row['vmapped_seconds'] * 1e3:>11.1f} ms"
               f"{row['sequential_seconds'] * 1e3:>11.1f} ms{row['speedup']:>9.2f}"
               f"{row['vmapped_peak_bytes'] / 2**20:>6.0f} MiB{row['all_at_once_seconds'] * 1e3:>11.1f} ms"
-              f"{row['all_at_once_speedup']:>9.2f}{row['all_at_once_peak_bytes'] / 2**20:>6.0f} MiB")
-    print(f"{'N in batch':<12}{'mixed':>14}{'one adapter':>14}{'ratio':>9}")
+              f"{row['all_at_once_speedup']:>9.2f}{row['all_at_once_peak_bytes'] / 2**20:>6.0f} MiB{peft}")
+    print(f"{'N in batch':<12}{'mixed':>14}{'one adapter':>14}{'ratio':>9}{'PEFT grouped':>15}{'vs PEFT':>9}")
     for n, row in results["serving"].items():
+        peft = (f"{row['peft_grouped_seconds'] * 1e3:>12.1f} ms{row['vs_peft']:>9.2f}" if "vs_peft" in row else "")
         print(f"{n:<12}{row['mixed_seconds'] * 1e3:>11.1f} ms{row['single_adapter_seconds'] * 1e3:>11.1f} ms"
-              f"{row['ratio']:>9.2f}")
-    print(json.dumps({k: round(v, 3) for k, v in results.items() if k.startswith(("vmap_", "all_at", "mixed_"))}))
+              f"{row['ratio']:>9.2f}{peft}")
+    print(json.dumps({k: round(v, 3) for k, v in results.items()
+                      if k.startswith(("vmap_", "all_at", "mixed_", "serve_vs_peft", "sweep_vs_peft"))}))
 
 
 def _print_serving(results: dict) -> None:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from train import assets
 
-__all__ = ["load_classifier", "load_causal_lm", "ModelError", "PACKAGED_MODELS", "hub_id", "kernel_axes", "model_source"]
+__all__ = ["load_classifier", "load_causal_lm", "ModelError", "PACKAGED_MODELS", "hub_id", "kernel_axes",
+           "model_source"]
 
 
 # Packaged model names -> (local directory builder, the hub id the same weights have online).
