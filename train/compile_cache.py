@@ -2,8 +2,10 @@
 instead of compiling them again.
 
 On by default in every command (``--no-compile-cache`` turns it off), in ``<cache dir>/xla`` (the
-project's cache directory, `train.assets.cache_dir`) or where ``VERA_JAX_COMPILE_CACHE`` points; at most
-2 GiB, the least recently used programs evicted first.
+project's cache directory, `train.assets.cache_dir`) or where ``VERA_JAX_COMPILE_CACHE`` points. JAX's
+size limit is left off: its eviction needs a timestamp file beside each entry, and one missing (a crash
+between the two writes) makes every later write fail; the whole test suite leaves about 15 MB, and the
+folder can be deleted at any time.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ __all__ = ["enable", "directory", "ENV"]
 
 ENV = "VERA_JAX_COMPILE_CACHE"
 MIN_COMPILE_SECONDS = 0.2  # programs that compile faster are not worth a file
-MAX_BYTES = 2 * 2**30  # the least recently used programs go beyond this
 
 
 def directory() -> Path:
@@ -32,5 +33,4 @@ def enable() -> Path:
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
     return path

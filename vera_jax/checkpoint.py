@@ -158,7 +158,7 @@ def save(directory: str | os.PathLike, adapter: Adapter, params: Mapping | None 
         with ocp.StandardCheckpointer() as checkpointer:  # waits for the asynchronous write to finish
             checkpointer.save(staging / TREE_DIR, tree)
         if primary:
-            (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
+            (staging / METADATA_FILE).write_text(json.dumps(metadata, sort_keys=True, separators=(",", ":")))
             publish(staging, directory)
     finally:
         if primary:
