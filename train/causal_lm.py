@@ -102,11 +102,13 @@ def run(options: Options) -> dict:
     logits_fn = steps.vera_logits(model, setup.path, setup.adapter.config)
     test_split = setup.job.test_split
     questions = list(test_split["text"][: options.answers])
-    _, log_ppl_before = evaluate(setup.ctx, setup.adapter, logits_fn)
-    answers_before = _answers(model, tokenizer, params, questions, options)
     adapter, tokens_per_second = fit(setup.ctx, "vera", setup.adapter, logits_fn, setup.log, setup.checkpoints,
                                      setup.meta())
     setup.checkpoints.close()
+    # "Before": the adapter as initialised (the base model itself with the default --b-initial 0), measured after
+    # training, so that training starts at once and a resumed run does not measure it again.
+    _, log_ppl_before = evaluate(setup.ctx, setup.adapter, logits_fn)
+    answers_before = _answers(model, tokenizer, params, questions, options)
     token_accuracy, log_ppl_after = evaluate(setup.ctx, adapter, logits_fn)
     setup.log.write(run="vera", step=setup.total_steps, test_loss=log_ppl_after, test_accuracy=token_accuracy)
     answers_after = _answers(model, tokenizer, vera_jax.merge(params, to_host(adapter)), questions, options)
