@@ -270,3 +270,24 @@ def test_a_crash_at_any_step_of_a_writer_leaves_the_old_or_the_new_copy(bert, ol
         _assert_restores_to(target, bert.params, new)
     else:
         assert _contents(target) == reference["new"]
+
+
+@pytest.mark.parametrize("writer", ["checkpoint", "peft", "lora", "merged"])
+def test_overwrite_keeps_a_foreign_directory_aside(bert, old, tmp_path, writer):
+    """overwrite=True writes over a folder that is not the writer's own; its files move aside, never deleted."""
+    directory = tmp_path / "mine"
+    directory.mkdir()
+    (directory / "notes.txt").write_text("my notes")
+    writers = {"checkpoint": lambda: checkpoint.save(directory, old, overwrite=True),
+               "peft": lambda: vera_peft.save_adapter(directory, old, bert.params, overwrite=True),
+               "lora": lambda: save_lora(directory, old, bert.params, overwrite=True),
+               "merged": lambda: save_merged(directory, old, bert.params, bert.model, overwrite=True)}
+    writers[writer]()
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("mine.replaced-")]
+    assert len(kept) == 1 and (kept[0] / "notes.txt").read_text() == "my notes"
+    assert sorted(p.name for p in kept[0].iterdir()) == ["notes.txt"]
+    assert not (directory / "notes.txt").exists() and any(directory.iterdir())
+    if writer == "checkpoint":
+        _assert_restores_to(directory, bert.params, old)
+    writers[writer]()  # now its own: replaced as usual, nothing more kept aside
+    assert [p for p in tmp_path.iterdir() if p.name.startswith("mine.replaced-")] == kept

@@ -294,6 +294,12 @@ def test_export_command_writes_peft_and_merged_models(tiny, tmp_path, capsys):
         assert "already holds files" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
     assert (foreign / "notes.txt").read_text() == "keep me"
+    # --overwrite writes there all the same, and keeps the old files aside.
+    assert main(["export", "--adapter", str(run_dir / "adapter"), "--model", str(model), "--output", str(foreign),
+                 "--overwrite"]) == 0
+    assert (foreign / "adapter_config.json").is_file()
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("my-notes.replaced-")]
+    assert len(kept) == 1 and (kept[0] / "notes.txt").read_text() == "keep me"
     # A merged model is not a PEFT adapter either: exporting PEFT files over it is refused.
     assert main(["export", "--adapter", str(run_dir / "adapter"), "--model", str(model), "--output",
                  str(tmp_path / "flax")]) == 2

@@ -7,7 +7,7 @@ each delta's best rank-k approximation and prints its relative error), ``flax`` 
 ``safetensors`` (``model.safetensors``): the last two are plain
 Hugging Face model directories with the deltas merged in, loadable with transformers alone. The
 output directory is written whole beside its place and swapped in; a directory that holds anything
-but an earlier export of the same kind is refused, never replaced.
+but an earlier export of the same kind is refused, or with ``--overwrite`` moved aside, never deleted.
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ class ExportError(ValueError):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", required=True, help="a vera_jax adapter directory or a PEFT adapter directory")
     parser.add_argument("--output", required=True, help="directory to write (new, empty, or an earlier export)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write --output even when it holds other files: they are moved aside to "
+                             "OUTPUT.replaced-TIME-PID once the export is complete, never deleted")
     parser.add_argument("--format", choices=FORMATS, default="peft")
     parser.add_argument("--model", default="default",
                         help="the base: 'default' (MiniLM), 'smollm2', a hub id or a local directory")
@@ -82,7 +85,7 @@ def export(args: argparse.Namespace) -> Path:
                           "exports as --format peft or lora (or train and export with --backend linen).")
     marker = vera_peft.CONFIG_FILE if args.format in ("peft", "lora") else merged_export.CONFIG_FILE
     try:
-        atomic.check_replaceable(args.output, marker)  # before the model loads
+        atomic.check_replaceable(args.output, marker, args.overwrite)  # before the model loads
         model, tokenizer = _load_model(args.model, args.task, args.num_labels, args.backend)
         stacks = model.stacks if isinstance(model, NnxCausalLM) else ()
         if read is vera_peft.load_adapter:
@@ -94,13 +97,14 @@ def export(args: argparse.Namespace) -> Path:
         if args.format == "peft":
             try:
                 return vera_peft.save_adapter(args.output, adapter, model.params, task_type=TASKS[args.task],
-                                              base_model_name_or_path=hub_id(args.model), stacks=stacks)
+                                              base_model_name_or_path=hub_id(args.model), stacks=stacks,
+                                              overwrite=args.overwrite)
             except ValueError as err:
                 raise ExportError(f"--format peft cannot hold this adapter: {err}") from None
         if args.format == "lora":
             return _lora(args, adapter, model.params, stacks)
         out = merged_export.save_merged(args.output, adapter, model.params, model,
-                                        safetensors=args.format == "safetensors")
+                                        safetensors=args.format == "safetensors", overwrite=args.overwrite)
     except FileExistsError as err:
         raise ExportError(f"--output {args.output}: {err}") from None
     tokenizer.save_pretrained(out)
@@ -111,7 +115,8 @@ def _lora(args: argparse.Namespace, adapter, params, stacks: tuple[str, ...]) ->
     """The LoRA export, with each layer's relative error printed when --rank truncates."""
     try:
         out, factors = vera_lora.save_lora(args.output, adapter, params, rank=args.rank, stacks=stacks,
-                                           task_type=TASKS[args.task], base_model_name_or_path=hub_id(args.model))
+                                           task_type=TASKS[args.task], base_model_name_or_path=hub_id(args.model),
+                                           overwrite=args.overwrite)
     except ValueError as err:
         raise ExportError(f"--format lora cannot hold this adapter: {err}") from None
     if args.rank is not None:

@@ -3,7 +3,8 @@
 A directory is written into a hidden staging directory beside it, then swapped into place: on Linux
 by one atomic exchange of the two names (``renameat2(RENAME_EXCHANGE)``), elsewhere by renaming the old
 copy aside first. The old copy is deleted only once the new one is in place, and a directory that
-does not hold the file marking it as ours (e.g. ``vera_adapter.json``) is never replaced.
+does not hold the file marking it as ours (e.g. ``vera_adapter.json``) is refused, or, when the caller
+asks to overwrite it, moved aside to ``NAME.replaced-TIME-PID`` beside it: never deleted.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import ctypes
 import ctypes.util
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["staged_directory", "stage", "staging_path", "publish", "check_replaceable", "recover", "write_text"]
+__all__ = ["staged_directory", "stage", "staging_path", "publish", "check_replaceable", "holds_foreign",
+           "replaced_path", "recover", "write_text"]
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
@@ -60,8 +63,15 @@ def recover(directory: str | os.PathLike) -> None:
             os.replace(aside, directory)
 
 
-def check_replaceable(directory: str | os.PathLike, marker: str) -> None:
-    """Raise unless ``directory`` is absent, empty, or holds ``marker`` (a file our writers put there).
+def holds_foreign(directory: str | os.PathLike, marker: str) -> bool:
+    """Whether ``directory`` holds files and not ``marker``: something our writers did not make."""
+    directory = Path(directory).absolute()
+    return directory.is_dir() and any(directory.iterdir()) and not (directory / marker).is_file()
+
+
+def check_replaceable(directory: str | os.PathLike, marker: str, overwrite: bool = False) -> None:
+    """Raise unless ``directory`` is absent, empty, or holds ``marker`` (a file our writers put there), or
+    ``overwrite`` allows replacing what it holds (which `publish` then keeps aside, never deletes).
 
     Raises:
       FileExistsError: ``directory`` holds something else, which a write must not destroy.
@@ -69,54 +79,71 @@ def check_replaceable(directory: str | os.PathLike, marker: str) -> None:
     directory = Path(directory).absolute()
     if directory.exists() and not directory.is_dir():
         raise FileExistsError(f"{directory} exists and is not a directory; choose another path.")
-    if directory.is_dir() and any(directory.iterdir()) and not (directory / marker).is_file():
+    if holds_foreign(directory, marker) and not overwrite:
         raise FileExistsError(f"{directory} already holds files and is not a directory this writer made (it has no "
-                              f"{marker}); nothing was written. Choose a new or empty directory.")
+                              f"{marker}); nothing was written. Choose a new or empty directory, or overwrite "
+                              "(--overwrite, overwrite=True: its contents are moved aside, not deleted).")
 
 
-def stage(directory: str | os.PathLike, marker: str) -> Path:
+def replaced_path(directory: Path) -> Path:
+    """Where `publish` keeps a directory's old contents that our writers did not make."""
+    return directory.parent / f"{directory.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+
+
+def stage(directory: str | os.PathLike, marker: str, overwrite: bool = False) -> Path:
     """A new, empty staging directory for ``directory``, after checking that it may be replaced."""
     directory = Path(directory).absolute()
     recover(directory)
-    check_replaceable(directory, marker)
+    check_replaceable(directory, marker, overwrite)
     staging = staging_path(directory)
     shutil.rmtree(staging, ignore_errors=True)  # a stale staging directory of an interrupted write
     staging.mkdir(parents=True)
     return staging
 
 
-def publish(staging: Path, directory: str | os.PathLike) -> Path:
-    """Move the complete ``staging`` into ``directory``'s place; the old copy goes only after that."""
+def publish(staging: Path, directory: str | os.PathLike, keep_old: bool = False) -> Path:
+    """Move the complete ``staging`` into ``directory``'s place; the old copy goes only after that, and with
+    ``keep_old`` it is moved to `replaced_path` instead of deleted."""
     directory = Path(directory).absolute()
     if not directory.exists():
         os.replace(staging, directory)
     elif _exchange(staging, directory):
-        shutil.rmtree(staging)  # now the old copy
+        _retire(staging, directory, keep_old)  # staging now holds the old copy
     else:
         aside = _aside(directory)
         shutil.rmtree(aside, ignore_errors=True)
         os.replace(directory, aside)
         os.replace(staging, directory)  # a crash before this line leaves the old copy for `recover`
-        shutil.rmtree(aside)
+        _retire(aside, directory, keep_old)
     return directory
 
 
+def _retire(old: Path, directory: Path, keep: bool) -> None:
+    """The old copy of ``directory``, once the new one is in place: kept at `replaced_path`, or deleted."""
+    if keep:
+        os.replace(old, replaced_path(directory))
+    else:
+        shutil.rmtree(old)
+
+
 @contextlib.contextmanager
-def staged_directory(directory: str | os.PathLike, marker: str) -> Iterator[Path]:
+def staged_directory(directory: str | os.PathLike, marker: str, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty staging directory; when the block succeeds it takes ``directory``'s place.
 
     ``marker`` names a file the block writes, which marks the directory as one this writer may replace
-    later; an existing directory without it is refused before anything is written.
+    later; an existing directory without it is refused before anything is written, unless ``overwrite``:
+    then its contents are moved to `replaced_path` once the new copy is in place.
 
     Raises:
       FileExistsError: ``directory`` holds files that are not a copy of what this writer writes.
     """
-    staging = stage(directory, marker)
+    foreign = holds_foreign(directory, marker)
+    staging = stage(directory, marker, overwrite)
     try:
         yield staging
         if not (staging / marker).is_file():
             raise RuntimeError(f"The staged directory holds no {marker}; nothing was published.")
-        publish(staging, directory)
+        publish(staging, directory, keep_old=foreign)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

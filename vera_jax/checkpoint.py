@@ -29,7 +29,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from vera_jax.adapter import STORED, Adapter
-from vera_jax.atomic import publish, recover, stage, staging_path
+from vera_jax.atomic import holds_foreign, publish, recover, stage, staging_path
 from vera_jax.config import VeraConfig
 from vera_jax.errors import AdapterFileError
 from vera_jax.layers import find_layers
@@ -134,7 +134,8 @@ def _stores_projections(adapter: Adapter) -> bool:
     return adapter.config.save_projection or not adapter.redrawable
 
 
-def save(directory: str | os.PathLike, adapter: Adapter, params: Mapping | None = None) -> Path:
+def save(directory: str | os.PathLike, adapter: Adapter, params: Mapping | None = None, *,
+         overwrite: bool = False) -> Path:
     """Write ``adapter`` as a checkpoint in ``directory``, replacing an older adapter only once the new one is whole.
 
     ``params``, the base the adapter was trained on, is not saved: its adapted kernels' shapes and a fingerprint
@@ -142,7 +143,8 @@ def save(directory: str | os.PathLike, adapter: Adapter, params: Mapping | None 
     In a multi-process run every process calls it (Orbax writes collectively); process 0 does the renames.
 
     Raises:
-      FileExistsError: ``directory`` holds files that are not a vera_jax adapter (nothing is written).
+      FileExistsError: ``directory`` holds files that are not a vera_jax adapter (nothing is written); with
+        ``overwrite`` they are moved aside to ``NAME.replaced-TIME-PID`` once the new copy is in place.
     """
     directory = Path(directory).absolute()
     tree = _stored_tree(adapter)
@@ -152,14 +154,15 @@ def save(directory: str | os.PathLike, adapter: Adapter, params: Mapping | None 
         metadata["base"] = base_record(params, adapter.config)
     metadata[METADATA_CHECKSUM] = _json_digest(metadata)
     primary = jax.process_index() == 0
-    staging = stage(directory, METADATA_FILE) if primary else staging_path(directory)
+    foreign = holds_foreign(directory, METADATA_FILE)
+    staging = stage(directory, METADATA_FILE, overwrite) if primary else staging_path(directory)
     multihost_utils.sync_global_devices(f"vera_jax.checkpoint.save:{staging}")
     try:
         with ocp.StandardCheckpointer() as checkpointer:  # waits for the asynchronous write to finish
             checkpointer.save(staging / TREE_DIR, tree)
         if primary:
             (staging / METADATA_FILE).write_text(json.dumps(metadata, sort_keys=True, separators=(",", ":")))
-            publish(staging, directory)
+            publish(staging, directory, keep_old=foreign)
     finally:
         if primary:
             shutil.rmtree(staging, ignore_errors=True)

@@ -16,16 +16,17 @@ CONFIG_FILE = "config.json"  # every Hugging Face model directory has one
 
 
 def save_merged(directory: str | os.PathLike, adapter: Adapter, params: Mapping, model, *,
-                safetensors: bool = False) -> Path:
+                safetensors: bool = False, overwrite: bool = False) -> Path:
     """Write ``model`` with W0 + delta_W (and the leaves trained in full) via ``model.save_pretrained``.
 
     ``safetensors=False`` writes ``flax_model.msgpack``, ``True`` writes ``model.safetensors``; either
     loads with ``FlaxAutoModel....from_pretrained(directory)``. The directory appears only once whole.
 
     Raises:
-      FileExistsError: ``directory`` holds files that are not a model directory (nothing is written).
+      FileExistsError: ``directory`` holds files that are not a model directory (nothing is written); with
+        ``overwrite`` they are moved aside to ``NAME.replaced-TIME-PID`` once the new copy is in place.
     """
     merged = merge(params, adapter)
-    with staged_directory(directory, CONFIG_FILE) as staging:
+    with staged_directory(directory, CONFIG_FILE, overwrite) as staging:
         model.save_pretrained(staging, params=merged, safe_serialization=safetensors)
     return Path(directory).absolute()

@@ -102,7 +102,8 @@ def lora_factors(adapter: Adapter, params: Mapping, *, rank: int | None = None,
 
 def save_lora(directory: str | os.PathLike, adapter: Adapter, params: Mapping, *, rank: int | None = None,
               stacks: Sequence[str] = (), task_type: str | None = None,
-              base_model_name_or_path: str | None = None) -> tuple[Path, list[LoraFactors]]:
+              base_model_name_or_path: str | None = None, overwrite: bool = False
+              ) -> tuple[Path, list[LoraFactors]]:
     """Write ``adapter`` as a PEFT LoRA directory (``peft.PeftModel.from_pretrained`` loads it); returns the
     directory and the factors written (each with its relative error).
 
@@ -110,7 +111,8 @@ def save_lora(directory: str | os.PathLike, adapter: Adapter, params: Mapping, *
 
     Raises:
       ValueError: as `lora_factors`.
-      FileExistsError: ``directory`` holds files that are not a PEFT adapter (nothing is written).
+      FileExistsError: ``directory`` holds files that are not a PEFT adapter (nothing is written); with
+        ``overwrite`` they are moved aside to ``NAME.replaced-TIME-PID`` once the new copy is in place.
     """
     factors = lora_factors(adapter, params, rank=rank, stacks=stacks)
     k = factors[0].lora_a.shape[0]
@@ -134,7 +136,7 @@ def save_lora(directory: str | os.PathLike, adapter: Adapter, params: Mapping, *
     }
     from safetensors.numpy import save_file
 
-    with staged_directory(directory, CONFIG_FILE) as staging:
+    with staged_directory(directory, CONFIG_FILE, overwrite) as staging:
         save_file({name: np.ascontiguousarray(value, np.float32) for name, value in tensors.items()},
                   str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))

@@ -332,7 +332,8 @@ def module_names(patterns, torch_names: list[str]) -> list[str]:
 
 
 def save_adapter(directory: str | os.PathLike, adapter: Adapter, params: Mapping, *, task_type: str | None = None,
-                 base_model_name_or_path: str | None = None, stacks: Sequence[str] = ()) -> Path:
+                 base_model_name_or_path: str | None = None, stacks: Sequence[str] = (), overwrite: bool = False
+                 ) -> Path:
     """Write ``adapter`` as a directory ``peft.PeftModel.from_pretrained`` loads.
 
     A and B are always written (PyTorch cannot rebuild JAX's random bits), with ``save_projection:
@@ -344,7 +345,8 @@ def save_adapter(directory: str | os.PathLike, adapter: Adapter, params: Mapping
     Raises:
       ValueError: per-layer projections, which PEFT files cannot hold, an adapter that does not fit ``params``,
         or a stack under none of ``stacks``.
-      FileExistsError: ``directory`` holds files that are not a PEFT adapter (nothing is written).
+      FileExistsError: ``directory`` holds files that are not a PEFT adapter (nothing is written); with
+        ``overwrite`` they are moved aside to ``NAME.replaced-TIME-PID`` once the new copy is in place.
     """
     config = adapter.config
     if config.projection_sharing != "shared":
@@ -382,7 +384,7 @@ def save_adapter(directory: str | os.PathLike, adapter: Adapter, params: Mapping
     }
     from safetensors.numpy import save_file
 
-    with staged_directory(directory, CONFIG_FILE) as staging:
+    with staged_directory(directory, CONFIG_FILE, overwrite) as staging:
         arrays = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in tensors.items()}
         save_file(arrays, str(staging / WEIGHTS_FILE), metadata={"format": "pt", CHECKSUMS: _tensor_checksums(arrays)})
         (staging / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2, sort_keys=True))
