@@ -131,6 +131,17 @@ def _rerun(tiny, out):
                                     "--keep-checkpoints", "4"))
 
 
+def test_a_resume_with_other_flags_is_refused_before_the_model_loads(tiny, straight, tmp_path, monkeypatch, capsys):
+    model, data = tiny
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    monkeypatch.setattr(classify, "load_classifier", lambda *a, **k: pytest.fail("the model loaded"))
+    assert main([*tiny_run.train_args(model, data, out, "--max-steps", "8", "--checkpoint-every", "2",
+                                      "--keep-checkpoints", "4"), "--r", "4"]) == 2
+    assert re.search(r"error: The checkpoint at step 8 in \S+ was written with different options \(\['r'\]\)",
+                     capsys.readouterr().err)
+
+
 def test_damaged_newest_checkpoints_fall_back_to_the_newest_sound_one(tiny, straight, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(straight, out)

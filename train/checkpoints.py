@@ -112,6 +112,21 @@ class RunCheckpoints:
                                     "another --output-dir.")
         return None
 
+    def check_settings(self, expected: dict) -> None:
+        """A cheap check before anything loads: the newest readable step's meta entries named in ``expected``
+        (damaged steps are left for `restore`).
+
+        Raises:
+          CheckpointMismatch: they differ from ``expected``'s.
+        """
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                meta = self._read_meta(step)
+            except Exception:  # noqa: BLE001 - a damaged step; `restore` reports it
+                continue
+            self._check_matches(step, meta, expected)
+            return
+
     def _read_meta(self, step: int) -> dict:
         meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         if not isinstance(meta, dict):

@@ -119,10 +119,14 @@ class Run:
     def meta(self) -> dict:
         """What a checkpoint records and a resumed run must match: the options that shape it (the split's
         among them), the dataset files' sha256, and the projections' recipe."""
-        options = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self.options).items()
-                   if k in RESUME_KEYS}
-        return {"options": options, "data": {"sha256": self.data_sha256},
+        return {"options": resume_options(self.options), "data": {"sha256": self.data_sha256},
                 "projection": adapter_checkpoint.projection_recipe(self.adapter)}
+
+
+def resume_options(options: Options) -> dict:
+    """The options a checkpoint records and a resumed run must match (JSON: tuples as lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(options).items()
+            if k in RESUME_KEYS}
 
 
 def start(options: Options, load: Callable[[Options], Prepared], *, on_mesh: bool = True) -> Run:
@@ -143,6 +147,12 @@ def start(options: Options, load: Callable[[Options], Prepared], *, on_mesh: boo
                 atomic.check_replaceable(out / name, marker)
             except FileExistsError as err:
                 raise RunError(f"{err} (the run writes its adapter there; choose another --output-dir)") from None
+        if (out / "checkpoints").is_dir():  # a resume with other flags is refused before anything loads
+            early = RunCheckpoints(out / "checkpoints", options.keep_checkpoints)
+            try:
+                early.check_settings({"options": resume_options(options)})
+            finally:
+                early.close()
     job = load(options)
     steps_per_epoch, total_steps = count_steps(options, len(job.train_data))
     adapter = vera_setup(options, job.model)
