@@ -50,3 +50,4 @@ def test_no_compile_cache_leaves_it_off(tmp_path, monkeypatch, flags, enabled):
     monkeypatch.setattr(compile_cache, "enable", lambda: calls.append(True))
     assert main(["--dataset", str(tmp_path / "missing.csv"), *flags]) == 2  # stops before anything loads
     assert calls == ([True] if enabled else [])
+

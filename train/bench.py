@@ -35,7 +35,7 @@ import optax
 from flax import struct
 
 import vera_jax
-from train import bench_nnx, bench_startup, steps
+from train import bench_job, bench_nnx, bench_startup, steps
 from train.metrics import write_json
 from train.model import load_causal_lm, load_classifier, model_source
 from train.options import non_negative_float, non_negative_int, positive_int
@@ -82,12 +82,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="instead: time to the first training step of the main job and the causal LM, each "
                              "launched twice as a user would, with JAX's compilation cache cold then warm "
                              "(`train.bench_startup`; about 2 minutes here)")
+    parser.add_argument("--job", action="store_true",
+                        help="instead: the whole main job (python -m train) against the same recipe with PEFT in "
+                             "PyTorch, one after the other (`train.bench_job`; about 12 minutes here)")
+    parser.add_argument("--job-flags", default="", help="--job: flags for both jobs, as python -m train takes them")
     parser.add_argument("--json", type=Path, help="also write the results here")
 
 
 def command(args: argparse.Namespace) -> None:
-    if args.startup:
-        results = bench_startup.measure_startup()
+    if args.startup or args.job:
+        results = bench_startup.measure_startup() if args.startup else bench_job.job_bench(args.job_flags)
         if args.json:
             write_json(args.json, results)
         return

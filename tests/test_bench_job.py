@@ -1,0 +1,33 @@
+"""``bench --job``: PEFT's job schedules its learning rates as optax does, and both jobs run one recipe."""
+
+import json
+
+import pytest
+
+import tiny_run
+from train.__main__ import main
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "constant"])
+def test_the_peft_job_schedules_learning_rates_as_optax_does(kind):
+    from train.peft_job import lr_factor
+    from train.steps import _schedule
+
+    schedule = _schedule(kind, 1.0, 50, 0.06)
+    for step in range(50):
+        assert lr_factor(kind, step, 50, 0.06) == pytest.approx(float(schedule(step)), abs=1e-6), step
+
+
+def test_bench_job_runs_both_jobs_on_one_recipe(tmp_path):
+    pytest.importorskip("peft")
+    model = tiny_run.make_model(tmp_path / "model", pytorch_weights=True)
+    data = tiny_run.make_csv(tmp_path / "data.csv")
+    flags = (f"--model {model} --dataset {data} --r 8 --batch-size 8 --max-length 16 --eval-batch-size 16 "
+             "--max-steps 6")
+    out = tmp_path / "job.json"
+    assert main(["bench", "--job", "--job-flags", flags, "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["ours"]["steps"] == results["peft"]["steps"] == 6
+    assert results["job_speedup_vs_peft"] == pytest.approx(results["peft"]["wall_seconds"] /
+                                                           results["ours"]["wall_seconds"])
+    assert all(seconds > 0 for seconds in results["ours"]["profile"].values())

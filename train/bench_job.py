@@ -1,0 +1,58 @@
+"""``python -m train bench --job``: the whole main job against PEFT's, one after the other on the same split.
+
+Ours runs as a user starts it, ``python -m train [flags]`` in a fresh interpreter with an empty compilation
+cache; PEFT's runs the same recipe in PyTorch (`train.peft_job`). Both wall times count from reading the
+data to the end of the evaluation (our ``summary.json``'s ``wall_seconds``); ours is also split by its
+metrics log into the time to the first logged step (loading, compiling), training, and what follows the last
+step (evaluation, saving the adapters, the report).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from train import compile_cache
+from train.peft_job import run_peft_job
+
+__all__ = ["job_bench"]
+
+
+def _our_job(flags: list[str], out: Path, cache: Path) -> dict:
+    """Run ``python -m train FLAGS`` and read its summary and metrics log."""
+    started = time.time()
+    done = subprocess.run([sys.executable, "-m", "train", *flags, "--output-dir", str(out)],
+                          env={**os.environ, compile_cache.ENV: str(cache)}, capture_output=True, text=True)
+    ended = time.time()
+    if done.returncode != 0:
+        raise RuntimeError(f"python -m train {shlex.join(flags)} failed:\n{done.stderr[-2000:]}")
+    summary = json.loads((out / "summary.json").read_text())
+    steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    return {"test_accuracy": summary["test_accuracy"], "wall_seconds": summary["wall_seconds"],
+            "process_seconds": ended - started, "steps": summary.get("steps", steps[-1]["step"]),
+            "profile": {"launch_to_first_logged_step": steps[0]["time"] - started,
+                        "first_to_last_logged_step": steps[-1]["time"] - steps[0]["time"],
+                        "after_the_last_step": ended - steps[-1]["time"]}}
+
+
+def job_bench(job_flags: str = "") -> dict:
+    """``job_speedup_vs_peft`` (PEFT's wall / ours), ``job_accuracy``, ``peft_job_accuracy`` and both runs."""
+    from train.__main__ import build_parser
+    from train.options import from_args
+
+    flags = ["classify", *shlex.split(job_flags), "--log-every", "1"]
+    options = from_args(build_parser().parse_args(flags))
+    with tempfile.TemporaryDirectory(prefix="vera_jax_job_") as scratch:
+        ours = _our_job(flags, Path(scratch) / "run", Path(scratch) / "xla")
+    print(f"vera_jax: {ours['wall_seconds']:.1f} s, test accuracy {ours['test_accuracy']:.4f}", flush=True)
+    peft = run_peft_job(options)
+    print(f"PEFT:     {peft['wall_seconds']:.1f} s, test accuracy {peft['test_accuracy']:.4f}", flush=True)
+    return {"job_flags": job_flags, "ours": ours, "peft": peft,
+            "job_speedup_vs_peft": peft["wall_seconds"] / ours["wall_seconds"],
+            "job_accuracy": ours["test_accuracy"], "peft_job_accuracy": peft["test_accuracy"]}

@@ -1,0 +1,94 @@
+"""The main job's recipe run with Hugging Face PEFT's VeRA in PyTorch: the peer of ``python -m train bench --job``.
+
+The same split, the same tokenised rows and the same batches in the same order (padded to their longest
+row, `train.data`), the same AdamW with the same two learning-rate schedules (the vectors', the head's),
+the model's own dropout on while training, then one evaluation on the held-out split.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+
+import numpy as np
+
+from train import data as data_lib
+from train.model import model_source
+from train.options import Options
+from train.runner import count_steps
+
+__all__ = ["run_peft_job", "lr_factor"]
+
+
+def lr_factor(kind: str, step: int, total_steps: int, warmup_ratio: float) -> float:
+    """The learning rate at ``step`` over its peak, as `train.steps` schedules it with optax."""
+    warmup = max(1, int(round(warmup_ratio * total_steps)))
+    if step < warmup:
+        return step / warmup
+    decay_steps, done = max(1, total_steps - warmup), min(step - warmup, max(1, total_steps - warmup))
+    if kind == "linear":
+        return 1.0 - done / decay_steps
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * done / decay_steps))
+    return 1.0
+
+
+def run_peft_job(options: Options) -> dict:
+    """Train and evaluate as ``python -m train`` would with ``options``, in PyTorch with PEFT.
+
+    Returns ``{"test_accuracy", "wall_seconds", "train_seconds", "eval_seconds", "steps"}``; the wall time runs
+    from reading the data to the end of the evaluation, as the main job's ``summary.json`` counts it.
+    """
+    import peft
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    started = time.perf_counter()
+    train_split, test_split = data_lib.load_splits(options)
+    num_labels = data_lib.check_labels(train_split, test_split, options)
+    source = model_source(options.model)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    train = data_lib.tokenize(train_split, tokenizer, options.max_length, np.int64)
+    test = data_lib.tokenize(test_split, tokenizer, options.max_length, np.int64)
+    pad_id = tokenizer.pad_token_id or 0
+    steps_per_epoch, total_steps = count_steps(options, len(train))
+    torch.manual_seed(options.seed)
+    base = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels)
+    config = peft.VeraConfig(r=options.r, target_modules=list(options.targets), d_initial=options.d_initial,
+                             vera_dropout=options.dropout, projection_prng_key=options.seed,
+                             modules_to_save=list(options.head), task_type="SEQ_CLS")
+    model = peft.get_peft_model(base, config)
+    vectors = [p for n, p in model.named_parameters() if p.requires_grad and re.search(r"vera_lambda_[bd]", n)]
+    head = [p for n, p in model.named_parameters() if p.requires_grad and not re.search(r"vera_lambda_[bd]", n)]
+    optimizer = torch.optim.AdamW([{"params": vectors, "lr": options.lr_vectors},
+                                   {"params": head, "lr": options.lr_head}], weight_decay=options.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(options.schedule, step, total_steps, options.warmup_ratio))
+
+    def tensors(batch: dict) -> dict:
+        return {k: torch.from_numpy(np.asarray(batch[k], np.int64)) for k in ("input_ids", "attention_mask", "labels")}
+
+    model.train()
+    train_started = time.perf_counter()
+    for step in range(total_steps):
+        indices = data_lib.batch_indices(len(train), options.seed, step, steps_per_epoch, options.batch_size)
+        loss = model(**tensors(data_lib.collate(train, indices, pad_id, options.max_length))).loss
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+    if not math.isfinite(float(loss)):
+        raise RuntimeError(f"PEFT's training loss is {float(loss)} after {total_steps} steps.")
+    eval_started = time.perf_counter()
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(test), options.eval_batch_size):
+            indices = np.arange(start, min(start + options.eval_batch_size, len(test)))
+            batch = tensors(data_lib.collate(test, indices, pad_id, options.max_length))
+            labels = batch.pop("labels")
+            correct += int((model(**batch).logits.argmax(-1) == labels).sum())
+    ended = time.perf_counter()
+    return {"test_accuracy": correct / len(test), "wall_seconds": ended - started, "steps": total_steps,
+            "train_seconds": eval_started - train_started, "eval_seconds": ended - eval_started}
