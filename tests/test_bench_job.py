@@ -23,11 +23,12 @@ def test_bench_job_runs_both_jobs_on_one_recipe(tmp_path):
     model = tiny_run.make_model(tmp_path / "model", pytorch_weights=True)
     data = tiny_run.make_csv(tmp_path / "data.csv")
     flags = (f"--model {model} --dataset {data} --r 8 --batch-size 8 --max-length 16 --eval-batch-size 16 "
-             "--max-steps 6")
+             "--max-steps 12")
     out = tmp_path / "job.json"
     assert main(["bench", "--job", "--job-flags", flags, "--json", str(out)]) == 0
     results = json.loads(out.read_text())
-    assert results["ours"]["steps"] == results["peft"]["steps"] == 6
+    assert results["ours"]["steps"] == results["peft"]["steps"] == 12
     assert results["job_speedup_vs_peft"] == pytest.approx(results["peft"]["wall_seconds"] /
                                                            results["ours"]["wall_seconds"])
-    assert all(seconds > 0 for seconds in results["ours"]["profile"].values())
+    assert results["ours"]["profile"]["first_logged_step"] == 10 and all(
+        seconds > 0 for seconds in results["ours"]["profile"].values())
