@@ -37,7 +37,7 @@ from flax import struct
 import vera_jax
 from train import bench_job, bench_nnx, bench_startup, steps
 from train.metrics import write_json
-from train.model import load_causal_lm, load_classifier, model_source
+from train.model import lacks_torch_weights, load_causal_lm, load_classifier, model_source
 from train.options import non_negative_float, non_negative_int, positive_int
 from vera_jax.intercept import intercept_layers
 from vera_jax.paths import flatten, module_paths, split_leaf
@@ -243,8 +243,7 @@ def bench(args: argparse.Namespace) -> dict:
     if not args.no_peft:
         try:
             source = model_source(args.model)
-            local = Path(source)
-            if local.is_dir() and not any((local / f).exists() for f in ("model.safetensors", "pytorch_model.bin")):
+            if lacks_torch_weights(source):
                 print(f"PEFT skipped: {source} has no PyTorch weights")
             else:
                 variants["peft"] = _PeftVariant(source, args, batch)

@@ -31,7 +31,7 @@ import vera_jax
 from train import steps
 from train.bench import LLAMA_LINEAR, peak_bytes, time_in_rounds
 from train.metrics import write_json
-from train.model import load_classifier, model_source
+from train.model import lacks_torch_weights, load_classifier, model_source
 from train.options import positive_int
 
 __all__ = ["add_arguments", "command", "bench_multi"]
@@ -210,8 +210,8 @@ def bench_multi(args: argparse.Namespace) -> dict:
 
 def _torch_source(args) -> str | None:
     """The model's directory or hub id when PEFT can run it (torch and peft import, PyTorch weights exist)."""
-    source = Path(model_source(args.model))
-    if source.is_dir() and not any((source / f).exists() for f in ("model.safetensors", "pytorch_model.bin")):
+    source = model_source(args.model)
+    if lacks_torch_weights(source):
         print(f"PEFT skipped: {source} has no PyTorch weights")
         return None
     try:
@@ -220,7 +220,7 @@ def _torch_source(args) -> str | None:
     except ImportError as err:
         print(f"PEFT skipped: {err}")
         return None
-    return str(source)
+    return source
 
 
 def _peft_peers(args, params, batch: dict, served: dict) -> dict:

@@ -11,7 +11,7 @@ from pathlib import Path
 from train import assets
 
 __all__ = ["load_classifier", "load_causal_lm", "ModelError", "PACKAGED_MODELS", "hub_id", "kernel_axes",
-           "model_source"]
+           "lacks_torch_weights", "model_source"]
 
 
 # Packaged model names -> (local directory builder, the hub id the same weights have online).
@@ -28,6 +28,12 @@ class ModelError(ValueError):
 
 def _has_flax_weights(path: Path) -> bool:
     return (path / "flax_model.msgpack").exists() or (path / "flax_model.msgpack.index.json").exists()
+
+
+def lacks_torch_weights(source: str) -> bool:
+    """Whether ``source`` is a local directory without PyTorch weights (PEFT in PyTorch cannot run it)."""
+    path = Path(source)
+    return path.is_dir() and not any((path / f).exists() for f in ("model.safetensors", "pytorch_model.bin"))
 
 
 def hub_id(name: str) -> str:
