@@ -15,8 +15,8 @@ from datasets.exceptions import DatasetGenerationError
 from train import assets
 from train.options import Options
 
-__all__ = ["TextData", "load_splits", "tokenize", "epoch_order", "batch_indices", "collate", "DataError",
-           "dataset_sha256"]
+__all__ = ["TextData", "load_splits", "tokenize", "epoch_order", "batch_indices", "by_length", "length_groups",
+           "collate", "DataError", "dataset_sha256"]
 
 LOCAL_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 PAD_MULTIPLE = 16
@@ -279,6 +279,21 @@ def batch_indices(num_examples: int, seed: int, step: int, steps_per_epoch: int,
     """The rows of training step ``step``: its slice of the epoch's `epoch_order`."""
     epoch, position = divmod(step, steps_per_epoch)
     return epoch_order(num_examples, seed, epoch)[position * batch_size:(position + 1) * batch_size]
+
+
+def by_length(data: TextData, indices: np.ndarray) -> np.ndarray:
+    """``indices`` reordered by their rows' token counts, shortest first (stable): batches cut from the order pad
+    little."""
+    indices = np.asarray(indices)
+    return indices[np.argsort([len(data.input_ids[i]) for i in indices], kind="stable")]
+
+
+def length_groups(data: TextData, indices: np.ndarray, groups: int) -> list[np.ndarray]:
+    """A batch's rows `by_length`, cut into ``groups`` runs of equal size (``groups`` must divide the batch):
+    collated apart, each pads to its own longest row, so short rows stop paying for long ones."""
+    if len(indices) % groups:
+        raise ValueError(f"{groups} groups do not divide a batch of {len(indices)} rows.")
+    return np.split(by_length(data, indices), groups)
 
 
 def collate(data: TextData, indices: np.ndarray, pad_id: int, max_length: int) -> dict[str, np.ndarray]:

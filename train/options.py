@@ -168,6 +168,9 @@ class Options:
     epochs: int = _flag(2, "passes over the training split", type=positive_int)
     max_steps: int | None = _flag(None, "stop after this many steps (default: all epochs)", type=positive_int)
     batch_size: int = _flag(32, "examples per step (global, over every device)", type=positive_int)
+    length_groups: int = _flag(2, "each batch is sorted by length and run as this many groups of rows, each padded "
+                               "to its own longest row: the same gradient over fewer padded tokens (1: one group)",
+                               type=positive_int)
     max_length: int = _flag(64, "tokens per example at most", type=positive_int)
     test_fraction: float = _flag(0.2, "rows held out when the dataset has no test split",
                                  type=_in_range(0.0, 1.0, low_open=True))
@@ -205,7 +208,8 @@ class Options:
 RESUME_KEYS = ("model", "dataset", "text_column", "label_column", "task", "num_labels", "r", "targets", "head",
                "d_initial", "b_initial", "dropout", "projection_init", "projection_sharing", "train_vectors",
                "lr_vectors", "lr_head", "schedule", "warmup_ratio", "weight_decay", "epochs", "max_steps",
-               "batch_size", "max_length", "test_fraction", "seed", "path", "base_dtype", "chat_template", "backend")
+               "batch_size", "length_groups", "max_length", "test_fraction", "seed", "path", "base_dtype",
+               "chat_template", "backend")
 
 # `python -m train causal-lm`: SmolLM2-135M-Instruct on the chatterbot question/answer pairs, VeRA on
 # every linear layer of every decoder block, loss on the answer tokens only.

@@ -36,9 +36,9 @@ from vera_jax import checkpoint as adapter_checkpoint
 from vera_jax import peft as vera_peft
 
 __all__ = ["Prepared", "Run", "Context", "RunError", "TrainingDiverged", "start", "check_positions",
-           "init_distributed", "output_dir", "place", "to_host", "global_batch", "train_batch", "fit", "evaluate",
-           "count_steps", "model_config", "vera_setup", "resolve_path", "dropout_key", "save_adapters", "publish",
-           "DROPOUT_STREAM"]
+           "init_distributed", "output_dir", "place", "to_host", "global_batch", "length_groups", "train_groups", "fit",
+           "evaluate", "count_steps", "model_config", "vera_setup", "resolve_path", "dropout_key", "step_key",
+           "save_adapters", "publish", "DROPOUT_STREAM"]
 
 DROPOUT_STREAM = 2**31  # fold_in offset for the dropout key: disjoint from the projection stream's blocks
 
@@ -84,6 +84,7 @@ class Context:
     steps_per_epoch: int
     total_steps: int
     dropout_key: jax.Array
+    length_groups: int = 1  # groups of rows a batch runs as (`length_groups`)
 
 
 @dataclasses.dataclass
@@ -166,7 +167,8 @@ def start(options: Options, load: Callable[[Options], Prepared], *, on_mesh: boo
         data_sha256 = data_lib.dataset_sha256(options.dataset)
         params = job.model.params
         ctx = Context(options, mesh, place(params, mesh_lib.base_shardings(params, mesh)), job.train_data,
-                      job.test_data, job.pad_id, steps_per_epoch, total_steps, dropout_key(options.seed))
+                      job.test_data, job.pad_id, steps_per_epoch, total_steps, dropout_key(options.seed),
+                      length_groups(options, mesh.size))
         checkpoints = RunCheckpoints(out / "checkpoints", options.keep_checkpoints)
         resume_step = checkpoints.latest_step() or 0
     log = MetricsLog(out / "metrics.jsonl", resume_step, enabled=primary)
@@ -194,6 +196,11 @@ def dropout_key(seed: int) -> jax.Array:
     """The key of a run's dropout (the model's and VeRA's): a stream of ``--seed``'s key that the
     projections never draw from. A sweep's adapter with seed s uses ``dropout_key(s)``, as the run would."""
     return jax.random.fold_in(jax.random.key(seed, impl="threefry2x32"), DROPOUT_STREAM)
+
+
+def step_key(key: jax.Array, step, group) -> jax.Array:
+    """The dropout key of one group of rows of training step ``step`` (`train_groups`), from the run's `dropout_key`."""
+    return jax.random.fold_in(jax.random.fold_in(key, step), group)
 
 
 def count_steps(options: Options, train_rows: int) -> tuple[int, int]:
@@ -314,10 +321,23 @@ def global_batch(batch: dict, sharding) -> dict:
             for k, v in batch.items()}
 
 
-def train_batch(ctx: Context, step: int) -> dict:
+def length_groups(options: Options, devices: int) -> int:
+    """The groups of rows a batch runs as: ``--length-groups``, lowered (with a note) to the most that split the
+    batch into whole rows on every device."""
+    groups = next(k for k in range(options.length_groups, 0, -1) if options.batch_size % (k * devices) == 0)
+    if groups < options.length_groups and jax.process_index() == 0:
+        print(f"--length-groups {options.length_groups} lowered to {groups}: a batch of {options.batch_size} rows "
+              f"over {devices} device(s) splits into at most {groups} equal groups with whole rows on each device; "
+              f"the run is that of --length-groups {groups}")
+    return groups
+
+
+def train_groups(ctx: Context, step: int) -> list[dict]:
+    """Training step ``step``'s batch as ``ctx.length_groups`` collated groups of rows (`train.data.length_groups`)."""
     indices = data_lib.batch_indices(len(ctx.train_data), ctx.options.seed, step, ctx.steps_per_epoch,
                                      ctx.options.batch_size)
-    return data_lib.collate(ctx.train_data, indices, ctx.pad_id, ctx.options.max_length)
+    return [data_lib.collate(ctx.train_data, group, ctx.pad_id, ctx.options.max_length)
+            for group in data_lib.length_groups(ctx.train_data, indices, ctx.length_groups)]
 
 
 def fit(ctx: Context, name: str, adapter, logits_fn: Callable, log: MetricsLog,
@@ -339,21 +359,24 @@ def fit(ctx: Context, name: str, adapter, logits_fn: Callable, log: MetricsLog,
             print(f"[{name}] resumed from the checkpoint at step {start}")
 
     base_shardings = jax.tree.map(lambda x: x.sharding, ctx.params)
-    train_step = steps.make_train_step(logits_fn, tx, options.task)
+    gradients = steps.make_group_gradients(logits_fn, options.task)
 
-    def step_fn(adapter, opt_state, params, batch, step):
-        return train_step(adapter, opt_state, params, batch, jax.random.fold_in(ctx.dropout_key, step))
+    def group_fn(adapter, params, group, step, index):
+        return gradients(adapter, params, group, step_key(ctx.dropout_key, step, index))
 
-    step_fn = jax.jit(step_fn, in_shardings=(replicated, replicated, base_shardings, batch_sharding, None),
-                      out_shardings=(replicated, replicated, replicated), donate_argnums=(0, 1))
+    group_fn = jax.jit(group_fn, in_shardings=(replicated, base_shardings, batch_sharding, None, None),
+                       out_shardings=replicated)
+    apply_fn = jax.jit(steps.make_apply_gradients(tx), in_shardings=replicated, out_shardings=replicated,
+                       donate_argnums=(0, 1))
     adapter, opt_state = adapter.replace(trainable=state["trainable"]), state["opt_state"]
     tokens, started = 0, time.perf_counter()
     progress = tqdm(total=ctx.total_steps, initial=start, desc=name, disable=jax.process_index() != 0)
     for step in range(start, ctx.total_steps):
-        batch = train_batch(ctx, step)
-        tokens += int(batch["attention_mask"].sum())
-        adapter, opt_state, loss = step_fn(adapter, opt_state, ctx.params, global_batch(batch, batch_sharding),
-                                           np.uint32(step))
+        groups = train_groups(ctx, step)
+        tokens += sum(int(group["attention_mask"].sum()) for group in groups)
+        parts = tuple(group_fn(adapter, ctx.params, global_batch(group, batch_sharding), np.uint32(step), np.uint32(i))
+                      for i, group in enumerate(groups))
+        adapter, opt_state, loss = apply_fn(adapter, opt_state, parts)
         done = step + 1
         if done % options.log_every == 0 or done == ctx.total_steps:
             loss = float(loss)
@@ -389,7 +412,8 @@ def _diverged(options: Options, step: int, what: str, checkpoints: RunCheckpoint
 
 
 def evaluate(ctx: Context, adapter, logits_fn: Callable) -> tuple[float, float]:
-    """(accuracy, mean loss) on the held-out split; the last batch is padded with zero-weight rows."""
+    """(accuracy, mean loss) on the held-out split, in batches of rows of like length; the last batch is padded
+    with zero-weight rows."""
     devices = ctx.mesh.size
     size = -(-ctx.options.eval_batch_size // devices) * devices
     replicated, batch_sharding = mesh_lib.replicated(ctx.mesh), mesh_lib.batch_sharding(ctx.mesh)
@@ -398,10 +422,12 @@ def evaluate(ctx: Context, adapter, logits_fn: Callable) -> tuple[float, float]:
     adapter = place(adapter, replicated)
     correct = loss = count = 0.0
     n = len(ctx.test_data)
+    by_length = data_lib.by_length(ctx.test_data, np.arange(n))
     for start in range(0, n, size):
-        indices = np.arange(start, start + size)
-        weights = (indices < n).astype(np.float32)
-        batch = data_lib.collate(ctx.test_data, np.minimum(indices, n - 1), ctx.pad_id, ctx.options.max_length)
+        positions = np.arange(start, start + size)
+        weights = (positions < n).astype(np.float32)
+        batch = data_lib.collate(ctx.test_data, by_length[np.minimum(positions, n - 1)], ctx.pad_id,
+                                 ctx.options.max_length)
         batch["weights"] = weights
         sums = eval_fn(adapter, ctx.params, global_batch(batch, batch_sharding))
         correct, loss, count = (total + float(part) for total, part in zip((correct, loss, count), sums))

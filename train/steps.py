@@ -13,7 +13,7 @@ from train.nnx_causal_lm import NnxCausalLM
 from vera_jax.paths import flatten, unflatten
 
 __all__ = ["make_optimizer", "model_logits", "vera_logits", "head_only_logits", "make_train_step", "make_eval_step",
-           "loss_value", "mean_loss", "next_token_terms"]
+           "make_group_gradients", "make_apply_gradients", "loss_value", "loss_terms", "next_token_terms"]
 
 
 def _schedule(kind: str, peak: float, total_steps: int, warmup_ratio: float) -> optax.Schedule:
@@ -96,16 +96,50 @@ def next_token_terms(logits: jax.Array, batch: dict) -> tuple[jax.Array, jax.Arr
     return nll, jnp.argmax(logits, axis=-1) == targets, batch["labels"][:, 1:].astype(jnp.float32)
 
 
-def mean_loss(logits: jax.Array, batch: dict, task: str) -> jax.Array:
-    """The training objective: mean over examples, or over scored tokens for ``task='causal-lm'``."""
+def loss_terms(logits: jax.Array, batch: dict, task: str) -> tuple[jax.Array, jax.Array]:
+    """``(total, count)``: the summed loss and what it averages over (examples, or scored tokens for
+    ``task='causal-lm'``); the training objective is ``total / max(count, 1)`` over the whole batch."""
     if task == "causal-lm":
         nll, _, weight = next_token_terms(logits, batch)
-        return jnp.sum(nll * weight) / jnp.maximum(jnp.sum(weight), 1.0)
-    return loss_value(logits, batch["labels"], task).mean()
+        return jnp.sum(nll * weight), jnp.sum(weight)
+    losses = loss_value(logits, batch["labels"], task)
+    return jnp.sum(losses), jnp.asarray(losses.shape[0], jnp.float32)
+
+
+def make_group_gradients(logits_fn: Callable, task: str) -> Callable:
+    """``gradients(adapter, params, group, rng) -> (total, count, grads)`` on one group of a batch's rows.
+
+    ``total`` and ``count`` are `loss_terms`; ``grads`` is the gradient of ``total`` for ``adapter.trainable``.
+    `make_apply_gradients` turns the groups of one batch into that batch's step: groups padded apart compute
+    the batch's gradient without padding short rows to the longest.
+    """
+
+    def gradients(adapter, params, group, rng):
+        def total(trainable):
+            return loss_terms(logits_fn(params, adapter.replace(trainable=trainable), group, rng), group, task)
+
+        (total_loss, count), grads = jax.value_and_grad(total, has_aux=True)(adapter.trainable)
+        return total_loss, count, grads
+
+    return gradients
+
+
+def make_apply_gradients(tx: optax.GradientTransformation) -> Callable:
+    """``apply(adapter, opt_state, groups) -> (adapter, opt_state, loss)``: one optimizer step for the mean loss
+    of a batch whose groups gave ``groups``, a sequence of `make_group_gradients` results."""
+
+    def apply(adapter, opt_state, groups):
+        count = jnp.maximum(sum(group[1] for group in groups), 1.0)
+        grads = jax.tree.map(lambda *parts: sum(parts) / count, *(group[2] for group in groups))
+        updates, opt_state = tx.update(grads, opt_state, adapter.trainable)
+        loss = sum(group[0] for group in groups) / count
+        return adapter.replace(trainable=optax.apply_updates(adapter.trainable, updates)), opt_state, loss
+
+    return apply
 
 
 def make_train_step(logits_fn: Callable, tx: optax.GradientTransformation, task: str) -> Callable:
-    """The one training step of runs, sweeps and benchmarks.
+    """The one-group training step of sweeps and benchmarks.
 
     ``step(adapter, opt_state, params, batch, rng) -> (adapter, opt_state, loss)``: one optimizer step
     of ``adapter.trainable`` only (the frozen base and A/B get no gradient), for the loss of
@@ -113,14 +147,10 @@ def make_train_step(logits_fn: Callable, tx: optax.GradientTransformation, task:
     ``flax.struct`` with a ``trainable`` field (the benchmark's floor); ``opt_state`` is
     ``tx.init(adapter.trainable)``; rng None runs without dropout.
     """
+    gradients, apply = make_group_gradients(logits_fn, task), make_apply_gradients(tx)
 
     def step(adapter, opt_state, params, batch, rng):
-        def loss_fn(trainable):
-            return mean_loss(logits_fn(params, adapter.replace(trainable=trainable), batch, rng), batch, task)
-
-        loss, grads = jax.value_and_grad(loss_fn)(adapter.trainable)
-        updates, opt_state = tx.update(grads, opt_state, adapter.trainable)
-        return adapter.replace(trainable=optax.apply_updates(adapter.trainable, updates)), opt_state, loss
+        return apply(adapter, opt_state, (gradients(adapter, params, batch, rng),))
 
     return step
 

@@ -36,7 +36,7 @@ from train.metrics import write_json
 from train.model import load_classifier
 from train.options import (SWEEP, FlagError, Options, add_options, check_options, finite_float, from_args,
                            positive_int, seed_int)
-from train.runner import Run, dropout_key, model_config, start
+from train.runner import Run, dropout_key, length_groups, model_config, start, step_key
 from vera_jax import checkpoint as adapter_checkpoint
 from vera_jax.paths import flatten, unflatten
 
@@ -195,19 +195,22 @@ def _train_program(setup: Run, grid: Grid, variant: tuple[str, str, str], d_init
 
     tx = steps.make_optimizer(options, setup.total_steps)
     logits_fn = steps.vera_logits(model, setup.path)
-    train_step = vera_jax.map_adapters(steps.make_train_step(logits_fn, tx, options.task), (0, 0, None, 0, 0),
-                                       _per_pass(grid, options.batch_size, options))
-    train_step = jax.jit(train_step, donate_argnums=(0, 1))
+    groups = length_groups(options, devices=1)
+    group_fn = jax.jit(vera_jax.map_adapters(steps.make_group_gradients(logits_fn, options.task), (0, None, 0, 0),
+                                             _per_pass(grid, options.batch_size // groups, options)))
+    apply_fn = jax.jit(vera_jax.map_adapters(steps.make_apply_gradients(tx), (0, 0, 0)), donate_argnums=(0, 1))
     opt_state = jax.vmap(tx.init)(stacked.trainable)
     keys = jnp.stack([dropout_key(seed) for seed in seeds])
     progress = tqdm(range(setup.total_steps), desc=f"{len(points)} adapters, {_variant_label(variant) or 'vera'}")
     for step in progress:
-        batches = [data_lib.collate(job.train_data,
-                                    data_lib.batch_indices(len(job.train_data), seed, step, setup.steps_per_epoch,
-                                                           options.batch_size), job.pad_id, options.max_length)
-                   for seed in seeds]
-        rngs = jax.vmap(lambda key: jax.random.fold_in(key, step))(keys)
-        stacked, opt_state, losses = train_step(stacked, opt_state, params, _stack_batches(batches, job.pad_id), rngs)
+        rows = [data_lib.length_groups(job.train_data, data_lib.batch_indices(
+            len(job.train_data), seed, step, setup.steps_per_epoch, options.batch_size), groups) for seed in seeds]
+        parts = []
+        for i in range(groups):
+            batch = _stack_batches([data_lib.collate(job.train_data, each[i], job.pad_id, options.max_length)
+                                    for each in rows], job.pad_id)
+            parts.append(group_fn(stacked, params, batch, jax.vmap(step_key, (0, None, None))(keys, step, i)))
+        stacked, opt_state, losses = apply_fn(stacked, opt_state, tuple(parts))
         if (step + 1) % options.log_every == 0 or step + 1 == setup.total_steps:
             for name, loss in zip(names, np.asarray(losses)):
                 setup.log.write(run=name, step=step + 1, loss=float(loss))
@@ -216,8 +219,9 @@ def _train_program(setup: Run, grid: Grid, variant: tuple[str, str, str], d_init
     evaluate = jax.jit(vera_jax.map_adapters(steps.make_eval_step(logits_fn, options.task), (0, None, None),
                                              _per_pass(grid, options.eval_batch_size, options)))
     correct = np.zeros(len(points))
+    by_length = data_lib.by_length(job.test_data, np.arange(len(job.test_data)))
     for start_row in range(0, len(job.test_data), options.eval_batch_size):
-        indices = np.arange(start_row, min(start_row + options.eval_batch_size, len(job.test_data)))
+        indices = by_length[start_row:start_row + options.eval_batch_size]
         batch = data_lib.collate(job.test_data, indices, job.pad_id, options.max_length)
         batch["weights"] = np.ones(len(indices), np.float32)
         correct += np.asarray(evaluate(stacked, params, batch)[0])
