@@ -30,5 +30,13 @@ def test_bench_job_runs_both_jobs_on_one_recipe(tmp_path):
     assert results["ours"]["steps"] == results["peft"]["steps"] == 12
     assert results["job_speedup_vs_peft"] == pytest.approx(results["peft"]["wall_seconds"] /
                                                            results["ours"]["wall_seconds"])
-    assert results["ours"]["profile"]["first_logged_step"] == 10 and all(
-        seconds > 0 for seconds in results["ours"]["profile"].values())
+    profile = results["ours"]["profile"]
+    assert profile["first_logged_step"] == 10 and all(profile[k] > 0 for k in (
+        "launch_to_first_logged_step", "first_to_last_logged_step", "after_the_last_step"))
+    assert set(profile["seconds"]) == {"loading", "training", "checkpoints", "evaluation", "saving"}
+    assert all(seconds > 0 for seconds in profile["seconds"].values())
+    # Two length groups of 4 rows in each of the 12 steps; every row of the tiny data fits 16 tokens.
+    assert profile["shapes"] == {"4x16": 24}
+    assert 0 < profile["tokens"]["real"] < profile["tokens"]["padded"] == 24 * 4 * 16
+    assert profile["compiles"]["training"]["group_fn"]["programs"] == 1
+    assert sum(profile["seconds"].values()) <= results["ours"]["wall_seconds"]

@@ -31,6 +31,7 @@ from train.metrics import MetricsLog, plot_curves, write_json
 from train.model import hub_id, kernel_axes, model_source
 from train.nnx_causal_lm import NnxCausalLM
 from train.options import RESUME_KEYS, Options, flag_name, vera_config
+from train.profile import JobProfile
 from vera_jax import atomic
 from vera_jax import checkpoint as adapter_checkpoint
 from vera_jax import peft as vera_peft
@@ -341,10 +342,11 @@ def train_groups(ctx: Context, step: int) -> list[dict]:
 
 
 def fit(ctx: Context, name: str, adapter, logits_fn: Callable, log: MetricsLog,
-        checkpoints: RunCheckpoints | None = None, meta: dict | None = None):
+        checkpoints: RunCheckpoints | None = None, meta: dict | None = None, profile: JobProfile | None = None):
     """Train ``adapter.trainable`` for ``ctx.total_steps`` (resuming from ``checkpoints``); returns the
-    trained adapter (replicated on the mesh) and the tokens/s. ``adapter`` itself is left as it was."""
-    options = ctx.options
+    trained adapter (replicated on the mesh) and the tokens/s. ``adapter`` itself is left as it was.
+    ``profile`` counts the groups' shapes and times the checkpoints."""
+    options, profile = ctx.options, profile or JobProfile()
     replicated, batch_sharding = mesh_lib.replicated(ctx.mesh), mesh_lib.batch_sharding(ctx.mesh)
     tx = steps.make_optimizer(options, ctx.total_steps)
     adapter = place(adapter, replicated)  # its own buffers: the step donates them
@@ -373,7 +375,9 @@ def fit(ctx: Context, name: str, adapter, logits_fn: Callable, log: MetricsLog,
     progress = tqdm(total=ctx.total_steps, initial=start, desc=name, disable=jax.process_index() != 0)
     for step in range(start, ctx.total_steps):
         groups = train_groups(ctx, step)
-        tokens += sum(int(group["attention_mask"].sum()) for group in groups)
+        for group in groups:
+            tokens += int(group["attention_mask"].sum())
+            profile.ran(group["attention_mask"])
         parts = tuple(group_fn(adapter, ctx.params, global_batch(group, batch_sharding), np.uint32(step), np.uint32(i))
                       for i, group in enumerate(groups))
         adapter, opt_state, loss = apply_fn(adapter, opt_state, parts)
@@ -389,7 +393,8 @@ def fit(ctx: Context, name: str, adapter, logits_fn: Callable, log: MetricsLog,
             if not _finite(state):
                 raise _diverged(options, done, "the trained state is not finite", checkpoints)
             epoch, position = divmod(done, ctx.steps_per_epoch)
-            checkpoints.save(done, state, {**meta, "step": done, "epoch": epoch, "batch_in_epoch": position})
+            with profile.phase("checkpoints"):
+                checkpoints.save(done, state, {**meta, "step": done, "epoch": epoch, "batch_in_epoch": position})
         progress.update(1)
     progress.close()
     if not _finite(adapter.trainable):
