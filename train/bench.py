@@ -152,6 +152,28 @@ def time_in_rounds(runners: dict[str, Callable[[], None]], rounds: int, warmup: 
     return times
 
 
+def dense_products(tokens: int, hidden: int, intermediate: int, rounds: int) -> dict:
+    """The floor under every comparison with PyTorch: the model's dense products, (tokens, hidden) @ (hidden,
+    hidden) and (tokens, hidden) @ (hidden, intermediate), in float32 with XLA and with PyTorch, timed in rounds.
+
+    Returns ``{"shapes", "median_seconds" {"xla MxKxN", "torch MxKxN"}, "torch_speedup"}`` (XLA's time over
+    PyTorch's, the geometric mean over the shapes).
+    """
+    import torch
+
+    runners, shapes = {}, [(tokens, hidden, hidden), (tokens, hidden, intermediate)]
+    for m, k, n in shapes:
+        x, w = np.random.default_rng(0).standard_normal((2, m * k + k * n)).astype(np.float32)
+        x_jax, w_jax = jnp.asarray(x[:m * k].reshape(m, k)), jnp.asarray(w[:k * n].reshape(k, n))
+        x_torch, w_torch = torch.from_numpy(x[:m * k].reshape(m, k)), torch.from_numpy(w[:k * n].reshape(k, n))
+        product = jax.jit(jnp.matmul)
+        runners[f"xla {m}x{k}x{n}"] = lambda f=product, a=x_jax, b=w_jax: f(a, b).block_until_ready()
+        runners[f"torch {m}x{k}x{n}"] = lambda a=x_torch, b=w_torch: torch.matmul(a, b)
+    median = {name: statistics.median(t) for name, t in time_in_rounds(runners, max(rounds, 20), warmup=3).items()}
+    ratios = [median[f"xla {m}x{k}x{n}"] / median[f"torch {m}x{k}x{n}"] for m, k, n in shapes]
+    return {"shapes": shapes, "median_seconds": median, "torch_speedup": float(np.exp(np.mean(np.log(ratios))))}
+
+
 def peak_bytes(compiled) -> int | None:
     analysis = compiled.memory_analysis()
     if analysis is None:
@@ -270,6 +292,8 @@ def bench(args: argparse.Namespace) -> dict:
     }
     if "peft" in median:
         results["peft_speedup"] = median["peft"] / median["auto"]
+        results["dense_products"] = dense_products(tokens, model.config.hidden_size, model.config.intermediate_size,
+                                                   args.steps)
     _print(results)
     if causal and not args.no_nnx:
         if model.config.model_type != "llama":
@@ -290,5 +314,10 @@ def _print(results: dict) -> None:
     for name, seconds in median.items():
         memory = f"{peak[name] / 2**20:.0f} MiB" if peak[name] else "n/a"
         print(f"{name:<16}{seconds * 1e3:>11.1f} ms{seconds / floor:>9.2f}{memory:>14}")
+    if "dense_products" in results:
+        dense = results["dense_products"]
+        print("dense products alone: " + ", ".join(f"{name} {seconds * 1e3:.2f} ms"
+                                                   for name, seconds in dense["median_seconds"].items())
+              + f" (PyTorch {dense['torch_speedup']:.2f}x faster)")
     summary = {k: round(v, 3) for k, v in results.items() if k.endswith(("ratio", "speedup", "best", "memory")) and v}
     print(json.dumps(summary))
