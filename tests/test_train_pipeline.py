@@ -345,7 +345,8 @@ def test_bench_command_prints_and_writes_every_ratio(tmp_path, capsys, dropout_f
 
 def test_bench_multi_times_programs_that_compute_what_single_adapters_do(tiny, tmp_path, capsys):
     """The timed K-adapter training program gives each adapter the step it would get alone on its batch, in
-    passes of two and all at once; the timed mixed batch gives each row its own adapter's logits."""
+    passes of two, all at once and with one batch for all; the timed mixed batch gives each row its own adapter's
+    logits."""
     model, _ = tiny
     out = tmp_path / "multi.json"
     assert main(["bench-multi", "--model", str(model), "--r", "8", "--ks", "1", "4", "--ns", "1", "4",
@@ -357,6 +358,7 @@ def test_bench_multi_times_programs_that_compute_what_single_adapters_do(tiny, t
     for k in ("1", "4"):
         assert training[k]["max_difference_from_single_steps"] < 1e-6, training[k]
         assert training[k]["vmapped_seconds"] > 0 and training[k]["all_at_once_seconds"] > 0
+    assert training["4"]["shared_batch_seconds"] > 0 and "shared_batch_seconds" not in training["1"]
     for n in ("1", "4"):
         assert serving[n]["max_difference_from_one_adapter"] < 1e-5, serving[n]
     assert training["4"]["all_at_once_peak_bytes"] > training["1"]["vmapped_peak_bytes"] > 0

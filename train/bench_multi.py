@@ -5,7 +5,8 @@
   memory). The step is measured as ``python -m train sweep`` runs it (`vera_jax.map_adapters`,
   vmapped ``--adapters-per-pass`` at a time, by default `vera_jax.adapters_per_pass`) and with all K
   vmapped at once; and against PEFT in PyTorch training K adapters as its users do (one PeftModel,
-  ``set_adapter`` in turn, each on its own batch, an optimizer per adapter).
+  ``set_adapter`` in turn, each on its own batch, an optimizer per adapter). A grid over one data order
+  (learning rates, d_initial) feeds all K the same batch: that program is timed too (``shared``).
 - Serving: one batch in which N distinct adapters (N = 1, 16, 256) are mixed, one per example id,
   against the same batch run with a single adapter on the activation path, and against PEFT in PyTorch
   serving the same adapters as it serves VeRA: grouped by adapter, one forward each
@@ -96,15 +97,18 @@ def _max_difference(a, b) -> float:
 
 class _Training:
     """A jitted, donated training step (`train.steps.make_train_step`) of one adapter (k=None) or of k
-    stacked adapters, each on its own batch (stacked on the adapter axis, as a sweep feeds them), and its state."""
+    stacked adapters, each on its own batch (stacked on the adapter axis, as a sweep over seeds feeds them) or
+    all on one (``shared``: a grid over one data order; the work before the first adapted layer runs once),
+    and its state."""
 
     def __init__(self, train_step: Callable, adapter: vera_jax.Adapter, tx, params, batch: dict, k: int | None,
-                 per_pass: int | None):
+                 per_pass: int | None, shared: bool = False):
         if k is None:
             step = train_step
         else:
-            adapter, step = vera_jax.stack([adapter] * k), vera_jax.map_adapters(train_step, (0, 0, None, 0, None),
-                                                                                   per_pass)
+            adapter, step = vera_jax.stack([adapter] * k), vera_jax.map_adapters(
+                train_step, (0, 0, None, None if shared else 0, None), per_pass)
+        self.shared = shared
         self.initial, self.init, self.params, self.batch = adapter, (tx.init if k is None else jax.vmap(tx.init)), \
             params, batch
         self.step = jax.jit(step, donate_argnums=(0, 1))
@@ -147,6 +151,8 @@ def bench_multi(args: argparse.Namespace) -> dict:
         runners[f"passes {k}"] = _Training(train_step, adapter, tx, params, train_batches(k), k, per_pass)
         if per_pass is not None and per_pass < k:
             runners[f"at once {k}"] = _Training(train_step, adapter, tx, params, train_batches(k), k, None)
+        if k > 1:
+            runners[f"shared {k}"] = _Training(train_step, adapter, tx, params, single_batch, k, per_pass, shared=True)
 
     serve_batch = jax.device_put(_batch(model.config.vocab_size, args.serve_batch, args.serve_seq_len, seed=1))
     one = jax.jit(lambda p, b, a: vera_jax.adapt(call, a, path="activation")(p, b))
@@ -178,8 +184,13 @@ def bench_multi(args: argparse.Namespace) -> dict:
                        "vmapped_peak_bytes": passes.peak_bytes, "all_at_once_peak_bytes": at_once.peak_bytes,
                        "sequential_peak_bytes": runners["single"].peak_bytes,
                        "max_difference_from_single_steps": _training_difference(runners, k)}
+        if k > 1:
+            training[k] |= {"shared_batch_seconds": median[f"shared {k}"],
+                            "shared_batch_speedup": sequential / median[f"shared {k}"]}
         if k in sweepers:
             training[k] |= {"peft_seconds": median[f"peft sweep {k}"], "vs_peft": median[f"peft sweep {k}"] / seconds}
+            if k > 1:  # PEFT's K steps cost the same whoever's batch each one runs
+                training[k]["shared_vs_peft"] = median[f"peft sweep {k}"] / median[f"shared {k}"]
     serving = {n: {"mixed_seconds": median[f"mixed {n}"], "single_adapter_seconds": median["one adapter"],
                    "ratio": median[f"mixed {n}"] / median["one adapter"],
                    "max_difference_from_one_adapter": _serving_difference(one, mixed, params, serve_batch, *served[n])}
@@ -202,6 +213,8 @@ def bench_multi(args: argparse.Namespace) -> dict:
     results |= {f"mixed_batch_ratio_{n}": v["ratio"] for n, v in serving.items()}
     results |= {f"serve_vs_peft_n{n}": v["vs_peft"] for n, v in serving.items() if "vs_peft" in v}
     results |= {f"sweep_vs_peft_k{k}": v["vs_peft"] for k, v in training.items() if "vs_peft" in v}
+    results |= {f"shared_batch_speedup_k{k}": v["shared_batch_speedup"] for k, v in training.items() if k > 1}
+    results |= {f"sweep_shared_vs_peft_k{k}": v["shared_vs_peft"] for k, v in training.items() if "shared_vs_peft" in v}
     _print(results)
     if args.json:
         write_json(args.json, results)
@@ -246,13 +259,14 @@ def _training_difference(runners: dict, k: int) -> float:
     """How far the timed K-adapter programs' first step is from K single steps, each on its adapter's batch."""
     single = runners["single"]
     difference = 0.0
-    for name in (f"passes {k}", f"at once {k}"):
+    for name in (f"passes {k}", f"at once {k}", f"shared {k}"):
         if name not in runners:
             continue
         program = runners[name]
         trained = vera_jax.unstack(program.first_step())
         for index, one in enumerate(trained):
-            alone = single.first_step(jax.tree.map(lambda x: x[index], program.batch))
+            alone = single.first_step(program.batch if program.shared else jax.tree.map(lambda x: x[index],
+                                                                                        program.batch))
             difference = max(difference, _max_difference(one.trainable, alone.trainable))
     return difference
 
@@ -279,13 +293,17 @@ def _print(results: dict) -> None:
               f"{row['sequential_seconds'] * 1e3:>11.1f} ms{row['speedup']:>9.2f}"
               f"{row['vmapped_peak_bytes'] / 2**20:>6.0f} MiB{row['all_at_once_seconds'] * 1e3:>11.1f} ms"
               f"{row['all_at_once_speedup']:>9.2f}{row['all_at_once_peak_bytes'] / 2**20:>6.0f} MiB{peft}")
+        if "shared_batch_seconds" in row:
+            versus = f", {row['shared_vs_peft']:.2f}x PEFT's K steps" if "shared_vs_peft" in row else ""
+            print(f"{'':<12}one batch for all K: {row['shared_batch_seconds'] * 1e3:.1f} ms, "
+                  f"{row['shared_batch_speedup']:.2f}x K sequential steps{versus}")
     print(f"{'N in batch':<12}{'mixed':>14}{'one adapter':>14}{'ratio':>9}{'PEFT grouped':>15}{'vs PEFT':>9}")
     for n, row in results["serving"].items():
         peft = (f"{row['peft_grouped_seconds'] * 1e3:>12.1f} ms{row['vs_peft']:>9.2f}" if "vs_peft" in row else "")
         print(f"{n:<12}{row['mixed_seconds'] * 1e3:>11.1f} ms{row['single_adapter_seconds'] * 1e3:>11.1f} ms"
               f"{row['ratio']:>9.2f}{peft}")
     print(json.dumps({k: round(v, 3) for k, v in results.items()
-                      if k.startswith(("vmap_", "all_at", "mixed_", "serve_vs_peft", "sweep_vs_peft"))}))
+                      if k.startswith(("vmap_", "all_at", "mixed_", "serve_vs_peft", "sweep_", "shared_"))}))
 
 
 def _print_serving(results: dict) -> None:

@@ -71,7 +71,7 @@ def _from_safetensors(auto_class, directory: Path, config, seed: int):
     """``auto_class`` with the PyTorch-named ``model.safetensors`` in ``directory``, converted without the eager
     random initialisation ``from_pretrained`` runs first (seconds on a CPU): leaves the file lacks or holds in
     another shape (a new head) are those of ``init_weights(PRNGKey(seed), input_shape)``, drawn in one jitted
-    program (which JAX's compilation cache keeps)."""
+    program that returns only them (which JAX's compilation cache keeps)."""
     import types
 
     import jax
@@ -89,9 +89,10 @@ def _from_safetensors(auto_class, directory: Path, config, seed: int):
     shaped = types.SimpleNamespace(base_model_prefix=model.base_model_prefix, params=as_stored.params_shape_tree)
     loaded = flatten_dict(convert_pytorch_state_dict_to_flax(torch_state, shaped))
     params = {key: loaded[key] for key in shapes if key in loaded and loaded[key].shape == shapes[key].shape}
-    if len(params) < len(shapes):
-        drawn = flatten_dict(jax.jit(model.init_weights, static_argnums=1)(jax.random.PRNGKey(seed), model.input_shape))
-        params |= {key: drawn[key] for key in shapes if key not in params}
+    missing = [key for key in shapes if key not in params]
+    if missing:  # only the missing leaves leave the program: XLA drops the rest of the draw
+        draw = jax.jit(lambda key: [flatten_dict(model.init_weights(key, model.input_shape))[k] for k in missing])
+        params |= dict(zip(missing, draw(jax.random.PRNGKey(seed))))
     model._is_initialized = True  # transformers' flag for a model that holds its params (set below)
     model.params = unflatten_dict(params)
     return model
