@@ -296,15 +296,17 @@ def length_groups(data: TextData, indices: np.ndarray, groups: int) -> list[np.n
     return np.split(by_length(data, indices), groups)
 
 
-def collate(data: TextData, indices: np.ndarray, pad_id: int, max_length: int) -> dict[str, np.ndarray]:
-    """Pad a batch to its longest row, rounded up to a multiple of 16 (few distinct shapes to compile).
+def collate(data: TextData, indices: np.ndarray, pad_id: int, max_length: int,
+            multiple: int = PAD_MULTIPLE) -> dict[str, np.ndarray]:
+    """Pad a batch to its longest row, rounded up to a multiple of ``multiple`` (few distinct shapes to compile;
+    1 pads to the longest row exactly).
 
     Returns input_ids (B, L) int32, attention_mask (B, L) int32 and labels (B,), or (B, L) float32
     zero-padded for per-token labels.
     """
     rows = [data.input_ids[i] for i in indices]
     longest = max(len(row) for row in rows)
-    length = min(max_length, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
+    length = min(max_length, -(-longest // multiple) * multiple)
     ids = np.full((len(rows), length), pad_id, np.int32)
     mask = np.zeros((len(rows), length), np.int32)
     for i, row in enumerate(rows):

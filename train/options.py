@@ -172,6 +172,9 @@ class Options:
                                "to its own longest row: the same gradient over fewer padded tokens (1: one group)",
                                type=positive_int)
     max_length: int = _flag(64, "tokens per example at most", type=positive_int)
+    pad_multiple: int = _flag(16, "a batch (or group of rows) pads to its longest row rounded up to a multiple of "
+                              "this: each padded length compiles once, so fewer lengths compile less but pad more",
+                              type=positive_int)
     test_fraction: float = _flag(0.2, "rows held out when the dataset has no test split",
                                  type=_in_range(0.0, 1.0, low_open=True))
     seed: int = _flag(0, "seed of the held-out split, the projections, the data order, dropout and a new head",
@@ -208,8 +211,8 @@ class Options:
 RESUME_KEYS = ("model", "dataset", "text_column", "label_column", "task", "num_labels", "r", "targets", "head",
                "d_initial", "b_initial", "dropout", "projection_init", "projection_sharing", "train_vectors",
                "lr_vectors", "lr_head", "schedule", "warmup_ratio", "weight_decay", "epochs", "max_steps",
-               "batch_size", "length_groups", "max_length", "test_fraction", "seed", "path", "base_dtype",
-               "chat_template", "backend")
+               "batch_size", "length_groups", "max_length", "pad_multiple", "test_fraction", "seed", "path",
+               "base_dtype", "chat_template", "backend")
 
 # `python -m train causal-lm`: SmolLM2-135M-Instruct on the chatterbot question/answer pairs, VeRA on
 # every linear layer of every decoder block, loss on the answer tokens only.

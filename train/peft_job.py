@@ -1,8 +1,9 @@
 """The main job's recipe run with Hugging Face PEFT's VeRA in PyTorch: the peer of ``python -m train bench --job``.
 
-The same split, the same tokenised rows and the same batches in the same order (padded to their longest
-row, `train.data`), the same AdamW with the same two learning-rate schedules (the vectors', the head's),
-the model's own dropout on while training, then one evaluation on the held-out split.
+The same split, the same tokenised rows and the same batches in the same order (each padded to its longest
+row exactly, as ``DataCollatorWithPadding`` pads them), the same AdamW with the same two learning-rate
+schedules (the vectors', the head's), the model's own dropout on while training, then one evaluation on the
+held-out split.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from train.options import Options
 from train.runner import count_steps
 
 __all__ = ["run_peft_job", "lr_factor"]
+
+EXACT = 1  # PyTorch compiles nothing per shape: a batch pads to its longest row exactly, as transformers' collator does
 
 
 def lr_factor(kind: str, step: int, total_steps: int, warmup_ratio: float) -> float:
@@ -73,7 +76,7 @@ def run_peft_job(options: Options) -> dict:
     train_started = time.perf_counter()
     for step in range(total_steps):
         indices = data_lib.batch_indices(len(train), options.seed, step, steps_per_epoch, options.batch_size)
-        loss = model(**tensors(data_lib.collate(train, indices, pad_id, options.max_length))).loss
+        loss = model(**tensors(data_lib.collate(train, indices, pad_id, options.max_length, EXACT))).loss
         loss.backward()
         optimizer.step()
         schedule.step()
@@ -86,7 +89,7 @@ def run_peft_job(options: Options) -> dict:
     with torch.no_grad():
         for start in range(0, len(test), options.eval_batch_size):
             indices = np.arange(start, min(start + options.eval_batch_size, len(test)))
-            batch = tensors(data_lib.collate(test, indices, pad_id, options.max_length))
+            batch = tensors(data_lib.collate(test, indices, pad_id, options.max_length, EXACT))
             labels = batch.pop("labels")
             correct += int((model(**batch).logits.argmax(-1) == labels).sum())
     ended = time.perf_counter()

@@ -337,7 +337,7 @@ def train_groups(ctx: Context, step: int) -> list[dict]:
     """Training step ``step``'s batch as ``ctx.length_groups`` collated groups of rows (`train.data.length_groups`)."""
     indices = data_lib.batch_indices(len(ctx.train_data), ctx.options.seed, step, ctx.steps_per_epoch,
                                      ctx.options.batch_size)
-    return [data_lib.collate(ctx.train_data, group, ctx.pad_id, ctx.options.max_length)
+    return [data_lib.collate(ctx.train_data, group, ctx.pad_id, ctx.options.max_length, ctx.options.pad_multiple)
             for group in data_lib.length_groups(ctx.train_data, indices, ctx.length_groups)]
 
 
@@ -432,7 +432,7 @@ def evaluate(ctx: Context, adapter, logits_fn: Callable) -> tuple[float, float]:
         positions = np.arange(start, start + size)
         weights = (positions < n).astype(np.float32)
         batch = data_lib.collate(ctx.test_data, by_length[np.minimum(positions, n - 1)], ctx.pad_id,
-                                 ctx.options.max_length)
+                                 ctx.options.max_length, ctx.options.pad_multiple)
         batch["weights"] = weights
         sums = eval_fn(adapter, ctx.params, global_batch(batch, batch_sharding))
         correct, loss, count = (total + float(part) for total, part in zip((correct, loss, count), sums))

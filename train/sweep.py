@@ -209,8 +209,8 @@ def _train_program(setup: Run, grid: Grid, variant: tuple[str, str, str], d_init
             len(job.train_data), seed, step, setup.steps_per_epoch, options.batch_size), groups) for seed in orders}
         parts = []
         for i in range(groups):
-            batches = [data_lib.collate(job.train_data, rows[seed][i], job.pad_id, options.max_length)
-                       for seed in (orders if len(orders) == 1 else seeds)]
+            batches = [data_lib.collate(job.train_data, rows[seed][i], job.pad_id, options.max_length,
+                                        options.pad_multiple) for seed in (orders if len(orders) == 1 else seeds)]
             batch = batches[0] if len(orders) == 1 else _stack_batches(batches, job.pad_id)
             parts.append(group_fn(stacked, params, batch, jax.vmap(step_key, (0, None, None))(keys, step, i)))
         stacked, opt_state, losses = apply_fn(stacked, opt_state, tuple(parts))
@@ -225,7 +225,7 @@ def _train_program(setup: Run, grid: Grid, variant: tuple[str, str, str], d_init
     by_length = data_lib.by_length(job.test_data, np.arange(len(job.test_data)))
     for start_row in range(0, len(job.test_data), options.eval_batch_size):
         indices = by_length[start_row:start_row + options.eval_batch_size]
-        batch = data_lib.collate(job.test_data, indices, job.pad_id, options.max_length)
+        batch = data_lib.collate(job.test_data, indices, job.pad_id, options.max_length, options.pad_multiple)
         batch["weights"] = np.ones(len(indices), np.float32)
         correct += np.asarray(evaluate(stacked, params, batch)[0])
     adapters = [adapter.replace(config=config) for adapter, config in zip(vera_jax.unstack(stacked), configs)]
