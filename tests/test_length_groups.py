@@ -1,13 +1,14 @@
 """A batch run as groups of rows of like length: fewer padded tokens, the same optimizer step."""
 
+import jax
 import numpy as np
 import optax
 import pytest
 
 import families
-import vera_jax
 from train import data as data_lib
 from train import steps
+from vera_jax.paths import flatten
 
 LENGTHS = [3, 30, 5, 7, 29, 4, 12, 6]  # one long row pads the whole batch to 32; grouped, the short half pads to 16
 
@@ -33,6 +34,8 @@ def test_groups_sort_a_batch_by_length_and_split_it_evenly():
     whole = data_lib.collate(data, indices, 0, 64)["input_ids"].size
     apart = sum(data_lib.collate(data, g, 0, 64)["input_ids"].size for g in groups)
     assert (whole, apart) == (8 * 32, 4 * 16 + 4 * 32)
+    assert [data_lib.collate(data, g, 0, 64, multiple=m)["input_ids"].shape for g in groups for m in (1, 8)] == [
+        (4, 6), (4, 8), (4, 30), (4, 32)]
     with pytest.raises(ValueError, match="3 groups do not divide a batch of 8 rows"):
         data_lib.length_groups(data, indices, 3)
 
@@ -41,24 +44,41 @@ def test_groups_sort_a_batch_by_length_and_split_it_evenly():
 @pytest.mark.parametrize("groups", [2, 4])
 def test_a_step_over_groups_is_the_step_over_the_whole_batch(family, task, groups):
     """The groups' loss sums and counts add up to the batch's mean: per-group means would weigh a short group's
-    tokens more (the causal LM's rows score different numbers of tokens)."""
+    tokens more (the causal LM's rows score different numbers of tokens). Merging once for all groups (the
+    hoisted merge of runs on the merged path) gives that step too, and the same step as merging in each group
+    when the model's dropout is on."""
     family = family()
     adapter = families.random_adapter(family)
     data, indices = _data(task), np.arange(len(LENGTHS))
-    logits_fn = steps.vera_logits(family.model, "merged")
-    gradients, apply = steps.make_group_gradients(logits_fn, task), steps.make_apply_gradients(optax.adam(1e-2))
-    opt_state = optax.adam(1e-2).init(adapter.trainable)
+    tx = optax.adam(1e-2)
+    opt_state = tx.init(adapter.trainable)
+    plain, apply = steps.make_group_gradients(steps.vera_logits(family.model, "merged"), task), \
+        steps.make_apply_gradients(tx)
+    hoisted, apply_hoisted = steps.make_merged_group_gradients(family.model, task), \
+        steps.make_apply_gradients(tx, hoisted=True)
 
-    def step(batches):
-        return apply(adapter, opt_state, tuple(gradients(adapter, family.params, b, None) for b in batches))
+    def step(batches, hoist=False, rng=None):
+        keys = [None if rng is None else jax.random.fold_in(rng, i) for i in range(len(batches))]
+        if hoist:
+            merged = steps.merged_leaves(family.params, adapter)
+            parts = tuple(hoisted(merged, family.params, b, k) for b, k in zip(batches, keys))
+            return apply_hoisted(adapter, opt_state, parts, family.params)
+        return apply(adapter, opt_state, tuple(plain(adapter, family.params, b, k) for b, k in zip(batches, keys)))
 
-    whole, _, whole_loss = step([data_lib.collate(data, indices, 0, 64)])
-    grouped, _, grouped_loss = step([data_lib.collate(data, g, 0, 64)
-                                     for g in data_lib.length_groups(data, indices, groups)])
-    np.testing.assert_allclose(grouped_loss, whole_loss, rtol=1e-5)
-    for path, leaf in vera_jax.paths.flatten(whole.trainable).items():
-        np.testing.assert_allclose(vera_jax.paths.flatten(grouped.trainable)[path], leaf, rtol=1e-5, atol=1e-7,
-                                   err_msg=path)
-    moved = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in
-             zip(vera_jax.paths.flatten(whole.trainable).values(), vera_jax.paths.flatten(adapter.trainable).values())]
-    assert max(moved) > 1e-3  # the step did move the vectors
+    whole = [data_lib.collate(data, indices, 0, 64)]
+    grouped = [data_lib.collate(data, g, 0, 64) for g in data_lib.length_groups(data, indices, groups)]
+    reference, _, reference_loss = step(whole)
+    for result in (step(grouped), step(grouped, hoist=True)):
+        _assert_same_step(result, reference, reference_loss)
+    key = jax.random.key(3)
+    _assert_same_step(step(grouped, hoist=True, rng=key), *step(grouped, rng=key)[::2])
+    moved = max(np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in
+                zip(flatten(reference.trainable).values(), flatten(adapter.trainable).values()))
+    assert moved > 1e-3  # the step did move the vectors
+
+
+def _assert_same_step(result, adapter, loss):
+    np.testing.assert_allclose(result[2], loss, rtol=1e-5)
+    trained = flatten(result[0].trainable)
+    for path, leaf in flatten(adapter.trainable).items():
+        np.testing.assert_allclose(trained[path], leaf, rtol=1e-5, atol=1e-7, err_msg=path)

@@ -103,7 +103,7 @@ def run(options: Options) -> dict:
     test_split = setup.job.test_split
     questions = list(test_split["text"][: options.answers])
     adapter, tokens_per_second = fit(setup.ctx, "vera", setup.adapter, logits_fn, setup.log, setup.checkpoints,
-                                     setup.meta())
+                                     setup.meta(), hoist=steps.hoisted_merge(model, setup.path))
     setup.checkpoints.close()
     # "Before": the adapter as initialised (the base model itself with the default --b-initial 0), measured after
     # training, so that training starts at once and a resumed run does not measure it again.

@@ -63,7 +63,8 @@ def run(options: Options) -> dict:
         logits_fn = steps.vera_logits(setup.model, setup.path)
         with profile.phase("training"):
             adapter, tokens_per_second = fit(setup.ctx, "vera", setup.adapter, logits_fn, setup.log,
-                                             setup.checkpoints, setup.meta(), profile)
+                                             setup.checkpoints, setup.meta(), profile,
+                                             hoist=steps.hoisted_merge(setup.model, setup.path))
             setup.checkpoints.close()
         with profile.phase("evaluation"):
             accuracy, test_loss = evaluate(setup.ctx, adapter, logits_fn)

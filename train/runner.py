@@ -342,10 +342,13 @@ def train_groups(ctx: Context, step: int) -> list[dict]:
 
 
 def fit(ctx: Context, name: str, adapter, logits_fn: Callable, log: MetricsLog,
-        checkpoints: RunCheckpoints | None = None, meta: dict | None = None, profile: JobProfile | None = None):
+        checkpoints: RunCheckpoints | None = None, meta: dict | None = None, profile: JobProfile | None = None,
+        hoist=None):
     """Train ``adapter.trainable`` for ``ctx.total_steps`` (resuming from ``checkpoints``); returns the
     trained adapter (replicated on the mesh) and the tokens/s. ``adapter`` itself is left as it was.
-    ``profile`` counts the groups' shapes and times the checkpoints."""
+    ``profile`` counts the groups' shapes and times the checkpoints. ``hoist``: the Hugging Face model of a
+    merged-path ``logits_fn``, whose merge then runs once a step rather than once a group of rows
+    (`train.steps.make_merged_group_gradients`)."""
     options, profile = ctx.options, profile or JobProfile()
     replicated, batch_sharding = mesh_lib.replicated(ctx.mesh), mesh_lib.batch_sharding(ctx.mesh)
     tx = steps.make_optimizer(options, ctx.total_steps)
@@ -361,14 +364,20 @@ def fit(ctx: Context, name: str, adapter, logits_fn: Callable, log: MetricsLog,
             print(f"[{name}] resumed from the checkpoint at step {start}")
 
     base_shardings = jax.tree.map(lambda x: x.sharding, ctx.params)
-    gradients = steps.make_group_gradients(logits_fn, options.task)
+    if hoist is None:  # the groups differentiate the adapter's trainable tree
+        gradients, prepare = steps.make_group_gradients(logits_fn, options.task), lambda adapter, params: adapter
+    else:  # the groups differentiate the merged leaves, merged once a step
+        gradients = steps.make_merged_group_gradients(hoist, options.task)
+        prepare = jax.jit(lambda adapter, params: steps.merged_leaves(params, adapter),
+                          in_shardings=(replicated, base_shardings))
 
-    def group_fn(adapter, params, group, step, index):
-        return gradients(adapter, params, group, step_key(ctx.dropout_key, step, index))
+    def group_fn(inputs, params, group, step, index):
+        return gradients(inputs, params, group, step_key(ctx.dropout_key, step, index))
 
-    group_fn = jax.jit(group_fn, in_shardings=(replicated, base_shardings, batch_sharding, None, None),
+    group_fn = jax.jit(group_fn, in_shardings=(None, base_shardings, batch_sharding, None, None),
                        out_shardings=replicated)
-    apply_fn = jax.jit(steps.make_apply_gradients(tx), in_shardings=replicated, out_shardings=replicated,
+    apply_fn = jax.jit(steps.make_apply_gradients(tx, hoisted=hoist is not None),
+                       in_shardings=(replicated, replicated, replicated, base_shardings), out_shardings=replicated,
                        donate_argnums=(0, 1))
     adapter, opt_state = adapter.replace(trainable=state["trainable"]), state["opt_state"]
     tokens, started = 0, time.perf_counter()
@@ -378,9 +387,10 @@ def fit(ctx: Context, name: str, adapter, logits_fn: Callable, log: MetricsLog,
         for group in groups:
             tokens += int(group["attention_mask"].sum())
             profile.ran(group["attention_mask"])
-        parts = tuple(group_fn(adapter, ctx.params, global_batch(group, batch_sharding), np.uint32(step), np.uint32(i))
+        inputs = prepare(adapter, ctx.params)
+        parts = tuple(group_fn(inputs, ctx.params, global_batch(group, batch_sharding), np.uint32(step), np.uint32(i))
                       for i, group in enumerate(groups))
-        adapter, opt_state, loss = apply_fn(adapter, opt_state, parts)
+        adapter, opt_state, loss = apply_fn(adapter, opt_state, parts, ctx.params)
         done = step + 1
         if done % options.log_every == 0 or done == ctx.total_steps:
             loss = float(loss)

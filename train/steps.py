@@ -10,10 +10,12 @@ import optax
 
 import vera_jax
 from train.nnx_causal_lm import NnxCausalLM
+from vera_jax.layers import vector_module
 from vera_jax.paths import flatten, unflatten
 
 __all__ = ["make_optimizer", "model_logits", "vera_logits", "head_only_logits", "make_train_step", "make_eval_step",
-           "make_group_gradients", "make_apply_gradients", "loss_value", "loss_terms", "next_token_terms"]
+           "make_group_gradients", "make_apply_gradients", "merged_leaves", "hoisted_merge",
+           "make_merged_group_gradients", "loss_value", "loss_terms", "next_token_terms"]
 
 
 def _schedule(kind: str, peak: float, total_steps: int, warmup_ratio: float) -> optax.Schedule:
@@ -124,13 +126,52 @@ def make_group_gradients(logits_fn: Callable, task: str) -> Callable:
     return gradients
 
 
-def make_apply_gradients(tx: optax.GradientTransformation) -> Callable:
-    """``apply(adapter, opt_state, groups) -> (adapter, opt_state, loss)``: one optimizer step for the mean loss
-    of a batch whose groups gave ``groups``, a sequence of `make_group_gradients` results."""
+def merged_leaves(params: dict, adapter) -> dict:
+    """The leaves `vera_jax.merge` changes, flat by path: each adapted kernel ``W0 + delta_W`` and each leaf
+    trained in full. A function of ``adapter.trainable``: what `make_merged_group_gradients` differentiates."""
+    merged = flatten(vera_jax.merge(params, adapter))
+    adapted = {vector_module(path) + "/kernel" for path in flatten(adapter.trainable) if vera_jax.is_vector_path(path)}
+    return {path: merged[path] for path in adapted} | vera_jax.vectors.full_leaves(adapter.trainable)
 
-    def apply(adapter, opt_state, groups):
+
+def hoisted_merge(model, path) -> object | None:
+    """``model`` when a run can merge once a step (`make_merged_group_gradients`): a Hugging Face Flax model on the
+    merged path; None otherwise (NNX models merge inside their own modules)."""
+    return model if isinstance(path, str) and path == "merged" and not isinstance(model, NnxCausalLM) else None
+
+
+def make_merged_group_gradients(model, task: str) -> Callable:
+    """The merged path with its merge hoisted out of a batch's groups: ``gradients(merged, params, group, rng) ->
+    (total, count, grads)``, where ``merged`` is `merged_leaves` (computed once for every group of a step) and
+    ``grads`` the gradient of ``total`` for those leaves (``make_apply_gradients(tx, hoisted=True)`` carries them
+    back to the vectors). The model's dropout draws from ``rng`` as `vera_logits` has it draw."""
+
+    def gradients(merged, params, group, rng):
+        model_rng = None if rng is None else jax.random.split(rng)[0]
+
+        def total(leaves):
+            logits = model_logits(model, unflatten(flatten(params) | leaves, like=params), group, model_rng)
+            return loss_terms(logits, group, task)
+
+        (total_loss, count), grads = jax.value_and_grad(total, has_aux=True)(merged)
+        return total_loss, count, grads
+
+    return gradients
+
+
+def make_apply_gradients(tx: optax.GradientTransformation, hoisted: bool = False) -> Callable:
+    """``apply(adapter, opt_state, groups, params=None) -> (adapter, opt_state, loss)``: one optimizer step for the
+    mean loss of a batch whose groups gave ``groups``, a sequence of `make_group_gradients` results, or with
+    ``hoisted`` of `make_merged_group_gradients` results (their gradients reach the vectors through the VJP of
+    `merged_leaves`, which reads ``params``)."""
+
+    def apply(adapter, opt_state, groups, params=None):
         count = jnp.maximum(sum(group[1] for group in groups), 1.0)
         grads = jax.tree.map(lambda *parts: sum(parts) / count, *(group[2] for group in groups))
+        if hoisted:
+            _, pullback = jax.vjp(lambda trainable: merged_leaves(params, adapter.replace(trainable=trainable)),
+                                  adapter.trainable)
+            (grads,) = pullback(grads)
         updates, opt_state = tx.update(grads, opt_state, adapter.trainable)
         loss = sum(group[0] for group in groups) / count
         return adapter.replace(trainable=optax.apply_updates(adapter.trainable, updates)), opt_state, loss
