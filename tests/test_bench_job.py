@@ -35,8 +35,8 @@ def test_bench_job_runs_both_jobs_on_one_recipe(tmp_path):
         "launch_to_first_logged_step", "first_to_last_logged_step", "after_the_last_step"))
     assert set(profile["seconds"]) == {"loading", "training", "checkpoints", "evaluation", "saving"}
     assert all(seconds > 0 for seconds in profile["seconds"].values())
-    # Two length groups of 4 rows in each of the 12 steps; every row of the tiny data fits 16 tokens.
-    assert profile["shapes"] == {"4x16": 24}
-    assert 0 < profile["tokens"]["real"] < profile["tokens"]["padded"] == 24 * 4 * 16
+    # Four length groups of 2 rows in each of the 12 steps, each padded to a multiple of 8 tokens.
+    assert sum(profile["shapes"].values()) == 48 and {shape.split("x")[0] for shape in profile["shapes"]} == {"2"}
+    assert 0 < profile["tokens"]["real"] < profile["tokens"]["padded"] <= 48 * 2 * 16
     assert profile["compiles"]["training"]["group_fn"]["programs"] == 1
     assert sum(profile["seconds"].values()) <= results["ours"]["wall_seconds"]

@@ -127,9 +127,9 @@ def test_sigkill_mid_training_resumes_to_the_same_vectors(tiny, tmp_path):
 
 def test_sharded_and_multiprocess_runs_match_one_device(tiny, tmp_path):
     model, data = tiny
-    # Batches of 16: two length groups of whole rows on every device of each mesh.
+    # Batches of 16 in two length groups: whole rows on every device of each mesh.
     args = lambda out, *extra: tiny_run.train_args(model, data, out, "--max-steps", "6", "--batch-size", "16",  # noqa: E731
-                                                   *extra)
+                                                   "--length-groups", "2", *extra)
     single = tmp_path / "single"
     assert tiny_run.run_subprocess(args(single)).returncode == 0
     sharded = tmp_path / "sharded"
