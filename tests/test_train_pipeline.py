@@ -401,8 +401,11 @@ def test_bench_multi_against_peft(tmp_path):
 def test_sweep_trains_k_adapters_like_separate_runs(tiny, tmp_path, capsys):
     model, data = tiny
     grid_dir, single_dir = tmp_path / "grid", tmp_path / "single"
+    # Groups padded to 16 tokens, the --max-length: the seeds' stacked groups pad alike, so the model's dropout
+    # draws the masks of a single-seed sweep.
     args = lambda out, *grid: ["sweep", *tiny_run.train_args(model, data, out, "--max-steps", "4",  # noqa: E731
-                                                              "--lr-vectors", "0.1", "--lr-head", "0.1", *grid)]
+                                                              "--lr-vectors", "0.1", "--lr-head", "0.1",
+                                                              "--pad-multiple", "16", *grid)]
     # Two passes of two vmapped adapters, looped in one program: d1-seed1 trains in the second pass.
     assert main(args(grid_dir, "--d-initials", "1e-7", "1.0", "--seeds", "0", "1", "--adapters-per-pass", "2")) == 0
     summary = json.loads((grid_dir / "sweep.json").read_text())
@@ -462,8 +465,11 @@ def test_sweep_varies_the_papers_ablations(tiny, tmp_path, capsys):
     """Each ablation variant is its own vmapped program; its adapters match a sweep of that variant alone."""
     model, data = tiny
     grid_dir, single_dir = tmp_path / "grid", tmp_path / "single"
+    # Groups padded to 16 tokens, the --max-length: the seeds' stacked groups pad alike, so the model's dropout
+    # draws the masks of a single-seed sweep.
     args = lambda out, *grid: ["sweep", *tiny_run.train_args(model, data, out, "--max-steps", "3",  # noqa: E731
-                                                              "--lr-vectors", "0.1", "--lr-head", "0.1", *grid)]
+                                                              "--lr-vectors", "0.1", "--lr-head", "0.1",
+                                                              "--pad-multiple", "16", *grid)]
     assert main(args(grid_dir, "--d-initials", "0.1", "--seeds", "0", "1", "--train-vectors", "both", "lambda_d",
                      "--projection-sharings", "shared", "per_layer", "--projection-inits", "kaiming_normal")) == 0
     summary = json.loads((grid_dir / "sweep.json").read_text())
