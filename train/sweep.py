@@ -196,9 +196,10 @@ def _train_program(setup: Run, grid: Grid, variant: tuple[str, str, str], d_init
     tx = steps.make_optimizer(options, setup.total_steps)
     logits_fn = steps.vera_logits(model, setup.path)
     groups = length_groups(options, devices=1)
-    orders = sorted(set(seeds))  # the data orders; one for a grid over a single seed: one batch feeds every adapter
+    orders = sorted(set(seeds))  # the data orders
+    shared = len(orders) == 1  # a grid over a single seed: one batch feeds every adapter
     group_fn = jax.jit(vera_jax.map_adapters(steps.make_group_gradients(logits_fn, options.task),
-                                             (0, None, None if len(orders) == 1 else 0, 0),
+                                             (0, None, None if shared else 0, 0),
                                              _per_pass(grid, options.batch_size // groups, options)))
     apply_fn = jax.jit(vera_jax.map_adapters(steps.make_apply_gradients(tx), (0, 0, 0)), donate_argnums=(0, 1))
     opt_state = jax.vmap(tx.init)(stacked.trainable)
@@ -210,8 +211,8 @@ def _train_program(setup: Run, grid: Grid, variant: tuple[str, str, str], d_init
         parts = []
         for i in range(groups):
             batches = [data_lib.collate(job.train_data, rows[seed][i], job.pad_id, options.max_length,
-                                        options.pad_multiple) for seed in (orders if len(orders) == 1 else seeds)]
-            batch = batches[0] if len(orders) == 1 else _stack_batches(batches, job.pad_id)
+                                        options.pad_multiple) for seed in (orders if shared else seeds)]
+            batch = batches[0] if shared else _stack_batches(batches, job.pad_id)
             parts.append(group_fn(stacked, params, batch, jax.vmap(step_key, (0, None, None))(keys, step, i)))
         stacked, opt_state, losses = apply_fn(stacked, opt_state, tuple(parts))
         if (step + 1) % options.log_every == 0 or step + 1 == setup.total_steps:
