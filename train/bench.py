@@ -161,14 +161,12 @@ def dense_products(tokens: int, hidden: int, intermediate: int, rounds: int) -> 
     """
     import torch
 
-    runners, shapes = {}, [(tokens, hidden, hidden), (tokens, hidden, intermediate)]
+    runners, shapes, rng, product = {}, [(tokens, hidden, hidden), (tokens, hidden, intermediate)], \
+        np.random.default_rng(0), jax.jit(jnp.matmul)
     for m, k, n in shapes:
-        x, w = np.random.default_rng(0).standard_normal((2, m * k + k * n)).astype(np.float32)
-        x_jax, w_jax = jnp.asarray(x[:m * k].reshape(m, k)), jnp.asarray(w[:k * n].reshape(k, n))
-        x_torch, w_torch = torch.from_numpy(x[:m * k].reshape(m, k)), torch.from_numpy(w[:k * n].reshape(k, n))
-        product = jax.jit(jnp.matmul)
-        runners[f"xla {m}x{k}x{n}"] = lambda f=product, a=x_jax, b=w_jax: f(a, b).block_until_ready()
-        runners[f"torch {m}x{k}x{n}"] = lambda a=x_torch, b=w_torch: torch.matmul(a, b)
+        x, w = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
+        runners[f"xla {m}x{k}x{n}"] = lambda a=jnp.asarray(x), b=jnp.asarray(w): product(a, b).block_until_ready()
+        runners[f"torch {m}x{k}x{n}"] = lambda a=torch.from_numpy(x), b=torch.from_numpy(w): torch.matmul(a, b)
     median = {name: statistics.median(t) for name, t in time_in_rounds(runners, max(rounds, 20), warmup=3).items()}
     ratios = [median[f"xla {m}x{k}x{n}"] / median[f"torch {m}x{k}x{n}"] for m, k, n in shapes]
     return {"shapes": shapes, "median_seconds": median, "torch_speedup": float(np.exp(np.mean(np.log(ratios))))}

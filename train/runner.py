@@ -37,7 +37,7 @@ from vera_jax import checkpoint as adapter_checkpoint
 from vera_jax import peft as vera_peft
 
 __all__ = ["Prepared", "Run", "Context", "RunError", "TrainingDiverged", "start", "check_positions",
-           "init_distributed", "output_dir", "place", "to_host", "global_batch", "length_groups", "train_groups", "fit",
+           "init_distributed", "output_dir", "place", "to_host", "global_batch", "group_count", "train_groups", "fit",
            "evaluate", "count_steps", "model_config", "vera_setup", "resolve_path", "dropout_key", "step_key",
            "save_adapters", "publish", "DROPOUT_STREAM"]
 
@@ -85,7 +85,7 @@ class Context:
     steps_per_epoch: int
     total_steps: int
     dropout_key: jax.Array
-    length_groups: int = 1  # groups of rows a batch runs as (`length_groups`)
+    length_groups: int = 1  # groups of rows a batch runs as (`group_count`)
 
 
 @dataclasses.dataclass
@@ -169,7 +169,7 @@ def start(options: Options, load: Callable[[Options], Prepared], *, on_mesh: boo
         params = job.model.params
         ctx = Context(options, mesh, place(params, mesh_lib.base_shardings(params, mesh)), job.train_data,
                       job.test_data, job.pad_id, steps_per_epoch, total_steps, dropout_key(options.seed),
-                      length_groups(options, mesh.size))
+                      group_count(options, mesh.size))
         checkpoints = RunCheckpoints(out / "checkpoints", options.keep_checkpoints)
         resume_step = checkpoints.latest_step() or 0
     log = MetricsLog(out / "metrics.jsonl", resume_step, enabled=primary)
@@ -322,7 +322,7 @@ def global_batch(batch: dict, sharding) -> dict:
             for k, v in batch.items()}
 
 
-def length_groups(options: Options, devices: int) -> int:
+def group_count(options: Options, devices: int) -> int:
     """The groups of rows a batch runs as: ``--length-groups``, lowered (with a note) to the most that split the
     batch into whole rows on every device."""
     groups = next(k for k in range(options.length_groups, 0, -1) if options.batch_size % (k * devices) == 0)

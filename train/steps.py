@@ -10,8 +10,7 @@ import optax
 
 import vera_jax
 from train.nnx_causal_lm import NnxCausalLM
-from vera_jax.layers import vector_module
-from vera_jax.paths import flatten, unflatten
+from vera_jax.paths import SEP, flatten, unflatten
 
 __all__ = ["make_optimizer", "model_logits", "vera_logits", "head_only_logits", "make_train_step", "make_eval_step",
            "make_group_gradients", "make_apply_gradients", "merged_leaves", "hoisted_merge",
@@ -130,8 +129,8 @@ def merged_leaves(params: dict, adapter) -> dict:
     """The leaves `vera_jax.merge` changes, flat by path: each adapted kernel ``W0 + delta_W`` and each leaf
     trained in full. A function of ``adapter.trainable``: what `make_merged_group_gradients` differentiates."""
     merged = flatten(vera_jax.merge(params, adapter))
-    adapted = {vector_module(path) + "/kernel" for path in flatten(adapter.trainable) if vera_jax.is_vector_path(path)}
-    return {path: merged[path] for path in adapted} | vera_jax.vectors.full_leaves(adapter.trainable)
+    kernels = [layer.path + SEP + "kernel" for layer in vera_jax.find_layers(params, adapter.config)]
+    return {path: merged[path] for path in kernels} | vera_jax.vectors.full_leaves(adapter.trainable)
 
 
 def hoisted_merge(model, path) -> object | None:

@@ -36,7 +36,7 @@ from train.metrics import write_json
 from train.model import load_classifier
 from train.options import (SWEEP, FlagError, Options, add_options, check_options, finite_float, from_args,
                            positive_int, seed_int)
-from train.runner import Run, dropout_key, length_groups, model_config, start, step_key
+from train.runner import Run, dropout_key, group_count, model_config, start, step_key
 from vera_jax import checkpoint as adapter_checkpoint
 from vera_jax.paths import flatten, unflatten
 
@@ -195,7 +195,7 @@ def _train_program(setup: Run, grid: Grid, variant: tuple[str, str, str], d_init
 
     tx = steps.make_optimizer(options, setup.total_steps)
     logits_fn = steps.vera_logits(model, setup.path)
-    groups = length_groups(options, devices=1)
+    groups = group_count(options, devices=1)
     orders = sorted(set(seeds))  # the data orders
     shared = len(orders) == 1  # a grid over a single seed: one batch feeds every adapter
     group_fn = jax.jit(vera_jax.map_adapters(steps.make_group_gradients(logits_fn, options.task),
