@@ -54,7 +54,7 @@ def test_causal_lm_lowers_perplexity_and_writes_every_output(tiny, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["perplexity_after"] < 0.9 * summary["perplexity_before"]
     assert len(summary["answers"]) == 2 and all(a["before"] is not None for a in summary["answers"])
-    assert summary["backend"] == "nnx"
+    assert summary["backend"] == "nnx" and summary["scan_remat"] == "dots"  # the scanned stack's default
     adapter, params = _vectors(model_dir, out)
     # Every linear layer of the stack of both blocks, and nothing else, is adapted; one A/B sized by the
     # largest layer; each stacked vector has the layer axis.
@@ -83,16 +83,20 @@ def test_causal_lm_lowers_perplexity_and_writes_every_output(tiny, tmp_path):
 
 def test_nnx_scanned_nnx_listed_and_linen_backends_train_alike(tiny, tmp_path):
     """The same data, steps and seed on the three implementations of the same Llama: the same perplexities,
-    and the scanned stack's vectors are the listed layers' and linen's, layer by layer."""
+    and the scanned stack's vectors are the listed layers' and linen's, layer by layer. The scanned stack
+    recomputes each layer in the backward pass (--scan-remat full), the others keep what they compute."""
     model_dir, data = tiny
     summaries, vectors = {}, {}
     for backend in ("nnx", "nnx-listed", "linen"):
         out = tmp_path / backend
-        assert main(_args(model_dir, data, out, "--max-steps", "6", "--lr-vectors", "0.05", "--backend", backend)) == 0
+        remat = ["--scan-remat", "full"] if backend == "nnx" else []
+        assert main(_args(model_dir, data, out, "--max-steps", "6", "--lr-vectors", "0.05", "--backend", backend,
+                          *remat)) == 0
         summaries[backend] = json.loads((out / "summary.json").read_text())
         adapter, _ = _vectors(model_dir, out, backend)
         vectors[backend] = {p.replace("/layers/0/", "/layers/@0/").replace("/layers/1/", "/layers/@1/"): v
                             for p, v in flatten(adapter.trainable).items()}
+    assert summaries["nnx"]["scan_remat"] == "full" and summaries["linen"]["scan_remat"] is None
     for backend in ("nnx-listed", "linen"):
         for key in ("perplexity_before", "perplexity_after"):
             assert abs(summaries[backend][key] / summaries["nnx"][key] - 1) < 1e-4, (backend, key)
@@ -152,6 +156,9 @@ def test_causal_lm_bad_input(tiny, tmp_path, capsys):
         (_args(model_dir, data, tmp_path / "i", "--path", "auto"), "--path auto is not offered with --backend nnx"),
         (_args(model_dir, data, tmp_path / "j", "--dropout", "0.1", "--path", "activation"),
          "--backend nnx runs VeRA on NNX models, which has no --dropout or --head yet"),
+        (_args(model_dir, data, tmp_path / "k", "--backend", "nnx-listed", "--scan-remat", "full"),
+         "--scan-remat full applies to the scanned NNX model (causal-lm --backend nnx); drop it with --backend "
+         "nnx-listed"),
     ]
     for args, message in cases:
         assert main(args) == 2, args
@@ -313,11 +320,14 @@ def test_bench_causal_workload_compares_bf16_and_float32_bases(tiny, tmp_path):
         results = json.loads(out.read_text())
         assert results["workload"]["targets"] == TARGETS and results["workload"]["task"] == "causal-lm"
         assert set(results["median_seconds"]) >= {"merged", "activation", "activation-lean", "auto", "floor"}
-        table = results["nnx"]["table"]  # the NNX backend, layers listed and scanned, both paths
+        table = results["nnx"]["table"]  # the NNX backend, layers listed and scanned (each remat), both paths
+        forms = ("listed", "scanned", "scanned, remat full", "scanned, remat none")
         assert {(form, path) for form in table for path in table[form]} == {
-            (form, path) for form in ("listed", "scanned") for path in ("merged", "activation")}
-        assert all(row["compile_seconds"] > 0 and row["median_step_seconds"] > 0
+            (form, path) for form in forms for path in ("merged", "activation")}
+        assert all(row["compile_seconds"] > 0 and row["median_step_seconds"] > 0 and row["peak_bytes"] > 0
                    for paths in table.values() for row in paths.values())
+        scanned_peaks = [table[form]["activation"]["peak_bytes"] for form in forms[1:]]
+        assert scanned_peaks[1] < scanned_peaks[0] < scanned_peaks[2]  # full keeps least, none most
         assert set(results["nnx"]["scanned_compile_speedup"]) == {"merged", "activation"}
         peaks[dtype] = results["peak_bytes"]["merged"]
     assert "peft_speedup" in json.loads((tmp_path / "float32.json").read_text())

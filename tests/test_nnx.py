@@ -18,7 +18,7 @@ import vera_jax.checkpoint
 import vera_jax.paths
 import vera_jax.peft
 import vera_jax.nnx as vera_nnx
-from train import nnx_llama
+from train import nnx_llama, options
 
 LLAMA_TARGETS = ("q_proj", "v_proj", "down_proj")
 EINSUM_TARGETS = ("q_einsum", "kv_einsum", "attn_vec_einsum")
@@ -134,6 +134,38 @@ def test_scanned_stack_equals_the_same_layers_unstacked(torch_llama):
     got = grads_scanned["model"]["layers"]["self_attn"]["q_proj"]["vera_lambda_b"][1]
     want = grads_listed["model"]["layers"][1]["self_attn"]["q_proj"]["vera_lambda_b"]
     assert max_rel_error(got, want) < 1e-4
+
+
+@pytest.mark.parametrize("path", ["merged", "activation"])
+def test_scan_remat_changes_what_the_backward_pass_keeps_not_what_it_computes(torch_llama, path):
+    """Each policy of the scanned stack gives the gradient of the stack without rematerialisation; the
+    compiled gradient keeps less the less the policy saves (full < dots < none)."""
+    model, state = torch_llama
+    config = vera_jax.VeraConfig(r=8, target_modules=LLAMA_TARGETS, projection_seed=5)
+    grads, temp_bytes = {}, {}
+    for policy in nnx_llama.SCAN_REMAT:
+        scanned = nnx_llama.from_torch(state, nnx_llama.LlamaConfig.from_hf(model.config), scan_layers=True,
+                                       scan_remat=policy)
+        scanned = vera_nnx.attach(scanned, config, path=path)
+        randomise_vectors(scanned)
+        _, params, adapter = vera_nnx.split(scanned)
+        call = vera_nnx.functional(scanned)
+
+        def loss(trainable):
+            return jnp.mean(jnp.square(call(params, adapter.replace(trainable=trainable), IDS)))
+
+        compiled = jax.jit(jax.grad(loss)).lower(adapter.trainable).compile()
+        temp_bytes[policy] = compiled.memory_analysis().temp_size_in_bytes
+        grads[policy] = compiled(adapter.trainable)
+    for policy in ("dots", "full"):
+        for got, want in zip(jax.tree.leaves(grads[policy]), jax.tree.leaves(grads["none"]), strict=True):
+            assert max_rel_error(got, want) < 1e-5, policy
+    assert temp_bytes["full"] < temp_bytes["dots"] < temp_bytes["none"], temp_bytes
+    with pytest.raises(ValueError, match="scan_remat must be one of"):
+        nnx_llama.LlamaForCausalLM(nnx_llama.LlamaConfig.from_hf(model.config), scan_layers=True, scan_remat="some",
+                                   rngs=nnx.Rngs(0))
+    assert set(options.SCAN_REMATS) == set(nnx_llama.SCAN_REMAT)  # the job's --scan-remat choices
+    assert options.SCAN_REMATS[0] == nnx_llama.DEFAULT_SCAN_REMAT
 
 
 @pytest.mark.parametrize("case", ["llama-scanned", "einsum"])

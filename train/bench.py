@@ -13,7 +13,8 @@ alike; the medians and their ratios are printed and written as JSON.
 Workloads (``--workload``): ``minilm`` (all-MiniLM-L6-v2 classification, VeRA on query/value, batch
 32 x 128) and ``smollm2`` (SmolLM2-135M causal LM, VeRA on every linear layer, batch 8 x 128,
 next-token loss on every position); each flag below overrides the workload's value. The causal-LM
-workload also times the NNX backend's compile and step, layers listed against scanned (`train.bench_nnx`).
+workload also times the NNX backend's compile, step and memory, layers listed against scanned with each
+rematerialisation policy (`train.bench_nnx`).
 """
 
 from __future__ import annotations
@@ -297,7 +298,7 @@ def bench(args: argparse.Namespace) -> dict:
         if model.config.model_type != "llama":
             print(f"NNX table skipped: the NNX backend runs Llama models, not {model.config.model_type!r}")
         else:
-            results["nnx"] = bench_nnx.compile_table(args, device_batch, time_in_rounds)
+            results["nnx"] = bench_nnx.compile_table(args, device_batch, time_in_rounds, peak_bytes)
             bench_nnx.print_table(results["nnx"], model.config.num_hidden_layers)
     if args.json:
         write_json(args.json, results)

@@ -1,8 +1,10 @@
-"""Compile time and step time of a causal LM on the NNX backend, its layers in a list against stacked
-and run with ``nnx.scan``, on the merged and activation paths: one table, side by side in one run.
+"""Compile time, step time and peak memory of a causal LM on the NNX backend, its layers in a list against
+stacked and run with ``nnx.scan`` (with each of the scan's rematerialisation policies, `train.nnx_llama.SCAN_REMAT`),
+on the merged and activation paths: one table, side by side in one run.
 
 Compile seconds are what a user waits before the first step: tracing, lowering and XLA compilation of
-the jitted training step. Steps are timed in rounds (`train.bench.time_in_rounds`).
+the jitted training step. Steps are timed in rounds (`train.bench.time_in_rounds`); peak memory is XLA's
+compiled figure (`train.bench.peak_bytes`).
 """
 
 from __future__ import annotations
@@ -16,17 +18,20 @@ import optax
 import vera_jax
 from train import steps
 from train.model import load_causal_lm
+from train.nnx_llama import DEFAULT_SCAN_REMAT, SCAN_REMAT
 
-__all__ = ["compile_table", "FORMS", "PATHS"]
+__all__ = ["compile_table", "print_table", "FORMS", "PATHS"]
 
-FORMS = {"listed": "nnx-listed", "scanned": "nnx"}
+# form -> (backend, scan_remat): the listed layers, then the scanned stack with each policy, the default as "scanned"
+FORMS = {"listed": ("nnx-listed", DEFAULT_SCAN_REMAT)} | {
+    "scanned" if policy == DEFAULT_SCAN_REMAT else f"scanned, remat {policy}": ("nnx", policy) for policy in SCAN_REMAT}
 PATHS = ("merged", "activation")
 
 
 class _Compiled:
     """One compiled, donated training step of an NNX model and the state it carries."""
 
-    def __init__(self, model, adapter: vera_jax.Adapter, path: str, batch):
+    def __init__(self, model, adapter: vera_jax.Adapter, path: str, batch, peak_bytes):
         tx = optax.adam(1e-3)
         step = jax.jit(steps.make_train_step(model.vera_logits(path, adapter.config), tx, "causal-lm"),
                        donate_argnums=(0, 1))
@@ -36,6 +41,7 @@ class _Compiled:
         started = time.perf_counter()
         self.step = step.lower(*self.state, self.params, batch, None).compile()
         self.compile_seconds = time.perf_counter() - started
+        self.peak_bytes = peak_bytes(self.step)
 
     def __call__(self) -> None:
         adapter, opt_state, loss = self.step(*self.state, self.params, self.batch, None)
@@ -43,21 +49,23 @@ class _Compiled:
         self.state = (adapter, opt_state)
 
 
-def compile_table(args, batch, time_in_rounds) -> dict:
-    """``{"listed"|"scanned": {"merged"|"activation": {"compile_seconds", "median_step_seconds"}}}`` plus the
-    ratios ``scanned_compile_speedup`` (listed compile / scanned compile, per path and at best) and
-    ``scanned_step_ratio`` (scanned step / listed step)."""
+def compile_table(args, batch, time_in_rounds, peak_bytes) -> dict:
+    """``{form: {"merged"|"activation": {"compile_seconds", "median_step_seconds", "peak_bytes"}}}`` for each
+    of `FORMS`, plus the ratios ``scanned_compile_speedup`` (listed compile / scanned compile, per path) and
+    ``scanned_step_ratio`` (scanned step / listed step) of the default scanned form."""
     variants = {}
-    for form, backend in FORMS.items():
-        model = load_causal_lm(args.model, args.base_dtype, max_positions=args.seq_len, backend=backend)[0]
+    for form, (backend, scan_remat) in FORMS.items():
+        model = load_causal_lm(args.model, args.base_dtype, max_positions=args.seq_len, backend=backend,
+                               scan_remat=scan_remat)[0]
         config = vera_jax.VeraConfig(r=args.r, target_modules=tuple(args.targets), kernel_axes=model.kernel_axes)
         adapter = vera_jax.init_adapter(model.params, config)
         for path in PATHS:
-            variants[(form, path)] = _Compiled(model, adapter, path, batch)
+            variants[(form, path)] = _Compiled(model, adapter, path, batch, peak_bytes)
     times = time_in_rounds({f"{form}/{path}": variant for (form, path), variant in variants.items()}, args.steps,
                            args.warmup, args.settle)
     table = {form: {path: {"compile_seconds": variants[(form, path)].compile_seconds,
-                           "median_step_seconds": statistics.median(times[f"{form}/{path}"])}
+                           "median_step_seconds": statistics.median(times[f"{form}/{path}"]),
+                           "peak_bytes": variants[(form, path)].peak_bytes}
                     for path in PATHS} for form in FORMS}
     ratios = {path: (table["listed"][path]["compile_seconds"] / table["scanned"][path]["compile_seconds"],
                      table["scanned"][path]["median_step_seconds"] / table["listed"][path]["median_step_seconds"])
@@ -68,11 +76,14 @@ def compile_table(args, batch, time_in_rounds) -> dict:
 
 
 def print_table(nnx: dict, layers: int) -> None:
-    print(f"NNX model, {layers} layers: compile (first step) and median step, layers listed vs scanned")
-    print(f"{'form':<10}{'path':<12}{'compile':>10}{'median step':>14}")
+    print(f"NNX model, {layers} layers: compile (first step), median step and peak memory, layers listed vs scanned "
+          f"(scanned: remat {DEFAULT_SCAN_REMAT}, the default)")
+    print(f"{'form':<22}{'path':<12}{'compile':>10}{'median step':>14}{'peak memory':>14}")
     for form, paths in nnx["table"].items():
         for path, row in paths.items():
-            print(f"{form:<10}{path:<12}{row['compile_seconds']:>9.1f}s{row['median_step_seconds'] * 1e3:>11.1f} ms")
+            memory = f"{row['peak_bytes'] / 2**20:.0f} MiB" if row["peak_bytes"] else "n/a"
+            print(f"{form:<22}{path:<12}{row['compile_seconds']:>9.1f}s{row['median_step_seconds'] * 1e3:>11.1f} ms"
+                  f"{memory:>14}")
     for path in PATHS:
         print(f"{path}: scanned compiles {nnx['scanned_compile_speedup'][path]:.1f}x faster, "
               f"steps at {nnx['scanned_step_ratio'][path]:.2f}x the listed model's")

@@ -54,7 +54,7 @@ def prepare(options: Options) -> Prepared:
     train_split, test_split = data_lib.load_splits(options)
     check_positions(options, ("max_length", "max_new_tokens"))
     model, tokenizer = load_causal_lm(options.model, options.base_dtype, options.max_length + options.max_new_tokens,
-                                      backend=options.backend)
+                                      backend=options.backend, scan_remat=options.scan_remat)
     chat_data.use_chat_template(tokenizer, options.chat_template, options.model)
     if tokenizer.pad_token is None:  # GPT-2 and others: padding is masked out, any token will do
         tokenizer.pad_token = tokenizer.eos_token
@@ -116,7 +116,7 @@ def run(options: Options) -> dict:
 
     summary = {
         "model": options.model, "backend": options.backend, "dataset": options.dataset,
-        "base_dtype": options.base_dtype,
+        "base_dtype": options.base_dtype, "scan_remat": getattr(model, "scan_remat", None),
         "path": options.path, "path_detail": setup.path_detail, "mesh": dict(setup.ctx.mesh.shape),
         "steps": setup.total_steps, "train_examples": len(setup.job.train_data),
         "test_examples": len(setup.job.test_data),

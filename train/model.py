@@ -98,11 +98,14 @@ def _from_safetensors(auto_class, directory: Path, config, seed: int):
     return model
 
 
-def load_causal_lm(name: str, dtype: str = "float32", max_positions: int | None = None, backend: str = "linen"):
+def load_causal_lm(name: str, dtype: str = "float32", max_positions: int | None = None, backend: str = "linen",
+                   scan_remat: str | None = None):
     """``(model, tokenizer)`` of a Flax causal LM; ``dtype='bfloat16'`` stores and runs the base in bfloat16.
 
     ``backend``: ``"nnx"`` (a Llama-architecture checkpoint as `train.nnx_causal_lm.NnxCausalLM`, layers
-    stacked and scanned), ``"nnx-listed"`` (the same, layers in a list) or ``"linen"`` (transformers' Flax class).
+    stacked and scanned, keeping for the backward pass what ``scan_remat`` says: a key of
+    `train.nnx_llama.SCAN_REMAT`, None for its default),
+    ``"nnx-listed"`` (the same, layers in a list) or ``"linen"`` (transformers' Flax class).
 
     ``max_positions``: the longest sequence the job runs. A rotary Llama or Mistral whose config allows
     more is loaded with that many positions: Flax builds a (positions, positions) causal mask in every
@@ -126,7 +129,7 @@ def load_causal_lm(name: str, dtype: str = "float32", max_positions: int | None 
     except (OSError, ValueError) as err:
         raise ModelError(f"Cannot read a model config from {name!r}: {err}") from None
     if backend != "linen":
-        return _load_nnx(name, source, config, dtype, backend), AutoTokenizer.from_pretrained(source)
+        return _load_nnx(name, source, config, dtype, backend, scan_remat), AutoTokenizer.from_pretrained(source)
     if config.model_type not in FLAX_MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ModelError(f"{name!r} is a {config.model_type!r} model, which has no Flax causal-LM class in "
                          f"transformers; use one of {sorted(FLAX_MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)}.")
@@ -143,7 +146,7 @@ def load_causal_lm(name: str, dtype: str = "float32", max_positions: int | None 
     return model, AutoTokenizer.from_pretrained(source)
 
 
-def _load_nnx(name: str, source: str, config, dtype: str, backend: str):
+def _load_nnx(name: str, source: str, config, dtype: str, backend: str, scan_remat: str | None):
     """The NNX Llama of a local directory, or of a hub repository's safetensors (fetched once)."""
     from train.nnx_causal_lm import load_nnx_causal_lm
 
@@ -156,7 +159,7 @@ def _load_nnx(name: str, source: str, config, dtype: str, backend: str):
 
         directory = Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
     try:
-        return load_nnx_causal_lm(directory, config, dtype=dtype, scan_layers=backend == "nnx")
+        return load_nnx_causal_lm(directory, config, dtype=dtype, scan_layers=backend == "nnx", scan_remat=scan_remat)
     except ValueError as err:
         raise ModelError(f"{name!r}: {err}") from None
 

@@ -44,6 +44,7 @@ class NnxCausalLM:
         """``config``: the transformers config of the checkpoint (``model_type``, positions, ...)."""
         self.config = config
         self.scan_layers = model.model.scan_layers
+        self.scan_remat = model.model.scan_remat if self.scan_layers else None
         self.graphdef, self._state = nnx.split(model)
         self.params = nnx.to_pure_dict(self._state)
 
@@ -109,8 +110,10 @@ def _greedy_step(model: NnxCausalLM, params, ids, mask, done, position, pad_id, 
     return ids, mask, done | (token == eos_id)
 
 
-def load_nnx_causal_lm(directory: Path, config, *, dtype: str = "float32", scan_layers: bool = True) -> NnxCausalLM:
-    """The Llama checkpoint in ``directory`` (``model.safetensors`` or shards, PyTorch names) as an NNX model.
+def load_nnx_causal_lm(directory: Path, config, *, dtype: str = "float32", scan_layers: bool = True,
+                       scan_remat: str | None = None) -> NnxCausalLM:
+    """The Llama checkpoint in ``directory`` (``model.safetensors`` or shards, PyTorch names) as an NNX model
+    (``scan_remat``: see `train.nnx_llama.LlamaForCausalLM`; None: its default).
 
     Raises:
       ValueError: no safetensors weights there, or weights that do not fit ``config``.
@@ -126,5 +129,6 @@ def load_nnx_causal_lm(directory: Path, config, *, dtype: str = "float32", scan_
         state_dict |= load_file(file)
     if dtype != "float32":
         state_dict = {name: value.astype(np.float32).astype(jnp.dtype(dtype)) for name, value in state_dict.items()}
-    model = nnx_llama.from_torch(state_dict, nnx_llama.LlamaConfig.from_hf(config), scan_layers=scan_layers)
+    model = nnx_llama.from_torch(state_dict, nnx_llama.LlamaConfig.from_hf(config), scan_layers=scan_layers,
+                                 scan_remat=scan_remat or nnx_llama.DEFAULT_SCAN_REMAT)
     return NnxCausalLM(model, config)

@@ -19,7 +19,17 @@ from flax import nnx
 
 from vera_jax import paths
 
-__all__ = ["LlamaConfig", "LlamaForCausalLM", "from_torch"]
+__all__ = ["LlamaConfig", "LlamaForCausalLM", "from_torch", "SCAN_REMAT", "DEFAULT_SCAN_REMAT"]
+
+# What the scanned stack keeps of each layer for the backward pass (``jax.checkpoint`` policies). Without
+# rematerialisation, ``nnx.scan`` stacks every intermediate of every layer into (layers, ...) buffers, and
+# copying them in and out costs more than recomputing them.
+SCAN_REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,  # each layer's input only; the layer reruns backward
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # also the projections' outputs
+    "none": None,  # every intermediate (no rematerialisation)
+}
+DEFAULT_SCAN_REMAT = "dots"  # on a 2-core CPU as fast as "full" or faster, and it recomputes no weight matmul
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +129,9 @@ class DecoderLayer(nnx.Module):
 
 
 class LlamaModel(nnx.Module):
-    def __init__(self, config: LlamaConfig, scan_layers: bool, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, scan_layers: bool, scan_remat: str, rngs: nnx.Rngs):
+        if scan_remat not in SCAN_REMAT:
+            raise ValueError(f"scan_remat must be one of {sorted(SCAN_REMAT)}, got {scan_remat!r}.")
         self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, rngs=rngs)
         if scan_layers:
             @nnx.split_rngs(splits=config.num_hidden_layers)
@@ -131,7 +143,7 @@ class LlamaModel(nnx.Module):
         else:
             self.layers = nnx.List([DecoderLayer(config, rngs) for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.config, self.scan_layers = config, scan_layers
+        self.config, self.scan_layers, self.scan_remat = config, scan_layers, scan_remat
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
         batch, seq = input_ids.shape
@@ -143,9 +155,15 @@ class LlamaModel(nnx.Module):
         mask = causal[None, None] & attention_mask[:, None, None, :].astype(bool)
         x = self.embed_tokens(input_ids)
         if self.scan_layers:
+            def call(layer, x):
+                return layer(x, cos, sin, mask)
+
+            if self.scan_remat != "none":  # prevent_cse=False: safe inside a scan, and lets XLA fuse freely
+                call = nnx.remat(call, prevent_cse=False, policy=SCAN_REMAT[self.scan_remat])
+
             @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
             def run(x, layer):
-                return layer(x, cos, sin, mask)
+                return call(layer, x)
 
             x = run(x, self.layers)
         else:
@@ -155,10 +173,14 @@ class LlamaModel(nnx.Module):
 
 
 class LlamaForCausalLM(nnx.Module):
-    """``model(input_ids, attention_mask) -> logits (batch, seq, vocab)``."""
+    """``model(input_ids, attention_mask) -> logits (batch, seq, vocab)``.
 
-    def __init__(self, config: LlamaConfig, *, scan_layers: bool = False, rngs: nnx.Rngs):
-        self.model = LlamaModel(config, scan_layers, rngs)
+    ``scan_layers``: stack the layers and run them with ``nnx.scan`` (else a list); ``scan_remat``: what the
+    scanned stack keeps for the backward pass (a key of `SCAN_REMAT`; no effect on listed layers).
+    """
+
+    def __init__(self, config: LlamaConfig, *, scan_layers: bool = False, scan_remat: str = DEFAULT_SCAN_REMAT, rngs: nnx.Rngs):
+        self.model = LlamaModel(config, scan_layers, scan_remat, rngs)
         if not config.tie_word_embeddings:
             self.lm_head = nnx.Linear(config.hidden_size, config.vocab_size, use_bias=False, rngs=rngs)
         self.config = config
@@ -181,10 +203,11 @@ def _leaf(name: str, value: np.ndarray) -> tuple[str, np.ndarray]:
     return f"{path}/kernel", value.T
 
 
-def from_torch(state_dict: Mapping[str, np.ndarray], config: LlamaConfig, *, scan_layers: bool = False
-               ) -> LlamaForCausalLM:
+def from_torch(state_dict: Mapping[str, np.ndarray], config: LlamaConfig, *, scan_layers: bool = False,
+               scan_remat: str = DEFAULT_SCAN_REMAT) -> LlamaForCausalLM:
     """The NNX model holding a PyTorch ``LlamaForCausalLM``'s weights (numpy arrays by their PyTorch names)."""
-    model = nnx.eval_shape(lambda: LlamaForCausalLM(config, scan_layers=scan_layers, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: LlamaForCausalLM(config, scan_layers=scan_layers, scan_remat=scan_remat,
+                                                    rngs=nnx.Rngs(0)))
     flat = dict(_leaf(name, np.asarray(value)) for name, value in state_dict.items()
                 if not (config.tie_word_embeddings and name == "lm_head.weight"))
     if scan_layers:

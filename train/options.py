@@ -26,6 +26,7 @@ __all__ = ["Options", "FlagError", "RESUME_KEYS", "CAUSAL_LM_DEFAULTS", "PATHS",
 
 BACKENDS = ("nnx", "nnx-listed", "linen")  # causal LM implementations; NNX runs Llama-architecture models
 NNX_PATHS = ("merged", "activation")
+SCAN_REMATS = ("dots", "full", "none")  # the keys of train.nnx_llama.SCAN_REMAT, its default first
 PATHS = (*vera_jax.plan.PATHS, "auto")  # how adapted layers run; 'auto' times a whole step of each and picks
 SCHEDULES = ("linear", "cosine", "constant")
 BASE_DTYPES = ("float32", "bfloat16")
@@ -193,6 +194,10 @@ class Options:
     backend: str = _flag("nnx", "the model's implementation: Flax NNX (a Llama, layers stacked and scanned), "
                          "nnx-listed (layers in a list), or linen (transformers' Flax class: GPT-2, Mistral, ...)",
                          choices=BACKENDS, commands=frozenset({CAUSAL_LM}))
+    scan_remat: str | None = _flag(None, "what the scanned NNX stack keeps for the backward pass: dots (the "
+                                   "projections' outputs; the default), full (each layer's input only: least "
+                                   "memory) or none (every intermediate)", choices=SCAN_REMATS,
+                                   commands=frozenset({CAUSAL_LM}))
     chat_template: str | None = _flag(None, "a Jinja chat-template file, for models that ship none",
                                       commands=frozenset({CAUSAL_LM}))
     answers: int = _flag(4, "held-out questions answered greedily before and after tuning", type=positive_int,
@@ -315,6 +320,9 @@ def check_options(options: Options) -> None:
         if options.dropout > 0 or options.head:
             raise FlagError(f"--backend {options.backend} runs VeRA on NNX models, which has no --dropout or --head yet; "
                             "drop them, or use --backend linen.")
+    if options.scan_remat is not None and not (options.task == "causal-lm" and options.backend == "nnx"):
+        raise FlagError(f"--scan-remat {options.scan_remat} applies to the scanned NNX model (causal-lm --backend nnx); "
+                        f"drop it with --backend {options.backend}.")
     if options.dropout > 0 and options.path == "merged":
         raise FlagError(f"--dropout {options.dropout:g} acts on each adapted layer's input, which --path merged "
                         "never computes; use --path activation, activation-lean or auto.")
