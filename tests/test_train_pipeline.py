@@ -423,6 +423,26 @@ def test_sweep_trains_k_adapters_like_separate_runs(tiny, tmp_path, capsys):
     assert "mean accuracy" in capsys.readouterr().out
 
 
+def test_a_sweep_reports_its_diverged_adapters_and_fails_when_all_diverge(tiny, tmp_path, capsys):
+    """A point whose loss or vectors stop being finite gets no accuracy and no saved adapter; the others stand.
+    On the activation path, d_initial 3e38 (near float32's largest) overflows lambda_d * (A x) at once."""
+    model, data = tiny
+    args = lambda out, *grid: ["sweep", *tiny_run.train_args(model, data, out, "--max-steps", "4",  # noqa: E731
+                                                              "--log-every", "1", "--lr-vectors", "0.1", "--path",
+                                                              "activation", *grid)]
+    assert main(args(tmp_path / "some", "--d-initials", "1.0", "3e38", "--seeds", "0")) == 0
+    summary = json.loads((tmp_path / "some" / "sweep.json").read_text())
+    rows = {row["d_initial"]: row for row in summary["grid"]}
+    assert rows[1.0]["diverged_at_step"] is None and 0 <= rows[1.0]["test_accuracy"] <= 1
+    assert 1 <= rows[3e38]["diverged_at_step"] <= 4 and rows[3e38]["test_accuracy"] is None
+    assert summary["mean_accuracy_by_d_initial"] == {"1": rows[1.0]["test_accuracy"], "3e+38": None}
+    assert sorted(p.name for p in (tmp_path / "some" / "adapters").iterdir()) == ["d1-seed0"]
+    assert f"diverged at {rows[3e38]['diverged_at_step']}" in capsys.readouterr().out
+    assert main(args(tmp_path / "all", "--d-initials", "3e38", "--seeds", "0", "1")) == 2
+    assert "error: Every adapter of the sweep diverged (the first at step" in capsys.readouterr().err
+    assert not (tmp_path / "all" / "sweep.json").exists() and not (tmp_path / "all" / "adapters").exists()
+
+
 def test_a_one_point_sweep_is_the_run_with_the_same_flags(tiny, tmp_path):
     """A flag that changes a run (--dropout, here on the activation path) changes the sweep the same way."""
     model, data = tiny

@@ -36,7 +36,7 @@ from train.metrics import write_json
 from train.model import load_classifier
 from train.options import (SWEEP, FlagError, Options, add_options, check_options, finite_float, from_args,
                            positive_int, seed_int)
-from train.runner import Run, dropout_key, group_count, model_config, start, step_key
+from train.runner import Run, TrainingDiverged, dropout_key, group_count, model_config, start, step_key
 from vera_jax import checkpoint as adapter_checkpoint
 from vera_jax.paths import flatten, unflatten
 
@@ -176,11 +176,12 @@ def _per_pass(grid: Grid, batch_size: int, options: Options) -> int | None:
 
 
 def _train_program(setup: Run, grid: Grid, variant: tuple[str, str, str], d_initials: tuple[float, ...],
-                   heads: dict[int, dict]) -> tuple[list[vera_jax.Adapter], vera_jax.Adapter, np.ndarray]:
+                   heads: dict[int, dict]) -> tuple[list[vera_jax.Adapter], vera_jax.Adapter, np.ndarray, list]:
     """Train one adapter per (d_initial, seed) of one program in one compiled program.
 
-    Returns each adapter (with its own point's config), the program's initial adapter, and the
-    held-out accuracies (K,).
+    Returns each adapter (with its own point's config), the program's initial adapter, the held-out
+    accuracies (K,), and for each adapter the step at which it diverged (a logged loss or its trained
+    vectors not finite), or None.
     """
     options, model, params, job = setup.options, setup.model, setup.params, setup.job
     points = list(itertools.product(d_initials, grid.seeds))
@@ -204,6 +205,7 @@ def _train_program(setup: Run, grid: Grid, variant: tuple[str, str, str], d_init
     apply_fn = jax.jit(vera_jax.map_adapters(steps.make_apply_gradients(tx), (0, 0, 0)), donate_argnums=(0, 1))
     opt_state = jax.vmap(tx.init)(stacked.trainable)
     keys = jnp.stack([dropout_key(seed) for seed in seeds])
+    diverged: list[int | None] = [None] * len(points)
     progress = tqdm(range(setup.total_steps), desc=f"{len(points)} adapters, {_variant_label(variant) or 'vera'}")
     for step in progress:
         rows = {seed: data_lib.length_groups(job.train_data, data_lib.batch_indices(
@@ -216,9 +218,14 @@ def _train_program(setup: Run, grid: Grid, variant: tuple[str, str, str], d_init
             parts.append(group_fn(stacked, params, batch, jax.vmap(step_key, (0, None, None))(keys, step, i)))
         stacked, opt_state, losses = apply_fn(stacked, opt_state, tuple(parts))
         if (step + 1) % options.log_every == 0 or step + 1 == setup.total_steps:
-            for name, loss in zip(names, np.asarray(losses)):
-                setup.log.write(run=name, step=step + 1, loss=float(loss))
-            progress.set_postfix(loss=f"{float(np.mean(losses)):.4f}")
+            losses = np.asarray(losses)
+            for k, (name, loss) in enumerate(zip(names, losses)):
+                if np.isfinite(loss):
+                    setup.log.write(run=name, step=step + 1, loss=float(loss))
+                elif diverged[k] is None:
+                    diverged[k] = step + 1
+            finite = losses[np.isfinite(losses)]
+            progress.set_postfix(loss=f"{float(np.mean(finite)):.4f}" if finite.size else "diverged")
 
     evaluate = jax.jit(vera_jax.map_adapters(steps.make_eval_step(logits_fn, options.task), (0, None, None),
                                              _per_pass(grid, options.eval_batch_size, options)))
@@ -230,7 +237,11 @@ def _train_program(setup: Run, grid: Grid, variant: tuple[str, str, str], d_init
         batch["weights"] = np.ones(len(indices), np.float32)
         correct += np.asarray(evaluate(stacked, params, batch)[0])
     adapters = [adapter.replace(config=config) for adapter, config in zip(vera_jax.unstack(stacked), configs)]
-    return adapters, base, correct / len(job.test_data)
+    for k, adapter in enumerate(adapters):
+        if diverged[k] is None and not all(np.isfinite(np.asarray(leaf)).all()
+                                           for leaf in jax.tree.leaves(adapter.trainable)):
+            diverged[k] = setup.total_steps
+    return adapters, base, correct / len(job.test_data), diverged
 
 
 def sweep(options: Options, grid: Grid) -> dict:
@@ -240,21 +251,29 @@ def sweep(options: Options, grid: Grid) -> dict:
     heads = _heads_for_seeds(options, setup.model, vera_jax.vectors.full_leaves(setup.adapter.trainable), grid.seeds)
     rows = []
     for variant, d_initials in grid.programs():
-        adapters, base, accuracy = _train_program(setup, grid, variant, d_initials, heads)
+        adapters, base, accuracy, diverged = _train_program(setup, grid, variant, d_initials, heads)
         trainable_params = vera_jax.count_parameters(params, base)[0]
         points = itertools.product(d_initials, grid.seeds)
-        for (d, seed), adapter, acc in zip(points, adapters, accuracy):
-            rows.append({**dict(zip(ABLATIONS, variant)), "d_initial": d, "seed": seed, "test_accuracy": float(acc),
+        for (d, seed), adapter, acc, diverged_at in zip(points, adapters, accuracy, diverged):
+            # A diverged adapter has no accuracy and is not saved.
+            rows.append({**dict(zip(ABLATIONS, variant)), "d_initial": d, "seed": seed,
+                         "test_accuracy": None if diverged_at else float(acc), "diverged_at_step": diverged_at,
                          "trainable_params": trainable_params})
-            setup.log.write(run=_run_name(variant, d, seed), step=setup.total_steps, test_accuracy=float(acc))
-            adapter_checkpoint.save(out / "adapters" / _adapter_name(variant, d, seed), adapter, params)
+            if not diverged_at:
+                setup.log.write(run=_run_name(variant, d, seed), step=setup.total_steps, test_accuracy=float(acc))
+                adapter_checkpoint.save(out / "adapters" / _adapter_name(variant, d, seed), adapter, params)
+    if all(row["diverged_at_step"] for row in rows):
+        raise TrainingDiverged(f"Every adapter of the sweep diverged (the first at step "
+                               f"{min(row['diverged_at_step'] for row in rows)}). Lower the learning rate "
+                               f"(--lr-vectors {options.lr_vectors:g}, --lr-head {options.lr_head:g}) or the "
+                               "--d-initials, and sweep in a new --output-dir.")
     groups = {}
     for row in rows:
         groups.setdefault(_setting_name(tuple(row[a] for a in ABLATIONS), row["d_initial"]), []).append(
             row["test_accuracy"])
-    summary = {"grid": rows, "mean_accuracy": {label: float(np.mean(v)) for label, v in groups.items()},
-               "mean_accuracy_by_d_initial": {f"{d:g}": float(np.mean([r["test_accuracy"] for r in rows
-                                                                      if r["d_initial"] == d]))
+    summary = {"grid": rows, "mean_accuracy": {label: _mean(v) for label, v in groups.items()},
+               "mean_accuracy_by_d_initial": {f"{d:g}": _mean([r["test_accuracy"] for r in rows
+                                                               if r["d_initial"] == d])
                                               for d in grid.d_initials},
                "adapters": len(rows), "steps": setup.total_steps, "path_detail": setup.path_detail,
                "wall_seconds": time.perf_counter() - started,
@@ -264,11 +283,21 @@ def sweep(options: Options, grid: Grid) -> dict:
     header = [*ABLATIONS, "d_initial", "seed", "trainable", "test accuracy"]
     print("  ".join(f"{h:>18}" for h in header))
     for row in rows:
+        accuracy = (f"diverged at {row['diverged_at_step']}" if row["diverged_at_step"]
+                    else f"{row['test_accuracy']:.4f}")
         print("  ".join(f"{v:>18}" for v in (*(row[a] for a in ABLATIONS), f"{row['d_initial']:g}", row["seed"],
-                                              f"{row['trainable_params']:,d}", f"{row['test_accuracy']:.4f}")))
+                                              f"{row['trainable_params']:,d}", accuracy)))
     for label, mean in summary["mean_accuracy"].items():
-        print(f"{label}: mean accuracy {mean:.4f} over {len(grid.seeds)} seeds")
+        finite = sum(acc is not None for acc in groups[label])
+        print(f"{label}: " + (f"mean accuracy {mean:.4f} over {finite} of {len(grid.seeds)} seeds" if finite
+                              else "every seed diverged"))
     return summary
+
+
+def _mean(accuracies: list[float | None]) -> float | None:
+    """The mean over the adapters that did not diverge (None where all did)."""
+    finite = [acc for acc in accuracies if acc is not None]
+    return float(np.mean(finite)) if finite else None
 
 
 def _plot(means: dict[str, float], groups: dict[str, list[float]], records: list[dict], path: Path) -> None:
@@ -284,8 +313,9 @@ def _plot(means: dict[str, float], groups: dict[str, list[float]], records: list
     left.set(xlabel="step", ylabel="training loss", title="training loss per adapter")
     left.legend(fontsize=6)
     for i, (label, accuracies) in enumerate(groups.items()):
-        right.scatter([i] * len(accuracies), accuracies)
-        right.bar(i, means[label], alpha=0.3)
+        finite = [acc for acc in accuracies if acc is not None]
+        right.scatter([i] * len(finite), finite)
+        right.bar(i, means[label] or 0.0, alpha=0.3)
     right.set_xticks(range(len(groups)), list(groups), rotation=30, ha="right", fontsize=7)
     right.set(ylabel="held-out accuracy", title="accuracy per setting (dots: seeds)")
     fig.tight_layout()
