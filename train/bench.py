@@ -162,8 +162,8 @@ def dense_products(tokens: int, hidden: int, intermediate: int, rounds: int) -> 
     """
     import torch
 
-    runners, shapes, rng, product = {}, [(tokens, hidden, hidden), (tokens, hidden, intermediate)], \
-        np.random.default_rng(0), jax.jit(jnp.matmul)
+    shapes = [(tokens, hidden, hidden), (tokens, hidden, intermediate)]
+    runners, rng, product = {}, np.random.default_rng(0), jax.jit(jnp.matmul)
     for m, k, n in shapes:
         x, w = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
         runners[f"xla {m}x{k}x{n}"] = lambda a=jnp.asarray(x), b=jnp.asarray(w): product(a, b).block_until_ready()

@@ -179,7 +179,8 @@ class LlamaForCausalLM(nnx.Module):
     scanned stack keeps for the backward pass (a key of `SCAN_REMAT`; no effect on listed layers).
     """
 
-    def __init__(self, config: LlamaConfig, *, scan_layers: bool = False, scan_remat: str = DEFAULT_SCAN_REMAT, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, *, scan_layers: bool = False, scan_remat: str = DEFAULT_SCAN_REMAT,
+                 rngs: nnx.Rngs):
         self.model = LlamaModel(config, scan_layers, scan_remat, rngs)
         if not config.tie_word_embeddings:
             self.lm_head = nnx.Linear(config.hidden_size, config.vocab_size, use_bias=False, rngs=rngs)

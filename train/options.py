@@ -321,8 +321,8 @@ def check_options(options: Options) -> None:
             raise FlagError(f"--backend {options.backend} runs VeRA on NNX models, which has no --dropout or --head yet; "
                             "drop them, or use --backend linen.")
     if options.scan_remat is not None and not (options.task == "causal-lm" and options.backend == "nnx"):
-        raise FlagError(f"--scan-remat {options.scan_remat} applies to the scanned NNX model (causal-lm --backend nnx); "
-                        f"drop it with --backend {options.backend}.")
+        raise FlagError(f"--scan-remat {options.scan_remat} applies to the scanned NNX model (causal-lm --backend "
+                        f"nnx); drop it with --backend {options.backend}.")
     if options.dropout > 0 and options.path == "merged":
         raise FlagError(f"--dropout {options.dropout:g} acts on each adapted layer's input, which --path merged "
                         "never computes; use --path activation, activation-lean or auto.")

@@ -38,8 +38,8 @@ from vera_jax import peft as vera_peft
 
 __all__ = ["Prepared", "Run", "Context", "RunError", "TrainingDiverged", "start", "check_positions",
            "init_distributed", "output_dir", "place", "to_host", "global_batch", "group_count", "train_groups", "fit",
-           "evaluate", "count_steps", "model_config", "vera_setup", "resolve_path", "dropout_key", "step_key",
-           "save_adapters", "publish", "DROPOUT_STREAM"]
+           "evaluate", "all_finite", "learning_rate_flags", "count_steps", "model_config", "vera_setup",
+           "resolve_path", "dropout_key", "step_key", "save_adapters", "publish", "DROPOUT_STREAM"]
 
 DROPOUT_STREAM = 2**31  # fold_in offset for the dropout key: disjoint from the projection stream's blocks
 
@@ -400,28 +400,33 @@ def fit(ctx: Context, name: str, adapter, logits_fn: Callable, log: MetricsLog,
             progress.set_postfix(loss=f"{loss:.4f}")
         if checkpoints is not None and (done % options.checkpoint_every == 0 or done == ctx.total_steps):
             state = {"trainable": adapter.trainable, "opt_state": opt_state}
-            if not _finite(state):
+            if not all_finite(state):
                 raise _diverged(options, done, "the trained state is not finite", checkpoints)
             epoch, position = divmod(done, ctx.steps_per_epoch)
             with profile.phase("checkpoints"):
                 checkpoints.save(done, state, {**meta, "step": done, "epoch": epoch, "batch_in_epoch": position})
         progress.update(1)
     progress.close()
-    if not _finite(adapter.trainable):
+    if not all_finite(adapter.trainable):
         raise _diverged(options, ctx.total_steps, "the trained state is not finite", checkpoints)
     seconds = time.perf_counter() - started
     return adapter, (tokens / seconds if tokens else 0.0)
 
 
-def _finite(tree) -> bool:
+def all_finite(tree) -> bool:
     """Whether every entry of a (replicated) tree is finite: one host copy of an adapter-sized tree."""
     return all(np.isfinite(np.asarray(x, np.float64)).all() for x in jax.tree.leaves(to_host(tree)))
 
 
+def learning_rate_flags(options: Options) -> str:
+    """The flags of the learning rates in use, for an error that asks to lower them."""
+    return f"--lr-vectors {options.lr_vectors:g}" + (f", --lr-head {options.lr_head:g}" if options.head else "")
+
+
 def _diverged(options: Options, step: int, what: str, checkpoints: RunCheckpoints | None) -> TrainingDiverged:
-    rates = f"--lr-vectors {options.lr_vectors:g}" + (f", --lr-head {options.lr_head:g}" if options.head else "")
     kept = checkpoints.latest_step() if checkpoints is not None else None
-    return TrainingDiverged(f"Training stopped at step {step}: {what}. Lower the learning rate ({rates}) and train "
+    return TrainingDiverged(f"Training stopped at step {step}: {what}. Lower the learning rate "
+                            f"({learning_rate_flags(options)}) and train "
                             "in a new --output-dir" + (f"; the last checkpoint here, step {kept}, is finite."
                                                        if kept is not None else "."))
 

@@ -36,7 +36,8 @@ from train.metrics import write_json
 from train.model import load_classifier
 from train.options import (SWEEP, FlagError, Options, add_options, check_options, finite_float, from_args,
                            positive_int, seed_int)
-from train.runner import Run, TrainingDiverged, dropout_key, group_count, model_config, start, step_key
+from train.runner import (Run, TrainingDiverged, all_finite, dropout_key, group_count, learning_rate_flags,
+                          model_config, start, step_key)
 from vera_jax import checkpoint as adapter_checkpoint
 from vera_jax.paths import flatten, unflatten
 
@@ -238,8 +239,7 @@ def _train_program(setup: Run, grid: Grid, variant: tuple[str, str, str], d_init
         correct += np.asarray(evaluate(stacked, params, batch)[0])
     adapters = [adapter.replace(config=config) for adapter, config in zip(vera_jax.unstack(stacked), configs)]
     for k, adapter in enumerate(adapters):
-        if diverged[k] is None and not all(np.isfinite(np.asarray(leaf)).all()
-                                           for leaf in jax.tree.leaves(adapter.trainable)):
+        if diverged[k] is None and not all_finite(adapter.trainable):
             diverged[k] = setup.total_steps
     return adapters, base, correct / len(job.test_data), diverged
 
@@ -265,8 +265,8 @@ def sweep(options: Options, grid: Grid) -> dict:
     if all(row["diverged_at_step"] for row in rows):
         raise TrainingDiverged(f"Every adapter of the sweep diverged (the first at step "
                                f"{min(row['diverged_at_step'] for row in rows)}). Lower the learning rate "
-                               f"(--lr-vectors {options.lr_vectors:g}, --lr-head {options.lr_head:g}) or the "
-                               "--d-initials, and sweep in a new --output-dir.")
+                               f"({learning_rate_flags(options)}) or the --d-initials, and sweep in a new "
+                               "--output-dir.")
     groups = {}
     for row in rows:
         groups.setdefault(_setting_name(tuple(row[a] for a in ABLATIONS), row["d_initial"]), []).append(
