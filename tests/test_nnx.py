@@ -358,9 +358,9 @@ class Ambiguous(nnx.Module):
 
 
 @pytest.mark.parametrize("build, config, message", [
-    (einsum_model, dict(target_modules=("query",)), r"matches no module of this EinsumAttention. Modules with a kernel"),
+    (einsum_model, dict(target_modules=("query",)), r"matches no module of this EinsumAttention. Modules with a weight"),
     (WithUnknown, dict(target_modules=("proj",)),
-     r"'proj' is a Unknown, a module whose kernel axes vera_jax does not know; add a VeraConfig.kernel_axes rule"),
+     r"'proj' is a Unknown, a module vera_jax does not know; its weights are {'kernel': \(4, 2, 3\)}. Add a VeraConfig.kernel_axes rule naming its weight"),
     (Ambiguous, dict(target_modules=("proj",)), r"kernel axis 'N' in both the input and the output.*ambiguous"),
     (einsum_model, dict(target_modules=("q_einsum",), kernel_axes={"q_einsum": "lioo"}),
      r"Kernel axis roles 'lioo' for 'q_einsum' name 4 axes, but its kernel has shape \(16, 4, 4\)"),

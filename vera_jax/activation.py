@@ -22,7 +22,7 @@ from vera_jax.adapter import Adapter, LayerVectors, layer_vectors
 from vera_jax.axes import layer_axis
 from vera_jax.calls import CallSpec, adapter_call_output, dense_call, einsum_call
 from vera_jax.intercept import LayerCall, intercept_layers
-from vera_jax.layers import LAMBDA_B, LAMBDA_D
+from vera_jax.layers import LAMBDA_B, LAMBDA_D, AdaptedLayer
 from vera_jax.merge import merge_layers
 from vera_jax.ops import promote_add
 from vera_jax.paths import SEP, flatten, unflatten
@@ -57,11 +57,24 @@ def module_call(module: nn.Module, path: str) -> CallSpec | None:
     return None
 
 
-def _call_spec(call: LayerCall, roles: str) -> CallSpec:
-    """The call's spec, checking the roles of the adapted kernel against what its module states."""
+def _call_spec(call: LayerCall, layer: AdaptedLayer) -> CallSpec:
+    """The call's spec, checking the roles of the adapted kernel against what its module states; a module
+    of unknown kind runs the einsum its rule gives.
+
+    Raises:
+      ValueError: the module states other roles, or a module of unknown kind has a roles rule only (which
+        says nothing of where its output puts the output axes).
+    """
+    roles = layer.axes
     stated = module_call(call.module, call.path)
     if stated is None:
-        return dense_call(roles)
+        if layer.equation is None:
+            raise ValueError(
+                f"{call.path!r} is a {type(call.module).__name__}, a module vera_jax does not know, and its "
+                f"VeraConfig.kernel_axes rule gives roles {roles!r} only, which do not say where its output puts the "
+                "output axes; write the rule as the einsum the module computes, e.g. "
+                "{'<pattern>': 'kernel:BTD,DNH->BTNH'} (the merged path needs roles only).")
+        return einsum_call(layer.equation, 1, repr(call.path))
     if stated.roles != roles.replace("l", ""):
         raise ValueError(
             f"{call.path!r} is a {type(call.module).__name__} whose kernel axes are {stated.roles!r}, but the adapter "
@@ -109,7 +122,7 @@ def _on_activations(items: tuple[LayerVectors, ...], adapter: Adapter, dropout_r
     def add_adapter_output(call: LayerCall):
         item = by_path[call.path]
         layer = item.layer
-        spec = _call_spec(call, layer.axes)
+        spec = _call_spec(call, layer)
         x, y = call.x, call.run()
         a, b = adapter.projections.pair(call.path)
         lambda_d, lambda_b = item.lambda_d, item.lambda_b

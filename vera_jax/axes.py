@@ -7,19 +7,29 @@ kernel's own layout. Examples: ``nn.Dense``/``nnx.Linear`` (in, out) ``"io"``; G
 (out, in) ``"oi"``; Qwen 3 ``q_proj`` ``BTD,DNH->BTNH`` (D, N, H) ``"ioo"``; an output projection
 ``BTNH,NHD->BTD`` (N, H, D) ``"iio"``; Gemma's fused ``kv_einsum`` (2, N, D, H) ``"ooio"``; a Dense
 kernel stacked by ``nnx.vmap`` (L, in, out) ``"lio"`` or by a MaxText-style ``nn.scan`` (in, L, out) ``"ilo"``.
+
+A `KernelRule` (the value of a ``VeraConfig.kernel_axes`` rule) is written ``"[weight:]roles"`` or
+``"[weight:]x,kernel->y"``: the module's weight leaf (``kernel`` unless named, e.g. ``w`` for tunix's
+``Einsum``) and either its roles or the einsum its call computes, from which the roles and, on the
+activation path, where y puts the output axes are read (``"w:BTNH,NHD->BTD"``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["DENSE", "check_roles", "features", "layer_axis", "delta_to_kernel", "einsum_roles", "parse_einsum"]
+__all__ = ["DENSE", "KERNEL", "KernelRule", "parse_rule", "check_roles", "features", "layer_axis", "delta_to_kernel",
+           "einsum_roles", "parse_einsum"]
 
 DENSE = "io"  # a Flax Dense kernel (in, out): the default for a 2-D kernel that no module or rule describes
+KERNEL = "kernel"  # the weight leaf of Flax's linear modules, the default a rule's weight
 _ROLES = frozenset("iol")
+_WEIGHT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def check_roles(roles: str, where: str) -> str:
@@ -35,6 +45,43 @@ def check_roles(roles: str, where: str) -> str:
             "input axis, 'o' for an output axis and at most one 'l' for the layer axis of a stack, with at least "
             "one 'i' and one 'o' (e.g. 'io' for a Dense kernel (in, out), 'ioo' for (D, N, H), 'lio' for a stack).")
     return roles
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelRule:
+    """A parsed ``kernel_axes`` rule: the weight leaf, its roles (one layer's when read from an einsum) and
+    the einsum its call computes (None for a roles rule)."""
+
+    weight: str
+    roles: str
+    equation: str | None = None
+
+    def roles_for(self, rank: int) -> str:
+        """The roles of a kernel of ``rank`` axes: an einsum's, with a stack's layer axis first when the kernel
+        has one axis more (NNX's ``nnx.vmap``/``nnx.scan`` layout; write roles with 'l' for another place)."""
+        if self.equation is not None and rank == len(self.roles) + 1:
+            return "l" + self.roles
+        return self.roles
+
+    def __str__(self) -> str:
+        spec = self.equation or self.roles
+        return spec if self.weight == KERNEL else f"{self.weight}:{spec}"
+
+
+def parse_rule(text: str, where: str) -> KernelRule:
+    """``"ioo"``, ``"w:ioo"``, ``"BTD,DNH->BTNH"`` or ``"w:BTD,DNH->BTNH"`` -> a `KernelRule`.
+
+    Raises:
+      ValueError: naming ``where``: a bad weight name, roles or einsum (see `check_roles`, `einsum_roles`).
+    """
+    weight, colon, spec = text.rpartition(":") if isinstance(text, str) else ("", "", text)
+    if colon and not _WEIGHT.fullmatch(weight):
+        raise ValueError(f"Kernel rule {text!r} ({where}) names the weight {weight!r}, which is not an attribute name; "
+                         "write 'weight:roles' or 'weight:x,kernel->y', e.g. 'w:ioo' or 'w:BTD,DNH->BTNH'.")
+    weight = weight or KERNEL
+    if isinstance(spec, str) and "->" in spec:
+        return KernelRule(weight, einsum_roles(spec, 1, where), spec.replace(" ", ""))
+    return KernelRule(weight, check_roles(spec, where))
 
 
 def features(shape: tuple[int, ...], roles: str) -> tuple[int, int, int | None]:

@@ -33,7 +33,7 @@ from vera_jax.atomic import holds_foreign, publish, recover, stage, staging_path
 from vera_jax.config import VeraConfig
 from vera_jax.errors import AdapterFileError
 from vera_jax.layers import find_layers
-from vera_jax.paths import SEP, flatten
+from vera_jax.paths import flatten
 from vera_jax.projections import GENERATOR, Projections, init_projections
 from vera_jax.vectors import init_trainable
 
@@ -125,7 +125,7 @@ def base_record(params: Mapping, config: VeraConfig) -> dict:
     digest, kernels = hashlib.sha256(), {}
     for layer in find_layers(params, config):
         kernels[layer.path] = list(layer.kernel_shape)
-        digest.update(_kernel_sample(flat[layer.path + SEP + "kernel"]).tobytes())
+        digest.update(_kernel_sample(flat[layer.kernel_path]).tobytes())
     return {"kernels": kernels, "sample_sha256": digest.hexdigest()}
 
 

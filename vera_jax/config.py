@@ -11,7 +11,7 @@ from typing import Literal
 import jax.numpy as jnp
 import numpy as np
 
-from vera_jax.axes import check_roles
+from vera_jax.axes import parse_rule
 
 __all__ = ["VeraConfig", "PROJECTION_INITS", "PROJECTION_SHARINGS", "TRAIN_VECTORS"]
 
@@ -52,7 +52,7 @@ def _as_axis_rules(value) -> tuple[tuple[str, str], ...]:
         except re.error as err:
             raise ValueError(f"VeraConfig.kernel_axes pattern {pair[0]!r} is not a valid regular expression: {err}.") \
                 from None
-        check_roles(pair[1], f"VeraConfig.kernel_axes[{pair[0]!r}]")
+        parse_rule(pair[1], f"VeraConfig.kernel_axes[{pair[0]!r}]")
     return pairs
 
 
@@ -79,7 +79,10 @@ class VeraConfig:
         kernel are inputs (``i``), outputs (``o``) and the layer axis of a stack (``l``); see `vera_jax.axes`.
         A module that states its axes (``nnx.Linear``, ``nnx.Einsum``, ...) needs no rule; a 2-D kernel in a
         params tree that no rule describes is a Flax ``Dense`` (in, out). GPT-2's ``FlaxConv1D`` (out, in)
-        takes ``{".*": "oi"}``; a MaxText-style ``nn.scan`` stack of Dense layers ``{".*": "ilo"}``.
+        takes ``{".*": "oi"}``; a MaxText-style ``nn.scan`` stack of Dense layers ``{".*": "ilo"}``. A rule may
+        name the module's weight leaf and give the einsum its call computes instead of roles
+        (``{"layers/[0-9]+/attn/o": "w:BTNH,NHD->BTD"}``; see `vera_jax.axes.KernelRule`): the activation
+        path of a module of unknown kind needs the einsum, to know where its output puts the output axes.
 
     The paper's ablations (section 5 of Kopiczko et al.); the defaults are VeRA as PEFT runs it:
       projection_init: ``"kaiming_uniform"`` (PEFT's), ``"kaiming_normal"`` (N(0, 2 / fan_in)) or

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-from vera_jax.axes import DENSE, features
+from vera_jax.axes import DENSE, KERNEL, KernelRule, features, parse_rule
 from vera_jax.config import VeraConfig
 from vera_jax.paths import SEP, compile_rules, first_match, flatten, module_paths, patterns_regex, split_leaf
 
@@ -40,7 +40,7 @@ class AdaptedLayer:
     """One adapted linear layer, or a stack of them.
 
     Attributes:
-      path: '/'-joined module path in the params tree; its kernel is at ``path + '/kernel'``.
+      path: '/'-joined module path in the params tree; its kernel is at ``kernel_path``.
       kernel_shape: shape of the stored kernel, any rank.
       axes: the kernel's axis roles (`vera_jax.axes`), e.g. ``"io"`` for (in, out), ``"lio"`` for a stack.
       in_features: columns of A it uses, ``A[:, :in_features]``: the product of the input axes.
@@ -48,6 +48,8 @@ class AdaptedLayer:
         size of lambda_b.
       layers: L, the size of the layer axis of a stack (its vectors are lambda_d (L, r), lambda_b (L, out));
         None for a single layer.
+      weight: the kernel's leaf name in its module (``kernel``; ``w`` for tunix's ``Einsum``).
+      equation: the einsum the module's call computes (x first), when a rule gave one.
     """
 
     path: str
@@ -56,6 +58,12 @@ class AdaptedLayer:
     in_features: int
     out_features: int
     layers: int | None = None
+    weight: str = KERNEL
+    equation: str | None = None
+
+    @property
+    def kernel_path(self) -> str:
+        return self.path + SEP + self.weight
 
     def vector_shape(self, name: str, r: int) -> tuple[int, ...]:
         """lambda_d: (r,) or (L, r); lambda_b: (out,) or (L, out)."""
@@ -78,14 +86,14 @@ def _listing(paths: list[str]) -> str:
     return f"\n  {shown}{more}"
 
 
-def _kernel_roles(path: str, shape: tuple[int, ...], rules) -> str:
-    """The axis roles of the kernel at ``path``: by the first compiled ``VeraConfig.kernel_axes`` rule that
-    matches (the config checked them), else Dense's for a 2-D kernel; checked against the kernel's rank.
+def _kernel_roles(path: str, shape: tuple[int, ...], rule: KernelRule | None) -> str:
+    """The axis roles of the kernel at ``path``: by its ``VeraConfig.kernel_axes`` rule, else Dense's for a
+    2-D kernel; checked against the kernel's rank.
 
     Raises:
       ValueError: no rule describes a kernel of rank other than 2, or the roles do not fit its rank.
     """
-    roles = first_match(rules, path)
+    roles = None if rule is None else rule.roles_for(len(shape))
     if roles is None:
         if len(shape) != 2:
             raise ValueError(
@@ -123,18 +131,22 @@ def find_layers(params: Mapping, config: VeraConfig) -> tuple[AdaptedLayer, ...]
             f"Module paths with a kernel are:{_listing(candidates)}\n"
             "Use names that end such paths (e.g. ('query', 'value')) or a regex matching whole paths." + hint
         )
-    rules = compile_rules(config.kernel_axes)
+    rules = compile_rules([(pattern, parse_rule(text, pattern)) for pattern, text in config.kernel_axes])
     layers = []
     for path in matched:
-        kernel = flat.get(path + SEP + "kernel")
+        rule = first_match(rules, path)
+        weight = KERNEL if rule is None else rule.weight
+        kernel = flat.get(path + SEP + weight)
         if kernel is None or len(_shape(kernel)) < 2:
             leaves = [f"{p} {_shape(leaf)}" for p, leaf in flat.items() if p.startswith(path + SEP)]
             raise ValueError(
-                f"Target {path!r} is not a linear layer with a 'kernel' of rank 2 or more; its leaves are:"
-                f"{_listing(leaves)}\nNarrow VeraConfig.target_modules so it selects linear layers only.")
+                f"Target {path!r} is not a linear layer with a {weight!r} of rank 2 or more; its leaves are:"
+                f"{_listing(leaves)}\nNarrow VeraConfig.target_modules so it selects linear layers only, or name "
+                "a module's weight in its VeraConfig.kernel_axes rule (e.g. 'w:ioo').")
         shape = _shape(kernel)
-        roles = _kernel_roles(path, shape, rules)
-        layers.append(AdaptedLayer(path, shape, roles, *features(shape, roles)))
+        roles = _kernel_roles(path, shape, rule)
+        layers.append(AdaptedLayer(path, shape, roles, *features(shape, roles), weight=weight,
+                                   equation=None if rule is None else rule.equation))
     return tuple(layers)
 
 
@@ -154,7 +166,7 @@ def find_full_leaves(params: Mapping, config: VeraConfig) -> tuple[str, ...]:
             f"VeraConfig.modules_to_save={config.modules_to_save!r} matches no parameter. Module paths are:"
             f"{_listing(module_paths(flat))}"
         )
-    adapted_kernels = {layer.path + SEP + "kernel" for layer in find_layers(params, config)}
+    adapted_kernels = {layer.kernel_path for layer in find_layers(params, config)}
     overlap = sorted(adapted_kernels.intersection(leaves))
     if overlap:
         raise ValueError(

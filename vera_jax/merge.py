@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 from vera_jax.axes import delta_to_kernel
 from vera_jax.adapter import Adapter, LayerVectors, layer_vectors
 from vera_jax.ops import delta_weight, promote_add
-from vera_jax.paths import SEP, flatten, unflatten
+from vera_jax.paths import flatten, unflatten
 from vera_jax.vectors import full_leaves
 
 __all__ = ["merge", "unmerge", "merge_layers"]
@@ -22,7 +22,7 @@ def merge_layers(params: Mapping, items: Iterable[LayerVectors], adapter: Adapte
         lambda_b = item.lambda_b.astype(config.dtype)
         a, b = adapter.projections.pair(item.layer.path)
         delta = delta_weight(a, b, lambda_d, lambda_b, item.layer.in_features)  # (out, in) or (L, out, in)
-        kernel_path = item.layer.path + SEP + "kernel"
+        kernel_path = item.layer.kernel_path
         delta = delta_to_kernel(delta, item.layer.axes, item.layer.kernel_shape)
         flat[kernel_path] = promote_add(flat[kernel_path], sign * delta)
     return unflatten(flat, like=params)

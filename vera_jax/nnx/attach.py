@@ -1,9 +1,9 @@
 """`attach` VeRA to an NNX model in place, `split` it into the pure view, `update` it with an adapter.
 
-The axes of each kernel come from its module (``nnx.Linear`` (in, out), ``nnx.LinearGeneral``,
-``nnx.Einsum`` from its equation), otherwise from ``VeraConfig.kernel_axes``; a stack's layer axis is
-the one axis its kernel has beyond the module's own, and must come first (as ``nnx.vmap`` and
-``nnx.scan`` with axis 0 lay it out), since each scan iteration slices the vectors there too.
+Each target's weight and call come from its module (see `vera_jax.nnx.kinds`: ``nnx.Linear``,
+``nnx.LinearGeneral``, ``nnx.Einsum``, tunix's ``Einsum``), otherwise from a ``VeraConfig.kernel_axes``
+rule. A stack's layer axis is the one axis a weight has beyond one layer's, first by NNX's rule (where
+``nnx.vmap`` and ``nnx.scan`` with axis 0 put it), since each scan iteration slices the vectors there too.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from collections.abc import Iterator
 from flax import nnx
 
 from vera_jax.adapter import Adapter, init_adapter, layer_vectors
-from vera_jax.calls import CallSpec, dense_call, einsum_call
+from vera_jax.axes import KernelRule, parse_rule
 from vera_jax.config import VeraConfig
 from vera_jax.layers import VECTOR_NAMES, find_layers, trained_vectors
+from vera_jax.nnx.kinds import ModuleCall, known_call, rule_call, unknown_module_error, weight_of
 from vera_jax.nnx.modules import (PROJECTIONS, LayerRecord, ModelRecord, adapted_class, is_adapted_layer,
                                   is_adapted_model, model_record)
 from vera_jax.nnx.variables import VeraProjections, VeraVector, kernel_mesh, vector_like_kernel
@@ -34,65 +35,49 @@ def _join(path: tuple) -> str:
     return SEP.join(str(part) for part in path)
 
 
-def _module_call(module: nnx.Module, path: str) -> tuple[CallSpec, tuple[int, ...]] | None:
-    """How a known NNX module calls its kernel, and one layer's kernel shape; None for an unknown kind."""
-    if isinstance(module, nnx.Linear):
-        return dense_call("io"), (module.in_features, module.out_features)
-    if isinstance(module, nnx.LinearGeneral):
-        if module.batch_axis or sorted(module.axis) != list(range(-len(module.axis), 0)):
-            raise ValueError(f"{path!r} is an nnx.LinearGeneral over axes {module.axis} with batch axes "
-                             f"{dict(module.batch_axis)}; VeRA adapts it over x's trailing axes only.")
-        roles = "i" * len(module.in_features) + "o" * len(module.out_features)
-        return dense_call(roles), tuple(module.in_features) + tuple(module.out_features)
-    if isinstance(module, nnx.Einsum):
-        return einsum_call(module.einsum_str, 1, repr(path)), tuple(module.kernel_shape)
-    return None
+def _layer_roles(path: str, module: nnx.Module, kernel_shape: tuple[int, ...], found: ModuleCall,
+                 rule: KernelRule | None) -> str:
+    """The roles of a target's weight: a rule's own roles with 'l', else one layer's roles, with a stack's
+    layer axis first when the weight has one axis more (NNX's rule for ``nnx.vmap`` and ``nnx.scan``).
+
+    Raises:
+      ValueError: the weight has neither one layer's rank nor one more, or its layer's shape is not the
+        module's.
+    """
+    if rule is not None and "l" in rule.roles:
+        return rule.roles  # find_layers checks it against the weight's rank
+    own = found.roles
+    if len(kernel_shape) == len(own) and found.own_shape in (None, kernel_shape):
+        return own
+    if len(kernel_shape) == len(own) + 1 and found.own_shape in (None, kernel_shape[1:]):
+        return "l" + own
+    one_layer = found.own_shape or f"of rank {len(own)}"
+    raise ValueError(f"Target {path!r} ({type(module).__name__}) has a weight {kernel_shape}, which is neither one "
+                     f"layer's weight ({one_layer}) nor a stack of them with the layer axis first.")
 
 
-def _layer_roles(path: str, module: nnx.Module, kernel_shape: tuple[int, ...], own_shape: tuple[int, ...],
-                 per_layer: str, rule: str | None) -> str:
-    """The roles of a known module's kernel: its own (``per_layer``), with a stack's layer axis placed."""
-    if rule is not None:
-        if rule.replace("l", "") != per_layer:
-            raise ValueError(f"VeraConfig.kernel_axes gives {path!r} the roles {rule!r}, but its "
-                             f"{type(module).__name__} states {per_layer!r}; drop or fix the rule.")
-        return rule
-    if kernel_shape == own_shape:
-        return per_layer
-    places = [k for k in range(len(kernel_shape)) if kernel_shape[:k] + kernel_shape[k + 1:] == own_shape]
-    if len(places) != 1:
-        problem = "could be at several positions" if places else "does not fit"
-        raise ValueError(
-            f"Target {path!r} ({type(module).__name__}) has a kernel {kernel_shape} whose layer axis {problem}: "
-            f"one layer's kernel is {own_shape}. Add a VeraConfig.kernel_axes rule giving its roles with 'l' "
-            f"at the layer axis, e.g. {{{re.escape(path)!r}: {'l' + per_layer!r}}}.")
-    return per_layer[: places[0]] + "l" + per_layer[places[0]:]
-
-
-def _stated_roles(path: str, module: nnx.Module, kernel_shape: tuple[int, ...], rule: str | None
-                  ) -> tuple[str, CallSpec]:
-    """The full roles of a target's kernel (a stack's layer axis included) and its call.
+def _target_call(path: str, module: nnx.Module, rule: KernelRule | None) -> tuple[str, ModuleCall]:
+    """The full roles of a target's weight (a stack's layer axis included) and its module's call.
 
     Raises:
       ValueError: a module of unknown kind without a rule, a rule that contradicts the module, or a
-        kernel whose extra axis cannot be placed as one layer axis.
+        weight whose extra axis cannot be a layer axis first.
     """
-    known = _module_call(module, path)
-    if known is None:
+    found = known_call(module, path)
+    if found is None:
         if rule is None:
-            raise ValueError(
-                f"Target {path!r} is a {type(module).__name__}, a module whose kernel axes vera_jax does not know; "
-                f"add a VeraConfig.kernel_axes rule for it (its kernel is {kernel_shape}), e.g. kernel_axes="
-                f"{{{re.escape(path)!r}: {'i' + 'o' * (len(kernel_shape) - 1)!r}}} (i input, o output, l layer axis).")
-        roles, call = rule, dense_call(rule)
-    else:
-        call, own_shape = known
-        roles = _layer_roles(path, module, kernel_shape, own_shape, call.roles, rule)
+            raise unknown_module_error(path, module)
+        found = rule_call(module, path, rule)
+    elif rule is not None and (rule.weight != found.weight or rule.roles.replace("l", "") != found.roles):
+        raise ValueError(f"VeraConfig.kernel_axes gives {path!r} the rule {str(rule)!r}, but its "
+                         f"{type(module).__name__} states the weight {found.weight!r} with roles {found.roles!r}; "
+                         "drop or fix the rule.")
+    roles = _layer_roles(path, module, tuple(getattr(module, found.weight).get_value().shape), found, rule)
     if "l" in roles and not roles.startswith("l"):
         raise ValueError(f"Target {path!r} has its stack's layer axis at position {roles.index('l')} (roles {roles!r}); "
                          "VeRA on NNX gives a stack's vectors the layer axis first, where nnx.vmap and nnx.scan with "
                          "axis 0 put it: build and scan the stack over axis 0.")
-    return roles, call  # find_layers checks the roles against the kernel's rank
+    return roles, found
 
 
 def _modules(model: nnx.Module) -> dict[str, nnx.Module]:
@@ -154,33 +139,38 @@ def attach(model: nnx.Module, config: VeraConfig, *, path: str = "merged") -> nn
     modules = _modules(model)
     targets = patterns_regex(config.target_modules)
     matched = {name: module for name, module in modules.items() if targets.fullmatch(name)}
-    with_kernel = [name for name, module in modules.items() if isinstance(getattr(module, "kernel", None), nnx.Variable)]
+    with_weight = [name for name, module in modules.items() if isinstance(weight_of(module), nnx.Variable)]
     if not matched:
         raise ValueError(f"VeraConfig.target_modules={config.target_modules!r} matches no module of this "
-                         f"{type(model).__name__}. Modules with a kernel are: {with_kernel[:40]}.")
-    rules = compile_rules(config.kernel_axes)
+                         f"{type(model).__name__}. Modules with a weight are: {with_weight[:40]}.")
+    rules = compile_rules([(pattern, parse_rule(text, pattern)) for pattern, text in config.kernel_axes])
     stated, calls = [], {}
     for name, module in matched.items():
-        kernel = getattr(module, "kernel", None)
-        if not isinstance(kernel, nnx.Variable):
-            raise ValueError(f"Target {name!r} is a {type(module).__name__} without a kernel; narrow "
-                             f"VeraConfig.target_modules to linear modules, e.g. among {with_kernel[:12]}.")
-        rule = first_match(rules, name)  # VeraConfig checked its roles
-        roles, calls[name] = _stated_roles(name, module, tuple(kernel.get_value().shape), rule)
-        stated.append((re.escape(name), roles))
+        if not any(isinstance(value, nnx.Variable) for value in vars(module).values()):
+            raise ValueError(f"Target {name!r} is a {type(module).__name__} without a weight of its own; narrow "
+                             f"VeraConfig.target_modules to linear modules, e.g. among {with_weight[:12]}.")
+        roles, calls[name] = _target_call(name, module, first_match(rules, name))
+        if path == "activation" and calls[name].call is None:
+            raise ValueError(
+                f"Target {name!r} is a {type(module).__name__}, described by a roles rule only, which does not say "
+                "where its output puts the output axes, so it runs on the merged path only; write its "
+                f"VeraConfig.kernel_axes rule as the einsum its call computes ('{calls[name].weight}:X,KERNEL->Y'), "
+                "or attach with path='merged'.")
+        stated.append((re.escape(name), str(KernelRule(calls[name].weight, roles))))
     full_config = dataclasses.replace(config, kernel_axes=tuple(stated) + config.kernel_axes)
     params = base_params(model)
     adapter = init_adapter(params, full_config)
     layers = {layer.path: layer for layer in find_layers(params, full_config)}
-    meshes = [kernel_mesh(module.kernel) for module in matched.values()]
+    weights = {name: getattr(module, calls[name].weight) for name, module in matched.items()}
+    meshes = [kernel_mesh(weight) for weight in weights.values()]
     setattr(model, PROJECTIONS, VeraProjections(adapter.projections, next(filter(None, meshes), None)))
     model.vera_model = ModelRecord(full_config, tuple(stated), adapter.generator, adapter.projections.layers)
     vectors = flatten(adapter.trainable)
     for name, module in matched.items():
         for vector in trained_vectors(full_config):
-            setattr(module, vector, vector_like_kernel(vectors[name + SEP + vector], vector, module.kernel,
+            setattr(module, vector, vector_like_kernel(vectors[name + SEP + vector], vector, weights[name],
                                                        layers[name].axes))
-        module.vera_layer = LayerRecord(layers[name], full_config, calls[name])
+        module.vera_layer = LayerRecord(layers[name], full_config, calls[name].call)
         module.vera_path = path
         module.__class__ = adapted_class(module, model=False)
     model.__class__ = adapted_class(model, model=True)

@@ -37,11 +37,12 @@ PROJECTIONS = "vera_projections"
 
 @dataclasses.dataclass(frozen=True)
 class LayerRecord:
-    """What an adapted module needs at call time (static, hashable): its layer, config and call."""
+    """What an adapted module needs at call time (static, hashable): its layer, config and call (None for a
+    module known by a roles rule only: merged path only)."""
 
     layer: AdaptedLayer
     config: VeraConfig
-    call: CallSpec
+    call: CallSpec | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,20 +146,24 @@ def _layer_call(self, *args, **kwargs):
     kernel_shape = layer.layer_kernel_shape
     if self.vera_path == "merged" and context.adapter_ids is None:
         delta = delta_weight(a, b, lambda_d, lambda_b, layer.in_features)
-        kernel = self.kernel
+        kernel = getattr(self, layer.weight)
         base = kernel.get_value()
-        merged = promote_add(base, delta_to_kernel(delta, record.call.roles, kernel_shape))
+        merged = promote_add(base, delta_to_kernel(delta, layer.axes.replace("l", ""), kernel_shape))
         try:
             kernel.set_value(merged)
         except flax.errors.TraceContextError:  # the kernel belongs to an outer trace (closed over, not passed in)
             copy = nnx.clone(self)  # this module alone, its variables made in the current trace
-            copy.kernel.set_value(merged)
+            getattr(copy, layer.weight).set_value(merged)
             return base_call(copy, *args, **kwargs)
         try:
             return base_call(self, *args, **kwargs)
         finally:
             kernel.set_value(base)
-    x = args[0] if args else kwargs["inputs"]
+    if record.call is None:
+        raise ValueError(f"{layer.path!r} is known by a roles rule only, which does not say where its output puts the "
+                         "output axes, so it runs on the merged path only (not in vera_jax.nnx.mixed); write its "
+                         "VeraConfig.kernel_axes rule as the einsum its call computes.")
+    x = args[0] if args else next(iter(kwargs.values()))
     y = base_call(self, *args, **kwargs)
     return promote_add(y, adapter_call_output(x.astype(record.config.dtype), record.call, kernel_shape, a, b,
                                               lambda_d, lambda_b))

@@ -1,0 +1,130 @@
+"""How each kind of NNX module holds and calls its weight: one registry for `vera_jax.nnx.attach`.
+
+A module of a known kind states its weight attribute and its call: ``nnx.Linear`` and
+``nnx.LinearGeneral`` (``kernel``, x's trailing axes in, the output axes last), ``nnx.Einsum``
+(``kernel``, its ``einsum_str``) and tunix's ``Einsum`` (``w``, its ``einsum_str``; every tunix model
+family defines its own class of that name). Any other module is described by a ``VeraConfig.kernel_axes``
+rule naming its weight and the einsum of its call (`vera_jax.axes.KernelRule`); a rule of roles only
+serves the merged path, which never needs to know where the output puts its axes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from flax import nnx
+
+from vera_jax.axes import KERNEL, KernelRule, einsum_roles
+from vera_jax.calls import CallSpec, dense_call, einsum_call
+
+__all__ = ["ModuleCall", "known_call", "rule_call", "weight_of", "layer_pattern", "unknown_module_error"]
+
+TUNIX_WEIGHT = "w"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleCall:
+    """How one module calls its weight: the weight's attribute, the call (None: not known, merged path only)
+    and one layer's roles and, where the module states it, weight shape."""
+
+    weight: str
+    call: CallSpec | None
+    roles: str
+    own_shape: tuple[int, ...] | None = None
+
+
+def _is_tunix_einsum(module: nnx.Module) -> bool:
+    cls = type(module)
+    return (cls.__name__ == "Einsum" and cls.__module__.split(".")[0] == "tunix"
+            and isinstance(getattr(module, "einsum_str", None), str)
+            and isinstance(getattr(module, TUNIX_WEIGHT, None), nnx.Variable))
+
+
+def _einsum(weight: str, equation: str, path: str) -> ModuleCall:
+    call = einsum_call(equation, 1, repr(path))
+    return ModuleCall(weight, call, call.roles)
+
+
+def known_call(module: nnx.Module, path: str) -> ModuleCall | None:
+    """The call of a module of known kind, None for any other.
+
+    Raises:
+      ValueError: an ``nnx.LinearGeneral`` over other axes than x's trailing ones, or an einsum whose
+        input/output split is ambiguous.
+    """
+    if isinstance(module, nnx.Linear):
+        return ModuleCall(KERNEL, dense_call("io"), "io", (module.in_features, module.out_features))
+    if isinstance(module, nnx.LinearGeneral):
+        if module.batch_axis or sorted(module.axis) != list(range(-len(module.axis), 0)):
+            raise ValueError(f"{path!r} is an nnx.LinearGeneral over axes {module.axis} with batch axes "
+                             f"{dict(module.batch_axis)}; VeRA adapts it over x's trailing axes only.")
+        roles = "i" * len(module.in_features) + "o" * len(module.out_features)
+        return ModuleCall(KERNEL, dense_call(roles), roles, tuple(module.in_features) + tuple(module.out_features))
+    if isinstance(module, nnx.Einsum):
+        return dataclasses.replace(_einsum(KERNEL, module.einsum_str, path), own_shape=tuple(module.kernel_shape))
+    if _is_tunix_einsum(module):
+        return _einsum(TUNIX_WEIGHT, module.einsum_str, path)
+    return None
+
+
+def rule_call(module: nnx.Module, path: str, rule: KernelRule) -> ModuleCall:
+    """The call of a module of unknown kind, from its rule.
+
+    Raises:
+      ValueError: the module has no variable named by the rule's weight.
+    """
+    if not isinstance(getattr(module, rule.weight, None), nnx.Variable):
+        raise ValueError(f"VeraConfig.kernel_axes gives {path!r} the weight {rule.weight!r}, but this "
+                         f"{type(module).__name__} has no such variable; its weights are {_weights(module)}.")
+    call = None if rule.equation is None else einsum_call(rule.equation, 1, repr(path))
+    return ModuleCall(rule.weight, call, rule.roles)
+
+
+def weight_of(module: nnx.Module) -> nnx.Variable | None:
+    """The weight variable of a module of known kind, None for any other."""
+    try:
+        known = known_call(module, "")
+    except ValueError:
+        return getattr(module, KERNEL, None)
+    return None if known is None else getattr(module, known.weight)
+
+
+def layer_pattern(path: str) -> str:
+    """A regex matching ``path`` in every layer: ``layers/0/attn/o_proj`` -> ``layers/\\d+/attn/o_proj``."""
+    return "/".join(r"\d+" if part.isdigit() else re.escape(part) for part in path.split("/"))
+
+
+def _weights(module: nnx.Module) -> dict[str, tuple[int, ...]]:
+    """The module's own ``nnx.Param`` variables of rank 2 or more, by attribute, with their shapes."""
+    return {name: tuple(value.get_value().shape) for name, value in vars(module).items()
+            if isinstance(value, nnx.Param) and getattr(value.get_value(), "ndim", 0) >= 2}
+
+
+def _equations(module: nnx.Module) -> list[str]:
+    return [value for value in vars(module).values() if isinstance(value, str) and "->" in value and "," in value]
+
+
+def unknown_module_error(path: str, module: nnx.Module) -> ValueError:
+    """The error for a target of unknown kind without a rule: its weights and equation, and the rule to add,
+    computed from that equation when the module holds one, keyed by a pattern that matches every layer."""
+    weights, equations = _weights(module), _equations(module)
+    pattern = layer_pattern(path)
+    found = f"its weights are {weights}" + (f" and it holds the einsum {equations[0]!r}" if equations else "")
+    if len(weights) == 1 and len(equations) == 1:
+        (weight, shape), equation = next(iter(weights.items())), equations[0]
+        try:
+            roles = einsum_roles(equation, 1, repr(path))
+        except ValueError as err:
+            return ValueError(f"Target {path!r} is a {type(module).__name__}, a module vera_jax does not know; {found}. "
+                              f"{err}")
+        rule = f"{weight}:{equation}" if weight != KERNEL else equation
+        return ValueError(
+            f"Target {path!r} is a {type(module).__name__}, a module vera_jax does not know; {found}. If its call "
+            f"computes that einsum with x first (weight {shape}: roles {roles!r}), add kernel_axes={{{pattern!r}: "
+            f"{rule!r}}} to the VeraConfig.")
+    return ValueError(
+        f"Target {path!r} is a {type(module).__name__}, a module vera_jax does not know; {found}. Add a "
+        f"VeraConfig.kernel_axes rule naming its weight and the einsum its call computes, x first, e.g. "
+        f"kernel_axes={{{pattern!r}: 'WEIGHT:X,KERNEL->Y'}} (or 'WEIGHT:ROLES' for the merged path only: i input, "
+        "o output per weight axis).")
