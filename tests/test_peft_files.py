@@ -74,8 +74,9 @@ def test_the_valid_adapter_loads(saved):
     ({"target_modules": ["query"]}, r"vectors missing .* or present for layers target_modules does not select"),
     ({"target_modules": ["q_proj"]}, r"target_modules: .*matches no module"),
     ({"bias": "all"}, r"only bias='none'"),
-    ({"fan_in_fan_out": True}, r"fan_in_fan_out: is true, but bert/encoder/layer/0/attention/self/query's kernel is "
-                               r"\(in, out\), as Flax Dense / nn.Linear. Set it to false"),
+    ({"fan_in_fan_out": True}, r"fan_in_fan_out: is true, but no kernel_axes were given, so "
+                               r"bert/encoder/layer/0/attention/self/query's kernel was taken as \(in, out\), as Flax Dense / "
+                               r"nn.Linear. Pass the model's kernel_axes to load_adapter"),
 ])
 def test_bad_config_fields(copy, changes, message):
     directory, params = copy

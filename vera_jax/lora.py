@@ -58,50 +58,51 @@ def _factors(a: np.ndarray, b: np.ndarray, lambda_d: np.ndarray, lambda_b: np.nd
     return (root[:, None] * vt[:rank]) @ q_right.T, q_left @ (u[:, :rank] * root), error
 
 
-def _linear_kind(items) -> str:
-    """'io' (Flax Dense: PyTorch nn.Linear) or 'oi' (GPT-2's Conv1D: fan_in_fan_out), one per layer of a stack.
+def _split(factor: tuple[np.ndarray, np.ndarray, float], names: tuple[str, ...], layer) -> list[LoraFactors]:
+    """One kernel's factors as the PyTorch layers ``names``: a fused kernel's lora_B split along its first
+    output axis into ``len(names)`` parts, each with the whole lora_A."""
+    lora_a, lora_b, error = factor
+    if len(names) == 1:
+        return [LoraFactors(names[0], lora_a, lora_b, error)]
+    first = next(size for size, role in zip(layer.layer_kernel_shape, layer.axes.replace("l", "")) if role == "o")
+    if first != len(names):
+        raise ValueError(f"The name map splits {layer.path!r} into {len(names)} PyTorch layers {list(names)}, but its "
+                         f"first output axis has {first} entries (kernel {layer.kernel_shape}, roles {layer.axes!r}).")
+    return [LoraFactors(name, lora_a, part, error) for name, part in zip(names, np.split(lora_b, len(names)))]
 
-    Raises:
-      ValueError: kernels of other roles, or of both kinds.
-    """
-    axes = {item.layer.axes.replace("l", "") for item in items}
-    if not axes <= {"io", "oi"} or len(axes) != 1:
-        raise ValueError(f"LoRA files describe layers as PyTorch nn.Linear (or GPT-2's Conv1D) kernels, all of one "
-                         f"kind; this adapter's kernels have axes {sorted(axes)}. Keep it as a vera_jax checkpoint, "
-                         "or export the merged model.")
-    return axes.pop()
 
-
-def lora_factors(adapter: Adapter, params: Mapping, *, rank: int | None = None,
-                 stacks: Sequence[str] = ()) -> list[LoraFactors]:
-    """The LoRA factors of every adapted layer, named as PyTorch names it (a stack per layer, see
-    `vera_jax.peft.save_adapter`'s ``stacks``).
+def lora_factors(adapter: Adapter, params: Mapping, *, rank: int | None = None, stacks: Sequence[str] = (),
+                 names: hf.NameMap = ()) -> list[LoraFactors]:
+    """The LoRA factors of every adapted layer, named as PyTorch names it: by ``names`` (a `vera_jax.hf.NameMap`,
+    e.g. ``vera_jax.hf.TUNIX_GEMMA``, which also splits fused kernels), else by the params path (a stack per
+    layer, see `vera_jax.peft.save_adapter`'s ``stacks``). An N-D kernel is its (out, in) matrix, as
+    `vera_jax.hf` describes; a split part keeps the whole kernel's ``relative_error``.
 
     Args:
       rank: the LoRA rank k; None (or k >= r) is VeRA's exact rank r.
 
     Raises:
-      ValueError: a rank below 1, per-layer projections, kernels that are not one PyTorch ``nn.Linear``
-        kind ((in, out) or (out, in)), a stack under none of ``stacks``, or an adapter that does not fit.
+      ValueError: a rank below 1, per-layer projections, GPT-2 Conv1D kernels mixed with others, a stack
+        under none of ``stacks`` and no name rule, a name rule that does not fit, or an adapter that does not fit.
     """
     if rank is not None and rank < 1:
         raise ValueError(f"rank must be a positive integer (or None for VeRA's rank r), got {rank}.")
     items = layer_vectors(params, adapter)
-    _linear_kind(items)
+    hf.fan_in_fan_out([item.layer.axes for item in items])
     factors = []
     for item in items:
         a, b = (np.asarray(m, np.float64) for m in adapter.projections.pair(item.layer.path))
-        names = hf.layer_names(item.layer.path, item.layer.layers, stacks)
+        per_layer = hf.layer_names(item.layer.path, item.layer.layers, stacks, names)
         rows = zip(item.lambda_d, item.lambda_b) if item.layer.layers else [(item.lambda_d, item.lambda_b)]
-        for name, (lambda_d, lambda_b) in zip(names, rows, strict=True):
-            lora_a, lora_b, error = _factors(a, b, np.asarray(lambda_d, np.float64), np.asarray(lambda_b, np.float64),
-                                             item.layer.in_features, rank)
-            factors.append(LoraFactors(name, lora_a, lora_b, error))
+        for parts, (lambda_d, lambda_b) in zip(per_layer, rows, strict=True):
+            factor = _factors(a, b, np.asarray(lambda_d, np.float64), np.asarray(lambda_b, np.float64),
+                              item.layer.in_features, rank)
+            factors.extend(_split(factor, parts, item.layer))
     return factors
 
 
 def save_lora(directory: str | os.PathLike, adapter: Adapter, params: Mapping, *, rank: int | None = None,
-              stacks: Sequence[str] = (), task_type: str | None = None,
+              stacks: Sequence[str] = (), names: hf.NameMap = (), task_type: str | None = None,
               base_model_name_or_path: str | None = None, overwrite: bool = False
               ) -> tuple[Path, list[LoraFactors]]:
     """Write ``adapter`` as a PEFT LoRA directory (``peft.PeftModel.from_pretrained`` loads it); returns the
@@ -114,7 +115,7 @@ def save_lora(directory: str | os.PathLike, adapter: Adapter, params: Mapping, *
       FileExistsError: ``directory`` holds files that are not a PEFT adapter (nothing is written); with
         ``overwrite`` they are moved aside to ``NAME.replaced-TIME-PID`` once the new copy is in place.
     """
-    factors = lora_factors(adapter, params, rank=rank, stacks=stacks)
+    factors = lora_factors(adapter, params, rank=rank, stacks=stacks, names=names)
     k = factors[0].lora_a.shape[0]
     tensors = {}
     for factor in factors:
@@ -128,7 +129,7 @@ def save_lora(directory: str | os.PathLike, adapter: Adapter, params: Mapping, *
     config = {
         "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
         "r": k, "lora_alpha": k, "lora_dropout": 0.0, "target_modules": [factor.name for factor in factors],
-        "fan_in_fan_out": _linear_kind(layer_vectors(params, adapter)) == "oi",
+        "fan_in_fan_out": hf.fan_in_fan_out([item.layer.axes for item in layer_vectors(params, adapter)]),
         "bias": "none", "modules_to_save": module_names(adapter.config.modules_to_save, sorted(
             {hf.torch_name(split_leaf(p)[0]) for p in head})) if head else None,
         "init_lora_weights": True, "use_rslora": False, "use_dora": False, "layers_to_transform": None,

@@ -249,7 +249,7 @@ def load_adapter(directory: str | os.PathLike, params: Mapping, *, dtype: str = 
     except ValueError as err:
         raise _fail(config_file, "target_modules", str(err), "Load the adapter onto the model it was trained for") \
             from None
-    _check_fan_in_fan_out(config_file, peft_config["fan_in_fan_out"], layers)
+    _check_fan_in_fan_out(config_file, peft_config["fan_in_fan_out"], layers, assumed=kernel_axes is None)
     _check_saved_modules(weights_file, peft_config["modules_to_save"], flat_params, head)
     for layer in layers:
         rows = {len(stacked_rows[key]) for key in (layer.path + SEP + name for name in VECTOR_NAMES)
@@ -302,15 +302,18 @@ def _stack_axes(stacks: Sequence[str]) -> list[tuple[str, str]]:
     return [(re.escape(root.rstrip("/")) + "/.*", "lio") for root in stacks]
 
 
-def _check_fan_in_fan_out(file: Path, fan_in_fan_out: bool, layers) -> None:
-    """The file's ``fan_in_fan_out`` (PyTorch Conv1D weights, (in, out)) must describe the model's kernels."""
+def _check_fan_in_fan_out(file: Path, fan_in_fan_out: bool, layers, assumed: bool) -> None:
+    """The file's ``fan_in_fan_out`` (PyTorch Conv1D weights, (in, out)) must describe the model's kernels,
+    whose layouts were given as ``kernel_axes`` or, when ``assumed``, taken as (in, out)."""
     for layer in layers:
         roles = layer.axes.replace("l", "")
         if roles in ("io", "oi") and (roles == "oi") != fan_in_fan_out:
             kind = "(out, in), as Flax GPT-2's Conv1D" if roles == "oi" else "(in, out), as Flax Dense / nn.Linear"
-            raise _fail(file, "fan_in_fan_out", f"is {str(fan_in_fan_out).lower()}, but {layer.path}'s kernel is "
-                        f"{kind}", f"Set it to {str(not fan_in_fan_out).lower()} (PEFT sets it from the module kind), "
-                        "or pass the model's kernel_axes (e.g. ((\".*\", \"oi\"),) for Flax GPT-2)")
+            how = (f"no kernel_axes were given, so {layer.path}'s kernel was taken as {kind}" if assumed else
+                   f"the kernel_axes given say {layer.path}'s kernel is {kind}")
+            raise _fail(file, "fan_in_fan_out", f"is {str(fan_in_fan_out).lower()}, but {how}", "Pass the model's kernel_axes to load_adapter (((\".*\", \"oi\"),) for Flax "
+                        "GPT-2's (out, in) kernels, none for (in, out) ones); change fan_in_fan_out only if the file "
+                        "itself is wrong")
 
 
 def _check_saved_modules(file: Path, modules_to_save: list[str] | None, flat_params: Mapping, head: Mapping) -> None:
@@ -332,8 +335,8 @@ def module_names(patterns, torch_names: list[str]) -> list[str]:
 
 
 def save_adapter(directory: str | os.PathLike, adapter: Adapter, params: Mapping, *, task_type: str | None = None,
-                 base_model_name_or_path: str | None = None, stacks: Sequence[str] = (), overwrite: bool = False
-                 ) -> Path:
+                 base_model_name_or_path: str | None = None, stacks: Sequence[str] = (), names: hf.NameMap = (),
+                 overwrite: bool = False) -> Path:
     """Write ``adapter`` as a directory ``peft.PeftModel.from_pretrained`` loads.
 
     A and B are always written (PyTorch cannot rebuild JAX's random bits), with ``save_projection:
@@ -341,10 +344,14 @@ def save_adapter(directory: str | os.PathLike, adapter: Adapter, params: Mapping
     is the base the adapter belongs to; it is used to check the fit and is not saved. A stack of L layers
     (an NNX ``nnx.vmap`` stack, vectors (L, r) / (L, out)) is written as its L PyTorch layers, named with
     the layer index after the stack's root in ``stacks`` (``("model/layers",)``: ``model.layers.{i}...``).
+    ``names`` maps module paths to PyTorch names (a `vera_jax.hf.NameMap`, e.g. ``vera_jax.hf.TUNIX_LLAMA3``);
+    an einsum kernel is written as its (out, in) ``nn.Linear``.
 
     Raises:
-      ValueError: per-layer projections, which PEFT files cannot hold, an adapter that does not fit ``params``,
-        or a stack under none of ``stacks``.
+      ValueError: per-layer projections, which PEFT files cannot hold; a fused kernel that ``names`` splits
+        (its parts use other rows of B than PEFT gives them: export it with `vera_jax.lora.save_lora`); GPT-2
+        Conv1D kernels mixed with others; an adapter that does not fit ``params``; or a stack under none of
+        ``stacks`` and no name rule.
       FileExistsError: ``directory`` holds files that are not a PEFT adapter (nothing is written); with
         ``overwrite`` they are moved aside to ``NAME.replaced-TIME-PID`` once the new copy is in place.
     """
@@ -354,19 +361,21 @@ def save_adapter(directory: str | os.PathLike, adapter: Adapter, params: Mapping
                          f"{config.projection_sharing!r} cannot be written as a PEFT adapter. Keep it as a vera_jax "
                          "checkpoint (vera_jax.checkpoint.save), or export the merged model.")
     items = layer_vectors(params, adapter)
-    axes = {item.layer.axes.replace("l", "") for item in items}  # one layer's: a stack is written per layer
-    if not axes <= {"io", "oi"} or len(axes) != 1:
-        raise ValueError(f"PEFT's files describe layers as PyTorch nn.Linear (or GPT-2's Conv1D, fan_in_fan_out) "
-                         f"kernels, all of one kind; this adapter's kernels have axes {sorted(axes)}. Keep it as a "
-                         "vera_jax checkpoint (vera_jax.checkpoint.save), or export the merged model.")
+    conv1d = hf.fan_in_fan_out([item.layer.axes for item in items])
     head = full_leaves(adapter.trainable)
     tensors = {A_KEY: adapter.projections.A, B_KEY: adapter.projections.B}
-    names = {}
+    written = []
     for item in items:
-        names[item.layer.path] = hf.layer_names(item.layer.path, item.layer.layers, stacks)
+        per_layer = hf.layer_names(item.layer.path, item.layer.layers, stacks, names)
+        fused = next((parts for parts in per_layer if len(parts) > 1), None)
+        if fused is not None:
+            raise ValueError(f"{item.layer.path!r} is a fused kernel written as {list(fused)}; each part's VeRA uses "
+                             "its own rows of B, but PEFT gives every layer B[:out]. Export this adapter as LoRA "
+                             "(vera_jax.lora.save_lora, or `export --format lora`), which serves the same deltas.")
         rows = zip(item.lambda_d, item.lambda_b) if item.layer.layers else [(item.lambda_d, item.lambda_b)]
-        for name, (lambda_d, lambda_b) in zip(names[item.layer.path], rows, strict=True):
+        for (name,), (lambda_d, lambda_b) in zip(per_layer, rows, strict=True):
             tensors[f"{MODEL_PREFIX}{name}.{LAMBDA_D}"], tensors[f"{MODEL_PREFIX}{name}.{LAMBDA_B}"] = lambda_d, lambda_b
+            written.append(name)
     for path, value in head.items():
         module, leaf = split_leaf(path)
         name, converted = hf.to_torch_leaf(leaf, np.asarray(value))
@@ -374,9 +383,9 @@ def save_adapter(directory: str | os.PathLike, adapter: Adapter, params: Mapping
     head_modules = sorted({split_leaf(p)[0] for p in head})
     peft_config = {
         "peft_type": "VERA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
-        "r": config.r, "target_modules": module_names(config.target_modules, [n for ns in names.values() for n in ns]),
+        "r": config.r, "target_modules": written if names else module_names(config.target_modules, written),
         "projection_prng_key": config.projection_seed, "save_projection": True, "vera_dropout": config.dropout,
-        "d_initial": config.d_initial, "fan_in_fan_out": axes == {"oi"}, "bias": "none",
+        "d_initial": config.d_initial, "fan_in_fan_out": conv1d, "bias": "none",
         "modules_to_save": (module_names(config.modules_to_save, [hf.torch_name(m) for m in head_modules])
                             if head else None),
         "init_weights": True,
