@@ -12,3 +12,23 @@ def test_import_contracts_hold():
     result = subprocess.run([str(lint_imports)], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert "3 kept, 0 broken" in result.stdout
+
+
+def test_import_vera_jax_is_light_and_names_its_submodules():
+    """`import vera_jax` loads no Orbax, PyTorch or transformers; its submodules load when first named."""
+    script = """
+import sys
+import vera_jax
+heavy = sorted(name for name in ("orbax", "torch", "transformers", "vera_jax.peft", "vera_jax.nnx") if name in sys.modules)
+print(heavy)
+print(vera_jax.checkpoint.save.__module__, vera_jax.peft.save_adapter.__module__, vera_jax.lora.save_lora.__module__,
+      vera_jax.nnx.attach.__module__, vera_jax.export.save_merged.__module__, len(vera_jax.hf.TUNIX_GEMMA))
+try:
+    vera_jax.checkpoints
+except AttributeError as err:
+    print(err)
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.splitlines() == [
+        "[]", "vera_jax.checkpoint vera_jax.peft vera_jax.lora vera_jax.nnx.attach vera_jax.export 5",
+        "module 'vera_jax' has no attribute 'checkpoints'"]

@@ -1,4 +1,5 @@
-"""The README's Python examples run as written, in order, in one namespace."""
+"""The README's Python examples run as written, in order: a block that starts with ``import jax`` begins an
+example of its own, in a fresh namespace (so it imports what it uses); the blocks after it continue it."""
 
 import re
 from pathlib import Path
@@ -12,9 +13,13 @@ def test_readme_examples_run(tmp_path, monkeypatch):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert len(blocks) >= 3
     monkeypatch.chdir(tmp_path)
-    namespace: dict = {}
+    examples: list[dict] = []
     for block in blocks:
-        exec(compile(block, str(README), "exec"), namespace)  # noqa: S102 (our own documentation)
+        if block.startswith("import jax\n") or not examples:
+            examples.append({})
+        exec(compile(block, str(README), "exec"), examples[-1])  # noqa: S102 (our own documentation)
+    assert len(examples) >= 2  # the linen quickstart and the NNX example, each on its own
+    namespace = {name: value for example in examples for name, value in example.items()}
     assert np.isfinite(float(namespace["loss"]))
     assert namespace["nnx_losses"][-1] < namespace["nnx_losses"][0] and namespace["base_unchanged"]
     np.testing.assert_allclose(namespace["pure_logits"], namespace["llama"](namespace["token_ids"]), rtol=1e-5,

@@ -1,8 +1,11 @@
 """VeRA (Vector-based Random Matrix Adaptation) for JAX and Flax, exact to Hugging Face PEFT.
 
-Saving and loading live in submodules, so that ``import vera_jax`` stays light: `vera_jax.checkpoint`
-(Orbax), `vera_jax.peft` (PEFT's files) and `vera_jax.export` (merged Hugging Face models).
+Saving, loading and NNX live in submodules, imported on first use so that ``import vera_jax`` stays
+light: `vera_jax.checkpoint` (Orbax), `vera_jax.peft` (PEFT's files), `vera_jax.lora` (LoRA files),
+`vera_jax.export` (merged Hugging Face models), `vera_jax.hf` (PyTorch names) and `vera_jax.nnx`.
 """
+
+import importlib
 
 from vera_jax.activation import adapt
 from vera_jax.adapter import Adapter, init_adapter
@@ -16,6 +19,16 @@ from vera_jax.partition import combine, combined_optimizer, split
 from vera_jax.plan import PathPlan, plan_paths
 from vera_jax.report import count_parameters, layer_table, parameter_report
 from vera_jax.timing import measured_plan, whole_step_plan
+
+SUBMODULES = ("checkpoint", "export", "hf", "lora", "nnx", "peft")
+
+
+def __getattr__(name: str):
+    """``vera_jax.peft`` and the other `SUBMODULES`, imported when first named."""
+    if name in SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "AdaptedLayer",
