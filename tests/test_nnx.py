@@ -3,6 +3,9 @@ rank-3/4 kernels, a linen nn.scan stack with the layer axis at 1; PEFT parity on
 
 from __future__ import annotations
 
+import ast
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -497,3 +500,84 @@ def test_sharded_kernels_shard_their_vectors_and_train_like_one_device():
     assert float(printed["loss_rel"]) < 1e-5
     assert printed["params_identical"] == "True"
     assert printed["kept_sharding"] == "(None, 'model')"
+
+
+class FusedKV(nnx.Module):
+    """A module vera_jax does not know: Gemma's fused kv einsum, its output axes first (C, B, S, K, H)."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.equation = "BSD,CKDH->CBSKH"
+        self.w = nnx.Param(jax.random.normal(rngs.params(), (2, 3, 4, 5)))
+
+    def __call__(self, x):
+        return jnp.einsum(self.equation, x, self.w[...])
+
+
+class OutProjection(nnx.Module):
+    """Another unknown kind: an output projection (N, H, D) by 'BTNH,NHD->BTD'."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.einsum_str = "BTNH,NHD->BTD"
+        self.w = nnx.Param(jax.random.normal(rngs.params(), (4, 2, 6)))
+
+    def __call__(self, x):
+        return jnp.einsum(self.einsum_str, x, self.w[...])
+
+
+class Layer(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.o = OutProjection(rngs)
+
+
+class Layers(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.layers = nnx.List([Layer(rngs) for _ in range(2)])
+
+    def __call__(self, x):
+        return sum(layer.o(x) for layer in self.layers)
+
+
+def test_an_unknown_module_runs_the_einsum_its_rule_gives_with_its_output_axes_where_the_equation_puts_them():
+    x = jax.random.normal(jax.random.key(2), (2, 2, 4))  # batch = seq = 2: (C, B, S, K, H) would broadcast
+    rule = vera_jax.VeraConfig(r=4, target_modules=("kv",), kernel_axes={"kv": "w:BSD,CKDH->CBSKH"})
+
+    class Holder(nnx.Module):
+        def __init__(self):
+            self.kv = FusedKV(nnx.Rngs(0))
+
+        def __call__(self, x):
+            return self.kv(x)
+
+    outputs = {}
+    for path in vera_nnx.PATHS:
+        model = vera_nnx.attach(Holder(), rule, path=path)
+        assert model.kv.vera_lambda_b.shape == (2 * 3 * 5,)
+        randomise_vectors(model)
+        outputs[path] = model(x)
+        graphdef, params, adapter = vera_nnx.split(model)
+        assert max_rel_error(outputs[path], nnx.merge(graphdef, vera_jax.merge(params, adapter))(x)) < 1e-6
+    np.testing.assert_allclose(outputs["activation"], outputs["merged"], rtol=1e-5, atol=1e-6)
+
+    roles_only = vera_jax.VeraConfig(r=4, target_modules=("kv",), kernel_axes={"kv": "w:ooio"})
+    vera_nnx.attach(Holder(), roles_only, path="merged")  # the merged path needs roles only
+    with pytest.raises(ValueError, match=r"'kv' is a FusedKV, described by a roles rule only, which does not say where "
+                                         r"its output puts the output axes.*'w:X,KERNEL->Y'"):
+        vera_nnx.attach(Holder(), roles_only, path="activation")
+
+
+def test_an_unknown_module_gets_the_rule_computed_from_its_einsum_keyed_for_every_layer():
+    config = dict(r=4, target_modules=("o",))
+    with pytest.raises(ValueError) as refused:
+        vera_nnx.attach(Layers(nnx.Rngs(0)), vera_jax.VeraConfig(**config))
+    message = str(refused.value)
+    assert ("Target 'layers/0/o' is a OutProjection, a module vera_jax does not know; its weights are {'w': (4, 2, 6)} "
+            "and it holds the einsum 'BTNH,NHD->BTD'") in message
+    suggested = re.search(r"add kernel_axes=(\{.*\}) to the VeraConfig", message).group(1)
+    assert suggested == r"{'layers/\\d+/o': 'w:BTNH,NHD->BTD'}" and "roles 'iio'" in message
+    model = vera_nnx.attach(Layers(nnx.Rngs(0)), vera_jax.VeraConfig(**config, kernel_axes=ast.literal_eval(suggested)),
+                            path="activation")
+    assert [layer.o.vera_lambda_b.shape for layer in model.layers] == [(6,), (6,)]  # out = D, not N * H
+    randomise_vectors(model)
+    x = jax.random.normal(jax.random.key(2), (2, 3, 4, 2))
+    graphdef, params, adapter = vera_nnx.split(model)
+    assert max_rel_error(model(x), nnx.merge(graphdef, vera_jax.merge(params, adapter))(x)) < 1e-6

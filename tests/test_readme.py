@@ -1,6 +1,7 @@
 """The README's Python examples run as written, in order: a block that starts with ``import jax`` begins an
 example of its own, in a fresh namespace (so it imports what it uses); the blocks after it continue it."""
 
+import json
 import re
 from pathlib import Path
 
@@ -27,6 +28,9 @@ def test_readme_examples_run(tmp_path, monkeypatch):
     np.testing.assert_allclose(namespace["functional_logits"], namespace["pure_logits"], rtol=1e-5, atol=1e-6)
     assert (tmp_path / "nnx-adapter" / "vera_adapter.json").exists()
     assert (tmp_path / "nnx-peft-adapter" / "adapter_config.json").exists()
+    for tunix_export, peft_type in (("tunix-lora", "LORA"), ("tunix-vera", "VERA")):
+        saved = json.loads((tmp_path / tunix_export / "adapter_config.json").read_text())
+        assert saved["peft_type"] == peft_type and "model.layers.1.self_attn.o_proj" in saved["target_modules"]
     assert namespace["k_losses"].shape == (3,) and len(set(np.asarray(namespace["k_losses"]).tolist())) == 3
     mixed, llama, ids = namespace["mixed_logits"], namespace["llama"], namespace["token_ids"]
     np.testing.assert_allclose(mixed[1], llama(ids)[0], rtol=1e-5, atol=1e-6)
