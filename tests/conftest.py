@@ -16,3 +16,15 @@ def random_like(tree, key, scale=1.0):
     return jax.tree.unflatten(
         treedef, [scale * jax.random.normal(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves)]
     )
+
+
+def randomise_vectors(model, seed: int = 1) -> None:
+    """N(0, 0.25) vectors on an NNX model with VeRA attached, so that every comparison sees VeRA's output."""
+    from flax import nnx
+
+    import vera_jax.nnx as vera_nnx
+
+    leaves, treedef = jax.tree.flatten(nnx.state(model, vera_nnx.VeraVector))
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    nnx.update(model, jax.tree.unflatten(treedef, [0.5 * jax.random.normal(k, leaf.shape)
+                                                   for k, leaf in zip(keys, leaves)]))

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import max_rel_error
+from conftest import max_rel_error, randomise_vectors
 from flax import nnx
 
 import nnx_models
@@ -44,15 +44,6 @@ def einsum_model() -> nnx_models.EinsumAttention:
 
 IDS = jnp.array([[5, 9, 33, 2, 17, 8, 40], [4, 4, 10, 11, 12, 1, 3]])
 X = jax.random.normal(jax.random.key(7), (2, 6, nnx_models.D))
-
-
-def randomise_vectors(model: nnx.Module, seed: int = 1) -> None:
-    """Non-trivial vectors, so that every comparison below sees VeRA's contribution."""
-    state = nnx.state(model, vera_nnx.VeraVector)
-    leaves, treedef = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    nnx.update(model, jax.tree.unflatten(treedef, [0.5 * jax.random.normal(k, leaf.shape)
-                                                   for k, leaf in zip(keys, leaves)]))
 
 
 def loss_and_grad_state(model: nnx.Module, inputs: jax.Array):

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 import peft
 import pytest
-from conftest import max_rel_error
+from conftest import max_rel_error, randomise_vectors
 from flax import nnx
 from tunix.models.llama3 import model as llama3
 from tunix.sft import peft_trainer
@@ -31,8 +31,9 @@ from vera_jax import hf
 from vera_jax.lora import save_lora
 from vera_jax.peft import save_adapter
 
-NAMES = {"llama3": hf.TUNIX_LLAMA3, "qwen3": hf.TUNIX_QWEN3, "gemma": hf.TUNIX_GEMMA, "gemma3": hf.TUNIX_GEMMA}
-FUSED = {"gemma", "gemma3"}  # Gemma's kv_einsum (2, K, D, H) is PyTorch's k_proj and v_proj
+NAMES = {"llama3": hf.TUNIX_LLAMA3, "qwen3": hf.TUNIX_QWEN3, "gemma": hf.TUNIX_GEMMA, "gemma_qkv": hf.TUNIX_GEMMA,
+         "gemma3": hf.TUNIX_GEMMA}
+FUSED = {"gemma": "kv_einsum", "gemma_qkv": "qkv_einsum", "gemma3": "kv_einsum"}  # PyTorch's k/v (q/k/v) projections
 R = 8
 TOL = 1e-5  # float32, one framework
 TORCH_TOL = 1e-4  # float32, JAX against PyTorch
@@ -48,14 +49,6 @@ def attached(pair, path: str = "merged") -> nnx.Module:
     model = nnx.clone(models.tunix_model)
     return vera_nnx.attach(model, vera_jax.VeraConfig(r=R, target_modules=tunix_families.PROJECTIONS[family]),
                            path=path)
-
-
-def randomise_vectors(model: nnx.Module, seed: int = 1) -> None:
-    state = nnx.state(model, vera_nnx.VeraVector)
-    leaves, treedef = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    nnx.update(model, jax.tree.unflatten(treedef, [0.5 * jax.random.normal(k, leaf.shape)
-                                                   for k, leaf in zip(keys, leaves)]))
 
 
 # Each tunix einsum's weight delta from VeRA's (out, in) matrix, written out by hand (s: the weight's shape).
@@ -141,7 +134,7 @@ def test_peft_trainer_trains_the_vectors_and_peft_serves_the_lora_export(pair, t
     assert max_rel_error(models.torch_logits(served, np.asarray(models.tokens)), expected) < TORCH_TOL
 
     if family in FUSED:  # PEFT's VeRA gives every layer B[:out]: a split kv cannot be written as VeRA
-        with pytest.raises(ValueError, match=r"kv_einsum' is a fused kernel .* Export this adapter as LoRA"):
+        with pytest.raises(ValueError, match=rf"{FUSED[family]}' is a fused kernel .* Export this adapter as LoRA"):
             save_adapter(tmp_path / "vera", adapter, params, names=NAMES[family])
         return
     save_adapter(tmp_path / "vera", adapter, params, names=NAMES[family], task_type="CAUSAL_LM")
