@@ -35,8 +35,7 @@ NAMES = {"llama3": hf.TUNIX_LLAMA3, "qwen3": hf.TUNIX_QWEN3, "gemma": hf.TUNIX_G
          "gemma3": hf.TUNIX_GEMMA}
 FUSED = {"gemma": "kv_einsum", "gemma_qkv": "qkv_einsum", "gemma3": "kv_einsum"}  # PyTorch's k/v (q/k/v) projections
 R = 8
-TOL = 1e-5  # float32, one framework
-TORCH_TOL = 1e-4  # float32, JAX against PyTorch
+TOL = 1e-5  # float32 (JAX against PyTorch measured 2e-7 to 2e-6 relative)
 
 
 @pytest.fixture(scope="module", params=tunix_families.FAMILIES)
@@ -131,7 +130,7 @@ def test_peft_trainer_trains_the_vectors_and_peft_serves_the_lora_export(pair, t
     assert {factor.name for factor in factors} <= torch_names
     served = peft.PeftModel.from_pretrained(copy.deepcopy(models.torch_model), tmp_path / "lora").eval()
     assert isinstance(served.base_model, peft.LoraModel)
-    assert max_rel_error(models.torch_logits(served, np.asarray(models.tokens)), expected) < TORCH_TOL
+    assert max_rel_error(models.torch_logits(served, np.asarray(models.tokens)), expected) < TOL
 
     if family in FUSED:  # PEFT's VeRA gives every layer B[:out]: a split kv cannot be written as VeRA
         with pytest.raises(ValueError, match=rf"{FUSED[family]}' is a fused kernel .* Export this adapter as LoRA"):
@@ -141,7 +140,7 @@ def test_peft_trainer_trains_the_vectors_and_peft_serves_the_lora_export(pair, t
     assert set(json.loads((tmp_path / "vera" / "adapter_config.json").read_text())["target_modules"]) <= torch_names
     served = peft.PeftModel.from_pretrained(copy.deepcopy(models.torch_model), tmp_path / "vera").eval()
     assert isinstance(served.base_model, peft.VeraModel)
-    assert max_rel_error(models.torch_logits(served, np.asarray(models.tokens)), expected) < TORCH_TOL
+    assert max_rel_error(models.torch_logits(served, np.asarray(models.tokens)), expected) < TOL
 
 
 class ScannedDecoder(nnx.Module):
