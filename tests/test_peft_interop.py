@@ -106,7 +106,7 @@ def test_peft_adapter_loads_and_matches_peft(models, tmp_path, save_projection):
 
     if case.kernel_axes:  # GPT-2's (out, in) kernels: without kernel_axes, the message says what was assumed
         with pytest.raises(vera_peft.AdapterFileError, match=r"fan_in_fan_out: is true, but no kernel_axes were given, "
-                           r"so h/0/attn/c_attn's kernel was taken as \(in, out\).*Pass the model's kernel_axes"):
+                           r"so transformer/h/0/attn/c_attn's kernel was taken as \(in, out\).*Pass the model's kernel_axes"):
             vera_peft.load_adapter(tmp_path / "adapter", flax_model.params)
     adapter = vera_peft.load_adapter(tmp_path / "adapter", flax_model.params, kernel_axes=case.kernel_axes)
     buffers = peft_model.base_model
