@@ -41,14 +41,14 @@ export CHECK_LOCK
 $(VENV)/.installed: $(RUN_LOCK) pyproject.toml | $(BIN)/activate
 	$(BIN)/pip install --quiet --require-hashes -r $(RUN_LOCK)
 	$(BIN)/pip install --quiet --no-deps -e .
-	$(BIN)/python -c "$$CHECK_LOCK"
+	$(BIN)/python -c "$$CHECK_LOCK" train
 	touch $@
 
 # The test lock holds every version of the run lock plus the test extra and torch 2.13.0 (the CPU
 # build on this machine's disk): another build of torch means editing requirements/test.in and `make lock`.
 $(VENV)/.installed-test: $(TEST_LOCK) $(VENV)/.installed
 	$(BIN)/pip install --quiet --require-hashes -r $(TEST_LOCK)
-	$(BIN)/python -c "$$CHECK_LOCK" test
+	$(BIN)/python -c "$$CHECK_LOCK" train test
 	touch $@
 
 run: $(VENV)/.installed
@@ -70,8 +70,8 @@ COMPILE = CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_VENV)/bin/pip-compile --quie
 lock:
 	test -x $(LOCK_VENV)/bin/pip || $(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/pip install --quiet "$(PIP)" "$(PIP_TOOLS)"
-	$(COMPILE) -o $(RUN_LOCK) pyproject.toml
-	$(COMPILE) --extra test -o $(TEST_LOCK) pyproject.toml requirements/test.in
+	$(COMPILE) --extra train -o $(RUN_LOCK) pyproject.toml
+	$(COMPILE) --extra train --extra test -o $(TEST_LOCK) pyproject.toml requirements/test.in
 
 clean:
 	rm -rf $(VENV)

@@ -32,3 +32,22 @@ except AttributeError as err:
     assert result.stdout.splitlines() == [
         "[]", "vera_jax.checkpoint vera_jax.peft vera_jax.lora vera_jax.nnx.attach vera_jax.export 5",
         "module 'vera_jax' has no attribute 'checkpoints'"]
+
+
+def test_every_library_module_imports_without_the_application_stack():
+    """The library's dependencies are what it imports: every vera_jax module loads with transformers,
+    datasets and torch unavailable (each import of them fails, as if not installed)."""
+    script = """
+import importlib, pkgutil, sys
+for name in ("transformers", "datasets", "torch", "peft", "tunix"):
+    sys.modules[name] = None  # `import name` raises ImportError
+import vera_jax
+modules = [info.name for info in pkgutil.walk_packages(vera_jax.__path__, "vera_jax.")]
+for name in modules:
+    importlib.import_module(name)
+print(len(modules), "vera_jax.nnx.attach" in modules, "vera_jax.peft" in modules)
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    count, has_nnx, has_peft = result.stdout.split()
+    assert int(count) >= 30 and has_nnx == has_peft == "True"
