@@ -1,5 +1,6 @@
-"""The README's Python examples run as written, in order: a block that starts with ``import jax`` begins an
-example of its own, in a fresh namespace (so it imports what it uses); the blocks after it continue it."""
+"""The README's and docs/' Python examples run as written, in order. A block that starts with ``import jax``
+begins an example of its own, in a fresh namespace (so it imports what it uses); the blocks after it
+continue it. docs/library.md continues the README's linen quickstart; every other file starts afresh."""
 
 import json
 import re
@@ -7,19 +8,33 @@ from pathlib import Path
 
 import numpy as np
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README, DOCS = ROOT / "README.md", ROOT / "docs"
 
 
-def test_readme_examples_run(tmp_path, monkeypatch):
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    assert len(blocks) >= 3
-    monkeypatch.chdir(tmp_path)
-    examples: list[dict] = []
-    for block in blocks:
+def blocks(path: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
+
+
+def run_examples(path: Path, namespace: dict | None = None) -> list[dict]:
+    """Each example's namespace after running the file's blocks (the first continuing ``namespace``)."""
+    examples = [] if namespace is None else [namespace]
+    for block in blocks(path):
         if block.startswith("import jax\n") or not examples:
             examples.append({})
-        exec(compile(block, str(README), "exec"), examples[-1])  # noqa: S102 (our own documentation)
-    assert len(examples) >= 2  # the linen quickstart and the NNX example, each on its own
+        exec(compile(block, str(path), "exec"), examples[-1])  # noqa: S102 (our own documentation)
+    return examples
+
+
+def test_readme_and_docs_examples_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    readme = run_examples(README)
+    assert len(readme) == 2  # the linen quickstart and the NNX example, each on its own
+    examples = readme + run_examples(DOCS / "library.md", readme[0])
+    others = sorted(path for path in DOCS.glob("*.md") if path.name != "library.md" and blocks(path))
+    assert [path.name for path in others] == ["nnx.md"]
+    for path in others:
+        examples += run_examples(path)
     namespace = {name: value for example in examples for name, value in example.items()}
     assert np.isfinite(float(namespace["loss"]))
     assert namespace["nnx_losses"][-1] < namespace["nnx_losses"][0] and namespace["base_unchanged"]
