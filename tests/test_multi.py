@@ -2,14 +2,16 @@
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import max_rel_error
+from conftest import max_rel_error, random_like
 
 import families
+import nnx_models
 import vera_jax
 from vera_jax.layers import LAMBDA_D
 from vera_jax.paths import flatten, unflatten
@@ -200,3 +202,50 @@ def test_a_mixed_batch_sharded_over_8_devices_equals_one_device(tmp_path):
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert float(done.stdout.split("max_rel")[1]) < 1e-5
+
+
+class FusedOutputFirst(nn.Module):
+    """A linen Einsum whose output puts its output axes first (Gemma's fused kv), and a DenseGeneral (D, N, H)."""
+
+    @nn.compact
+    def __call__(self, x):
+        kv = nn.Einsum((2, 3, x.shape[-1], 4), "BSD,CKDH->CBSKH", name="kv")(x)  # (2, B, S, 3, 4)
+        q = nn.DenseGeneral((3, 4), name="q")(x)  # (B, S, 3, 4)
+        return jnp.einsum("bskh,cbskh->bsc", q, kv)
+
+
+@pytest.mark.parametrize("case", ["n-d kernels", "stack, layer axis 1", "stack, layer axis 0"])
+def test_a_mixed_batch_runs_n_d_kernels_and_stacked_layers(case):
+    """Each example's own adapter on kernels of rank 3 and 4 and on a linen nn.scan stack (MaxText's layer
+    axis 1, and axis 0), equal to that adapter alone on the activation path."""
+    x = jax.random.normal(jax.random.key(0), (6, 5, nnx_models.D))
+    if case == "n-d kernels":
+        model, kernel_axes, targets = FusedOutputFirst(), {"kv": "ooio", "q": "ioo"}, ("kv", "q")
+    else:
+        axis = 1 if case.endswith("1") else 0
+        model = nnx_models.LinenScanStack() if axis else LinenScanStackAxis0()
+        kernel_axes, targets = {".*": "ilo" if axis else "lio"}, ("up", "down")
+    params = model.init(jax.random.key(1), x)["params"]
+    apply = lambda p, inputs: model.apply({"params": p}, inputs)  # noqa: E731
+    config = vera_jax.VeraConfig(r=4, target_modules=targets, kernel_axes=kernel_axes)
+    initial = vera_jax.init_adapter(params, config)
+    adapters = [initial.replace(trainable=random_like(initial.trainable, jax.random.key(k), scale=0.5))
+                for k in range(3)]
+    ids = jnp.array([2, 0, 1, 1, 0, 2])
+    mixed = jax.jit(lambda p, inputs: vera_jax.adapt_mixed(apply, vera_jax.stack(adapters), ids)(p, inputs))(params, x)
+    base = apply(params, x)
+    for k, adapter in enumerate(adapters):
+        alone = vera_jax.adapt(apply, adapter, path="activation")(params, x)
+        rows = np.flatnonzero(np.asarray(ids) == k)
+        assert max_rel_error(alone[rows], base[rows]) > 1e-3
+        assert max_rel_error(np.asarray(mixed)[rows], np.asarray(alone)[rows]) < 1e-5, k
+
+
+class LinenScanStackAxis0(nn.Module):
+    """`nnx_models.LinenScanStack` with the layer axis first: kernels (L, in, out)."""
+
+    @nn.compact
+    def __call__(self, x):
+        stack = nn.scan(nnx_models.LinenBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+        x, _ = stack(name="blocks")(x, None)
+        return nn.Dense(3, name="head")(x)

@@ -29,7 +29,7 @@ from vera_jax.paths import SEP, flatten, unflatten
 from vera_jax.plan import PATHS, PathPlan
 from vera_jax.vectors import full_leaves
 
-__all__ = ["adapt", "module_call"]
+__all__ = ["adapt", "module_call", "call_spec", "stack_leaves"]
 
 LAYER_INDEX = "vera_layer_index"  # (L,) beside a stack's vectors: which layer a scan iteration runs (for dropout)
 
@@ -57,7 +57,7 @@ def module_call(module: nn.Module, path: str) -> CallSpec | None:
     return None
 
 
-def _call_spec(call: LayerCall, layer: AdaptedLayer) -> CallSpec:
+def call_spec(call: LayerCall, layer: AdaptedLayer) -> CallSpec:
     """The call's spec, checking the roles of the adapted kernel against what its module states; a module
     of unknown kind runs the einsum its rule gives.
 
@@ -122,7 +122,7 @@ def _on_activations(items: tuple[LayerVectors, ...], adapter: Adapter, dropout_r
     def add_adapter_output(call: LayerCall):
         item = by_path[call.path]
         layer = item.layer
-        spec = _call_spec(call, layer)
+        spec = call_spec(call, layer)
         x, y = call.x, call.run()
         a, b = adapter.projections.pair(call.path)
         lambda_d, lambda_b = item.lambda_d, item.lambda_b

@@ -9,6 +9,7 @@ are gathered per example.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import flax.linen as nn
@@ -16,11 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vera_jax.activation import call_spec
 from vera_jax.adapter import Adapter, layer_vectors
+from vera_jax.axes import layer_axis
+from vera_jax.calls import adapter_call_output
 from vera_jax.intercept import LayerCall, intercept_layers
-from vera_jax.layers import LAMBDA_B, LAMBDA_D, AdaptedLayer, vector_module
+from vera_jax.layers import LAMBDA_B, LAMBDA_D, VECTOR_NAMES, AdaptedLayer, vector_module
 from vera_jax.ops import promote_add
-from vera_jax.paths import SEP, flatten, split_leaf
+from vera_jax.paths import SEP, flatten, split_leaf, unflatten
 from vera_jax.vectors import initial_vector
 
 __all__ = ["stack", "unstack", "num_adapters", "map_adapters", "adapters_per_pass", "adapt_mixed", "check_adapter_ids",
@@ -207,9 +211,24 @@ def _per_example(values: jax.Array, like: jax.Array) -> jax.Array:
     return values.reshape(values.shape[:1] + (1,) * (like.ndim - 2) + values.shape[1:])
 
 
+def _stacked_vector_leaves(flat: dict, layers: dict[str, AdaptedLayer]) -> dict:
+    """A stack's K adapters' vectors (K, L, n) beside its kernel, their layer axis where a linen ``nn.scan``
+    slices the kernel's (0, or 1 as in MaxText), so that each iteration sees its layer's (K, n)."""
+    leaves = {}
+    for path, layer in layers.items():
+        if layer.layers is None:
+            continue
+        axis = min(layer_axis(layer.axes), 1)
+        for name in (LAMBDA_D, LAMBDA_B):
+            if path + SEP + name in flat:
+                leaves[path + SEP + name] = jnp.moveaxis(flat[path + SEP + name], 1, axis)
+    return leaves
+
+
 def _mixed_handler(stacked: Adapter, adapter_ids: jax.Array, layers: dict[str, AdaptedLayer]
                    ) -> Callable[[LayerCall], jax.Array]:
-    """Each adapted layer adds every example's own VeRA output; each Dense trained in full uses its own leaves."""
+    """Each adapted layer adds every example's own VeRA output (`vera_jax.calls.adapter_call_output`, any
+    kernel rank, a stack's layer one scan iteration at a time); each Dense trained in full uses its own leaves."""
     config = stacked.config
     flat = flatten(stacked.trainable)
     adapted = {vector_module(path) for path in flat} - {None}
@@ -225,18 +244,22 @@ def _mixed_handler(stacked: Adapter, adapter_ids: jax.Array, layers: dict[str, A
             if call.path + SEP + "bias" in flat:
                 y = y + _per_example(gather_rows(flat[call.path + SEP + "bias"], adapter_ids), y)
             return y
-        y = call.run()
+        layer = layers[call.path]
+        if layer.layers is not None:  # one iteration of a scan over the stack: its (K, n) slice travels with it
+            own = call.module.variables["params"]
+        else:
+            own = {name: flat[call.path + SEP + name] for name in VECTOR_NAMES if call.path + SEP + name in flat}
 
-        def vector(name: str, like: jax.Array) -> jax.Array:
-            """Each example's vector, broadcastable against ``like``; a frozen vector is one constant."""
-            if call.path + SEP + name not in flat:
-                return initial_vector(config, name, layers[call.path])
-            return _per_example(gather_rows(flat[call.path + SEP + name], adapter_ids).astype(config.dtype), like)
+        def vector(name: str) -> jax.Array:
+            """Each example's vector (batch, n); a frozen vector is one constant (n,)."""
+            if name not in own:
+                return initial_vector(config, name, dataclasses.replace(layer, layers=None))
+            return gather_rows(own[name], adapter_ids).astype(config.dtype)
 
         a, b = stacked.projections.pair(call.path)
-        hidden = x.astype(config.dtype) @ a[:, : x.shape[-1]].T  # shared: (batch, ..., r)
-        delta = (vector(LAMBDA_D, hidden) * hidden) @ b[: y.shape[-1], :].T
-        return promote_add(y, vector(LAMBDA_B, delta) * delta)
+        delta = adapter_call_output(x.astype(config.dtype), call_spec(call, layer), layer.layer_kernel_shape, a, b,
+                                    vector(LAMBDA_D), vector(LAMBDA_B))
+        return promote_add(call.run(), delta)
 
     return handle
 
@@ -258,10 +281,7 @@ def adapt_mixed(fn: Callable, stacked: Adapter, adapter_ids: jax.Array) -> Calla
 
     def adapted(params, *args, **kwargs):
         layers = {item.layer.path: item.layer for item in layer_vectors(params, first_adapter(stacked))}  # shapes fit
-        odd = [layer.path for layer in layers.values() if layer.axes not in ("io", "oi")]
-        if odd:
-            raise ValueError(f"Mixed-adapter batches run 2-D unstacked kernels only; {odd[:3]} have axes "
-                             f"{[layers[p].axes for p in odd[:3]]}. Serve such models with one adapter per batch.")
+        params = unflatten(flatten(params) | _stacked_vector_leaves(flatten(stacked.trainable), layers), like=params)
         with intercept_layers(modules, _mixed_handler(stacked, adapter_ids, layers)):
             return fn(params, *args, **kwargs)
 
