@@ -29,7 +29,7 @@ from vera_jax.paths import SEP, flatten, unflatten
 from vera_jax.plan import PATHS, PathPlan
 from vera_jax.vectors import full_leaves
 
-__all__ = ["adapt", "module_call", "call_spec", "stack_leaves"]
+__all__ = ["adapt", "module_call", "call_spec"]
 
 LAYER_INDEX = "vera_layer_index"  # (L,) beside a stack's vectors: which layer a scan iteration runs (for dropout)
 
