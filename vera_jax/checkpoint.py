@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,7 +28,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from vera_jax.adapter import STORED, Adapter
-from vera_jax.atomic import holds_foreign, publish, recover, stage, staging_path
+from vera_jax.atomic import WriteError, discard, publish, read_stable, recover, stage, target_path
 from vera_jax.config import VeraConfig
 from vera_jax.errors import AdapterFileError
 from vera_jax.layers import find_layers
@@ -38,9 +37,10 @@ from vera_jax.projections import GENERATOR, Projections, init_projections
 from vera_jax.vectors import init_trainable
 
 __all__ = ["fingerprint", "projection_recipe", "projections_from_recipe", "base_record", "save", "restore",
-           "METADATA_FILE"]
+           "METADATA_FILE", "KIND"]
 
 METADATA_FILE = "vera_adapter.json"
+KIND = "checkpoint"  # the kind in the vera_jax manifest of a checkpoint directory
 TREE_DIR = "trainable"
 METADATA_CHECKSUM = "sha256"  # of the rest of vera_adapter.json, as `_json_digest` writes it
 BASE_SAMPLE = 64  # values per adapted kernel in the base's fingerprint, evenly spaced over its flat index
@@ -144,9 +144,10 @@ def save(directory: str | os.PathLike, adapter: Adapter, params: Mapping | None 
 
     Raises:
       FileExistsError: ``directory`` holds files that are not a vera_jax adapter (nothing is written); with
-        ``overwrite`` they are moved aside to ``NAME.replaced-TIME-PID`` once the new copy is in place.
+        ``overwrite`` they are moved aside to a new ``NAME.replaced-TIME-PID-RANDOM`` once the new copy is in place.
+      WriteError: the file system refused the write (no space, read-only); the old copy is whole.
     """
-    directory = Path(directory).absolute()
+    directory = target_path(directory)
     tree = _stored_tree(adapter)
     metadata = {"config": adapter.config.to_dict(), "projection": projection_recipe(adapter),
                 "tensors": tensor_records(tree)}
@@ -154,20 +155,37 @@ def save(directory: str | os.PathLike, adapter: Adapter, params: Mapping | None 
         metadata["base"] = base_record(params, adapter.config)
     metadata[METADATA_CHECKSUM] = _json_digest(metadata)
     primary = jax.process_index() == 0
-    foreign = holds_foreign(directory, METADATA_FILE)
-    staging = stage(directory, METADATA_FILE, overwrite) if primary else staging_path(directory)
-    multihost_utils.sync_global_devices(f"vera_jax.checkpoint.save:{staging}")
+    staging = _shared_staging(directory, overwrite)
     try:
-        with ocp.StandardCheckpointer() as checkpointer:  # waits for the asynchronous write to finish
-            checkpointer.save(staging / TREE_DIR, tree)
+        try:
+            with ocp.StandardCheckpointer() as checkpointer:  # waits for the asynchronous write to finish
+                checkpointer.save(staging / TREE_DIR, tree)
+            if primary:
+                (staging / METADATA_FILE).write_text(json.dumps(metadata, sort_keys=True, separators=(",", ":")))
+        except OSError as err:  # no space, no permission: nothing was swapped yet
+            raise WriteError(err.errno, f"Cannot write the adapter checkpoint {directory}: {err.strerror or err}; "
+                                        "nothing was replaced and any old copy is whole. Free space, or choose a "
+                                        "writable path.") from None
         if primary:
-            (staging / METADATA_FILE).write_text(json.dumps(metadata, sort_keys=True, separators=(",", ":")))
-            publish(staging, directory, keep_old=foreign)
+            publish(staging, directory, KIND)
     finally:
         if primary:
-            shutil.rmtree(staging, ignore_errors=True)
+            discard(staging, KIND)
     multihost_utils.sync_global_devices(f"vera_jax.checkpoint.saved:{directory}")
     return directory
+
+
+def _shared_staging(directory: Path, overwrite: bool) -> Path:
+    """Process 0's new staging directory for ``directory``, its path told to every process."""
+    staging = stage(directory, KIND, overwrite, format="orbax") if jax.process_index() == 0 else None
+    if jax.process_count() > 1:
+        name = np.zeros(1024, np.uint8)
+        if staging is not None:
+            encoded = np.frombuffer(os.fsencode(staging.name), np.uint8)
+            name[: encoded.size] = encoded
+        name = np.asarray(multihost_utils.broadcast_one_to_all(name), np.uint8)
+        staging = directory.parent / os.fsdecode(name.tobytes().rstrip(b"\0"))
+    return staging
 
 
 def _stored_tree(adapter: Adapter) -> dict:
@@ -240,7 +258,12 @@ def restore(directory: str | os.PathLike, params: Mapping, *,
       AdapterFileError: the directory is damaged (naming the file or tensor), or the adapter does not fit
         ``params``. Warns when the base's adapted kernels hold other values than the recorded base's.
     """
-    directory = Path(directory).absolute()  # Orbax reads relative paths as missing
+    directory = target_path(directory)  # Orbax reads relative paths as missing
+    return read_stable(directory, lambda: _restore(directory, params, sharding))
+
+
+def _restore(directory: Path, params: Mapping, sharding: jax.sharding.Sharding | None) -> Adapter:
+    """`restore`'s one read of ``directory``."""
     recover(directory)  # an old copy a crash left beside its place
     metadata = _metadata(directory)
     config = metadata["config"]
