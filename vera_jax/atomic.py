@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TypeVar
 
 __all__ = ["staged_directory", "stage", "publish", "check_replaceable", "is_ours", "target_path", "recover",
-           "read_stable", "write_text", "discard", "WriteError", "MANIFEST_FILE"]
+           "read_stable", "write_text", "discard", "write_error", "WriteError", "MANIFEST_FILE"]
 
 MANIFEST_FILE = "vera_jax_manifest.json"  # written by every vera_jax writer, by nothing else
 READ_ATTEMPTS = 5  # reads of a directory that keeps being swapped before `read_stable` gives up
@@ -163,16 +163,17 @@ def stage(directory: str | os.PathLike, kind: str, overwrite: bool = False, form
         staging = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(directory)}{_host()}.{os.getpid()}.",
                                         dir=directory.parent))
     except OSError as err:
-        raise _write_error(directory, err) from None
+        raise write_error(directory, err) from None
     try:
         (staging / MANIFEST_FILE).write_text(_manifest(kind, format or kind))
     except OSError as err:
         shutil.rmtree(staging, ignore_errors=True)
-        raise _write_error(directory, err) from None
+        raise write_error(directory, err) from None
     return staging
 
 
-def _write_error(directory: Path, err: OSError) -> WriteError:
+def write_error(directory: Path, err: OSError) -> WriteError:
+    """``err`` (no space, no permission) while writing ``directory``, before any swap, as one line."""
     reason = err.strerror or str(err)
     return WriteError(err.errno, f"Cannot write {directory}: {reason} ({err.filename or directory}); nothing was "
                                  "replaced and any old copy is whole. Free space, or choose a writable path.")
@@ -235,7 +236,7 @@ def staged_directory(directory: str | os.PathLike, kind: str, overwrite: bool = 
         except WriteError:
             raise
         except OSError as err:  # no space, no permission: nothing was swapped yet
-            raise _write_error(target_path(directory), err) from None
+            raise write_error(target_path(directory), err) from None
         publish(staging, directory, kind)
     finally:
         discard(staging, kind)

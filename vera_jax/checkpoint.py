@@ -28,7 +28,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from vera_jax.adapter import STORED, Adapter
-from vera_jax.atomic import WriteError, discard, publish, read_stable, recover, stage, target_path
+from vera_jax.atomic import discard, publish, read_stable, recover, stage, target_path, write_error
 from vera_jax.config import VeraConfig
 from vera_jax.errors import AdapterFileError
 from vera_jax.layers import find_layers
@@ -163,9 +163,7 @@ def save(directory: str | os.PathLike, adapter: Adapter, params: Mapping | None 
             if primary:
                 (staging / METADATA_FILE).write_text(json.dumps(metadata, sort_keys=True, separators=(",", ":")))
         except OSError as err:  # no space, no permission: nothing was swapped yet
-            raise WriteError(err.errno, f"Cannot write the adapter checkpoint {directory}: {err.strerror or err}; "
-                                        "nothing was replaced and any old copy is whole. Free space, or choose a "
-                                        "writable path.") from None
+            raise write_error(directory, err) from None
         if primary:
             publish(staging, directory, KIND)
     finally:
