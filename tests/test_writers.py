@@ -323,3 +323,20 @@ def test_a_read_only_parent_is_one_line(old, tmp_path, monkeypatch, capsys, tiny
     assert main(_export(tiny, tmp_path / "export", "peft")) == 2
     assert "Read-only file system" in _one_line(capsys)
     assert _beside(tmp_path / "out") == []
+
+
+def test_a_bit_flipped_adapter_is_one_damaged_file_error(tiny, tmp_path):
+    """A flipped bit in the Orbax tree's metadata: named as damage in one line, not as a misfit with tracebacks."""
+    flipped = shutil.copytree(tiny[1], tmp_path / "adapter")
+    manifest = flipped / checkpoint.TREE_DIR / "manifest.ocdbt"
+    data = bytearray(manifest.read_bytes())
+    data[len(data) // 3] ^= 0x10
+    manifest.write_bytes(bytes(data))
+    result = tiny_run.run_subprocess(["export", "--adapter", str(flipped), "--model", str(tiny[0]), "--format", "peft",
+                                      "--output", str(tmp_path / "out")], timeout=300)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "the adapter is damaged" in errors[0], result.stderr[-3000:]
+    assert "does not fit" not in errors[0] and "Traceback" not in result.stderr
+    assert "Event loop is closed" not in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -22,6 +22,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from vera_jax.checkpoint import drop_closed_loop_errors
+
 __all__ = ["RunCheckpoints", "CheckpointMismatch", "CheckpointDamaged"]
 
 SUMS_KEY = "tensor_sha256"  # the meta entry of the state's sums: {tensor path: sha256 of its bytes}
@@ -97,7 +99,7 @@ class RunCheckpoints:
                 damaged.append((step, err))
                 continue
             self._check_matches(step, meta, expected_meta)
-            _drop_closed_loop_errors()
+            drop_closed_loop_errors()
             try:
                 state = self._read_state(step, abstract_state, meta)
             except Exception as err:
@@ -175,22 +177,6 @@ class RunCheckpoints:
 
     def close(self) -> None:
         self._manager.close()
-
-
-def _drop_closed_loop_errors() -> None:
-    """From here on, drop the "Event loop is closed" errors that Python would print, one traceback each, when
-    tensorstore's reads of a damaged step finish after Orbax gave up on it and closed its event loop (they can
-    come after the restore returns, so the hook stays)."""
-    previous = sys.unraisablehook
-    if getattr(previous, "drops_closed_loop_errors", False):
-        return
-
-    def hook(unraisable):
-        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
-            previous(unraisable)
-
-    hook.drops_closed_loop_errors = True
-    sys.unraisablehook = hook
 
 
 def _reason(err: Exception) -> str:

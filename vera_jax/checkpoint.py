@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -37,7 +38,7 @@ from vera_jax.projections import GENERATOR, Projections, init_projections
 from vera_jax.vectors import init_trainable
 
 __all__ = ["fingerprint", "projection_recipe", "projections_from_recipe", "base_record", "save", "restore",
-           "METADATA_FILE", "KIND"]
+           "METADATA_FILE", "KIND", "drop_closed_loop_errors"]
 
 METADATA_FILE = "vera_adapter.json"
 KIND = "checkpoint"  # the kind in the vera_jax manifest of a checkpoint directory
@@ -288,7 +289,7 @@ def _restore(directory: Path, params: Mapping, sharding: jax.sharding.Sharding |
             diff = sorted(n for n in set(recorded) | set(wanted) if recorded.get(n) != wanted.get(n))[:6]
             raise AdapterFileError(f"The adapter in {directory} does not fit these params (differing leaves: {diff}); "
                                    "load it onto the model it was trained with.")
-    restored = _read_tree(directory, target, wanted)
+    restored = _read_tree(directory, target, wanted, recorded=records is not None)
     if records is not None:
         for name, record in tensor_records(restored).items():
             if record != records[name]:
@@ -309,8 +310,11 @@ def _restore(directory: Path, params: Mapping, sharding: jax.sharding.Sharding |
                    generator=generator if generator == GENERATOR else STORED)
 
 
-def _read_tree(directory: Path, target: dict, wanted: dict) -> dict:
-    """The Orbax tree in ``directory``, read as ``target``; a damaged or unreadable tree is an `AdapterFileError`."""
+def _read_tree(directory: Path, target: dict, wanted: dict, recorded: bool) -> dict:
+    """The Orbax tree in ``directory``, read as ``target``; a damaged or unreadable tree is an `AdapterFileError`.
+
+    ``recorded``: ``wanted`` matched the shapes ``vera_adapter.json`` records, so a tree of other shapes is damaged.
+    """
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             stored = checkpointer.metadata(directory / TREE_DIR)
@@ -319,11 +323,32 @@ def _read_tree(directory: Path, target: dict, wanted: dict) -> dict:
                              for k, v in jax.tree_util.tree_leaves_with_path(stored_tree)}
             if stored_shapes != wanted:
                 diff = sorted(n for n in set(stored_shapes) | set(wanted) if stored_shapes.get(n) != wanted.get(n))
+                if recorded:
+                    raise AdapterFileError(f"{directory / TREE_DIR} holds leaves of other shapes than {METADATA_FILE} "
+                                           f"records ({diff[:6]}); the adapter is damaged. Re-save it or use a backup.")
                 raise AdapterFileError(f"The adapter in {directory} does not fit these params (differing leaves: "
                                        f"{diff[:6]}); load it onto the model it was trained with.")
             return checkpointer.restore(directory / TREE_DIR, target)
     except AdapterFileError:
+        drop_closed_loop_errors()
         raise
     except Exception as err:  # Orbax and TensorStore raise many types for damaged files
+        drop_closed_loop_errors()
         raise AdapterFileError(f"{directory / TREE_DIR} cannot be read ({type(err).__name__}: "
                                f"{str(err)[:300]}); the adapter is damaged. Re-save it or use a backup.") from None
+
+
+def drop_closed_loop_errors() -> None:
+    """From here on, drop the "Event loop is closed" errors that Python would print, one traceback each, when
+    tensorstore's reads of a damaged checkpoint finish after Orbax gave up on it and closed its event loop (they can
+    come after the restore returns, so the hook stays)."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_errors", False):
+        return
+
+    def hook(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.drops_closed_loop_errors = True
+    sys.unraisablehook = hook
