@@ -231,6 +231,25 @@ def test_read_stable_reads_again_when_the_directory_was_swapped(old, new, tmp_pa
     assert len(calls) == 2
 
 
+def test_a_checkpoint_swapped_during_its_restore_is_read_again(old, new, tmp_path, monkeypatch):
+    """A writer's swap and clean-up between reading vera_adapter.json and the Orbax tree: no false 'damaged'."""
+    directory = tmp_path / "adapter"
+    checkpoint.save(directory, old)
+    real_read, calls = checkpoint._read_tree, []
+
+    def swap_then_read(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 1:
+            checkpoint.save(tmp_path / "next", new)
+            vera_jax.atomic._exchange(tmp_path / "next", directory)
+            shutil.rmtree(tmp_path / "next")  # the old copy, whose metadata was read, is gone
+        return real_read(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "_read_tree", swap_then_read)
+    assert _same_vectors(checkpoint.restore(directory, PARAMS), new)
+    assert len(calls) == 2
+
+
 def test_stage_removes_only_the_staging_of_dead_writers(tmp_path):
     directory = tmp_path / "out"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
