@@ -109,7 +109,8 @@ def test_lora_and_peft_writers_refuse_each_others_output(old, tmp_path):
     for writer, other in (("lora", "peft"), ("peft", "lora")):
         before = _files(tmp_path / other)
         kind = {"lora": "peft-lora", "peft": "peft-vera"}[writer]
-        with pytest.raises(FileExistsError, match=rf"{other} already holds files .* no {MANIFEST_FILE} naming a {kind}"):
+        with pytest.raises(FileExistsError, match=rf"{other} already holds files .* no {MANIFEST_FILE} naming "
+                                                  rf"a {kind}"):
             WRITERS[writer](tmp_path / other, old)
         assert _files(tmp_path / other) == before
 
@@ -359,3 +360,18 @@ def test_a_bit_flipped_adapter_is_one_damaged_file_error(tiny, tmp_path):
     assert "does not fit" not in errors[0] and "Traceback" not in result.stderr
     assert "Event loop is closed" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_read_only_target_is_refused_before_anything_is_written(old, new, tmp_path, monkeypatch):
+    directory = tmp_path / "out"
+    vera_peft.save_adapter(directory, old, PARAMS)
+    before = _files(directory)
+    real_access = os.access
+
+    def access(path, mode, **kwargs):  # as a read-only directory answers to a user other than root
+        return Path(path) != directory and real_access(path, mode, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+    with pytest.raises(WriteError, match=r"Cannot write \S+out: it is read-only; nothing was written"):
+        vera_peft.save_adapter(directory, new, PARAMS)
+    assert _files(directory) == before and _beside(directory) == ["out"]

@@ -157,6 +157,9 @@ def stage(directory: str | os.PathLike, kind: str, overwrite: bool = False, form
     directory = target_path(directory)
     recover(directory)
     check_replaceable(directory, kind, overwrite)
+    if directory.is_dir() and not os.access(directory, os.W_OK):  # its old files could not be removed
+        raise WriteError(errno.EACCES, f"Cannot write {directory}: it is read-only; nothing was written. Make it "
+                                       "writable, or choose another path.")
     _drop_stale_staging(directory)
     try:
         directory.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ beside its place and swapped in (`vera_jax.atomic`), so a crash never leaves hal
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -243,7 +244,7 @@ def _check_base(directory: Path, recorded: dict, params: Mapping, config: VeraCo
     if record["sample_sha256"] != recorded.get("sample_sha256"):
         warnings.warn(f"The base's adapted kernels hold other values than those the adapter in {directory} was "
                       "trained on (another model of the same shapes, or a copy in another dtype); its results "
-                      "may differ.", stacklevel=3)
+                      "may differ.", stacklevel=5)  # restore's caller, through _restore and read_stable
 
 
 def restore(directory: str | os.PathLike, params: Mapping, *,
@@ -258,7 +259,7 @@ def restore(directory: str | os.PathLike, params: Mapping, *,
         ``params``. Warns when the base's adapted kernels hold other values than the recorded base's.
     """
     directory = target_path(directory)  # Orbax reads relative paths as missing
-    return read_stable(directory, lambda: _restore(directory, params, sharding))
+    return read_stable(directory, functools.partial(_restore, directory, params, sharding))
 
 
 def _restore(directory: Path, params: Mapping, sharding: jax.sharding.Sharding | None) -> Adapter:

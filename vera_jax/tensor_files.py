@@ -36,7 +36,8 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
     for key in sorted(tensors):
         value = np.ascontiguousarray(tensors[key])
         if value.dtype.name not in _DTYPES:
-            raise ValueError(f"Tensor {key} has dtype {value.dtype}, which safetensors cannot hold; cast it to float32.")
+            raise ValueError(f"Tensor {key} has dtype {value.dtype}, which safetensors cannot hold; cast it to "
+                             "float32.")
         value = value.astype(value.dtype.newbyteorder("<"), copy=False)
         header[key] = {"dtype": _DTYPES[value.dtype.name], "shape": list(value.shape),
                        "data_offsets": [offset, offset + value.nbytes]}
