@@ -7,6 +7,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -143,7 +144,7 @@ def test_a_failed_tokenizer_write_leaves_the_old_export_whole(tiny, tmp_path, ca
 
     monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", full_disk)
     assert main(_export(tiny, out, "safetensors")) == 2
-    assert "No space left on device" in _one_line(capsys)
+    assert re.search(r"error: --output \S+merged: Cannot write \S+merged: No space left on device", _one_line(capsys))
     assert _files(out) == before
     assert _beside(out) == ["merged"]
 
@@ -375,3 +376,33 @@ def test_a_read_only_target_is_refused_before_anything_is_written(old, new, tmp_
     with pytest.raises(WriteError, match=r"Cannot write \S+out: it is read-only; nothing was written"):
         vera_peft.save_adapter(directory, new, PARAMS)
     assert _files(directory) == before and _beside(directory) == ["out"]
+
+
+def test_a_full_disk_during_a_runs_checkpoint_is_one_line(tiny, tmp_path, monkeypatch, capsys):
+    """The second of a run's checkpoints meets a full disk: one line, exit 2, the first step restorable."""
+    import orbax.checkpoint as ocp
+
+    from train.checkpoints import RunCheckpoints
+
+    data = tiny_run.make_csv(tmp_path / "data.csv")
+    out = tmp_path / "run"
+    real_save, saves = ocp.CheckpointManager.save, []
+
+    def full_on_the_second(self, step, *args, **kwargs):
+        saves.append(step)
+        if len(saves) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out / "checkpoints" / str(step)))
+        return real_save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", full_on_the_second)
+    assert main(tiny_run.train_args(tiny[0], data, out, "--max-steps", "4", "--checkpoint-every", "2")) == 2
+    err = capsys.readouterr().err  # with the progress bars
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert re.search(r"error: Cannot write \S+checkpoints/4: No space left on device", errors[0]), err
+    monkeypatch.undo()
+    checkpoints = RunCheckpoints(out / "checkpoints", 3)
+    try:
+        assert checkpoints.latest_step() == 2
+    finally:
+        checkpoints.close()

@@ -22,6 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from vera_jax.atomic import write_error
 from vera_jax.checkpoint import drop_closed_loop_errors
 
 __all__ = ["RunCheckpoints", "CheckpointMismatch", "CheckpointDamaged"]
@@ -73,12 +74,19 @@ class RunCheckpoints:
 
     def save(self, step: int, state: dict, meta: dict) -> None:
         """``state``: {'trainable', 'opt_state'[, 'projections']}; ``meta``: JSON (position, options, recipe),
-        stored with the sums of ``state``'s tensors."""
+        stored with the sums of ``state``'s tensors.
+
+        Raises:
+          WriteError: the file system refused the write (no space, read-only); the earlier steps are whole.
+        """
         meta = {**meta, SUMS_KEY: _tensor_sums(state)}
         meta[META_SUM_KEY] = _meta_sum(meta)
-        self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                         meta=ocp.args.JsonSave(meta)))
-        self._manager.wait_until_finished()
+        try:
+            self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                             meta=ocp.args.JsonSave(meta)))
+            self._manager.wait_until_finished()
+        except OSError as err:  # Orbax commits a step only once whole: the earlier ones stay as they were
+            raise write_error(self.directory / str(step), err) from None
 
     def restore(self, abstract_state: dict, expected_meta: dict) -> tuple[int, dict, dict] | None:
         """The newest sound step, its state (placed as ``abstract_state``'s shardings) and meta; None if no checkpoint.

@@ -40,6 +40,9 @@ T = TypeVar("T")
 class WriteError(OSError):
     """A write that failed (no space, no permission) and replaced nothing: the old copy is whole."""
 
+    def __str__(self) -> str:
+        return self.strerror  # the message, without OSError's "[Errno N]"
+
 
 def target_path(directory: str | os.PathLike) -> Path:
     """``directory`` as an absolute path, a symbolic link replaced by what it points to (a link is never swapped)."""
