@@ -316,6 +316,7 @@ def _read_tree(directory: Path, target: dict, wanted: dict, recorded: bool) -> d
 
     ``recorded``: ``wanted`` matched the shapes ``vera_adapter.json`` records, so a tree of other shapes is damaged.
     """
+    drop_closed_loop_errors()  # a damaged tree's reads can end after Orbax closed its loop, while it still reads
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             stored = checkpointer.metadata(directory / TREE_DIR)
@@ -331,10 +332,8 @@ def _read_tree(directory: Path, target: dict, wanted: dict, recorded: bool) -> d
                                        f"{diff[:6]}); load it onto the model it was trained with.")
             return checkpointer.restore(directory / TREE_DIR, target)
     except AdapterFileError:
-        drop_closed_loop_errors()
         raise
     except Exception as err:  # Orbax and TensorStore raise many types for damaged files
-        drop_closed_loop_errors()
         raise AdapterFileError(f"{directory / TREE_DIR} cannot be read ({type(err).__name__}: "
                                f"{str(err)[:300]}); the adapter is damaged. Re-save it or use a backup.") from None
 
