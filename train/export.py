@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="directory to write (new, empty, or an earlier export)")
     parser.add_argument("--overwrite", action="store_true",
                         help="write --output even when it holds other files: they are moved aside to "
-                             "OUTPUT.replaced-TIME-PID once the export is complete, never deleted")
+                             "a new OUTPUT.replaced-TIME-PID-RANDOM once the export is complete, never deleted")
     parser.add_argument("--format", choices=FORMATS, default="peft")
     parser.add_argument("--model", default="default",
                         help="the base: 'default' (MiniLM), 'smollm2', a hub id or a local directory")
