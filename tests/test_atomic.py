@@ -81,8 +81,15 @@ def test_a_failed_exchange_leaves_the_old_adapter(bert, old, new, tmp_path, monk
     assert _hidden(directory) == []
 
 
+def _staging_name(path) -> str:
+    """A path's name, a writer's unique staging suffix (``.NAME.partial.HOST.PID.RANDOM``) cut to ``.partial``."""
+    name = Path(path).name
+    return name[: name.index(".partial.") + len(".partial")] if ".partial." in name else name
+
+
 class _FlakyOs:
-    """``os`` as `vera_jax.atomic` sees it, with a ``replace`` that fails moving ``failing`` into place."""
+    """``os`` as `vera_jax.atomic` sees it, with a ``replace`` that fails moving ``failing`` (a path, or a staging
+    directory of that name) into place."""
 
     def __init__(self, failing: Path):
         self.failing = failing
@@ -92,8 +99,8 @@ class _FlakyOs:
         return getattr(os, name)
 
     def replace(self, source, target):
-        self.calls.append((Path(source).name, Path(target).name))
-        if Path(source) == self.failing:
+        self.calls.append((_staging_name(source), _staging_name(target)))
+        if Path(source).parent == self.failing.parent and _staging_name(source) == self.failing.name:
             raise OSError(errno.EIO, "injected: the second rename failed", str(target))
         os.replace(source, target)
 

@@ -305,7 +305,7 @@ def test_export_command_writes_peft_and_merged_models(tiny, tmp_path, capsys):
     # A merged model is not a PEFT adapter either: exporting PEFT files over it is refused.
     assert main(["export", "--adapter", str(run_dir / "adapter"), "--model", str(model), "--output",
                  str(tmp_path / "flax")]) == 2
-    assert "has no adapter_config.json" in capsys.readouterr().err
+    assert "has no vera_jax_manifest.json naming a peft-vera" in capsys.readouterr().err
     assert (tmp_path / "flax" / "flax_model.msgpack").exists()
 
 

@@ -21,11 +21,12 @@ from train.model import ModelError
 from train.options import FlagError, Parser
 from train.runner import RunError
 from vera_jax import AdapterFileError
+from vera_jax.atomic import WriteError
 
 __all__ = ["main", "build_parser", "COMMANDS", "DEFAULT_COMMAND"]
 
 USER_ERRORS = (FlagError, RunError, DataError, MeshError, ModelError, CheckpointMismatch, export.ExportError,
-               AdapterFileError, gguf_llama.GGUFError, bench.BenchError)
+               AdapterFileError, gguf_llama.GGUFError, bench.BenchError, WriteError)
 
 
 @dataclasses.dataclass(frozen=True)

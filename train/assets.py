@@ -103,7 +103,7 @@ def _publish(target: Path, write, archive: Archive) -> Path:
     an existing ``target`` is returned as it is."""
     if target.exists():
         return target
-    with staged_directory(target, ASSET_FILE) as staging:
+    with staged_directory(target, "asset") as staging:
         write(staging)
         (staging / ASSET_FILE).write_text(json.dumps({"requirement": archive.requirement, "sha256": archive.sha256}))
     return target

@@ -22,6 +22,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from vera_jax.atomic import write_error
+from vera_jax.checkpoint import drop_closed_loop_errors
+
 __all__ = ["RunCheckpoints", "CheckpointMismatch", "CheckpointDamaged"]
 
 SUMS_KEY = "tensor_sha256"  # the meta entry of the state's sums: {tensor path: sha256 of its bytes}
@@ -71,12 +74,19 @@ class RunCheckpoints:
 
     def save(self, step: int, state: dict, meta: dict) -> None:
         """``state``: {'trainable', 'opt_state'[, 'projections']}; ``meta``: JSON (position, options, recipe),
-        stored with the sums of ``state``'s tensors."""
+        stored with the sums of ``state``'s tensors.
+
+        Raises:
+          WriteError: the file system refused the write (no space, read-only); the earlier steps are whole.
+        """
         meta = {**meta, SUMS_KEY: _tensor_sums(state)}
         meta[META_SUM_KEY] = _meta_sum(meta)
-        self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                         meta=ocp.args.JsonSave(meta)))
-        self._manager.wait_until_finished()
+        try:
+            self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                             meta=ocp.args.JsonSave(meta)))
+            self._manager.wait_until_finished()
+        except OSError as err:  # Orbax commits a step only once whole: the earlier ones stay as they were
+            raise write_error(self.directory / str(step), err) from None
 
     def restore(self, abstract_state: dict, expected_meta: dict) -> tuple[int, dict, dict] | None:
         """The newest sound step, its state (placed as ``abstract_state``'s shardings) and meta; None if no checkpoint.
@@ -97,7 +107,7 @@ class RunCheckpoints:
                 damaged.append((step, err))
                 continue
             self._check_matches(step, meta, expected_meta)
-            _drop_closed_loop_errors()
+            drop_closed_loop_errors()
             try:
                 state = self._read_state(step, abstract_state, meta)
             except Exception as err:
@@ -175,22 +185,6 @@ class RunCheckpoints:
 
     def close(self) -> None:
         self._manager.close()
-
-
-def _drop_closed_loop_errors() -> None:
-    """From here on, drop the "Event loop is closed" errors that Python would print, one traceback each, when
-    tensorstore's reads of a damaged step finish after Orbax gave up on it and closed its event loop (they can
-    come after the restore returns, so the hook stays)."""
-    previous = sys.unraisablehook
-    if getattr(previous, "drops_closed_loop_errors", False):
-        return
-
-    def hook(unraisable):
-        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
-            previous(unraisable)
-
-    hook.drops_closed_loop_errors = True
-    sys.unraisablehook = hook
 
 
 def _reason(err: Exception) -> str:

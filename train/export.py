@@ -27,6 +27,7 @@ from vera_jax import peft as vera_peft
 __all__ = ["add_arguments", "command", "export", "FORMATS", "ExportError"]
 
 FORMATS = ("peft", "lora", "flax", "safetensors")
+KINDS = {"peft": vera_peft.KIND, "lora": vera_lora.KIND, "flax": merged_export.KIND, "safetensors": merged_export.KIND}
 TASKS = {"sequence-classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
 
 
@@ -39,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="directory to write (new, empty, or an earlier export)")
     parser.add_argument("--overwrite", action="store_true",
                         help="write --output even when it holds other files: they are moved aside to "
-                             "OUTPUT.replaced-TIME-PID once the export is complete, never deleted")
+                             "a new OUTPUT.replaced-TIME-PID-RANDOM once the export is complete, never deleted")
     parser.add_argument("--format", choices=FORMATS, default="peft")
     parser.add_argument("--model", default="default",
                         help="the base: 'default' (MiniLM), 'smollm2', a hub id or a local directory")
@@ -83,9 +84,9 @@ def export(args: argparse.Namespace) -> Path:
     if args.task == "causal-lm" and args.backend != "linen" and args.format not in ("peft", "lora"):
         raise ExportError(f"--format {args.format} writes a transformers Flax model; an adapter of the NNX backend "
                           "exports as --format peft or lora (or train and export with --backend linen).")
-    marker = vera_peft.CONFIG_FILE if args.format in ("peft", "lora") else merged_export.CONFIG_FILE
+    _check_output(args)
     try:
-        atomic.check_replaceable(args.output, marker, args.overwrite)  # before the model loads
+        atomic.check_replaceable(args.output, KINDS[args.format], args.overwrite)  # before the model loads
         model, tokenizer = _load_model(args.model, args.task, args.num_labels, args.backend)
         stacks = model.stacks if isinstance(model, NnxCausalLM) else ()
         if read is vera_peft.load_adapter:
@@ -103,12 +104,21 @@ def export(args: argparse.Namespace) -> Path:
                 raise ExportError(f"--format peft cannot hold this adapter: {err}") from None
         if args.format == "lora":
             return _lora(args, adapter, model.params, stacks)
-        out = merged_export.save_merged(args.output, adapter, model.params, model,
-                                        safetensors=args.format == "safetensors", overwrite=args.overwrite)
+        return merged_export.save_merged(args.output, adapter, model.params, model, tokenizer=tokenizer,
+                                         safetensors=args.format == "safetensors", overwrite=args.overwrite)
     except FileExistsError as err:
         raise ExportError(f"--output {args.output}: {err}") from None
-    tokenizer.save_pretrained(out)
-    return out
+    except atomic.WriteError as err:  # no space, a read-only target: nothing was replaced
+        raise ExportError(f"--output {args.output}: {err.strerror}") from None
+
+
+def _check_output(args: argparse.Namespace) -> None:
+    """Refuse an --output that is --adapter's or --model's own directory, which the export would replace."""
+    output = Path(args.output).resolve()
+    for flag, source in (("--adapter", args.adapter), ("--model", args.model)):
+        if Path(source).exists() and Path(source).resolve() == output:
+            raise ExportError(f"--output {args.output} is the directory of {flag} {source}; the export would replace "
+                              "what it reads. Choose another --output.")
 
 
 def _lora(args: argparse.Namespace, adapter, params, stacks: tuple[str, ...]) -> Path:

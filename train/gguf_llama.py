@@ -30,7 +30,7 @@ __all__ = ["convert", "add_arguments", "command", "GGUFError", "unpermute_rows",
 
 ARCHITECTURE = "llama"
 DEFAULT_MAX_POSITIONS = 2048
-CONVERSION_FILE = "conversion.json"  # marks a directory this converter wrote (and may replace)
+CONVERSION_FILE = "conversion.json"  # records the GGUF file a directory was converted from
 # llama.cpp pre-tokenizer names -> whether digits are split one by one before the GPT-2 regex.
 PRE_TOKENIZERS = {"smollm": True, "gpt2": False, "default": False}
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types that become added (special) tokens
@@ -202,7 +202,7 @@ def command(args: argparse.Namespace) -> None:
     from vera_jax.atomic import staged_directory
 
     try:
-        with staged_directory(args.output, CONVERSION_FILE) as staging:
+        with staged_directory(args.output, "gguf-conversion") as staging:
             convert(args.gguf, staging, args.max_positions)
     except FileExistsError as err:
         raise GGUFError(str(err)) from None

@@ -144,9 +144,9 @@ def start(options: Options, load: Callable[[Options], Prepared], *, on_mesh: boo
     out = output_dir(options.output_dir)
     mesh = mesh_lib.make_mesh(options.mesh, options.batch_size) if on_mesh else None
     if on_mesh:
-        for name, marker in (("adapter", adapter_checkpoint.METADATA_FILE), ("peft_adapter", vera_peft.CONFIG_FILE)):
+        for name, kind in (("adapter", adapter_checkpoint.KIND), ("peft_adapter", vera_peft.KIND)):
             try:
-                atomic.check_replaceable(out / name, marker)
+                atomic.check_replaceable(out / name, kind)
             except FileExistsError as err:
                 raise RunError(f"{err} (the run writes its adapter there; choose another --output-dir)") from None
         if (out / "checkpoints").is_dir():  # a resume with other flags is refused before anything loads

@@ -13,10 +13,11 @@ beside its place and swapped in (`vera_jax.atomic`), so a crash never leaves hal
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
-import shutil
+import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,7 +30,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from vera_jax.adapter import STORED, Adapter
-from vera_jax.atomic import holds_foreign, publish, recover, stage, staging_path
+from vera_jax.atomic import discard, publish, read_stable, recover, stage, target_path, write_error
 from vera_jax.config import VeraConfig
 from vera_jax.errors import AdapterFileError
 from vera_jax.layers import find_layers
@@ -38,9 +39,10 @@ from vera_jax.projections import GENERATOR, Projections, init_projections
 from vera_jax.vectors import init_trainable
 
 __all__ = ["fingerprint", "projection_recipe", "projections_from_recipe", "base_record", "save", "restore",
-           "METADATA_FILE"]
+           "METADATA_FILE", "KIND", "drop_closed_loop_errors"]
 
 METADATA_FILE = "vera_adapter.json"
+KIND = "checkpoint"  # the kind in the vera_jax manifest of a checkpoint directory
 TREE_DIR = "trainable"
 METADATA_CHECKSUM = "sha256"  # of the rest of vera_adapter.json, as `_json_digest` writes it
 BASE_SAMPLE = 64  # values per adapted kernel in the base's fingerprint, evenly spaced over its flat index
@@ -144,9 +146,10 @@ def save(directory: str | os.PathLike, adapter: Adapter, params: Mapping | None 
 
     Raises:
       FileExistsError: ``directory`` holds files that are not a vera_jax adapter (nothing is written); with
-        ``overwrite`` they are moved aside to ``NAME.replaced-TIME-PID`` once the new copy is in place.
+        ``overwrite`` they are moved aside to a new ``NAME.replaced-TIME-PID-RANDOM`` once the new copy is in place.
+      WriteError: the file system refused the write (no space, read-only); the old copy is whole.
     """
-    directory = Path(directory).absolute()
+    directory = target_path(directory)
     tree = _stored_tree(adapter)
     metadata = {"config": adapter.config.to_dict(), "projection": projection_recipe(adapter),
                 "tensors": tensor_records(tree)}
@@ -154,20 +157,35 @@ def save(directory: str | os.PathLike, adapter: Adapter, params: Mapping | None 
         metadata["base"] = base_record(params, adapter.config)
     metadata[METADATA_CHECKSUM] = _json_digest(metadata)
     primary = jax.process_index() == 0
-    foreign = holds_foreign(directory, METADATA_FILE)
-    staging = stage(directory, METADATA_FILE, overwrite) if primary else staging_path(directory)
-    multihost_utils.sync_global_devices(f"vera_jax.checkpoint.save:{staging}")
+    staging = _shared_staging(directory, overwrite)
     try:
-        with ocp.StandardCheckpointer() as checkpointer:  # waits for the asynchronous write to finish
-            checkpointer.save(staging / TREE_DIR, tree)
+        try:
+            with ocp.StandardCheckpointer() as checkpointer:  # waits for the asynchronous write to finish
+                checkpointer.save(staging / TREE_DIR, tree)
+            if primary:
+                (staging / METADATA_FILE).write_text(json.dumps(metadata, sort_keys=True, separators=(",", ":")))
+        except OSError as err:  # no space, no permission: nothing was swapped yet
+            raise write_error(directory, err) from None
         if primary:
-            (staging / METADATA_FILE).write_text(json.dumps(metadata, sort_keys=True, separators=(",", ":")))
-            publish(staging, directory, keep_old=foreign)
+            publish(staging, directory, KIND)
     finally:
         if primary:
-            shutil.rmtree(staging, ignore_errors=True)
+            discard(staging, KIND)
     multihost_utils.sync_global_devices(f"vera_jax.checkpoint.saved:{directory}")
     return directory
+
+
+def _shared_staging(directory: Path, overwrite: bool) -> Path:
+    """Process 0's new staging directory for ``directory``, its path told to every process."""
+    staging = stage(directory, KIND, overwrite, format="orbax") if jax.process_index() == 0 else None
+    if jax.process_count() > 1:
+        name = np.zeros(1024, np.uint8)
+        if staging is not None:
+            encoded = np.frombuffer(os.fsencode(staging.name), np.uint8)
+            name[: encoded.size] = encoded
+        name = np.asarray(multihost_utils.broadcast_one_to_all(name), np.uint8)
+        staging = directory.parent / os.fsdecode(name.tobytes().rstrip(b"\0"))
+    return staging
 
 
 def _stored_tree(adapter: Adapter) -> dict:
@@ -226,7 +244,7 @@ def _check_base(directory: Path, recorded: dict, params: Mapping, config: VeraCo
     if record["sample_sha256"] != recorded.get("sample_sha256"):
         warnings.warn(f"The base's adapted kernels hold other values than those the adapter in {directory} was "
                       "trained on (another model of the same shapes, or a copy in another dtype); its results "
-                      "may differ.", stacklevel=3)
+                      "may differ.", stacklevel=5)  # restore's caller, through _restore and read_stable
 
 
 def restore(directory: str | os.PathLike, params: Mapping, *,
@@ -240,7 +258,12 @@ def restore(directory: str | os.PathLike, params: Mapping, *,
       AdapterFileError: the directory is damaged (naming the file or tensor), or the adapter does not fit
         ``params``. Warns when the base's adapted kernels hold other values than the recorded base's.
     """
-    directory = Path(directory).absolute()  # Orbax reads relative paths as missing
+    directory = target_path(directory)  # Orbax reads relative paths as missing
+    return read_stable(directory, functools.partial(_restore, directory, params, sharding))
+
+
+def _restore(directory: Path, params: Mapping, sharding: jax.sharding.Sharding | None) -> Adapter:
+    """`restore`'s one read of ``directory``."""
     recover(directory)  # an old copy a crash left beside its place
     metadata = _metadata(directory)
     config = metadata["config"]
@@ -267,7 +290,7 @@ def restore(directory: str | os.PathLike, params: Mapping, *,
             diff = sorted(n for n in set(recorded) | set(wanted) if recorded.get(n) != wanted.get(n))[:6]
             raise AdapterFileError(f"The adapter in {directory} does not fit these params (differing leaves: {diff}); "
                                    "load it onto the model it was trained with.")
-    restored = _read_tree(directory, target, wanted)
+    restored = _read_tree(directory, target, wanted, recorded=records is not None)
     if records is not None:
         for name, record in tensor_records(restored).items():
             if record != records[name]:
@@ -288,8 +311,12 @@ def restore(directory: str | os.PathLike, params: Mapping, *,
                    generator=generator if generator == GENERATOR else STORED)
 
 
-def _read_tree(directory: Path, target: dict, wanted: dict) -> dict:
-    """The Orbax tree in ``directory``, read as ``target``; a damaged or unreadable tree is an `AdapterFileError`."""
+def _read_tree(directory: Path, target: dict, wanted: dict, recorded: bool) -> dict:
+    """The Orbax tree in ``directory``, read as ``target``; a damaged or unreadable tree is an `AdapterFileError`.
+
+    ``recorded``: ``wanted`` matched the shapes ``vera_adapter.json`` records, so a tree of other shapes is damaged.
+    """
+    drop_closed_loop_errors()  # a damaged tree's reads can end after Orbax closed its loop, while it still reads
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             stored = checkpointer.metadata(directory / TREE_DIR)
@@ -298,6 +325,9 @@ def _read_tree(directory: Path, target: dict, wanted: dict) -> dict:
                              for k, v in jax.tree_util.tree_leaves_with_path(stored_tree)}
             if stored_shapes != wanted:
                 diff = sorted(n for n in set(stored_shapes) | set(wanted) if stored_shapes.get(n) != wanted.get(n))
+                if recorded:
+                    raise AdapterFileError(f"{directory / TREE_DIR} holds leaves of other shapes than {METADATA_FILE} "
+                                           f"records ({diff[:6]}); the adapter is damaged. Re-save it or use a backup.")
                 raise AdapterFileError(f"The adapter in {directory} does not fit these params (differing leaves: "
                                        f"{diff[:6]}); load it onto the model it was trained with.")
             return checkpointer.restore(directory / TREE_DIR, target)
@@ -306,3 +336,19 @@ def _read_tree(directory: Path, target: dict, wanted: dict) -> dict:
     except Exception as err:  # Orbax and TensorStore raise many types for damaged files
         raise AdapterFileError(f"{directory / TREE_DIR} cannot be read ({type(err).__name__}: "
                                f"{str(err)[:300]}); the adapter is damaged. Re-save it or use a backup.") from None
+
+
+def drop_closed_loop_errors() -> None:
+    """From here on, drop the "Event loop is closed" errors that Python would print, one traceback each, when
+    tensorstore's reads of a damaged checkpoint finish after Orbax gave up on it and closed its event loop (they can
+    come after the restore returns, so the hook stays)."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_errors", False):
+        return
+
+    def hook(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.drops_closed_loop_errors = True
+    sys.unraisablehook = hook

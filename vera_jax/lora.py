@@ -23,12 +23,15 @@ import numpy as np
 
 from vera_jax import hf
 from vera_jax.adapter import Adapter, layer_vectors
-from vera_jax.atomic import staged_directory
+from vera_jax.atomic import staged_directory, target_path
 from vera_jax.paths import split_leaf
-from vera_jax.peft import CONFIG_FILE, MODEL_PREFIX, WEIGHTS_FILE, module_names
+from vera_jax.peft import CHECKSUMS, CONFIG_FILE, MODEL_PREFIX, WEIGHTS_FILE, module_names
+from vera_jax.tensor_files import tensor_checksums, write_safetensors
 from vera_jax.vectors import full_leaves
 
-__all__ = ["LoraFactors", "lora_factors", "save_lora"]
+__all__ = ["LoraFactors", "lora_factors", "save_lora", "KIND"]
+
+KIND = "peft-lora"  # the kind in the vera_jax manifest of a PEFT LoRA directory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,8 +115,10 @@ def save_lora(directory: str | os.PathLike, adapter: Adapter, params: Mapping, *
 
     Raises:
       ValueError: as `lora_factors`.
-      FileExistsError: ``directory`` holds files that are not a PEFT adapter (nothing is written); with
-        ``overwrite`` they are moved aside to ``NAME.replaced-TIME-PID`` once the new copy is in place.
+      FileExistsError: ``directory`` holds files that are not a LoRA adapter vera_jax wrote (nothing is
+        written); with ``overwrite`` they are moved aside to a new ``NAME.replaced-TIME-PID-RANDOM`` once the new
+        copy is in place.
+      WriteError: the file system refused the write (no space, read-only); the old copy is whole.
     """
     factors = lora_factors(adapter, params, rank=rank, stacks=stacks, names=names)
     k = factors[0].lora_a.shape[0]
@@ -135,10 +140,8 @@ def save_lora(directory: str | os.PathLike, adapter: Adapter, params: Mapping, *
         "init_lora_weights": True, "use_rslora": False, "use_dora": False, "layers_to_transform": None,
         "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True,
     }
-    from safetensors.numpy import save_file
-
-    with staged_directory(directory, CONFIG_FILE, overwrite) as staging:
-        save_file({name: np.ascontiguousarray(value, np.float32) for name, value in tensors.items()},
-                  str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+    with staged_directory(directory, KIND, overwrite, format="LORA") as staging:
+        arrays = {name: np.ascontiguousarray(value, np.float32) for name, value in tensors.items()}
+        write_safetensors(staging / WEIGHTS_FILE, arrays, {"format": "pt", CHECKSUMS: tensor_checksums(arrays)})
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
-    return Path(directory).absolute(), factors
+    return target_path(directory), factors

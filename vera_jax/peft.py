@@ -15,7 +15,6 @@ safetensors header (``vera_jax_sha256``, which PEFT ignores), checked on load; P
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -28,18 +27,21 @@ import numpy as np
 
 from vera_jax import hf
 from vera_jax.adapter import STORED, Adapter, layer_vectors
-from vera_jax.atomic import staged_directory
+from vera_jax.atomic import read_stable, staged_directory, target_path
 from vera_jax.config import VeraConfig
 from vera_jax.errors import AdapterFileError
 from vera_jax.layers import LAMBDA_B, LAMBDA_D, VECTOR_NAMES, find_layers, vector_module
 from vera_jax.paths import SEP, flatten, module_paths, split_leaf, unflatten
 from vera_jax.projections import Projections, kaiming_uniform_bound
+from vera_jax.tensor_files import tensor_checksums, write_safetensors
 from vera_jax.vectors import full_leaves
 
-__all__ = ["load_adapter", "save_adapter", "AdapterFileError", "CONFIG_FILE", "WEIGHTS_FILE", "TORCH_GENERATOR"]
+__all__ = ["load_adapter", "save_adapter", "AdapterFileError", "CONFIG_FILE", "WEIGHTS_FILE", "TORCH_GENERATOR",
+           "KIND"]
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+KIND = "peft-vera"  # the kind in the vera_jax manifest of a PEFT VeRA directory
 MODEL_PREFIX = "base_model.model."
 A_KEY, B_KEY = "base_model.vera_A", "base_model.vera_B"
 CHECKSUMS = "vera_jax_sha256"  # safetensors header entry: every tensor's sha256 (PEFT ignores it)
@@ -123,19 +125,13 @@ def _read_tensors(directory: Path) -> dict[str, np.ndarray]:
     return tensors
 
 
-def _tensor_checksums(tensors: Mapping[str, np.ndarray]) -> str:
-    """JSON ``{key: sha256 of the tensor's bytes}``, kept in the safetensors header by `save_adapter`."""
-    return json.dumps({key: hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest()
-                       for key, value in sorted(tensors.items())})
-
-
 def _check_checksums(path: Path, recorded: str, tensors: Mapping[str, np.ndarray]) -> None:
     """Files vera_jax wrote carry a checksum of every tensor; a tensor that differs from it is damage."""
     try:
         expected = json.loads(recorded)
     except ValueError:
         raise _fail(path, CHECKSUMS, "damaged header", "Re-save or re-download the adapter") from None
-    got = json.loads(_tensor_checksums(tensors))
+    got = json.loads(tensor_checksums(tensors))
     if expected != got:
         differing = sorted(k for k in set(expected) | set(got) if expected.get(k) != got.get(k))
         raise _fail(path, ", ".join(differing[:4]), "does not match the checksum written with the file: the file is "
@@ -185,8 +181,7 @@ def load_adapter(directory: str | os.PathLike, params: Mapping, *, dtype: str = 
     """
     directory = Path(directory)
     config_file, weights_file = directory / CONFIG_FILE, directory / WEIGHTS_FILE
-    peft_config = _read_config(directory)
-    tensors = _read_tensors(directory)
+    peft_config, tensors = read_stable(directory, lambda: (_read_config(directory), _read_tensors(directory)))
     flat_params = flatten(params)
     modules = set(module_paths(flat_params))
     r = peft_config["r"]
@@ -352,8 +347,10 @@ def save_adapter(directory: str | os.PathLike, adapter: Adapter, params: Mapping
         (its parts use other rows of B than PEFT gives them: export it with `vera_jax.lora.save_lora`); GPT-2
         Conv1D kernels mixed with others; an adapter that does not fit ``params``; or a stack under none of
         ``stacks`` and no name rule.
-      FileExistsError: ``directory`` holds files that are not a PEFT adapter (nothing is written); with
-        ``overwrite`` they are moved aside to ``NAME.replaced-TIME-PID`` once the new copy is in place.
+      FileExistsError: ``directory`` holds files that are not a PEFT VeRA adapter vera_jax wrote (nothing is
+        written); with ``overwrite`` they are moved aside to a new ``NAME.replaced-TIME-PID-RANDOM`` once the new
+        copy is in place.
+      WriteError: the file system refused the write (no space, read-only); the old copy is whole.
     """
     config = adapter.config
     if config.projection_sharing != "shared":
@@ -391,10 +388,8 @@ def save_adapter(directory: str | os.PathLike, adapter: Adapter, params: Mapping
         "init_weights": True,
         "layers_to_transform": None, "layers_pattern": None, "inference_mode": True,
     }
-    from safetensors.numpy import save_file
-
-    with staged_directory(directory, CONFIG_FILE, overwrite) as staging:
+    with staged_directory(directory, KIND, overwrite, format="VERA") as staging:
         arrays = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in tensors.items()}
-        save_file(arrays, str(staging / WEIGHTS_FILE), metadata={"format": "pt", CHECKSUMS: _tensor_checksums(arrays)})
+        write_safetensors(staging / WEIGHTS_FILE, arrays, {"format": "pt", CHECKSUMS: tensor_checksums(arrays)})
         (staging / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2, sort_keys=True))
-    return Path(directory).absolute()
+    return target_path(directory)
