@@ -4,8 +4,12 @@ data refused, damaged checkpoints skipped for the newest sound one, a diverging 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import socket
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -13,7 +17,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import tiny_run
-from train import classify
+from train import classify, run_lock
 from train.__main__ import main
 
 
@@ -201,3 +205,78 @@ def test_a_diverging_run_stops_and_keeps_its_last_finite_checkpoint(tiny, tmp_pa
     assert all(np.isfinite(np.asarray(x, np.float64)).all() for x in jax.tree.leaves(_stored_state(
         out / "checkpoints" / "2")))
     assert not (out / "adapter").exists() and not (out / "summary.json").exists()
+
+
+# ---- one run per directory ----
+
+HOLD_LOCK = """
+import pathlib, sys, time
+from train import run_lock
+with run_lock.held(pathlib.Path(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+def _hold_lock(out, seconds: float) -> subprocess.Popen:
+    """A second process holding ``out``'s run lock for ``seconds`` (once it has printed 'held')."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out), str(seconds)], cwd=tiny_run.REPO,
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    return holder
+
+
+def test_a_second_run_on_a_busy_directory_is_refused_before_it_writes(tiny, tmp_path, monkeypatch, capsys):
+    model, data = tiny
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = _hold_lock(out, 60)
+    try:
+        monkeypatch.setattr(classify, "load_classifier", lambda *a, **k: pytest.fail("the model loaded"))
+        assert main(tiny_run.train_args(model, data, out, "--max-steps", "2")) == 2
+        err = capsys.readouterr().err
+        assert err.strip().splitlines() == [f"error: --output-dir {out} is in use by another run (pid {holder.pid} on "
+                                            f"host {socket.gethostname()}); wait for it to finish, or choose another "
+                                            "--output-dir."]
+        assert sorted(p.name for p in out.iterdir()) == [run_lock.LOCK_FILE]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_dead_owners_directory_is_taken_over_with_a_note(tmp_path, capsys):
+    holder = _hold_lock(tmp_path, 60)
+    holder.kill()  # SIGKILL: the kernel drops its lock, its record stays
+    holder.wait()
+    with run_lock.held(tmp_path):
+        assert json.loads((tmp_path / run_lock.LOCK_FILE).read_text())["pid"] == os.getpid()
+    assert (f"note: the run that held --output-dir {tmp_path} (pid {holder.pid} on host {socket.gethostname()}) is "
+            "no longer running; this run takes the directory over." in capsys.readouterr().err)
+    with run_lock.held(tmp_path):  # released cleanly: no note
+        pass
+    assert "note" not in capsys.readouterr().err
+
+
+def test_two_runs_started_together_on_one_directory_one_is_refused(tiny, tmp_path):
+    model, data = tiny
+    out = tmp_path / "run"
+    args = tiny_run.train_args(model, data, out, "--max-steps", "2", "--seed", "1")
+    runs = [subprocess.Popen([sys.executable, "-m", "train", *args], cwd=tiny_run.REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "JAX_PLATFORMS": "cpu"}) for _ in range(2)]
+    results = [(run.wait(timeout=600), run.stderr.read()) for run in runs]
+    assert sorted(code for code, _ in results) == [0, 2], results
+    refused = next(err for code, err in results if code == 2)
+    assert re.fullmatch(rf"error: --output-dir {re.escape(str(out))} is in use by another run \(pid \d+ on host \S+\); "
+                        r"wait for it to finish, or choose another --output-dir\.\n", refused), refused
+    assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r] == [1, 2]  # one run's records only
+
+
+def test_an_empty_output_dir_is_refused(tiny, tmp_path, monkeypatch, capsys):
+    model, data = tiny
+    monkeypatch.chdir(tmp_path)
+    assert main(tiny_run.train_args(model, data, "", "--max-steps", "2")) == 2
+    assert capsys.readouterr().err == ("error: --output-dir is empty, which would write the run into the current "
+                                       "directory; name a run directory, such as runs/latest.\n")
+    assert list(tmp_path.iterdir()) == []

@@ -19,13 +19,14 @@ from train.data import DataError
 from train.mesh import MeshError
 from train.model import ModelError
 from train.options import FlagError, Parser
+from train.run_lock import RunDirectoryBusy
 from train.runner import RunError
 from vera_jax import AdapterFileError
 
 __all__ = ["main", "build_parser", "COMMANDS", "DEFAULT_COMMAND"]
 
 USER_ERRORS = (FlagError, RunError, DataError, MeshError, ModelError, CheckpointMismatch, export.ExportError,
-               AdapterFileError, gguf_llama.GGUFError, bench.BenchError)
+               AdapterFileError, gguf_llama.GGUFError, bench.BenchError, RunDirectoryBusy)
 
 
 @dataclasses.dataclass(frozen=True)

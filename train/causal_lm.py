@@ -27,7 +27,8 @@ from train import steps
 from train.metrics import directory_bytes
 from train.model import load_causal_lm
 from train.options import CAUSAL_LM, CAUSAL_LM_DEFAULTS, Options, add_options, from_args
-from train.runner import Prepared, RunError, check_positions, evaluate, fit, publish, save_adapters, start, to_host
+from train.runner import (Prepared, RunError, check_positions, evaluate, fit, locked_run, publish, save_adapters, start,
+                          to_host)
 
 __all__ = ["run", "prepare", "add_arguments", "command", "lora_parameters"]
 
@@ -86,6 +87,7 @@ def _peak_memory() -> dict:
             "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale}
 
 
+@locked_run
 def run(options: Options) -> dict:
     """Run the job described by ``options`` and return the summary it also writes to summary.json."""
     started = time.perf_counter()

@@ -22,8 +22,8 @@ from train.metrics import directory_bytes
 from train.model import load_classifier
 from train.options import CLASSIFY, Options, add_options, from_args
 from train.profile import JobProfile
-from train.runner import (Prepared, RunError, check_positions, count_steps, evaluate, fit, publish, save_adapters,
-                          start)
+from train.runner import (Prepared, RunError, check_positions, count_steps, evaluate, fit, locked_run, publish,
+                          save_adapters, start)
 
 __all__ = ["run", "prepare", "add_arguments", "command", "RunError"]
 
@@ -53,6 +53,7 @@ def prepare(options: Options) -> Prepared:
     return Prepared(model, tokenizer, train_data, test_data, tokenizer.pad_token_id or 0, test_split)
 
 
+@locked_run
 def run(options: Options) -> dict:
     """Run the job described by ``options`` and return the summary it also writes to summary.json."""
     started = time.perf_counter()

@@ -11,6 +11,7 @@ placed FSDP by path rules, the checkpoints and the metrics log. The job then cal
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import tempfile
 import time
@@ -25,7 +26,7 @@ from tqdm import tqdm
 import vera_jax
 from train import data as data_lib
 from train import mesh as mesh_lib
-from train import steps
+from train import run_lock, steps
 from train.checkpoints import RunCheckpoints
 from train.metrics import MetricsLog, plot_curves, write_json
 from train.model import hub_id, kernel_axes, model_source
@@ -39,7 +40,7 @@ from vera_jax import peft as vera_peft
 __all__ = ["Prepared", "Run", "Context", "RunError", "TrainingDiverged", "start", "check_positions",
            "init_distributed", "output_dir", "place", "to_host", "global_batch", "group_count", "train_groups", "fit",
            "evaluate", "all_finite", "learning_rate_flags", "count_steps", "model_config", "vera_setup",
-           "resolve_path", "dropout_key", "step_key", "save_adapters", "publish", "DROPOUT_STREAM"]
+           "resolve_path", "dropout_key", "step_key", "save_adapters", "publish", "DROPOUT_STREAM", "locked_run"]
 
 DROPOUT_STREAM = 2**31  # fold_in offset for the dropout key: disjoint from the projection stream's blocks
 
@@ -129,6 +130,21 @@ def resume_options(options: Options) -> dict:
     """The options a checkpoint records and a resumed run must match (JSON: tuples as lists)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(options).items()
             if k in RESUME_KEYS}
+
+
+def locked_run(job: Callable[..., dict]) -> Callable[..., dict]:
+    """``job(options, ...)`` run holding its --output-dir's run lock (`train.run_lock`), taken before anything
+    loads; process 0 of a multi-process run holds it for all of them."""
+
+    @functools.wraps(job)
+    def run(options: Options, *args) -> dict:
+        out = output_dir(options.output_dir)
+        if options.process_id != 0:
+            return job(options, *args)
+        with run_lock.held(out):
+            return job(options, *args)
+
+    return run
 
 
 def start(options: Options, load: Callable[[Options], Prepared], *, on_mesh: bool = True) -> Run:
