@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from vera_jax.adapter import STORED, Adapter
+from vera_jax.adapter import STORED, Adapter, layer_vectors
 from vera_jax.atomic import holds_foreign, publish, recover, stage, staging_path
 from vera_jax.config import VeraConfig
 from vera_jax.errors import AdapterFileError
@@ -143,10 +143,13 @@ def save(directory: str | os.PathLike, adapter: Adapter, params: Mapping | None 
     In a multi-process run every process calls it (Orbax writes collectively); process 0 does the renames.
 
     Raises:
+      ValueError: the adapter does not fit ``params`` (another model's params: nothing is written).
       FileExistsError: ``directory`` holds files that are not a vera_jax adapter (nothing is written); with
         ``overwrite`` they are moved aside to ``NAME.replaced-TIME-PID`` once the new copy is in place.
     """
     directory = Path(directory).absolute()
+    if params is not None:
+        _check_fits(adapter, params)
     tree = _stored_tree(adapter)
     metadata = {"config": adapter.config.to_dict(), "projection": projection_recipe(adapter),
                 "tensors": tensor_records(tree)}
@@ -168,6 +171,15 @@ def save(directory: str | os.PathLike, adapter: Adapter, params: Mapping | None 
             shutil.rmtree(staging, ignore_errors=True)
     multihost_utils.sync_global_devices(f"vera_jax.checkpoint.saved:{directory}")
     return directory
+
+
+def _check_fits(adapter: Adapter, params: Mapping) -> None:
+    """A ValueError unless ``adapter``'s layers are kernels of ``params`` its vectors and projections fit."""
+    try:
+        layer_vectors(params, adapter)
+    except ValueError as err:
+        raise ValueError(f"Cannot save this adapter with these params: it does not fit them ({str(err).rstrip('.')}). Pass the "
+                         "params of the model the adapter was trained on.") from None
 
 
 def _stored_tree(adapter: Adapter) -> dict:
@@ -267,6 +279,7 @@ def restore(directory: str | os.PathLike, params: Mapping, *,
             diff = sorted(n for n in set(recorded) | set(wanted) if recorded.get(n) != wanted.get(n))[:6]
             raise AdapterFileError(f"The adapter in {directory} does not fit these params (differing leaves: {diff}); "
                                    "load it onto the model it was trained with.")
+        target = _as_recorded(directory, target, records)
     restored = _read_tree(directory, target, wanted)
     if records is not None:
         for name, record in tensor_records(restored).items():
@@ -286,6 +299,22 @@ def restore(directory: str | os.PathLike, params: Mapping, *,
             raise AdapterFileError(f"{directory / METADATA_FILE}: {err}") from None
     return Adapter(trainable=restored["trainable"], projections=projections, config=config,
                    generator=generator if generator == GENERATOR else STORED)
+
+
+def _as_recorded(directory: Path, target: dict, records: dict) -> dict:
+    """``target`` with every leaf in the dtype its record names: the adapter as saved, also onto a base in another
+    dtype (a bfloat16 copy), whose own dtype would otherwise recast a head trained in full."""
+
+    def leaf(path, value: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+        name = jax.tree_util.keystr(path)
+        try:
+            dtype = jnp.dtype(records[name]["dtype"])
+        except (TypeError, KeyError) as err:
+            raise AdapterFileError(f"{directory / METADATA_FILE} is damaged (the dtype of {name}: "
+                                   f"{type(err).__name__}); re-save the adapter.") from None
+        return jax.ShapeDtypeStruct(value.shape, dtype, sharding=value.sharding)
+
+    return jax.tree_util.tree_map_with_path(leaf, target)
 
 
 def _read_tree(directory: Path, target: dict, wanted: dict) -> dict:
