@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -36,10 +37,12 @@ from train.profile import JobProfile
 from vera_jax import atomic
 from vera_jax import checkpoint as adapter_checkpoint
 from vera_jax import peft as vera_peft
+from vera_jax.layers import find_full_leaves, find_layers
+from vera_jax.paths import SEP, flatten
 
 __all__ = ["Prepared", "Run", "Context", "RunError", "TrainingDiverged", "start", "check_positions",
            "init_distributed", "output_dir", "place", "to_host", "global_batch", "group_count", "train_groups", "fit",
-           "evaluate", "all_finite", "learning_rate_flags", "count_steps", "model_config", "vera_setup",
+           "evaluate", "all_finite", "learning_rate_flags", "count_steps", "model_config", "vera_setup", "check_targets",
            "resolve_path", "dropout_key", "step_key", "save_adapters", "publish", "DROPOUT_STREAM", "locked_run"]
 
 DROPOUT_STREAM = 2**31  # fold_in offset for the dropout key: disjoint from the projection stream's blocks
@@ -242,7 +245,28 @@ def vera_setup(options: Options, model) -> vera_jax.Adapter:
     try:
         return vera_jax.init_adapter(model.params, model_config(options, model))
     except (TypeError, ValueError) as err:
-        raise RunError(f"VeRA settings do not fit {options.model!r}: {err}") from None
+        raise _misfit(options, model.params, err) from None
+
+
+def check_targets(options: Options, shapes: dict, axes: tuple[tuple[str, str], ...]) -> None:
+    """A RunError in one line when --targets or --head select nothing (or no linear layer) in the parameter tree
+    ``shapes`` (shapes only: checked before the weights load)."""
+    config = vera_config(options, axes)
+    try:
+        find_layers(shapes, config)
+        find_full_leaves(shapes, config)
+    except ValueError as err:
+        raise _misfit(options, shapes, err) from None
+
+
+def _misfit(options: Options, params: dict, err: Exception) -> RunError:
+    """One line: the first sentence of ``err`` (VeRA's errors list every module on lines of their own) and the
+    names the model's linear layers end in."""
+    first = re.split(r"\. |; its leaves are:", str(err).strip().splitlines()[0])[0].rstrip(".")
+    names = sorted({path.rsplit(SEP, 2)[-2] for path, leaf in flatten(params).items()
+                    if path.endswith(SEP + "kernel") and len(getattr(leaf, "shape", ())) >= 2})
+    return RunError(f"VeRA settings do not fit {options.model!r}: {first}. Its linear layers' names end in "
+                    f"{', '.join(names)}: choose --targets and --head among them, or give a regex of whole paths.")
 
 
 def resolve_path(options: Options, model, adapter: vera_jax.Adapter) -> tuple[str | vera_jax.PathPlan, str]:
