@@ -473,14 +473,15 @@ def _diverged(options: Options, step: int, what: str, checkpoints: RunCheckpoint
 
 def evaluate(ctx: Context, adapter, logits_fn: Callable) -> tuple[float, float]:
     """(accuracy, mean loss) on the held-out split, in batches of rows of like length; the last batch is padded
-    with zero-weight rows."""
+    with zero-weight rows. The batches' sums stay on the devices until the last is dispatched (one wait, not one
+    a batch), then add up in float64."""
     devices = ctx.mesh.size
     size = -(-ctx.options.eval_batch_size // devices) * devices
     replicated, batch_sharding = mesh_lib.replicated(ctx.mesh), mesh_lib.batch_sharding(ctx.mesh)
     eval_fn = jax.jit(steps.make_eval_step(logits_fn, ctx.options.task),
                       in_shardings=(replicated, jax.tree.map(lambda x: x.sharding, ctx.params), batch_sharding))
     adapter = place(adapter, replicated)
-    correct = loss = count = 0.0
+    sums = []
     n = len(ctx.test_data)
     by_length = data_lib.by_length(ctx.test_data, np.arange(n))
     for start in range(0, n, size):
@@ -489,6 +490,6 @@ def evaluate(ctx: Context, adapter, logits_fn: Callable) -> tuple[float, float]:
         batch = data_lib.collate(ctx.test_data, by_length[np.minimum(positions, n - 1)], ctx.pad_id,
                                  ctx.options.max_length, ctx.options.pad_multiple)
         batch["weights"] = weights
-        sums = eval_fn(adapter, ctx.params, global_batch(batch, batch_sharding))
-        correct, loss, count = (total + float(part) for total, part in zip((correct, loss, count), sums))
+        sums.append(eval_fn(adapter, ctx.params, global_batch(batch, batch_sharding)))
+    correct, loss, count = (sum(float(x) for x in column) for column in zip(*jax.device_get(sums)))
     return correct / count, loss / count
