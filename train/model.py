@@ -86,14 +86,27 @@ def _config_axes(config) -> tuple[tuple[str, str], ...]:
 def classifier_shapes(name: str, num_labels: int) -> tuple[dict, tuple[tuple[str, str], ...]]:
     """The parameter shapes (``jax.ShapeDtypeStruct`` leaves) and kernel axes of ``name``'s sequence classifier,
     traced from its config without loading or drawing any weight; a ModelError when there is no such class."""
-    from transformers import AutoConfig, FlaxAutoModelForSequenceClassification
+    from transformers import FlaxAutoModelForSequenceClassification
+
+    config = _classifier_config(name, num_labels)
+    model = FlaxAutoModelForSequenceClassification.from_config(config, _do_init=False)
+    return model.params_shape_tree, _config_axes(config)
+
+
+def _classifier_config(name: str, num_labels: int):
+    """``name``'s config with ``num_labels`` outputs; a ModelError when it cannot be read or names a model type
+    without a Flax sequence-classification class."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_flax_auto import FLAX_MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
     try:
         config = AutoConfig.from_pretrained(model_source(name), num_labels=num_labels)
-        model = FlaxAutoModelForSequenceClassification.from_config(config, _do_init=False)
     except (OSError, ValueError) as err:
-        raise ModelError(f"Cannot read a sequence classifier's config from {name!r}: {err}") from None
-    return model.params_shape_tree, _config_axes(config)
+        raise ModelError(f"Cannot read a model config from {name!r}: {err}") from None
+    if config.model_type not in FLAX_MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
+        raise ModelError(f"{name!r} is a {config.model_type!r} model, which has no Flax sequence-classification class "
+                         f"in transformers; use one of {sorted(FLAX_MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)}.")
+    return config
 
 
 def _load_flax(auto_class, source: str, **kwargs):
@@ -211,17 +224,10 @@ def load_classifier(name: str, num_labels: int, seed: int = 0):
     Leaves the checkpoint lacks (a new head) are transformers' initialisation from ``seed``, as
     ``model.init_weights(jax.random.PRNGKey(seed), model.input_shape)`` draws them.
     """
-    from transformers import AutoConfig, AutoTokenizer, FlaxAutoModelForSequenceClassification
-    from transformers.models.auto.modeling_flax_auto import FLAX_MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+    from transformers import AutoTokenizer, FlaxAutoModelForSequenceClassification
 
     source = model_source(name)
-    try:
-        config = AutoConfig.from_pretrained(source, num_labels=num_labels)
-    except (OSError, ValueError) as err:
-        raise ModelError(f"Cannot read a model config from {name!r}: {err}") from None
-    if config.model_type not in FLAX_MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
-        raise ModelError(f"{name!r} is a {config.model_type!r} model, which has no Flax sequence-classification class "
-                         f"in transformers; use one of {sorted(FLAX_MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)}.")
+    config = _classifier_config(name, num_labels)
     # A head of another size (other labels, or regression) is re-initialised: it is trained in full anyway.
     local = Path(source)
     if local.is_dir() and not _has_flax_weights(local) and (local / "model.safetensors").is_file():
