@@ -211,3 +211,26 @@ def test_a_failed_write_leaves_the_previous_directory_whole(tmp_path):
         (staging / "weights").write_text("second")
     assert (target / "weights").read_text() == "second"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no staging or backup left behind
+
+
+def test_saving_with_another_models_params_is_refused(bert, tmp_path):
+    adapter = families.random_adapter(bert, seed=1)
+    with pytest.raises(ValueError, match=r"Cannot save this adapter with these params: it does not fit them \(The "
+                                         r"adapter's trainable tree does not fit these params and config: missing "
+                                         r"\['roberta/.*Pass the params of the model the adapter was trained on"):
+        checkpoint.save(tmp_path / "adapter", adapter, families.roberta().params)
+    wider = jax.tree.map(lambda x: x, bert.params)
+    wider["bert"]["encoder"]["layer"]["0"]["attention"]["self"]["query"]["kernel"] = np.zeros((32, 40), np.float32)
+    with pytest.raises(ValueError, match=r"them \(Projections A \(8, 32\) / B \(32, 8\) are too small for "
+                                         r"'bert/encoder/layer/0/attention/self/query', which needs in=32, out=40; "
+                                         r"build the adapter on these params\)\. Pass the params"):
+        checkpoint.save(tmp_path / "adapter", adapter, wider)
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_a_bf16_base_is_a_warning_also_with_a_trained_head(bert, tmp_path):
+    adapter = families.random_adapter(bert, seed=1)  # the head ('classifier') trained in full
+    checkpoint.save(tmp_path / "adapter", adapter, bert.params)
+    bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), bert.params)
+    with pytest.warns(UserWarning, match="hold other values than those the adapter .* was trained on"):
+        _assert_same_adapter(checkpoint.restore(tmp_path / "adapter", bf16), adapter)

@@ -4,8 +4,13 @@ data refused, damaged checkpoints skipped for the newest sound one, a diverging 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import socket
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
@@ -13,7 +18,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import tiny_run
-from train import classify
+from train import classify, run_lock
 from train.__main__ import main
 
 
@@ -53,6 +58,32 @@ BAD_DATA = {
     "one class": (lambda d: _csv(d / "one.csv", [(text, 1) for text, _ in GOOD]),
                   r"Every label in --label-column 'label' is 1: one class, on which accuracy is 1.000 and means "
                   r"nothing"),
+    "a JSON true among 0/1": (lambda d: _write(d / "rows.jsonl", "".join(
+        f'{{"text": "{text}", "label": {"true" if i == 2 else label}}}\n' for i, (text, label) in enumerate(GOOD))),
+        r"the --label-column 'label' cell is True in row 3, not an integer class; write every label as an "
+        r"integer 0\.\.K-1 \(true/false as 1/0\), or use --task regression"),
+    "a fractional label": (lambda d: _csv(d / "half.csv", GOOD[:2] + [("fine", 1.5)] + GOOD[2:]),
+                           r"the --label-column 'label' cell is 1\.5 in row 3, not an integer class"),
+    "one file twice": (lambda d: f"{_csv(d / 'a.csv', GOOD)},{d / 'a.csv'}",
+                       r"--dataset \S+ names \S+/a.csv and \S+/a.csv, which hold the same rows \(the same file, "
+                       r"or the same bytes\): each row would be read twice and held-out rows would leak into "
+                       r"training\. Name each file once\."),
+    "one file's copy": (lambda d: f"{_csv(d / 'a.csv', GOOD)},{_csv(d / 'b.csv', GOOD)}",
+                        r"names \S+/a.csv and \S+/b.csv, which hold the same rows"),
+    "an empty folder": (lambda d: d / "folder",
+                        r"--dataset \S+/folder is a folder that datasets cannot read \(.*\); name its "
+                        r"\.csv/\.tsv/\.json/\.jsonl/\.parquet files instead, comma-separated\."),
+    "a hub name that cannot be reached": (lambda d: "nobody-vera-jax/no-such-dataset",
+                                          r"--dataset nobody-vera-jax/no-such-dataset is neither a local file or "
+                                          r"folder nor a datasets hub dataset that can be reached"),
+    "too large a --test-fraction": (lambda d: f"{_csv(d / 'a.csv', GOOD)}\0--test-fraction\0{0.999}",
+                                    r"--test-fraction 0\.999 holds out 40 of the 40 rows of '\S+', leaving 0 "
+                                    r"training rows, fewer than one batch of 8; lower --test-fraction \(or "
+                                    r"--batch-size\)\."),
+    "a --test-fraction that leaves less than a batch": (
+        lambda d: f"{_csv(d / 'a.csv', GOOD)}\0--test-fraction\0{0.85}",
+        r"--test-fraction 0\.85 holds out 34 of the 40 rows of '\S+', leaving 6 training rows, fewer than one "
+        r"batch of 8"),
 }
 
 
@@ -60,11 +91,66 @@ BAD_DATA = {
 def test_bad_data_is_one_line_before_the_model_loads(tiny, tmp_path, monkeypatch, capsys, case):
     model, _ = tiny
     make, message = BAD_DATA[case]
+    (tmp_path / "folder").mkdir()
     monkeypatch.setattr(classify, "load_classifier", lambda *a, **k: pytest.fail("the model loaded"))
-    assert main(tiny_run.train_args(model, make(tmp_path), tmp_path / "run")) == 2
+    dataset, *flags = str(make(tmp_path)).split("\0")  # a case may add flags
+    assert main([*tiny_run.train_args(model, dataset, tmp_path / "run"), *flags]) == 2
     err = capsys.readouterr().err
     assert re.search(message, err), err
     assert err.strip().splitlines()[-1].startswith("error: ") and err.count("error") == 1  # datasets' progress aside
+
+
+def _config_only(d):
+    (d / "config-only").mkdir()
+    shutil.copy(d / "folder" / "config.json", d / "config-only")  # the tiny model's
+    return d / "config-only"
+
+
+BAD_MODELS = {
+    "an empty folder": (lambda d: d / "folder", r"--model \S+/folder is a folder without a config.json, not a "
+                                               r"Hugging Face model folder; give the folder that holds the model's "
+                                               r"config.json and weights\."),
+    "a config without weights": (_config_only, r"--model \S+/config-only has a config.json but no weights "
+                                               r"\(flax_model.msgpack, model.safetensors or pytorch_model.bin\); put "
+                                               r"the model's weights beside it\."),
+    "an offline hub name": (lambda d: "nobody-vera-jax/no-such-model",
+                            r"--model nobody-vera-jax/no-such-model is neither a local folder nor a hub model in the "
+                            r"local cache, and the hub cannot be reached \(offline\); give a model folder, or fetch "
+                            r"the model while online\."),
+    "--targets naming nothing": (lambda d: "\0--targets\0q_proj",
+                                 r"VeRA settings do not fit '\S+/model': VeraConfig.target_modules=\('q_proj',\) "
+                                 r"matches no module of the params tree\. Its linear layers' names end in classifier, "
+                                 r"dense, key, query, value: choose --targets and --head among them"),
+    "--head naming nothing": (lambda d: "\0--head\0score",
+                              r"VeRA settings do not fit '\S+/model': VeraConfig.modules_to_save=\('score',\) "
+                              r"matches no parameter\. Its linear layers' names end in"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_MODELS)
+def test_a_bad_model_is_one_line_in_seconds_before_the_weights_load(tiny, tmp_path, monkeypatch, capsys, case):
+    model, data = tiny
+    make, message = BAD_MODELS[case]
+    (tmp_path / "folder").mkdir()
+    if case == "a config without weights":
+        (tmp_path / "folder").rmdir()
+        shutil.copytree(model, tmp_path / "folder", ignore=lambda _, names: [n for n in names if n != "config.json"])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(classify, "load_classifier", lambda *a, **k: pytest.fail("the model loaded"))
+    name, *flags = str(make(tmp_path)).split("\0")
+    started = time.perf_counter()
+    assert main([*tiny_run.train_args(name or model, data, tmp_path / "run"), *flags]) == 2
+    assert time.perf_counter() - started < 20  # a hub name used to take 40 s of retries
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert err.strip().splitlines()[-1].startswith("error: ") and err.count("error") == 1
+
+
+def test_an_empty_dataset_name_is_refused(tiny, tmp_path, capsys):
+    model, _ = tiny
+    assert main(tiny_run.train_args(model, "", tmp_path / "run")) == 2
+    assert capsys.readouterr().err == ("error: --dataset is empty; give 'default', 'chatterbot', a datasets hub name "
+                                       "or local files.\n")
 
 
 def test_max_length_beyond_the_positions_is_refused_before_the_weights_load(tiny, tmp_path, monkeypatch, capsys):
@@ -201,3 +287,78 @@ def test_a_diverging_run_stops_and_keeps_its_last_finite_checkpoint(tiny, tmp_pa
     assert all(np.isfinite(np.asarray(x, np.float64)).all() for x in jax.tree.leaves(_stored_state(
         out / "checkpoints" / "2")))
     assert not (out / "adapter").exists() and not (out / "summary.json").exists()
+
+
+# ---- one run per directory ----
+
+HOLD_LOCK = """
+import pathlib, sys, time
+from train import run_lock
+with run_lock.held(pathlib.Path(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+def _hold_lock(out, seconds: float) -> subprocess.Popen:
+    """A second process holding ``out``'s run lock for ``seconds`` (once it has printed 'held')."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out), str(seconds)], cwd=tiny_run.REPO,
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    return holder
+
+
+def test_a_second_run_on_a_busy_directory_is_refused_before_it_writes(tiny, tmp_path, monkeypatch, capsys):
+    model, data = tiny
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = _hold_lock(out, 60)
+    try:
+        monkeypatch.setattr(classify, "load_classifier", lambda *a, **k: pytest.fail("the model loaded"))
+        assert main(tiny_run.train_args(model, data, out, "--max-steps", "2")) == 2
+        err = capsys.readouterr().err
+        assert err.strip().splitlines() == [f"error: --output-dir {out} is in use by another run (pid {holder.pid} on "
+                                            f"host {socket.gethostname()}); wait for it to finish, or choose another "
+                                            "--output-dir."]
+        assert sorted(p.name for p in out.iterdir()) == [run_lock.LOCK_FILE]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_dead_owners_directory_is_taken_over_with_a_note(tmp_path, capsys):
+    holder = _hold_lock(tmp_path, 60)
+    holder.kill()  # SIGKILL: the kernel drops its lock, its record stays
+    holder.wait()
+    with run_lock.held(tmp_path):
+        assert json.loads((tmp_path / run_lock.LOCK_FILE).read_text())["pid"] == os.getpid()
+    assert (f"note: the run that held --output-dir {tmp_path} (pid {holder.pid} on host {socket.gethostname()}) is "
+            "no longer running; this run takes the directory over." in capsys.readouterr().err)
+    with run_lock.held(tmp_path):  # released cleanly: no note
+        pass
+    assert "note" not in capsys.readouterr().err
+
+
+def test_two_runs_started_together_on_one_directory_one_is_refused(tiny, tmp_path):
+    model, data = tiny
+    out = tmp_path / "run"
+    args = tiny_run.train_args(model, data, out, "--max-steps", "2", "--seed", "1")
+    runs = [subprocess.Popen([sys.executable, "-m", "train", *args], cwd=tiny_run.REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "JAX_PLATFORMS": "cpu"}) for _ in range(2)]
+    results = [(run.wait(timeout=600), run.stderr.read()) for run in runs]
+    assert sorted(code for code, _ in results) == [0, 2], results
+    refused = next(err for code, err in results if code == 2)
+    assert re.fullmatch(rf"error: --output-dir {re.escape(str(out))} is in use by another run \(pid \d+ on host \S+\); "
+                        r"wait for it to finish, or choose another --output-dir\.\n", refused), refused
+    assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r] == [1, 2]  # one run's records only
+
+
+def test_an_empty_output_dir_is_refused(tiny, tmp_path, monkeypatch, capsys):
+    model, data = tiny
+    monkeypatch.chdir(tmp_path)
+    assert main(tiny_run.train_args(model, data, "", "--max-steps", "2")) == 2
+    assert capsys.readouterr().err == ("error: --output-dir is empty, which would write the run into the current "
+                                       "directory; name a run directory, such as runs/latest.\n")
+    assert list(tmp_path.iterdir()) == []

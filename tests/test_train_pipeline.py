@@ -192,6 +192,7 @@ def test_bad_files_models_and_directories(tiny, tmp_path, capsys):
     not_flax = tmp_path / "t5"
     not_flax.mkdir()
     (not_flax / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    (not_flax / "model.safetensors").write_bytes(b"")  # weights are checked for first; never read here
     assert main(tiny_run.train_args(not_flax, data, tmp_path / "c")) == 2
     assert "'t5' model, which has no Flax sequence-classification class" in capsys.readouterr().err
     blocker = tmp_path / "file"

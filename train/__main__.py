@@ -19,6 +19,7 @@ from train.data import DataError
 from train.mesh import MeshError
 from train.model import ModelError
 from train.options import FlagError, Parser
+from train.run_lock import RunDirectoryBusy
 from train.runner import RunError
 from vera_jax import AdapterFileError
 from vera_jax.atomic import WriteError
@@ -26,7 +27,7 @@ from vera_jax.atomic import WriteError
 __all__ = ["main", "build_parser", "COMMANDS", "DEFAULT_COMMAND"]
 
 USER_ERRORS = (FlagError, RunError, DataError, MeshError, ModelError, CheckpointMismatch, export.ExportError,
-               AdapterFileError, gguf_llama.GGUFError, bench.BenchError, WriteError)
+               AdapterFileError, gguf_llama.GGUFError, bench.BenchError, WriteError, RunDirectoryBusy)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,9 +25,10 @@ from train import chat_data
 from train import data as data_lib
 from train import steps
 from train.metrics import directory_bytes
-from train.model import load_causal_lm
+from train.model import check_source, load_causal_lm
 from train.options import CAUSAL_LM, CAUSAL_LM_DEFAULTS, Options, add_options, from_args
-from train.runner import Prepared, RunError, check_positions, evaluate, fit, publish, save_adapters, start, to_host
+from train.runner import (Prepared, RunError, check_positions, evaluate, fit, locked_run, publish, save_adapters, start,
+                          to_host)
 
 __all__ = ["run", "prepare", "add_arguments", "command", "lora_parameters"]
 
@@ -51,6 +52,7 @@ def lora_parameters(params, config: vera_jax.VeraConfig, rank: int) -> int:
 def prepare(options: Options) -> Prepared:
     """Load the question/answer splits, check the positions, load the model, check its chat template, encode both
     splits."""
+    check_source(options.model)
     train_split, test_split = data_lib.load_splits(options)
     check_positions(options, ("max_length", "max_new_tokens"))
     model, tokenizer = load_causal_lm(options.model, options.base_dtype, options.max_length + options.max_new_tokens,
@@ -86,6 +88,7 @@ def _peak_memory() -> dict:
             "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale}
 
 
+@locked_run
 def run(options: Options) -> dict:
     """Run the job described by ``options`` and return the summary it also writes to summary.json."""
     started = time.perf_counter()

@@ -19,11 +19,11 @@ import vera_jax
 from train import data as data_lib
 from train import steps
 from train.metrics import directory_bytes
-from train.model import load_classifier
+from train.model import check_source, classifier_shapes, load_classifier
 from train.options import CLASSIFY, Options, add_options, from_args
 from train.profile import JobProfile
-from train.runner import (Prepared, RunError, check_positions, count_steps, evaluate, fit, publish, save_adapters,
-                          start)
+from train.runner import (Prepared, RunError, check_positions, check_targets, count_steps, evaluate, fit, locked_run,
+                          publish, save_adapters, start)
 
 __all__ = ["run", "prepare", "add_arguments", "command", "RunError"]
 
@@ -42,9 +42,11 @@ def prepare(options: Options) -> Prepared:
 
     A head the checkpoint lacks is drawn from ``--seed`` (transformers' own initialisation).
     """
+    check_source(options.model)
     train_split, test_split = data_lib.load_splits(options)
     num_labels = data_lib.check_labels(train_split, test_split, options)
     check_positions(options)
+    check_targets(options, *classifier_shapes(options.model, num_labels))
     model, tokenizer = load_classifier(options.model, num_labels, seed=options.seed)
     label_dtype = np.float32 if options.task == "regression" else np.int32
     train_data = data_lib.tokenize(train_split, tokenizer, options.max_length, label_dtype)
@@ -53,6 +55,7 @@ def prepare(options: Options) -> Prepared:
     return Prepared(model, tokenizer, train_data, test_data, tokenizer.pad_token_id or 0, test_split)
 
 
+@locked_run
 def run(options: Options) -> dict:
     """Run the job described by ``options`` and return the summary it also writes to summary.json."""
     started = time.perf_counter()

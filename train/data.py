@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import codecs
+import contextlib
 import dataclasses
 import hashlib
+import math
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
 import numpy as np
 from datasets.exceptions import DatasetGenerationError
 
-from train import assets
+from train import assets, hub
 from train.options import Options
 
 __all__ = ["TextData", "load_splits", "tokenize", "epoch_order", "batch_indices", "by_length", "length_groups",
@@ -133,9 +136,10 @@ def _load(name: str) -> datasets.DatasetDict | datasets.Dataset:
         return PACKAGED[name]()
     files = _named_files(name)
     if not files:
-        return datasets.load_dataset(name)
+        return _load_named(name)
     for path in files:
         _check_file(path, name)
+    _check_distinct(files, name)
     kinds = {LOCAL_FORMATS[f.suffix] for f in files}
     if len(kinds) != 1:
         raise DataError(f"Dataset files {name} mix formats {sorted(kinds)}; use one format.")
@@ -148,6 +152,54 @@ def _load(name: str) -> datasets.DatasetDict | datasets.Dataset:
         if "corresponds to no data" in str(err):  # how `datasets` reports files without rows
             raise DataError(f"Dataset {name!r} is empty: its files hold no rows.") from None
         raise DataError(f"Cannot read dataset {name!r}: {err}") from None
+
+
+def _load_named(name: str) -> datasets.DatasetDict:
+    """A folder ``datasets`` reads, or a datasets hub name; a DataError in one line when neither can be read."""
+    offline = not Path(name).exists() and not hub.reachable()
+    try:
+        with _hub_offline(offline):
+            return datasets.load_dataset(name)
+    except (OSError, ValueError) as err:  # OSError: not found, offline (ConnectionError); ValueError: no data
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if Path(name).is_dir():
+            raise DataError(f"--dataset {name} is a folder that datasets cannot read ({reason}); name its "
+                            f"{'/'.join(LOCAL_FORMATS)} files instead, comma-separated.") from None
+        raise DataError(f"--dataset {name} is neither a local file or folder nor a datasets hub dataset that can be "
+                        f"reached ({reason}); give local files, 'default' or 'chatterbot', or the hub name of a "
+                        "dataset while online.") from None
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool) -> Iterator[None]:
+    """``datasets`` in offline mode (its cache only, no retries) for the with-block when ``offline``."""
+    before = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = before or offline
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE = before
+
+
+def _check_distinct(files: list[Path], name: str) -> None:
+    """A DataError when two of ``files`` are one file (by resolved path) or hold the same bytes: every row twice,
+    held-out rows among the training rows."""
+    seen: dict[str, Path] = {}
+    for path in files:
+        for key in (str(path.resolve()), _file_sha256(path)):
+            if key in seen:
+                raise DataError(f"--dataset {name} names {seen[key]} and {path}, which hold the same rows (the same "
+                                "file, or the same bytes): each row would be read twice and held-out rows would "
+                                "leak into training. Name each file once.")
+            seen[key] = path
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def dataset_sha256(name: str) -> str:
@@ -197,6 +249,7 @@ def load_splits(options: Options) -> tuple[datasets.Dataset, datasets.Dataset]:
     if held_out is None:
         if len(train) < 2:
             raise DataError(f"Dataset {options.dataset!r} has {len(train)} row; at least 2 are needed to hold one out.")
+        _check_split_sizes(len(train), options)
         parts = train.train_test_split(test_size=options.test_fraction, seed=options.seed)
         train, test = parts["train"], parts["test"]
     else:
@@ -205,6 +258,15 @@ def load_splits(options: Options) -> tuple[datasets.Dataset, datasets.Dataset]:
     if len(test) == 0:
         raise DataError(f"The held-out split of {options.dataset!r} is empty; raise --test-fraction.")
     return train, test
+
+
+def _check_split_sizes(rows: int, options: Options) -> None:
+    """A DataError when ``--test-fraction`` of ``rows`` leaves fewer training rows than one batch."""
+    held_out = math.ceil(options.test_fraction * rows)  # as `datasets.Dataset.train_test_split` counts them
+    if rows - held_out < options.batch_size:
+        raise DataError(f"--test-fraction {options.test_fraction:g} holds out {held_out} of the {rows} rows of "
+                        f"{options.dataset!r}, leaving {rows - held_out} training rows, fewer than one batch of "
+                        f"{options.batch_size}; lower --test-fraction (or --batch-size).")
 
 
 def _check_cells(split: datasets.Dataset, options: Options, where: str) -> None:
@@ -222,6 +284,20 @@ def _check_cells(split: datasets.Dataset, options: Options, where: str) -> None:
         raise DataError(f"--dataset {options.dataset}: the --label-column {options.label_column!r} cell is empty in "
                         f"row {missing[0] + 1}{where} ({len(missing)} such rows; rows count from 1 after the header). "
                         "Every row needs its label: fill or drop those rows.")
+    if options.task == "classification":
+        _check_integer_labels(split, options, where)
+
+
+def _check_integer_labels(split: datasets.Dataset, options: Options, where: str) -> None:
+    """A DataError naming the first label of ``split`` that is not an integer: ``true`` among 0/1 in a JSON file
+    would otherwise count as class 1."""
+    bad = [(row, label) for row, label in enumerate(split["label"], 1)
+           if isinstance(label, bool) or not isinstance(label, (int, np.integer))]
+    if bad:  # name a bool or a fraction before a whole number written as 1.0
+        row, label = next(((r, v) for r, v in bad if not (isinstance(v, float) and v.is_integer())), bad[0])
+        raise DataError(f"--dataset {options.dataset}: the --label-column {options.label_column!r} cell is "
+                        f"{label!r} in row {row}{where}, not an integer class; write every label as an integer "
+                        "0..K-1 (true/false as 1/0), or use --task regression.")
 
 
 def check_labels(train: datasets.Dataset, test: datasets.Dataset, options: Options) -> int:

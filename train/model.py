@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from train import assets
+from train import assets, hub
 
 __all__ = ["load_classifier", "load_causal_lm", "ModelError", "PACKAGED_MODELS", "hub_id", "kernel_axes",
-           "lacks_torch_weights", "model_source"]
+           "lacks_torch_weights", "model_source", "check_source", "classifier_shapes"]
 
 
 # Packaged model names -> (local directory builder, the hub id the same weights have online).
@@ -24,6 +24,30 @@ PACKAGED_MODELS = {
 
 class ModelError(ValueError):
     """The model cannot be loaded as the Flax class the job needs; the message says what to use instead."""
+
+
+WEIGHT_FILES = ("flax_model*.msgpack*", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin*")
+
+
+def check_source(name: str) -> None:
+    """A ModelError, before anything loads, unless ``name`` is a packaged model, a folder with a config and
+    weights, or a hub model that can be fetched (or is cached, when the hub cannot be reached)."""
+    if name in PACKAGED_MODELS:
+        return
+    path = Path(name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"--model {name} is a folder without a config.json, not a Hugging Face model folder; "
+                             "give the folder that holds the model's config.json and weights.")
+        if not any(next(path.glob(pattern), None) for pattern in WEIGHT_FILES):
+            raise ModelError(f"--model {name} has a config.json but no weights (flax_model.msgpack, "
+                             "model.safetensors or pytorch_model.bin); put the model's weights beside it.")
+        return
+    if path.exists():
+        raise ModelError(f"--model {name} is a file; give a model folder, a hub id or a packaged name.")
+    if not hub.reachable() and not hub.cached_model(name):
+        raise ModelError(f"--model {name} is neither a local folder nor a hub model in the local cache, and the hub "
+                         "cannot be reached (offline); give a model folder, or fetch the model while online.")
 
 
 def _has_flax_weights(path: Path) -> bool:
@@ -52,7 +76,37 @@ def kernel_axes(model) -> tuple[tuple[str, str], ...]:
     own = getattr(model, "kernel_axes", None)
     if own is not None:
         return own
-    return ((".*", "oi"),) if model.config.model_type == "gpt2" else ()
+    return _config_axes(model.config)
+
+
+def _config_axes(config) -> tuple[tuple[str, str], ...]:
+    return ((".*", "oi"),) if config.model_type == "gpt2" else ()
+
+
+def classifier_shapes(name: str, num_labels: int) -> tuple[dict, tuple[tuple[str, str], ...]]:
+    """The parameter shapes (``jax.ShapeDtypeStruct`` leaves) and kernel axes of ``name``'s sequence classifier,
+    traced from its config without loading or drawing any weight; a ModelError when there is no such class."""
+    from transformers import FlaxAutoModelForSequenceClassification
+
+    config = _classifier_config(name, num_labels)
+    model = FlaxAutoModelForSequenceClassification.from_config(config, _do_init=False)
+    return model.params_shape_tree, _config_axes(config)
+
+
+def _classifier_config(name: str, num_labels: int):
+    """``name``'s config with ``num_labels`` outputs; a ModelError when it cannot be read or names a model type
+    without a Flax sequence-classification class."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_flax_auto import FLAX_MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(model_source(name), num_labels=num_labels)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"Cannot read a model config from {name!r}: {err}") from None
+    if config.model_type not in FLAX_MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
+        raise ModelError(f"{name!r} is a {config.model_type!r} model, which has no Flax sequence-classification class "
+                         f"in transformers; use one of {sorted(FLAX_MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)}.")
+    return config
 
 
 def _load_flax(auto_class, source: str, **kwargs):
@@ -170,17 +224,10 @@ def load_classifier(name: str, num_labels: int, seed: int = 0):
     Leaves the checkpoint lacks (a new head) are transformers' initialisation from ``seed``, as
     ``model.init_weights(jax.random.PRNGKey(seed), model.input_shape)`` draws them.
     """
-    from transformers import AutoConfig, AutoTokenizer, FlaxAutoModelForSequenceClassification
-    from transformers.models.auto.modeling_flax_auto import FLAX_MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+    from transformers import AutoTokenizer, FlaxAutoModelForSequenceClassification
 
     source = model_source(name)
-    try:
-        config = AutoConfig.from_pretrained(source, num_labels=num_labels)
-    except (OSError, ValueError) as err:
-        raise ModelError(f"Cannot read a model config from {name!r}: {err}") from None
-    if config.model_type not in FLAX_MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
-        raise ModelError(f"{name!r} is a {config.model_type!r} model, which has no Flax sequence-classification class "
-                         f"in transformers; use one of {sorted(FLAX_MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)}.")
+    config = _classifier_config(name, num_labels)
     # A head of another size (other labels, or regression) is re-initialised: it is trained in full anyway.
     local = Path(source)
     if local.is_dir() and not _has_flax_weights(local) and (local / "model.safetensors").is_file():

@@ -313,6 +313,11 @@ def check_options(options: Options) -> None:
       FlagError: naming the flags and what would work.
     """
     vera_config(options)
+    if not options.output_dir.strip():
+        raise FlagError("--output-dir is empty, which would write the run into the current directory; name a run "
+                        "directory, such as runs/latest.")
+    if not options.dataset.strip():
+        raise FlagError("--dataset is empty; give 'default', 'chatterbot', a datasets hub name or local files.")
     if options.task == "causal-lm" and options.backend != "linen":
         if options.path not in NNX_PATHS:
             raise FlagError(f"--path {options.path} is not offered with --backend {options.backend}; use one of "

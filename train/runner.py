@@ -11,7 +11,9 @@ placed FSDP by path rules, the checkpoints and the metrics log. The job then cal
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -25,7 +27,7 @@ from tqdm import tqdm
 import vera_jax
 from train import data as data_lib
 from train import mesh as mesh_lib
-from train import steps
+from train import run_lock, steps
 from train.checkpoints import RunCheckpoints
 from train.metrics import MetricsLog, plot_curves, write_json
 from train.model import hub_id, kernel_axes, model_source
@@ -35,11 +37,13 @@ from train.profile import JobProfile
 from vera_jax import atomic
 from vera_jax import checkpoint as adapter_checkpoint
 from vera_jax import peft as vera_peft
+from vera_jax.layers import find_full_leaves, find_layers
+from vera_jax.paths import SEP, flatten
 
 __all__ = ["Prepared", "Run", "Context", "RunError", "TrainingDiverged", "start", "check_positions",
            "init_distributed", "output_dir", "place", "to_host", "global_batch", "group_count", "train_groups", "fit",
-           "evaluate", "all_finite", "learning_rate_flags", "count_steps", "model_config", "vera_setup",
-           "resolve_path", "dropout_key", "step_key", "save_adapters", "publish", "DROPOUT_STREAM"]
+           "evaluate", "all_finite", "learning_rate_flags", "count_steps", "model_config", "vera_setup", "check_targets",
+           "resolve_path", "dropout_key", "step_key", "save_adapters", "publish", "DROPOUT_STREAM", "locked_run"]
 
 DROPOUT_STREAM = 2**31  # fold_in offset for the dropout key: disjoint from the projection stream's blocks
 
@@ -129,6 +133,21 @@ def resume_options(options: Options) -> dict:
     """The options a checkpoint records and a resumed run must match (JSON: tuples as lists)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(options).items()
             if k in RESUME_KEYS}
+
+
+def locked_run(job: Callable[..., dict]) -> Callable[..., dict]:
+    """``job(options, ...)`` run holding its --output-dir's run lock (`train.run_lock`), taken before anything
+    loads; process 0 of a multi-process run holds it for all of them."""
+
+    @functools.wraps(job)
+    def run(options: Options, *args) -> dict:
+        out = output_dir(options.output_dir)
+        if options.process_id != 0:
+            return job(options, *args)
+        with run_lock.held(out):
+            return job(options, *args)
+
+    return run
 
 
 def start(options: Options, load: Callable[[Options], Prepared], *, on_mesh: bool = True) -> Run:
@@ -226,7 +245,28 @@ def vera_setup(options: Options, model) -> vera_jax.Adapter:
     try:
         return vera_jax.init_adapter(model.params, model_config(options, model))
     except (TypeError, ValueError) as err:
-        raise RunError(f"VeRA settings do not fit {options.model!r}: {err}") from None
+        raise _misfit(options, model.params, err) from None
+
+
+def check_targets(options: Options, shapes: dict, axes: tuple[tuple[str, str], ...]) -> None:
+    """A RunError in one line when --targets or --head select nothing (or no linear layer) in the parameter tree
+    ``shapes`` (shapes only: checked before the weights load)."""
+    config = vera_config(options, axes)
+    try:
+        find_layers(shapes, config)
+        find_full_leaves(shapes, config)
+    except ValueError as err:
+        raise _misfit(options, shapes, err) from None
+
+
+def _misfit(options: Options, params: dict, err: Exception) -> RunError:
+    """One line: the first sentence of ``err`` (VeRA's errors list every module on lines of their own) and the
+    names the model's linear layers end in."""
+    first = re.split(r"\. |; its leaves are:", str(err).strip().splitlines()[0])[0].rstrip(".")
+    names = sorted({path.rsplit(SEP, 2)[-2] for path, leaf in flatten(params).items()
+                    if path.endswith(SEP + "kernel") and len(getattr(leaf, "shape", ())) >= 2})
+    return RunError(f"VeRA settings do not fit {options.model!r}: {first}. Its linear layers' names end in "
+                    f"{', '.join(names)}: choose --targets and --head among them, or give a regex of whole paths.")
 
 
 def resolve_path(options: Options, model, adapter: vera_jax.Adapter) -> tuple[str | vera_jax.PathPlan, str]:
@@ -433,14 +473,15 @@ def _diverged(options: Options, step: int, what: str, checkpoints: RunCheckpoint
 
 def evaluate(ctx: Context, adapter, logits_fn: Callable) -> tuple[float, float]:
     """(accuracy, mean loss) on the held-out split, in batches of rows of like length; the last batch is padded
-    with zero-weight rows."""
+    with zero-weight rows. The batches' sums stay on the devices until the last is dispatched (one wait, not one
+    a batch), then add up in float64."""
     devices = ctx.mesh.size
     size = -(-ctx.options.eval_batch_size // devices) * devices
     replicated, batch_sharding = mesh_lib.replicated(ctx.mesh), mesh_lib.batch_sharding(ctx.mesh)
     eval_fn = jax.jit(steps.make_eval_step(logits_fn, ctx.options.task),
                       in_shardings=(replicated, jax.tree.map(lambda x: x.sharding, ctx.params), batch_sharding))
     adapter = place(adapter, replicated)
-    correct = loss = count = 0.0
+    sums = []
     n = len(ctx.test_data)
     by_length = data_lib.by_length(ctx.test_data, np.arange(n))
     for start in range(0, n, size):
@@ -449,6 +490,6 @@ def evaluate(ctx: Context, adapter, logits_fn: Callable) -> tuple[float, float]:
         batch = data_lib.collate(ctx.test_data, by_length[np.minimum(positions, n - 1)], ctx.pad_id,
                                  ctx.options.max_length, ctx.options.pad_multiple)
         batch["weights"] = weights
-        sums = eval_fn(adapter, ctx.params, global_batch(batch, batch_sharding))
-        correct, loss, count = (total + float(part) for total, part in zip((correct, loss, count), sums))
+        sums.append(eval_fn(adapter, ctx.params, global_batch(batch, batch_sharding)))
+    correct, loss, count = (sum(float(x) for x in column) for column in zip(*jax.device_get(sums)))
     return correct / count, loss / count

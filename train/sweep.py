@@ -37,7 +37,7 @@ from train.model import load_classifier
 from train.options import (SWEEP, FlagError, Options, add_options, check_options, finite_float, from_args,
                            positive_int, seed_int)
 from train.runner import (Run, TrainingDiverged, all_finite, dropout_key, group_count, learning_rate_flags,
-                          model_config, start, step_key)
+                          locked_run, model_config, start, step_key)
 from vera_jax import checkpoint as adapter_checkpoint
 from vera_jax.paths import flatten, unflatten
 
@@ -244,6 +244,7 @@ def _train_program(setup: Run, grid: Grid, variant: tuple[str, str, str], d_init
     return adapters, base, correct / len(job.test_data), diverged
 
 
+@locked_run
 def sweep(options: Options, grid: Grid) -> dict:
     started = time.perf_counter()
     setup = start(options, classify.prepare, on_mesh=False)

@@ -29,7 +29,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from vera_jax.adapter import STORED, Adapter
+from vera_jax.adapter import STORED, Adapter, layer_vectors
 from vera_jax.atomic import discard, publish, read_stable, recover, stage, target_path, write_error
 from vera_jax.config import VeraConfig
 from vera_jax.errors import AdapterFileError
@@ -145,11 +145,14 @@ def save(directory: str | os.PathLike, adapter: Adapter, params: Mapping | None 
     In a multi-process run every process calls it (Orbax writes collectively); process 0 does the renames.
 
     Raises:
+      ValueError: the adapter does not fit ``params`` (another model's params: nothing is written).
       FileExistsError: ``directory`` holds files that are not a vera_jax adapter (nothing is written); with
         ``overwrite`` they are moved aside to a new ``NAME.replaced-TIME-PID-RANDOM`` once the new copy is in place.
       WriteError: the file system refused the write (no space, read-only); the old copy is whole.
     """
     directory = target_path(directory)
+    if params is not None:
+        _check_fits(adapter, params)
     tree = _stored_tree(adapter)
     metadata = {"config": adapter.config.to_dict(), "projection": projection_recipe(adapter),
                 "tensors": tensor_records(tree)}
@@ -186,6 +189,15 @@ def _shared_staging(directory: Path, overwrite: bool) -> Path:
         name = np.asarray(multihost_utils.broadcast_one_to_all(name), np.uint8)
         staging = directory.parent / os.fsdecode(name.tobytes().rstrip(b"\0"))
     return staging
+
+
+def _check_fits(adapter: Adapter, params: Mapping) -> None:
+    """A ValueError unless ``adapter``'s layers are kernels of ``params`` its vectors and projections fit."""
+    try:
+        layer_vectors(params, adapter)
+    except ValueError as err:
+        raise ValueError(f"Cannot save this adapter with these params: it does not fit them ({str(err).rstrip('.')}). Pass the "
+                         "params of the model the adapter was trained on.") from None
 
 
 def _stored_tree(adapter: Adapter) -> dict:
@@ -290,6 +302,7 @@ def _restore(directory: Path, params: Mapping, sharding: jax.sharding.Sharding |
             diff = sorted(n for n in set(recorded) | set(wanted) if recorded.get(n) != wanted.get(n))[:6]
             raise AdapterFileError(f"The adapter in {directory} does not fit these params (differing leaves: {diff}); "
                                    "load it onto the model it was trained with.")
+        target = _as_recorded(directory, target, records)
     restored = _read_tree(directory, target, wanted, recorded=records is not None)
     if records is not None:
         for name, record in tensor_records(restored).items():
@@ -309,6 +322,22 @@ def _restore(directory: Path, params: Mapping, sharding: jax.sharding.Sharding |
             raise AdapterFileError(f"{directory / METADATA_FILE}: {err}") from None
     return Adapter(trainable=restored["trainable"], projections=projections, config=config,
                    generator=generator if generator == GENERATOR else STORED)
+
+
+def _as_recorded(directory: Path, target: dict, records: dict) -> dict:
+    """``target`` with every leaf in the dtype its record names: the adapter as saved, also onto a base in another
+    dtype (a bfloat16 copy), whose own dtype would otherwise recast a head trained in full."""
+
+    def leaf(path, value: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+        name = jax.tree_util.keystr(path)
+        try:
+            dtype = jnp.dtype(records[name]["dtype"])
+        except (TypeError, KeyError) as err:
+            raise AdapterFileError(f"{directory / METADATA_FILE} is damaged (the dtype of {name}: "
+                                   f"{type(err).__name__}); re-save the adapter.") from None
+        return jax.ShapeDtypeStruct(value.shape, dtype, sharding=value.sharding)
+
+    return jax.tree_util.tree_map_with_path(leaf, target)
 
 
 def _read_tree(directory: Path, target: dict, wanted: dict, recorded: bool) -> dict:
