@@ -195,6 +195,22 @@ def test_saving_again_replaces_the_adapter_whole(bert, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no staging or old copy left behind
 
 
+def test_the_same_adapter_is_saved_as_the_same_files(bert, tmp_path):
+    """Identical saves give identical file names and sizes (a run's adapter_bytes) and tensor bytes; only Orbax's
+    timestamps and the commit note naming the staging path differ."""
+    adapter = _save(bert, tmp_path / "one")
+    checkpoint.save(tmp_path / "two", adapter)
+
+    def files(root):
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    one, two = files(tmp_path / "one"), files(tmp_path / "two")
+    assert {name: len(data) for name, data in one.items()} == {name: len(data) for name, data in two.items()}
+    differing = sorted(name for name in one if one[name] != two[name])
+    assert all(name.rsplit("/", 1)[-1] in ("_CHECKPOINT_METADATA", "commit_success.txt") for name in differing), differing
+    assert sum(name.endswith("/.zarray") for name in one) == len(jax.tree.leaves(adapter.trainable))  # one per tensor
+
+
 def test_a_failed_write_leaves_the_previous_directory_whole(tmp_path):
     from vera_jax.atomic import staged_directory
 

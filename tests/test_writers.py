@@ -349,7 +349,7 @@ def test_a_read_only_parent_is_one_line(old, tmp_path, monkeypatch, capsys, tiny
 def test_a_bit_flipped_adapter_is_one_damaged_file_error(tiny, tmp_path):
     """A flipped bit in the Orbax tree's metadata: named as damage in one line, not as a misfit with tracebacks."""
     flipped = shutil.copytree(tiny[1], tmp_path / "adapter")
-    manifest = flipped / checkpoint.TREE_DIR / "manifest.ocdbt"
+    manifest = flipped / checkpoint.TREE_DIR / "_METADATA"
     data = bytearray(manifest.read_bytes())
     data[len(data) // 3] ^= 0x10
     manifest.write_bytes(bytes(data))

@@ -163,8 +163,8 @@ def save(directory: str | os.PathLike, adapter: Adapter, params: Mapping | None 
     staging = _shared_staging(directory, overwrite)
     try:
         try:
-            with ocp.StandardCheckpointer() as checkpointer:  # waits for the asynchronous write to finish
-                checkpointer.save(staging / TREE_DIR, tree)
+            with _tree_writer() as checkpointer:
+                checkpointer.save(staging / TREE_DIR, args=ocp.args.StandardSave(tree))
             if primary:
                 (staging / METADATA_FILE).write_text(json.dumps(metadata, sort_keys=True, separators=(",", ":")))
         except OSError as err:  # no space, no permission: nothing was swapped yet
@@ -198,6 +198,12 @@ def _check_fits(adapter: Adapter, params: Mapping) -> None:
     except ValueError as err:
         raise ValueError(f"Cannot save this adapter with these params: it does not fit them ({str(err).rstrip('.')}). Pass the "
                          "params of the model the adapter was trained on.") from None
+
+
+def _tree_writer() -> ocp.Checkpointer:
+    """Orbax's synchronous standard checkpointer writing one file per tensor (no OCDBT), so the same adapter gives
+    the same file names and sizes (OCDBT names its data files at random and packs them differently each time)."""
+    return ocp.Checkpointer(ocp.StandardCheckpointHandler(use_ocdbt=False))
 
 
 def _stored_tree(adapter: Adapter) -> dict:
