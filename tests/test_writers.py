@@ -326,7 +326,7 @@ def test_a_full_disk_leaves_the_old_copy_whole(old, new, tmp_path, monkeypatch, 
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "a file")
 
     if writer == "checkpoint":
-        monkeypatch.setattr(checkpoint.ocp.StandardCheckpointer, "save", full)
+        monkeypatch.setattr(checkpoint.ocp.Checkpointer, "save", full)
     else:
         monkeypatch.setattr(f"vera_jax.{'peft' if writer == 'peft' else 'lora'}.write_safetensors", full)
     with pytest.raises(WriteError, match=r"Cannot write \S+out: No space left on device .*any old copy is whole"):
