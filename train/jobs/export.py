@@ -16,8 +16,8 @@ import argparse
 import functools
 from pathlib import Path
 
-from train.model import hub_id, kernel_axes
-from train.nnx_causal_lm import NnxCausalLM
+from train.models.load import hub_id, kernel_axes
+from train.models.nnx_causal_lm import NnxCausalLM
 from train.options import BACKENDS, positive_int
 from vera_jax import atomic, checkpoint
 from vera_jax import export as merged_export
@@ -57,7 +57,7 @@ def command(args: argparse.Namespace) -> None:
 
 
 def _load_model(name: str, task: str, num_labels: int, backend: str):
-    from train.model import load_causal_lm, load_classifier
+    from train.models.load import load_causal_lm, load_classifier
 
     if task == "sequence-classification":
         return load_classifier(name, num_labels)

@@ -1,4 +1,4 @@
-"""A Llama-architecture causal LM as a Flax NNX model (`train.nnx_llama`), presented to the jobs as they
+"""A Llama-architecture causal LM as a Flax NNX model (`train.models.nnx_llama`), presented to the jobs as they
 use a Hugging Face Flax causal LM: ``config``, ``params``, ``model(ids, attention_mask, params=...)``,
 ``generate``; plus the adapted model as a pure function of (params, adapter) on either path
 (`vera_jax.nnx.functional`).
@@ -20,7 +20,7 @@ from flax import nnx
 
 import vera_jax
 import vera_jax.nnx
-from train import nnx_llama
+from train.models import nnx_llama
 
 __all__ = ["NnxCausalLM", "load_nnx_causal_lm", "STACK"]
 
@@ -113,7 +113,7 @@ def _greedy_step(model: NnxCausalLM, params, ids, mask, done, position, pad_id, 
 def load_nnx_causal_lm(directory: Path, config, *, dtype: str = "float32", scan_layers: bool = True,
                        scan_remat: str | None = None) -> NnxCausalLM:
     """The Llama checkpoint in ``directory`` (``model.safetensors`` or shards, PyTorch names) as an NNX model
-    (``scan_remat``: see `train.nnx_llama.LlamaForCausalLM`; None: its default).
+    (``scan_remat``: see `train.models.nnx_llama.LlamaForCausalLM`; None: its default).
 
     Raises:
       ValueError: no safetensors weights there, or weights that do not fit ``config``.

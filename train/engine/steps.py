@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 import vera_jax
-from train.nnx_causal_lm import NnxCausalLM
+from train.models.nnx_causal_lm import NnxCausalLM
 from vera_jax.paths import SEP, flatten, unflatten
 
 __all__ = ["make_optimizer", "model_logits", "vera_logits", "head_only_logits", "make_train_step", "make_eval_step",
@@ -52,7 +52,7 @@ def vera_logits(model, path: str | vera_jax.PathPlan, config: vera_jax.VeraConfi
     """``logits(params, adapter, batch, rng)``: the adapted model; rng=None evaluates.
 
     ``path`` is a path of `vera_jax.adapt` or a `vera_jax.PathPlan`; VeRA dropout acts on the activation
-    path. An NNX model (`train.nnx_causal_lm.NnxCausalLM`) runs its own adapted modules, adapted with ``config``.
+    path. An NNX model (`train.models.nnx_causal_lm.NnxCausalLM`) runs its own adapted modules, adapted with ``config``.
     """
     if isinstance(model, NnxCausalLM):
         if config is None:

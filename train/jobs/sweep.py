@@ -29,15 +29,15 @@ import numpy as np
 from tqdm import tqdm
 
 import vera_jax
-from train import classify
-from train import data as data_lib
-from train import steps
-from train.metrics import write_json
-from train.model import load_classifier
+from train.engine import data as data_lib
+from train.engine import steps
+from train.engine.metrics import write_json
+from train.engine.runner import (Run, TrainingDiverged, all_finite, dropout_key, group_count, learning_rate_flags,
+                                 locked_run, model_config, start, step_key)
+from train.jobs import classify
+from train.models.load import load_classifier
 from train.options import (SWEEP, FlagError, Options, add_options, check_options, finite_float, from_args,
                            positive_int, seed_int)
-from train.runner import (Run, TrainingDiverged, all_finite, dropout_key, group_count, learning_rate_flags,
-                          locked_run, model_config, start, step_key)
 from vera_jax import checkpoint as adapter_checkpoint
 from vera_jax.paths import flatten, unflatten
 

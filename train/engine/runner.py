@@ -1,11 +1,11 @@
 """What every training job shares: one run preparation (`start`), the resumable training loop, evaluation.
 
-A job (classification in `train.classify`, causal LM in `train.causal_lm`, a sweep in `train.sweep`)
-hands `start` its options and a loader of its model and tokenised splits. `start` checks and prepares
-everything in one order: processes, output directory, mesh, model and data, the adapter the flags
+A job (classification in `train.jobs.classify`, causal LM in `train.jobs.causal_lm`, a sweep in
+`train.jobs.sweep`) hands `start` its options and a loader of its model and tokenised splits. `start` checks and
+prepares everything in one order: processes, output directory, mesh, model and data, the adapter the flags
 describe, its path ('auto' timed here), the parameter report, then (on the mesh) the frozen base
 placed FSDP by path rules, the checkpoints and the metrics log. The job then calls `fit` and
-`evaluate`; the loss and metrics follow ``options.task`` (`train.steps`).
+`evaluate`; the loss and metrics follow ``options.task`` (`train.engine.steps`).
 """
 
 from __future__ import annotations
@@ -25,15 +25,15 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 import vera_jax
-from train import data as data_lib
-from train import mesh as mesh_lib
-from train import run_lock, steps
-from train.checkpoints import RunCheckpoints
-from train.metrics import MetricsLog, plot_curves, write_json
-from train.model import hub_id, kernel_axes, model_source
-from train.nnx_causal_lm import NnxCausalLM
+from train.engine import data as data_lib
+from train.engine import mesh as mesh_lib
+from train.engine import run_lock, steps
+from train.engine.checkpoints import RunCheckpoints
+from train.engine.metrics import MetricsLog, plot_curves, write_json
+from train.engine.profile import JobProfile
+from train.models.load import hub_id, kernel_axes, model_source
+from train.models.nnx_causal_lm import NnxCausalLM
 from train.options import RESUME_KEYS, Options, flag_name, vera_config
-from train.profile import JobProfile
 from vera_jax import atomic
 from vera_jax import checkpoint as adapter_checkpoint
 from vera_jax import peft as vera_peft
@@ -108,7 +108,7 @@ class Run:
     log: MetricsLog
     ctx: Context | None = None
     checkpoints: RunCheckpoints | None = None
-    data_sha256: str | None = None  # of the dataset's files (`train.data.dataset_sha256`), on the mesh
+    data_sha256: str | None = None  # of the dataset's files (`train.engine.data.dataset_sha256`), on the mesh
 
     @property
     def model(self):
@@ -136,7 +136,7 @@ def resume_options(options: Options) -> dict:
 
 
 def locked_run(job: Callable[..., dict]) -> Callable[..., dict]:
-    """``job(options, ...)`` run holding its --output-dir's run lock (`train.run_lock`), taken before anything
+    """``job(options, ...)`` run holding its --output-dir's run lock (`train.engine.run_lock`), taken before anything
     loads; process 0 of a multi-process run holds it for all of them."""
 
     @functools.wraps(job)
@@ -236,7 +236,7 @@ def count_steps(options: Options, train_rows: int) -> tuple[int, int]:
 
 
 def model_config(options: Options, model) -> vera_jax.VeraConfig:
-    """The adapter the flags describe, for this model's kernel layouts (`train.model.kernel_axes`)."""
+    """The adapter the flags describe, for this model's kernel layouts (`train.models.load.kernel_axes`)."""
     return vera_config(options, kernel_axes(model))
 
 
@@ -374,7 +374,8 @@ def group_count(options: Options, devices: int) -> int:
 
 
 def train_groups(ctx: Context, step: int) -> list[dict]:
-    """Training step ``step``'s batch as ``ctx.length_groups`` collated groups of rows (`train.data.length_groups`)."""
+    """Training step ``step``'s batch as ``ctx.length_groups`` collated groups of rows
+    (`train.engine.data.length_groups`)."""
     indices = data_lib.batch_indices(len(ctx.train_data), ctx.options.seed, step, ctx.steps_per_epoch,
                                      ctx.options.batch_size)
     return [data_lib.collate(ctx.train_data, group, ctx.pad_id, ctx.options.max_length, ctx.options.pad_multiple)
@@ -388,7 +389,7 @@ def fit(ctx: Context, name: str, adapter, logits_fn: Callable, log: MetricsLog,
     trained adapter (replicated on the mesh) and the tokens/s. ``adapter`` itself is left as it was.
     ``profile`` counts the groups' shapes and times the checkpoints. ``hoist``: the Hugging Face model of a
     merged-path ``logits_fn``, whose merge then runs once a step rather than once a group of rows
-    (`train.steps.make_merged_group_gradients`)."""
+    (`train.engine.steps.make_merged_group_gradients`)."""
     options, profile = ctx.options, profile or JobProfile()
     replicated, batch_sharding = mesh_lib.replicated(ctx.mesh), mesh_lib.batch_sharding(ctx.mesh)
     tx = steps.make_optimizer(options, ctx.total_steps)

@@ -6,9 +6,11 @@ checkpoints are converted by transformers (``from_pt``), so torch is never neede
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from train import assets, hub
+from train.models.gguf_llama import convert
 
 __all__ = ["load_classifier", "load_causal_lm", "ModelError", "PACKAGED_MODELS", "hub_id", "kernel_axes",
            "lacks_torch_weights", "model_source", "check_source", "classifier_shapes"]
@@ -18,7 +20,7 @@ __all__ = ["load_classifier", "load_causal_lm", "ModelError", "PACKAGED_MODELS",
 PACKAGED_MODELS = {
     "default": (assets.minilm_dir, "sentence-transformers/all-MiniLM-L6-v2"),
     "minilm": (assets.minilm_dir, "sentence-transformers/all-MiniLM-L6-v2"),
-    "smollm2": (assets.smollm2_dir, "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    "smollm2": (functools.partial(assets.smollm2_dir, convert), "HuggingFaceTB/SmolLM2-135M-Instruct"),
 }
 
 
@@ -156,16 +158,16 @@ def load_causal_lm(name: str, dtype: str = "float32", max_positions: int | None 
                    scan_remat: str | None = None):
     """``(model, tokenizer)`` of a Flax causal LM; ``dtype='bfloat16'`` stores and runs the base in bfloat16.
 
-    ``backend``: ``"nnx"`` (a Llama-architecture checkpoint as `train.nnx_causal_lm.NnxCausalLM`, layers
+    ``backend``: ``"nnx"`` (a Llama-architecture checkpoint as `train.models.nnx_causal_lm.NnxCausalLM`, layers
     stacked and scanned, keeping for the backward pass what ``scan_remat`` says: a key of
-    `train.nnx_llama.SCAN_REMAT`, None for its default),
+    `train.models.nnx_llama.SCAN_REMAT`, None for its default),
     ``"nnx-listed"`` (the same, layers in a list) or ``"linen"`` (transformers' Flax class).
 
     ``max_positions``: the longest sequence the job runs. A rotary Llama or Mistral whose config allows
     more is loaded with that many positions: Flax builds a (positions, positions) causal mask in every
     attention layer (32768 positions: 1 GiB a layer), and rotary models have no position weights to cut.
 
-    A Llama or Mistral whose ``rope_theta`` is not 10000 loads as a class of `train.llama_rope` (stock
+    A Llama or Mistral whose ``rope_theta`` is not 10000 loads as a class of `train.models.llama_rope` (stock
     Flax Llama and Mistral hard-code the rotary base); a Mistral without a sliding window gets one as
     long as its positions (stock Flax Mistral would let each token attend to itself only).
     """
@@ -173,7 +175,7 @@ def load_causal_lm(name: str, dtype: str = "float32", max_positions: int | None 
     from transformers import AutoConfig, AutoTokenizer, FlaxAutoModelForCausalLM
     from transformers.models.auto.modeling_flax_auto import FLAX_MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    from train.llama_rope import ROPE_THETA_CLASSES, needs_rope_theta
+    from train.models.llama_rope import ROPE_THETA_CLASSES, needs_rope_theta
 
     if dtype not in ("float32", "bfloat16"):
         raise ModelError(f"--base-dtype must be 'float32' or 'bfloat16', got {dtype!r}.")
@@ -202,7 +204,7 @@ def load_causal_lm(name: str, dtype: str = "float32", max_positions: int | None 
 
 def _load_nnx(name: str, source: str, config, dtype: str, backend: str, scan_remat: str | None):
     """The NNX Llama of a local directory, or of a hub repository's safetensors (fetched once)."""
-    from train.nnx_causal_lm import load_nnx_causal_lm
+    from train.models.nnx_causal_lm import load_nnx_causal_lm
 
     if config.model_type != "llama":
         raise ModelError(f"{name!r} is a {config.model_type!r} model; --backend {backend} runs Llama-architecture "
