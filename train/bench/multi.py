@@ -91,10 +91,10 @@ def bench_multi(args: argparse.Namespace) -> dict:
     adapter = vera_jax.init_adapter(params, config)
     tx = optax.adam(1e-3)
     # Runs and sweeps train with this step; the base model in eval mode (rng None), as serving runs it.
-    train_step = steps.make_train_step(steps.vera_logits(model, "merged"), tx, "classification")
+    train_step = steps.make_train_step(model.vera_logits("merged", config), tx, "classification")
 
     def call(p, batch):  # serving: the model in eval mode
-        return steps.model_logits(model, p, batch, None)
+        return model.logits(p, batch, None)
 
     def train_batches(k: int) -> dict:  # k distinct batches on a leading adapter axis
         batches = [_batch(model.config.vocab_size, args.train_batch, args.train_seq_len, seed) for seed in range(k)]

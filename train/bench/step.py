@@ -71,7 +71,7 @@ def _floor_logits(model, embeddings: str) -> Callable:
             return out * (1.0 + scale.trainable).astype(out.dtype)
 
         with intercept_layers({embeddings}, scaled):
-            return steps.model_logits(model, params, batch, rng)
+            return model.logits(params, batch, rng)
 
     return logits
 
@@ -185,8 +185,12 @@ def bench(args: argparse.Namespace) -> dict:
                                  modules_to_save=() if causal else ("classifier",))
     adapter = vera_jax.init_adapter(params, config)
     tokens = args.batch_size * args.seq_len
-    plan = vera_jax.whole_step_plan(lambda p, x: model(x, params=p).logits, params, adapter,
-                                    np.ones((args.batch_size, args.seq_len), np.int32), tokens=tokens)
+
+    def base(p, ids):  # the model in eval mode on unpadded rows
+        return model.logits(p, {"input_ids": ids, "attention_mask": jnp.ones_like(ids)}, None)
+
+    plan = vera_jax.whole_step_plan(base, params, adapter, np.ones((args.batch_size, args.seq_len), np.int32),
+                                    tokens=tokens)
     rng = np.random.default_rng(0)
     vocab = model.config.vocab_size
     low = min(1000, vocab // 2)  # past the special tokens of a real vocabulary
@@ -199,7 +203,7 @@ def bench(args: argparse.Namespace) -> dict:
     dropout = not args.no_dropout
     variants = {}
     for name in VERA_VARIANTS:
-        variants[name] = _JaxVariant(steps.vera_logits(model, plan if name == "auto" else name), adapter, params,
+        variants[name] = _JaxVariant(model.vera_logits(plan if name == "auto" else name, config), adapter, params,
                                      device_batch, args.task, dropout)
     scale = FloorScale(jnp.zeros((model.config.hidden_size,), jnp.float32))
     variants["floor"] = _JaxVariant(_floor_logits(model, _embeddings_module(params)), scale, params, device_batch,

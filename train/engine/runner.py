@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
@@ -31,19 +32,17 @@ from train.engine import run_lock, steps
 from train.engine.checkpoints import RunCheckpoints
 from train.engine.metrics import MetricsLog, plot_curves, write_json
 from train.engine.profile import JobProfile
-from train.models.load import hub_id, kernel_axes, model_source
-from train.models.nnx_causal_lm import NnxCausalLM
-from train.options import RESUME_KEYS, Options, flag_name, vera_config
+from train.options import RESUME_KEYS, Options, vera_config
 from vera_jax import atomic
 from vera_jax import checkpoint as adapter_checkpoint
 from vera_jax import peft as vera_peft
 from vera_jax.layers import find_full_leaves, find_layers
 from vera_jax.paths import SEP, flatten
 
-__all__ = ["Prepared", "Run", "Context", "RunError", "TrainingDiverged", "start", "check_positions",
-           "init_distributed", "output_dir", "place", "to_host", "global_batch", "group_count", "train_groups", "fit",
-           "evaluate", "all_finite", "learning_rate_flags", "count_steps", "model_config", "vera_setup", "check_targets",
-           "resolve_path", "dropout_key", "step_key", "save_adapters", "publish", "DROPOUT_STREAM", "locked_run"]
+__all__ = ["Prepared", "Run", "Context", "RunError", "TrainingDiverged", "start", "init_distributed", "output_dir",
+           "place", "to_host", "global_batch", "group_count", "train_groups", "fit", "evaluate", "all_finite",
+           "learning_rate_flags", "count_steps", "model_config", "vera_setup", "check_targets", "resolve_path",
+           "dropout_key", "step_key", "save_adapters", "publish", "DROPOUT_STREAM", "locked_run"]
 
 DROPOUT_STREAM = 2**31  # fold_in offset for the dropout key: disjoint from the projection stream's blocks
 
@@ -61,7 +60,7 @@ class Prepared:
     """A job's model and tokenised splits, checked against each other.
 
     Attributes:
-      model: a Hugging Face Flax model (a sequence classifier or a causal LM).
+      model: a `train.models.interface.Model` (a sequence classifier or a causal LM).
       tokenizer: its tokenizer.
       train_data, test_data: the tokenised splits.
       pad_id: the token that pads a batch.
@@ -117,6 +116,15 @@ class Run:
     @property
     def params(self) -> dict:
         return self.job.model.params
+
+    def logits(self) -> Callable:
+        """The adapted model's ``logits(params, adapter, batch, rng)`` on the run's path."""
+        return self.model.vera_logits(self.path, self.adapter.config)
+
+    @property
+    def hoist(self):
+        """`fit`'s ``hoist``: the model when its merge can run once a step on the run's path, else None."""
+        return self.model if self.model.hoists_merge(self.path) else None
 
     @property
     def primary(self) -> bool:
@@ -196,22 +204,6 @@ def start(options: Options, load: Callable[[Options], Prepared], *, on_mesh: boo
                data_sha256)
 
 
-def check_positions(options: Options, fields: tuple[str, ...] = ("max_length",)) -> None:
-    """A RunError when the tokens of ``fields`` add up to more than the positions in the model's config, read
-    before its weights (a config that cannot be read is left for the model's loader to report)."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(model_source(options.model))
-    except (OSError, ValueError):
-        return
-    positions = getattr(config, "max_position_embeddings", None)
-    if positions is not None and sum(getattr(options, f) for f in fields) > positions:
-        flags = " plus ".join(f"{flag_name(f)} {getattr(options, f)}" for f in fields)
-        raise RunError(f"{flags} exceeds the {positions} positions of {options.model!r} (max_position_embeddings "
-                       f"in its config); lower {'it' if len(fields) == 1 else 'them'}.")
-
-
 def dropout_key(seed: int) -> jax.Array:
     """The key of a run's dropout (the model's and VeRA's): a stream of ``--seed``'s key that the
     projections never draw from. A sweep's adapter with seed s uses ``dropout_key(s)``, as the run would."""
@@ -236,8 +228,8 @@ def count_steps(options: Options, train_rows: int) -> tuple[int, int]:
 
 
 def model_config(options: Options, model) -> vera_jax.VeraConfig:
-    """The adapter the flags describe, for this model's kernel layouts (`train.models.load.kernel_axes`)."""
-    return vera_config(options, kernel_axes(model))
+    """The adapter the flags describe, for this model's kernel layouts."""
+    return vera_config(options, model.kernel_axes)
 
 
 def vera_setup(options: Options, model) -> vera_jax.Adapter:
@@ -288,8 +280,7 @@ def resolve_path(options: Options, model, adapter: vera_jax.Adapter) -> tuple[st
     tokens = options.batch_size * options.max_length
     if primary:
         ids = np.ones((options.batch_size, options.max_length), np.int32)
-        plan = vera_jax.whole_step_plan(lambda p, x: model(x, params=p).logits, model.params, adapter, ids,
-                                        tokens=tokens)
+        plan = vera_jax.whole_step_plan(_base_logits(model), model.params, adapter, ids, tokens=tokens)
     if jax.process_count() > 1:
         totals = np.array(plan.totals if primary else (0.0, 0.0), np.float32)
         merged, activation = map(float, multihost_utils.broadcast_one_to_all(totals))
@@ -299,19 +290,19 @@ def resolve_path(options: Options, model, adapter: vera_jax.Adapter) -> tuple[st
     return plan, plan.summary()
 
 
+def _base_logits(model) -> Callable:
+    """``logits(params, ids)`` of the model in eval mode on unpadded rows, as `vera_jax.whole_step_plan` times it."""
+    return lambda params, ids: model.logits(params, {"input_ids": ids, "attention_mask": jnp.ones_like(ids)}, None)
+
+
 def save_adapters(run: Run, adapter: vera_jax.Adapter, task_type: str) -> Path:
     """``out/adapter`` (Orbax, every process) and ``out/peft_adapter`` (PEFT format, process 0, when PEFT can
     hold the adapter: one shared pair); returns the first."""
     adapter_dir = adapter_checkpoint.save(run.out / "adapter", adapter, run.params)
     if run.primary and adapter.config.projection_sharing == "shared":
         vera_peft.save_adapter(run.out / "peft_adapter", to_host(adapter), run.params, task_type=task_type,
-                               base_model_name_or_path=hub_id(run.options.model), stacks=_stacks(run.model))
+                               base_model_name_or_path=run.model.base_model_name, stacks=run.model.stacks)
     return adapter_dir
-
-
-def _stacks(model) -> tuple[str, ...]:
-    """Where a model's stacked layers live (PEFT names them per layer)."""
-    return model.stacks if isinstance(model, NnxCausalLM) else ()
 
 
 def publish(out: Path, summary: dict, log: MetricsLog, report: str) -> None:
@@ -387,8 +378,8 @@ def fit(ctx: Context, name: str, adapter, logits_fn: Callable, log: MetricsLog,
         hoist=None):
     """Train ``adapter.trainable`` for ``ctx.total_steps`` (resuming from ``checkpoints``); returns the
     trained adapter (replicated on the mesh) and the tokens/s. ``adapter`` itself is left as it was.
-    ``profile`` counts the groups' shapes and times the checkpoints. ``hoist``: the Hugging Face model of a
-    merged-path ``logits_fn``, whose merge then runs once a step rather than once a group of rows
+    ``profile`` counts the groups' shapes and times the checkpoints. ``hoist``: the model of a merged-path
+    ``logits_fn`` whose merge then runs once a step (`Run.hoist`) rather than once a group of rows
     (`train.engine.steps.make_merged_group_gradients`)."""
     options, profile = ctx.options, profile or JobProfile()
     replicated, batch_sharding = mesh_lib.replicated(ctx.mesh), mesh_lib.batch_sharding(ctx.mesh)

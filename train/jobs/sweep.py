@@ -164,10 +164,9 @@ def _heads_for_seeds(options: Options, model, head: dict, seeds: tuple[int, ...]
     new = {path for path, leaf in head.items() if not np.array_equal(np.asarray(reloaded[path]), np.asarray(leaf))}
     if not new:
         return {seed: head for seed in seeds}
-    init = jax.jit(model.init_weights, static_argnums=1)
     heads = {options.seed: head}
     for seed in others:
-        drawn = flatten(init(jax.random.PRNGKey(seed), model.input_shape))
+        drawn = flatten(model.initial_params(seed))
         heads[seed] = {path: drawn[path] if path in new else leaf for path, leaf in head.items()}
     return heads
 
@@ -196,7 +195,7 @@ def _train_program(setup: Run, grid: Grid, variant: tuple[str, str, str], d_init
     seeds = [seed for _, seed in points]
 
     tx = steps.make_optimizer(options, setup.total_steps)
-    logits_fn = steps.vera_logits(model, setup.path)
+    logits_fn = setup.logits()
     groups = group_count(options, devices=1)
     orders = sorted(set(seeds))  # the data orders
     shared = len(orders) == 1  # a grid over a single seed: one batch feeds every adapter

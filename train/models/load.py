@@ -11,9 +11,11 @@ from pathlib import Path
 
 from train import assets, hub
 from train.models.gguf_llama import convert
+from train.models.hf_flax import HfFlaxModel, config_kernel_axes
+from train.options import Options, flag_name
 
-__all__ = ["load_classifier", "load_causal_lm", "ModelError", "PACKAGED_MODELS", "hub_id", "kernel_axes",
-           "lacks_torch_weights", "model_source", "check_source", "classifier_shapes"]
+__all__ = ["load_classifier", "load_causal_lm", "ModelError", "PACKAGED_MODELS", "hub_id", "lacks_torch_weights",
+           "model_source", "check_source", "check_positions", "classifier_shapes"]
 
 
 # Packaged model names -> (local directory builder, the hub id the same weights have online).
@@ -52,6 +54,22 @@ def check_source(name: str) -> None:
                          "cannot be reached (offline); give a model folder, or fetch the model while online.")
 
 
+def check_positions(options: Options, fields: tuple[str, ...] = ("max_length",)) -> None:
+    """A ModelError when the tokens of ``fields`` add up to more than the positions in the model's config, read
+    before its weights (a config that cannot be read is left for the model's loader to report)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_source(options.model))
+    except (OSError, ValueError):
+        return
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and sum(getattr(options, f) for f in fields) > positions:
+        flags = " plus ".join(f"{flag_name(f)} {getattr(options, f)}" for f in fields)
+        raise ModelError(f"{flags} exceeds the {positions} positions of {options.model!r} (max_position_embeddings "
+                         f"in its config); lower {'it' if len(fields) == 1 else 'them'}.")
+
+
 def _has_flax_weights(path: Path) -> bool:
     return (path / "flax_model.msgpack").exists() or (path / "flax_model.msgpack.index.json").exists()
 
@@ -72,19 +90,6 @@ def model_source(name: str) -> str:
     return str(PACKAGED_MODELS[name][0]()) if name in PACKAGED_MODELS else name
 
 
-def kernel_axes(model) -> tuple[tuple[str, str], ...]:
-    """VeRA's kernel roles for a loaded model: an NNX model states its own (a stack's with its layer axis);
-    Flax GPT-2's ``FlaxConv1D`` stores kernels (out, in); other Flax models' Dense kernels are (in, out)."""
-    own = getattr(model, "kernel_axes", None)
-    if own is not None:
-        return own
-    return _config_axes(model.config)
-
-
-def _config_axes(config) -> tuple[tuple[str, str], ...]:
-    return ((".*", "oi"),) if config.model_type == "gpt2" else ()
-
-
 def classifier_shapes(name: str, num_labels: int) -> tuple[dict, tuple[tuple[str, str], ...]]:
     """The parameter shapes (``jax.ShapeDtypeStruct`` leaves) and kernel axes of ``name``'s sequence classifier,
     traced from its config without loading or drawing any weight; a ModelError when there is no such class."""
@@ -92,7 +97,7 @@ def classifier_shapes(name: str, num_labels: int) -> tuple[dict, tuple[tuple[str
 
     config = _classifier_config(name, num_labels)
     model = FlaxAutoModelForSequenceClassification.from_config(config, _do_init=False)
-    return model.params_shape_tree, _config_axes(config)
+    return model.params_shape_tree, config_kernel_axes(config)
 
 
 def _classifier_config(name: str, num_labels: int):
@@ -156,7 +161,8 @@ def _from_safetensors(auto_class, directory: Path, config, seed: int):
 
 def load_causal_lm(name: str, dtype: str = "float32", max_positions: int | None = None, backend: str = "linen",
                    scan_remat: str | None = None):
-    """``(model, tokenizer)`` of a Flax causal LM; ``dtype='bfloat16'`` stores and runs the base in bfloat16.
+    """``(model, tokenizer)`` of a causal LM (a `train.models.interface.CausalLM`); ``dtype='bfloat16'`` stores and
+    runs the base in bfloat16.
 
     ``backend``: ``"nnx"`` (a Llama-architecture checkpoint as `train.models.nnx_causal_lm.NnxCausalLM`, layers
     stacked and scanned, keeping for the backward pass what ``scan_remat`` says: a key of
@@ -199,7 +205,7 @@ def load_causal_lm(name: str, dtype: str = "float32", max_positions: int | None 
     model = _load_flax(auto_class, source, config=config, dtype=getattr(jnp, dtype))
     if dtype == "bfloat16":
         model.params = model.to_bf16(model.params)
-    return model, AutoTokenizer.from_pretrained(source)
+    return HfFlaxModel(model, hub_id(name)), AutoTokenizer.from_pretrained(source)
 
 
 def _load_nnx(name: str, source: str, config, dtype: str, backend: str, scan_remat: str | None):
@@ -215,13 +221,15 @@ def _load_nnx(name: str, source: str, config, dtype: str, backend: str, scan_rem
 
         directory = Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
     try:
-        return load_nnx_causal_lm(directory, config, dtype=dtype, scan_layers=backend == "nnx", scan_remat=scan_remat)
+        return load_nnx_causal_lm(directory, config, hub_id(name), dtype=dtype, scan_layers=backend == "nnx",
+                                  scan_remat=scan_remat)
     except ValueError as err:
         raise ModelError(f"{name!r}: {err}") from None
 
 
 def load_classifier(name: str, num_labels: int, seed: int = 0):
-    """``(model, tokenizer)``; PyTorch/safetensors checkpoints are converted by transformers (``from_pt``).
+    """``(model, tokenizer)`` of a sequence classifier (an `HfFlaxModel`); PyTorch/safetensors checkpoints are
+    converted by transformers (``from_pt``).
 
     Leaves the checkpoint lacks (a new head) are transformers' initialisation from ``seed``, as
     ``model.init_weights(jax.random.PRNGKey(seed), model.input_shape)`` draws them.
@@ -237,4 +245,4 @@ def load_classifier(name: str, num_labels: int, seed: int = 0):
     else:
         model = _load_flax(FlaxAutoModelForSequenceClassification, source, config=config, ignore_mismatched_sizes=True,
                            seed=seed)
-    return model, AutoTokenizer.from_pretrained(source)
+    return HfFlaxModel(model, hub_id(name)), AutoTokenizer.from_pretrained(source)
