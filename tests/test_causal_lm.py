@@ -358,8 +358,9 @@ def test_causal_lm_on_mistral_with_its_rotary_base(tiny, tmp_path):
     with torch.no_grad():
         reference = MistralForCausalLM.from_pretrained(mistral)(torch.tensor(ids)).logits.numpy()
     model, _ = load_causal_lm(str(mistral), max_positions=64)
-    assert isinstance(model, FlaxMistralForCausalLMRopeTheta) and model.config.max_position_embeddings == 64
-    np.testing.assert_allclose(np.asarray(model(ids).logits), reference, rtol=1e-4, atol=1e-4)
+    assert isinstance(model.module, FlaxMistralForCausalLMRopeTheta) and model.config.max_position_embeddings == 64
+    logits = model.logits(model.params, {"input_ids": ids, "attention_mask": np.ones_like(ids)}, None)
+    np.testing.assert_allclose(np.asarray(logits), reference, rtol=1e-4, atol=1e-4)
     for window in (None, 128):  # stock: self-attention to itself only, then (window fixed) the wrong rotary base
         stock = FlaxMistralForCausalLM.from_pretrained(
             mistral, config=MistralConfig.from_pretrained(mistral, sliding_window=window), from_pt=True)

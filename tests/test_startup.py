@@ -32,7 +32,7 @@ def test_safetensors_load_equals_transformers_conversion(tmp_path, num_labels, s
     for key in want:
         assert got[key].dtype == want[key].dtype and np.array_equal(got[key], want[key]), key
     ids = np.array([[2, 7, 8, 3]])
-    np.testing.assert_array_equal(model(ids).logits, expected(ids).logits)
+    np.testing.assert_array_equal(model.module(ids).logits, expected(ids).logits)
     assert model.params["classifier"]["kernel"].shape == (16, num_labels)
 
 
