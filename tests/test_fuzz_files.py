@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 import families
 import vera_jax
+from train.engine.checkpoints import CheckpointMismatch, RunCheckpoints
 from vera_jax import checkpoint
-from train.checkpoints import CheckpointMismatch, RunCheckpoints
 from vera_jax import peft as vera_peft
 
 EXAMPLES = 1000

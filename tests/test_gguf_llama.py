@@ -13,8 +13,8 @@ from tiny_llama import CHATML, converted_model, permute_rows, torch_llama, write
 from transformers import AutoTokenizer, FlaxLlamaForCausalLM
 
 from train.__main__ import main
-from train.gguf_llama import GGUFError, convert, unpermute_rows
-from train.llama_rope import FlaxLlamaForCausalLMRopeTheta, needs_rope_theta
+from train.models.gguf_llama import GGUFError, convert, unpermute_rows
+from train.models.llama_rope import FlaxLlamaForCausalLMRopeTheta, needs_rope_theta
 
 IDS = np.random.default_rng(0).integers(3, 250, (2, 40))
 
@@ -88,7 +88,7 @@ def test_quantised_tensor_dequantises_like_an_independent_q8_0_decoder(tmp_path)
     path = write_gguf(tmp_path / "q.gguf", torch_llama(),
                       raw_tensors={"extra.weight": (gguf.quantize(weight, gguf.GGMLQuantizationType.Q8_0),
                                                     gguf.GGMLQuantizationType.Q8_0)})
-    from train.gguf_llama import _dequantize
+    from train.models.gguf_llama import _dequantize
 
     tensor = next(t for t in gguf.GGUFReader(path).tensors if t.name == "extra.weight")
     blocks = np.asarray(tensor.data).reshape(-1, 34)  # Q8_0: float16 scale, then 32 int8 values

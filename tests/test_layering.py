@@ -1,4 +1,5 @@
-"""The import layering of pyproject's [tool.importlinter] contracts holds (checked by import-linter)."""
+"""The import layering of pyproject's [tool.importlinter] contracts holds (checked by import-linter), no module
+imports itself through others, and the command line loads a benchmark only when asked for one."""
 
 import subprocess
 import sys
@@ -11,7 +12,39 @@ def test_import_contracts_hold():
     lint_imports = Path(sys.executable).with_name("lint-imports")
     result = subprocess.run([str(lint_imports)], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    assert "3 kept, 0 broken" in result.stdout
+    assert "4 kept, 0 broken" in result.stdout
+
+
+def test_no_import_cycle():
+    """No module of vera_jax or train reaches, through its imports (lazy ones included), a module that imports it."""
+    import grimp
+
+    graph = grimp.build_graph("vera_jax", "train")
+    cycles = sorted((importer, imported) for importer in graph.modules
+                    for imported in graph.find_modules_directly_imported_by(importer)
+                    if graph.chain_exists(importer=imported, imported=importer))
+    assert cycles == []
+
+
+def test_the_command_line_loads_no_benchmark_until_asked():
+    """Building the parser, ``classify --help`` and ``bench --help`` import no module of train.bench; running a bench
+    command does."""
+    script = """
+import sys
+from train.__main__ import build_parser, main
+def loaded():
+    return sorted(name for name in sys.modules if name == "train.bench" or name.startswith("train.bench."))
+build_parser()
+print(loaded(), main(["classify", "--help"]), main(["bench", "--help"]), main(["bench-multi", "--help"]), loaded())
+main(["bench", "--base-dtype", "bfloat16"])  # refused by the benchmark itself, once loaded
+print(loaded())
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("[")]
+    assert lines[0] == "[] 0 0 0 []"
+    assert "train.bench.step" in lines[1]
+    assert "error: --base-dtype bfloat16 is measured on the causal-LM workload" in result.stderr
 
 
 def test_import_vera_jax_is_light_and_names_its_submodules():

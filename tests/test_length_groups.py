@@ -6,8 +6,9 @@ import optax
 import pytest
 
 import families
-from train import data as data_lib
-from train import steps
+from train.engine import data as data_lib
+from train.engine import steps
+from train.models.hf_flax import HfFlaxModel
 from vera_jax.paths import flatten
 
 LENGTHS = [3, 30, 5, 7, 29, 4, 12, 6]  # one long row pads the whole batch to 32; grouped, the short half pads to 16
@@ -52,9 +53,10 @@ def test_a_step_over_groups_is_the_step_over_the_whole_batch(family, task, group
     data, indices = _data(task), np.arange(len(LENGTHS))
     tx = optax.adam(1e-2)
     opt_state = tx.init(adapter.trainable)
-    plain, apply = steps.make_group_gradients(steps.vera_logits(family.model, "merged"), task), \
+    model = HfFlaxModel(family.model, family.name)
+    plain, apply = steps.make_group_gradients(model.vera_logits("merged", adapter.config), task), \
         steps.make_apply_gradients(tx)
-    hoisted, apply_hoisted = steps.make_merged_group_gradients(family.model, task), \
+    hoisted, apply_hoisted = steps.make_merged_group_gradients(model, task), \
         steps.make_apply_gradients(tx, hoisted=True)
 
     def step(batches, hoist=False, rng=None):

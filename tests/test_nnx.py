@@ -18,10 +18,11 @@ import nnx_models
 import tiny_llama
 import vera_jax
 import vera_jax.checkpoint
+import vera_jax.nnx as vera_nnx
 import vera_jax.paths
 import vera_jax.peft
-import vera_jax.nnx as vera_nnx
-from train import nnx_llama, options
+from train import options
+from train.models import nnx_llama
 
 LLAMA_TARGETS = ("q_proj", "v_proj", "down_proj")
 EINSUM_TARGETS = ("q_einsum", "kv_einsum", "attn_vec_einsum")

@@ -1,4 +1,4 @@
-"""The NNX BERT and RoBERTa encoders (train/nnx_encoder.py), loaded from a PyTorch model's safetensors: the
+"""The NNX BERT and RoBERTa encoders (train/models/nnx_encoder.py), loaded from a PyTorch model's safetensors: the
 logits of transformers' PyTorch classifiers, listed and scanned; dropout only in training; VeRA on them."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from conftest import max_rel_error, randomise_vectors
 
 import vera_jax
 import vera_jax.nnx as vera_nnx
-from train import nnx_encoder
+from train.models import nnx_encoder
 
 TOL = 1e-5  # float32, JAX against PyTorch (measured 1e-7 to 3e-7)
 KINDS = {

@@ -8,7 +8,7 @@ from transformers import FlaxBertForSequenceClassification
 
 from train import assets
 from train.__main__ import main
-from train.data import load_splits
+from train.engine.data import load_splits
 from train.options import Options
 from vera_jax import checkpoint
 

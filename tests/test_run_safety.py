@@ -18,8 +18,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 import tiny_run
-from train import classify, run_lock
 from train.__main__ import main
+from train.engine import run_lock
+from train.jobs import classify
 
 
 @pytest.fixture(scope="module")
@@ -293,7 +294,7 @@ def test_a_diverging_run_stops_and_keeps_its_last_finite_checkpoint(tiny, tmp_pa
 
 HOLD_LOCK = """
 import pathlib, sys, time
-from train import run_lock
+from train.engine import run_lock
 with run_lock.held(pathlib.Path(sys.argv[1])):
     print("held", flush=True)
     time.sleep(float(sys.argv[2]))

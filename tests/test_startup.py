@@ -6,9 +6,9 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 import tiny_run
-from train import compile_cache
 from train.__main__ import main
-from train.model import load_classifier
+from train.engine import compile_cache
+from train.models.load import load_classifier
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -32,7 +32,7 @@ def test_safetensors_load_equals_transformers_conversion(tmp_path, num_labels, s
     for key in want:
         assert got[key].dtype == want[key].dtype and np.array_equal(got[key], want[key]), key
     ids = np.array([[2, 7, 8, 3]])
-    np.testing.assert_array_equal(model(ids).logits, expected(ids).logits)
+    np.testing.assert_array_equal(model.module(ids).logits, expected(ids).logits)
     assert model.params["classifier"]["kernel"].shape == (16, num_labels)
 
 

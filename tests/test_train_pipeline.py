@@ -371,7 +371,7 @@ def test_bench_multi_against_peft(tmp_path):
     every row's logits agree. PEFT's sweep trains each of its K adapters, and only it, on its own batch."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("peft")
-    from train.bench_multi_peft import PeftSweepTrainer
+    from train.bench.multi_peft import PeftSweepTrainer
 
     model = tiny_run.make_model(tmp_path / "model", pytorch_weights=True)
     out = tmp_path / "multi.json"

@@ -26,7 +26,7 @@ from tunix.sft import peft_trainer
 import tunix_families
 import vera_jax
 import vera_jax.nnx as vera_nnx
-from train import nnx_llama
+from train.models import nnx_llama
 from vera_jax import hf
 from vera_jax.lora import save_lora
 from vera_jax.peft import save_adapter

@@ -382,7 +382,7 @@ def test_a_full_disk_during_a_runs_checkpoint_is_one_line(tiny, tmp_path, monkey
     """The second of a run's checkpoints meets a full disk: one line, exit 2, the first step restorable."""
     import orbax.checkpoint as ocp
 
-    from train.checkpoints import RunCheckpoints
+    from train.engine.checkpoints import RunCheckpoints
 
     data = tiny_run.make_csv(tmp_path / "data.csv")
     out = tmp_path / "run"

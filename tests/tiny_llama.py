@@ -104,7 +104,7 @@ def write_gguf(path: Path, model, *, architecture: str = "llama", chat_template:
 
 def converted_model(directory: Path, rope_theta: float = 1e5) -> Path:
     """A tiny Hugging Face Llama directory made by the converter under test from a tiny GGUF."""
-    from train.gguf_llama import convert
+    from train.models.gguf_llama import convert
 
     directory.mkdir(parents=True, exist_ok=True)
     source = write_gguf(directory.parent / f"{directory.name}.gguf", torch_llama(rope_theta))

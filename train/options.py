@@ -26,7 +26,7 @@ __all__ = ["Options", "FlagError", "RESUME_KEYS", "CAUSAL_LM_DEFAULTS", "PATHS",
 
 BACKENDS = ("nnx", "nnx-listed", "linen")  # causal LM implementations; NNX runs Llama-architecture models
 NNX_PATHS = ("merged", "activation")
-SCAN_REMATS = ("dots", "full", "none")  # the keys of train.nnx_llama.SCAN_REMAT, its default first
+SCAN_REMATS = ("dots", "full", "none")  # the keys of train.models.nnx_llama.SCAN_REMAT, its default first
 PATHS = (*vera_jax.plan.PATHS, "auto")  # how adapted layers run; 'auto' times a whole step of each and picks
 SCHEDULES = ("linear", "cosine", "constant")
 BASE_DTYPES = ("float32", "bfloat16")

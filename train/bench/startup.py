@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from train import compile_cache
+from train.engine import compile_cache
 
 __all__ = ["JOBS", "measure_startup"]
 

@@ -1,6 +1,5 @@
-"""A Llama-architecture causal LM as a Flax NNX model (`train.nnx_llama`), presented to the jobs as they
-use a Hugging Face Flax causal LM: ``config``, ``params``, ``model(ids, attention_mask, params=...)``,
-``generate``; plus the adapted model as a pure function of (params, adapter) on either path
+"""A Llama-architecture causal LM as a Flax NNX model (`train.models.nnx_llama`), presented to the jobs as a
+`train.models.interface.CausalLM`: the adapted model is a pure function of (params, adapter) on either path
 (`vera_jax.nnx.functional`).
 
 Weights come from a directory of PyTorch-named safetensors (the packaged SmolLM2, converted from its
@@ -20,7 +19,7 @@ from flax import nnx
 
 import vera_jax
 import vera_jax.nnx
-from train import nnx_llama
+from train.models import nnx_llama
 
 __all__ = ["NnxCausalLM", "load_nnx_causal_lm", "STACK"]
 
@@ -40,9 +39,11 @@ class Generated:
 class NnxCausalLM:
     """An `nnx_llama.LlamaForCausalLM` split into its graphdef and params (a plain nested dict)."""
 
-    def __init__(self, model: nnx_llama.LlamaForCausalLM, config):
-        """``config``: the transformers config of the checkpoint (``model_type``, positions, ...)."""
+    def __init__(self, model: nnx_llama.LlamaForCausalLM, config, base_model_name: str):
+        """``config``: the transformers config of the checkpoint (``model_type``, positions, ...);
+        ``base_model_name``: what a PEFT adapter records as its base."""
         self.config = config
+        self.base_model_name = base_model_name
         self.scan_layers = model.model.scan_layers
         self.scan_remat = model.model.scan_remat if self.scan_layers else None
         self.graphdef, self._state = nnx.split(model)
@@ -68,6 +69,10 @@ class NnxCausalLM:
         del train, dropout_rng  # the Llama has no dropout
         return Output(self.module(self.params if params is None else params)(input_ids, attention_mask))
 
+    def logits(self, params, batch: dict, rng: jax.Array | None) -> jax.Array:
+        del rng  # the Llama has no dropout
+        return self(batch["input_ids"], batch["attention_mask"], params=params).logits
+
     def vera_logits(self, path: str, config: vera_jax.VeraConfig) -> Callable:
         """``logits(params, adapter, batch, rng)`` of the model adapted with ``config`` on ``path``."""
         template = vera_jax.nnx.attach(self.module(self.params), config, path=path)
@@ -78,6 +83,19 @@ class NnxCausalLM:
             return call(params, adapter, batch["input_ids"], batch["attention_mask"])
 
         return logits
+
+    def hoists_merge(self, path) -> bool:
+        """Never: NNX models merge inside their own modules."""
+        return False
+
+    def initial_params(self, seed: int) -> dict:
+        """The params as loaded: every leaf comes from the checkpoint, whatever the seed."""
+        del seed
+        return self.params
+
+    def save_merged(self, directory, adapter, *, tokenizer, safetensors: bool, overwrite: bool) -> Path:
+        raise ValueError("a merged model is written as a transformers Flax model; an NNX model's adapter exports as "
+                         "a PEFT or LoRA adapter.")
 
     def generate(self, input_ids, attention_mask=None, params=None, max_new_tokens: int = 32, do_sample: bool = False,
                  pad_token_id: int = 0, eos_token_id: int | None = None) -> Generated:
@@ -110,10 +128,10 @@ def _greedy_step(model: NnxCausalLM, params, ids, mask, done, position, pad_id, 
     return ids, mask, done | (token == eos_id)
 
 
-def load_nnx_causal_lm(directory: Path, config, *, dtype: str = "float32", scan_layers: bool = True,
-                       scan_remat: str | None = None) -> NnxCausalLM:
+def load_nnx_causal_lm(directory: Path, config, base_model_name: str, *, dtype: str = "float32",
+                       scan_layers: bool = True, scan_remat: str | None = None) -> NnxCausalLM:
     """The Llama checkpoint in ``directory`` (``model.safetensors`` or shards, PyTorch names) as an NNX model
-    (``scan_remat``: see `train.nnx_llama.LlamaForCausalLM`; None: its default).
+    (``scan_remat``: see `train.models.nnx_llama.LlamaForCausalLM`; None: its default).
 
     Raises:
       ValueError: no safetensors weights there, or weights that do not fit ``config``.
@@ -131,4 +149,4 @@ def load_nnx_causal_lm(directory: Path, config, *, dtype: str = "float32", scan_
         state_dict = {name: value.astype(np.float32).astype(jnp.dtype(dtype)) for name, value in state_dict.items()}
     model = nnx_llama.from_torch(state_dict, nnx_llama.LlamaConfig.from_hf(config), scan_layers=scan_layers,
                                  scan_remat=scan_remat or nnx_llama.DEFAULT_SCAN_REMAT)
-    return NnxCausalLM(model, config)
+    return NnxCausalLM(model, config, base_model_name)

@@ -1,11 +1,11 @@
 """What every training job shares: one run preparation (`start`), the resumable training loop, evaluation.
 
-A job (classification in `train.classify`, causal LM in `train.causal_lm`, a sweep in `train.sweep`)
-hands `start` its options and a loader of its model and tokenised splits. `start` checks and prepares
-everything in one order: processes, output directory, mesh, model and data, the adapter the flags
+A job (classification in `train.jobs.classify`, causal LM in `train.jobs.causal_lm`, a sweep in
+`train.jobs.sweep`) hands `start` its options and a loader of its model and tokenised splits. `start` checks and
+prepares everything in one order: processes, output directory, mesh, model and data, the adapter the flags
 describe, its path ('auto' timed here), the parameter report, then (on the mesh) the frozen base
 placed FSDP by path rules, the checkpoints and the metrics log. The job then calls `fit` and
-`evaluate`; the loss and metrics follow ``options.task`` (`train.steps`).
+`evaluate`; the loss and metrics follow ``options.task`` (`train.engine.steps`).
 """
 
 from __future__ import annotations
@@ -20,30 +20,29 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 import vera_jax
-from train import data as data_lib
-from train import mesh as mesh_lib
-from train import run_lock, steps
-from train.checkpoints import RunCheckpoints
-from train.metrics import MetricsLog, plot_curves, write_json
-from train.model import hub_id, kernel_axes, model_source
-from train.nnx_causal_lm import NnxCausalLM
-from train.options import RESUME_KEYS, Options, flag_name, vera_config
-from train.profile import JobProfile
+from train.engine import data as data_lib
+from train.engine import mesh as mesh_lib
+from train.engine import run_lock, steps
+from train.engine.checkpoints import RunCheckpoints
+from train.engine.metrics import MetricsLog, plot_curves, write_json
+from train.engine.profile import JobProfile
+from train.options import RESUME_KEYS, Options, vera_config
 from vera_jax import atomic
 from vera_jax import checkpoint as adapter_checkpoint
 from vera_jax import peft as vera_peft
 from vera_jax.layers import find_full_leaves, find_layers
 from vera_jax.paths import SEP, flatten
 
-__all__ = ["Prepared", "Run", "Context", "RunError", "TrainingDiverged", "start", "check_positions",
-           "init_distributed", "output_dir", "place", "to_host", "global_batch", "group_count", "train_groups", "fit",
-           "evaluate", "all_finite", "learning_rate_flags", "count_steps", "model_config", "vera_setup", "check_targets",
-           "resolve_path", "dropout_key", "step_key", "save_adapters", "publish", "DROPOUT_STREAM", "locked_run"]
+__all__ = ["Prepared", "Run", "Context", "RunError", "TrainingDiverged", "start", "init_distributed", "output_dir",
+           "place", "to_host", "global_batch", "group_count", "train_groups", "fit", "evaluate", "all_finite",
+           "learning_rate_flags", "count_steps", "model_config", "vera_setup", "check_targets", "resolve_path",
+           "dropout_key", "step_key", "save_adapters", "publish", "DROPOUT_STREAM", "locked_run"]
 
 DROPOUT_STREAM = 2**31  # fold_in offset for the dropout key: disjoint from the projection stream's blocks
 
@@ -61,7 +60,7 @@ class Prepared:
     """A job's model and tokenised splits, checked against each other.
 
     Attributes:
-      model: a Hugging Face Flax model (a sequence classifier or a causal LM).
+      model: a `train.models.interface.Model` (a sequence classifier or a causal LM).
       tokenizer: its tokenizer.
       train_data, test_data: the tokenised splits.
       pad_id: the token that pads a batch.
@@ -108,7 +107,7 @@ class Run:
     log: MetricsLog
     ctx: Context | None = None
     checkpoints: RunCheckpoints | None = None
-    data_sha256: str | None = None  # of the dataset's files (`train.data.dataset_sha256`), on the mesh
+    data_sha256: str | None = None  # of the dataset's files (`train.engine.data.dataset_sha256`), on the mesh
 
     @property
     def model(self):
@@ -117,6 +116,15 @@ class Run:
     @property
     def params(self) -> dict:
         return self.job.model.params
+
+    def logits(self) -> Callable:
+        """The adapted model's ``logits(params, adapter, batch, rng)`` on the run's path."""
+        return self.model.vera_logits(self.path, self.adapter.config)
+
+    @property
+    def hoist(self):
+        """`fit`'s ``hoist``: the model when its merge can run once a step on the run's path, else None."""
+        return self.model if self.model.hoists_merge(self.path) else None
 
     @property
     def primary(self) -> bool:
@@ -136,7 +144,7 @@ def resume_options(options: Options) -> dict:
 
 
 def locked_run(job: Callable[..., dict]) -> Callable[..., dict]:
-    """``job(options, ...)`` run holding its --output-dir's run lock (`train.run_lock`), taken before anything
+    """``job(options, ...)`` run holding its --output-dir's run lock (`train.engine.run_lock`), taken before anything
     loads; process 0 of a multi-process run holds it for all of them."""
 
     @functools.wraps(job)
@@ -196,22 +204,6 @@ def start(options: Options, load: Callable[[Options], Prepared], *, on_mesh: boo
                data_sha256)
 
 
-def check_positions(options: Options, fields: tuple[str, ...] = ("max_length",)) -> None:
-    """A RunError when the tokens of ``fields`` add up to more than the positions in the model's config, read
-    before its weights (a config that cannot be read is left for the model's loader to report)."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(model_source(options.model))
-    except (OSError, ValueError):
-        return
-    positions = getattr(config, "max_position_embeddings", None)
-    if positions is not None and sum(getattr(options, f) for f in fields) > positions:
-        flags = " plus ".join(f"{flag_name(f)} {getattr(options, f)}" for f in fields)
-        raise RunError(f"{flags} exceeds the {positions} positions of {options.model!r} (max_position_embeddings "
-                       f"in its config); lower {'it' if len(fields) == 1 else 'them'}.")
-
-
 def dropout_key(seed: int) -> jax.Array:
     """The key of a run's dropout (the model's and VeRA's): a stream of ``--seed``'s key that the
     projections never draw from. A sweep's adapter with seed s uses ``dropout_key(s)``, as the run would."""
@@ -236,8 +228,8 @@ def count_steps(options: Options, train_rows: int) -> tuple[int, int]:
 
 
 def model_config(options: Options, model) -> vera_jax.VeraConfig:
-    """The adapter the flags describe, for this model's kernel layouts (`train.model.kernel_axes`)."""
-    return vera_config(options, kernel_axes(model))
+    """The adapter the flags describe, for this model's kernel layouts."""
+    return vera_config(options, model.kernel_axes)
 
 
 def vera_setup(options: Options, model) -> vera_jax.Adapter:
@@ -288,8 +280,7 @@ def resolve_path(options: Options, model, adapter: vera_jax.Adapter) -> tuple[st
     tokens = options.batch_size * options.max_length
     if primary:
         ids = np.ones((options.batch_size, options.max_length), np.int32)
-        plan = vera_jax.whole_step_plan(lambda p, x: model(x, params=p).logits, model.params, adapter, ids,
-                                        tokens=tokens)
+        plan = vera_jax.whole_step_plan(_base_logits(model), model.params, adapter, ids, tokens=tokens)
     if jax.process_count() > 1:
         totals = np.array(plan.totals if primary else (0.0, 0.0), np.float32)
         merged, activation = map(float, multihost_utils.broadcast_one_to_all(totals))
@@ -299,19 +290,19 @@ def resolve_path(options: Options, model, adapter: vera_jax.Adapter) -> tuple[st
     return plan, plan.summary()
 
 
+def _base_logits(model) -> Callable:
+    """``logits(params, ids)`` of the model in eval mode on unpadded rows, as `vera_jax.whole_step_plan` times it."""
+    return lambda params, ids: model.logits(params, {"input_ids": ids, "attention_mask": jnp.ones_like(ids)}, None)
+
+
 def save_adapters(run: Run, adapter: vera_jax.Adapter, task_type: str) -> Path:
     """``out/adapter`` (Orbax, every process) and ``out/peft_adapter`` (PEFT format, process 0, when PEFT can
     hold the adapter: one shared pair); returns the first."""
     adapter_dir = adapter_checkpoint.save(run.out / "adapter", adapter, run.params)
     if run.primary and adapter.config.projection_sharing == "shared":
         vera_peft.save_adapter(run.out / "peft_adapter", to_host(adapter), run.params, task_type=task_type,
-                               base_model_name_or_path=hub_id(run.options.model), stacks=_stacks(run.model))
+                               base_model_name_or_path=run.model.base_model_name, stacks=run.model.stacks)
     return adapter_dir
-
-
-def _stacks(model) -> tuple[str, ...]:
-    """Where a model's stacked layers live (PEFT names them per layer)."""
-    return model.stacks if isinstance(model, NnxCausalLM) else ()
 
 
 def publish(out: Path, summary: dict, log: MetricsLog, report: str) -> None:
@@ -374,7 +365,8 @@ def group_count(options: Options, devices: int) -> int:
 
 
 def train_groups(ctx: Context, step: int) -> list[dict]:
-    """Training step ``step``'s batch as ``ctx.length_groups`` collated groups of rows (`train.data.length_groups`)."""
+    """Training step ``step``'s batch as ``ctx.length_groups`` collated groups of rows
+    (`train.engine.data.length_groups`)."""
     indices = data_lib.batch_indices(len(ctx.train_data), ctx.options.seed, step, ctx.steps_per_epoch,
                                      ctx.options.batch_size)
     return [data_lib.collate(ctx.train_data, group, ctx.pad_id, ctx.options.max_length, ctx.options.pad_multiple)
@@ -386,9 +378,9 @@ def fit(ctx: Context, name: str, adapter, logits_fn: Callable, log: MetricsLog,
         hoist=None):
     """Train ``adapter.trainable`` for ``ctx.total_steps`` (resuming from ``checkpoints``); returns the
     trained adapter (replicated on the mesh) and the tokens/s. ``adapter`` itself is left as it was.
-    ``profile`` counts the groups' shapes and times the checkpoints. ``hoist``: the Hugging Face model of a
-    merged-path ``logits_fn``, whose merge then runs once a step rather than once a group of rows
-    (`train.steps.make_merged_group_gradients`)."""
+    ``profile`` counts the groups' shapes and times the checkpoints. ``hoist``: the model of a merged-path
+    ``logits_fn`` whose merge then runs once a step (`Run.hoist`) rather than once a group of rows
+    (`train.engine.steps.make_merged_group_gradients`)."""
     options, profile = ctx.options, profile or JobProfile()
     replicated, batch_sharding = mesh_lib.replicated(ctx.mesh), mesh_lib.batch_sharding(ctx.mesh)
     tx = steps.make_optimizer(options, ctx.total_steps)

@@ -29,15 +29,15 @@ import numpy as np
 from tqdm import tqdm
 
 import vera_jax
-from train import classify
-from train import data as data_lib
-from train import steps
-from train.metrics import write_json
-from train.model import load_classifier
+from train.engine import data as data_lib
+from train.engine import steps
+from train.engine.metrics import write_json
+from train.engine.runner import (Run, TrainingDiverged, all_finite, dropout_key, group_count, learning_rate_flags,
+                                 locked_run, model_config, start, step_key)
+from train.jobs import classify
+from train.models.load import load_classifier
 from train.options import (SWEEP, FlagError, Options, add_options, check_options, finite_float, from_args,
                            positive_int, seed_int)
-from train.runner import (Run, TrainingDiverged, all_finite, dropout_key, group_count, learning_rate_flags,
-                          locked_run, model_config, start, step_key)
 from vera_jax import checkpoint as adapter_checkpoint
 from vera_jax.paths import flatten, unflatten
 
@@ -164,10 +164,9 @@ def _heads_for_seeds(options: Options, model, head: dict, seeds: tuple[int, ...]
     new = {path for path, leaf in head.items() if not np.array_equal(np.asarray(reloaded[path]), np.asarray(leaf))}
     if not new:
         return {seed: head for seed in seeds}
-    init = jax.jit(model.init_weights, static_argnums=1)
     heads = {options.seed: head}
     for seed in others:
-        drawn = flatten(init(jax.random.PRNGKey(seed), model.input_shape))
+        drawn = flatten(model.initial_params(seed))
         heads[seed] = {path: drawn[path] if path in new else leaf for path, leaf in head.items()}
     return heads
 
@@ -196,7 +195,7 @@ def _train_program(setup: Run, grid: Grid, variant: tuple[str, str, str], d_init
     seeds = [seed for _, seed in points]
 
     tx = steps.make_optimizer(options, setup.total_steps)
-    logits_fn = steps.vera_logits(model, setup.path)
+    logits_fn = setup.logits()
     groups = group_count(options, devices=1)
     orders = sorted(set(seeds))  # the data orders
     shared = len(orders) == 1  # a grid over a single seed: one batch feeds every adapter

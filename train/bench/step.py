@@ -1,21 +1,4 @@
-"""``python -m train bench``: VeRA training step time and memory, side by side in one run.
-
-Variants, all on the same model, batch and sequence length, each one jitted step with donated state:
-merged, activation, activation-lean (custom VJP), auto (the path whose whole gradient step
-`vera_jax.whole_step_plan` timed faster here), the floor
-(the frozen model with gradients flowing back through every layer but no weight gradients: only a
-vector scaling the embedding output is trained) and, when torch and peft import, PEFT's VeRA in
-PyTorch. The model's own dropout is on in every variant, PEFT's included, as when training
-(``--no-dropout`` runs them all in eval mode). Steps are timed in rounds (one step of each variant
-per round, in a shuffled order, after a short idle pause) so that machine noise falls on all of them
-alike; the medians and their ratios are printed and written as JSON.
-
-Workloads (``--workload``): ``minilm`` (all-MiniLM-L6-v2 classification, VeRA on query/value, batch
-32 x 128) and ``smollm2`` (SmolLM2-135M causal LM, VeRA on every linear layer, batch 8 x 128,
-next-token loss on every position); each flag below overrides the workload's value. The causal-LM
-workload also times the NNX backend's compile, step and memory, layers listed against scanned with each
-rematerialisation policy (`train.bench_nnx`).
-"""
+"""The step-time benchmark of ``python -m train bench``, as `train.bench_flags.BENCH` describes it."""
 
 from __future__ import annotations
 
@@ -27,7 +10,6 @@ import random
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -36,63 +18,24 @@ import optax
 from flax import struct
 
 import vera_jax
-from train import bench_job, bench_nnx, bench_startup, steps
-from train.metrics import write_json
-from train.model import lacks_torch_weights, load_causal_lm, load_classifier, model_source
-from train.options import non_negative_float, non_negative_int, positive_int
+from train.bench import job, startup
+from train.bench import nnx as nnx_bench
+from train.bench_flags import WORKLOADS, BenchError
+from train.engine import steps
+from train.engine.metrics import write_json
+from train.models.load import lacks_torch_weights, load_causal_lm, load_classifier, model_source
 from vera_jax.intercept import intercept_layers
 from vera_jax.paths import flatten, module_paths, split_leaf
 
-__all__ = ["add_arguments", "command", "bench", "time_in_rounds", "peak_bytes", "FloorScale", "BenchError"]
+__all__ = ["command", "bench", "time_in_rounds", "peak_bytes", "FloorScale"]
 
 VERA_VARIANTS = ("merged", "activation", "activation-lean", "auto")
-LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-WORKLOADS = {
-    "minilm": {"model": "default", "task": "classification", "targets": ["query", "value"], "batch_size": 32,
-               "seq_len": 128},
-    "smollm2": {"model": "smollm2", "task": "causal-lm", "targets": LLAMA_LINEAR, "batch_size": 8, "seq_len": 128},
-}
 EMBEDDING_MODULES = ("embeddings", "embed_tokens", "wte")  # BERT-likes, Llama-likes, GPT-2
-
-
-class BenchError(ValueError):
-    """The benchmark cannot run as asked."""
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="minilm")
-    parser.add_argument("--model", help="'default' (all-MiniLM-L6-v2), 'smollm2', a hub id or a directory "
-                        "(default: the workload's)")
-    parser.add_argument("--task", choices=["classification", "causal-lm"], help="default: the workload's")
-    parser.add_argument("--batch-size", type=positive_int, help="default: the workload's")
-    parser.add_argument("--seq-len", type=positive_int, help="default: the workload's")
-    parser.add_argument("--r", type=positive_int, default=256, help="VeRA rank")
-    parser.add_argument("--targets", nargs="+", help="default: the workload's")
-    parser.add_argument("--base-dtype", choices=["float32", "bfloat16"], default="float32",
-                        help="dtype of the frozen base (the adapter path stays float32)")
-    parser.add_argument("--steps", type=positive_int, default=10, help="timed steps per variant")
-    parser.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps per variant after compiling")
-    parser.add_argument("--settle", type=non_negative_float, default=0.3, help="idle seconds before each timed step")
-    parser.add_argument("--no-peft", action="store_true", help="skip PEFT in PyTorch")
-    parser.add_argument("--no-nnx", action="store_true",
-                        help="causal-lm: skip the NNX table (compile and step, layers listed vs scanned)")
-    parser.add_argument("--no-dropout", action="store_true",
-                        help="run every variant, PEFT's too, in eval mode: no dropout in the model (by default "
-                             "the model's own dropout is on in all of them, as when training)")
-    parser.add_argument("--startup", action="store_true",
-                        help="instead: time to the first training step of the main job and the causal LM, each "
-                             "launched twice as a user would, with JAX's compilation cache cold then warm "
-                             "(`train.bench_startup`; about 2 minutes here)")
-    parser.add_argument("--job", action="store_true",
-                        help="instead: the whole main job (python -m train) against the same recipe with PEFT in "
-                             "PyTorch, one after the other (`train.bench_job`; about 12 minutes here)")
-    parser.add_argument("--job-flags", default="", help="--job: flags for both jobs, as python -m train takes them")
-    parser.add_argument("--json", type=Path, help="also write the results here")
 
 
 def command(args: argparse.Namespace) -> None:
     if args.startup or args.job:
-        results = bench_startup.measure_startup() if args.startup else bench_job.job_bench(args.job_flags)
+        results = startup.measure_startup() if args.startup else job.job_bench(args.job_flags)
         if args.json:
             write_json(args.json, results)
         return
@@ -128,7 +71,7 @@ def _floor_logits(model, embeddings: str) -> Callable:
             return out * (1.0 + scale.trainable).astype(out.dtype)
 
         with intercept_layers({embeddings}, scaled):
-            return steps.model_logits(model, params, batch, rng)
+            return model.logits(params, batch, rng)
 
     return logits
 
@@ -242,8 +185,12 @@ def bench(args: argparse.Namespace) -> dict:
                                  modules_to_save=() if causal else ("classifier",))
     adapter = vera_jax.init_adapter(params, config)
     tokens = args.batch_size * args.seq_len
-    plan = vera_jax.whole_step_plan(lambda p, x: model(x, params=p).logits, params, adapter,
-                                    np.ones((args.batch_size, args.seq_len), np.int32), tokens=tokens)
+
+    def base(p, ids):  # the model in eval mode on unpadded rows
+        return model.logits(p, {"input_ids": ids, "attention_mask": jnp.ones_like(ids)}, None)
+
+    plan = vera_jax.whole_step_plan(base, params, adapter, np.ones((args.batch_size, args.seq_len), np.int32),
+                                    tokens=tokens)
     rng = np.random.default_rng(0)
     vocab = model.config.vocab_size
     low = min(1000, vocab // 2)  # past the special tokens of a real vocabulary
@@ -256,7 +203,7 @@ def bench(args: argparse.Namespace) -> dict:
     dropout = not args.no_dropout
     variants = {}
     for name in VERA_VARIANTS:
-        variants[name] = _JaxVariant(steps.vera_logits(model, plan if name == "auto" else name), adapter, params,
+        variants[name] = _JaxVariant(model.vera_logits(plan if name == "auto" else name, config), adapter, params,
                                      device_batch, args.task, dropout)
     scale = FloorScale(jnp.zeros((model.config.hidden_size,), jnp.float32))
     variants["floor"] = _JaxVariant(_floor_logits(model, _embeddings_module(params)), scale, params, device_batch,
@@ -298,8 +245,8 @@ def bench(args: argparse.Namespace) -> dict:
         if model.config.model_type != "llama":
             print(f"NNX table skipped: the NNX backend runs Llama models, not {model.config.model_type!r}")
         else:
-            results["nnx"] = bench_nnx.compile_table(args, device_batch, time_in_rounds, peak_bytes)
-            bench_nnx.print_table(results["nnx"], model.config.num_hidden_layers)
+            results["nnx"] = nnx_bench.compile_table(args, device_batch, time_in_rounds, peak_bytes)
+            nnx_bench.print_table(results["nnx"], model.config.num_hidden_layers)
     if args.json:
         write_json(args.json, results)
     return results

@@ -1,6 +1,6 @@
 """``python -m train causal-lm``: instruction-tune a Flax causal LM with VeRA on every linear layer.
 
-The default is SmolLM2-135M-Instruct (converted from its GGUF, `train.gguf_llama`) on the packaged
+The default is SmolLM2-135M-Instruct (converted from its GGUF, `train.models.gguf_llama`) on the packaged
 chatterbot question/answer pairs, each formatted with the model's chat template and scored on the
 answer tokens only. One shared A/B, sized by the largest adapted layer, serves q/k/v/o/gate/up/down of
 all decoder blocks. The job reports held-out perplexity and greedy answers to a few held-out questions
@@ -21,14 +21,14 @@ import jax
 import numpy as np
 
 import vera_jax
-from train import chat_data
-from train import data as data_lib
-from train import steps
-from train.metrics import directory_bytes
-from train.model import check_source, load_causal_lm
+from train.engine import chat_data
+from train.engine import data as data_lib
+from train.engine import steps
+from train.engine.metrics import directory_bytes
+from train.engine.runner import (Prepared, RunError, evaluate, fit, locked_run, publish, save_adapters,
+                                 start, to_host)
+from train.models.load import check_positions, check_source, load_causal_lm
 from train.options import CAUSAL_LM, CAUSAL_LM_DEFAULTS, Options, add_options, from_args
-from train.runner import (Prepared, RunError, check_positions, evaluate, fit, locked_run, publish, save_adapters, start,
-                          to_host)
 
 __all__ = ["run", "prepare", "add_arguments", "command", "lora_parameters"]
 
@@ -102,11 +102,11 @@ def run(options: Options) -> dict:
         print(f"LoRA r={LORA_RANK} on the same layers would train {lora_params:,d} "
               f"({lora_params / trainable_params:.0f}x)")
 
-    logits_fn = steps.vera_logits(model, setup.path, setup.adapter.config)
+    logits_fn = setup.logits()
     test_split = setup.job.test_split
     questions = list(test_split["text"][: options.answers])
     adapter, tokens_per_second = fit(setup.ctx, "vera", setup.adapter, logits_fn, setup.log, setup.checkpoints,
-                                     setup.meta(), hoist=steps.hoisted_merge(model, setup.path))
+                                     setup.meta(), hoist=setup.hoist)
     setup.checkpoints.close()
     # "Before": the adapter as initialised (the base model itself with the default --b-initial 0), measured after
     # training, so that training starts at once and a resumed run does not measure it again.

@@ -1,9 +1,9 @@
 """``python -m train bench --job``: the whole main job against PEFT's, one after the other on the same split.
 
 Ours runs as a user starts it, ``python -m train [flags]`` in a fresh interpreter with an empty compilation
-cache; PEFT's runs the same recipe in PyTorch (`train.peft_job`). Both wall times count from reading the
+cache; PEFT's runs the same recipe in PyTorch (`train.bench.peft_job`). Both wall times count from reading the
 data to the end of the evaluation (our ``summary.json``'s ``wall_seconds``, which also counts saving the adapters).
-Ours is split by the phases its summary profiles (`train.profile.JobProfile`: loading, training, checkpoints,
+Ours is split by the phases its summary profiles (`train.engine.profile.JobProfile`: loading, training, checkpoints,
 evaluation, saving; the compiling inside each, by function and program; the shapes its groups of rows ran and
 their real and padded tokens) and by its metrics log (the time to the first logged step, training, and what
 follows the last step); PEFT's into loading, training and evaluation.
@@ -20,8 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from train import compile_cache
-from train.peft_job import run_peft_job
+from train.bench.peft_job import run_peft_job
+from train.engine import compile_cache
+from train.options import CLASSIFY, Parser, add_options, from_args
 
 __all__ = ["job_bench"]
 
@@ -68,11 +69,10 @@ def _table(ours: dict, peft: dict) -> str:
 
 def job_bench(job_flags: str = "") -> dict:
     """``job_speedup_vs_peft`` (PEFT's wall / ours), ``job_accuracy``, ``peft_job_accuracy`` and both runs."""
-    from train.__main__ import build_parser
-    from train.options import from_args
-
     flags = ["classify", *shlex.split(job_flags)]  # as the user runs it: logging at its own cadence
-    options = from_args(build_parser().parse_args(flags))
+    parser = Parser(prog="python -m train classify")
+    add_options(parser, CLASSIFY)
+    options = from_args(parser.parse_args(flags[1:]))
     with tempfile.TemporaryDirectory(prefix="vera_jax_job_") as scratch:
         ours = _our_job(flags, Path(scratch) / "run", Path(scratch) / "xla")
     print(f"vera_jax: {ours['wall_seconds']:.1f} s, test accuracy {ours['test_accuracy']:.4f}", flush=True)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every benchmark of the project, one after the other, each writing its JSON into OUT (default bench-results/).
 #
-#   bash train/bench_all.sh [OUT]
+#   bash train/bench/all.sh [OUT]
 #
 # Installs nothing: run it with a Python whose packages are those of requirements/test.txt (make test builds
 # them in .venv/) and, on a GPU, the CUDA build of the same jax and jaxlib (pip install "jax[cuda12]==<jax's

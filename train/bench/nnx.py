@@ -1,10 +1,11 @@
 """Compile time, step time and peak memory of a causal LM on the NNX backend, its layers in a list against
-stacked and run with ``nnx.scan`` (with each of the scan's rematerialisation policies, `train.nnx_llama.SCAN_REMAT`),
+stacked and run with ``nnx.scan`` (with each of the scan's rematerialisation policies,
+`train.models.nnx_llama.SCAN_REMAT`),
 on the merged and activation paths: one table, side by side in one run.
 
 Compile seconds are what a user waits before the first step: tracing, lowering and XLA compilation of
-the jitted training step. Steps are timed in rounds (`train.bench.time_in_rounds`); peak memory is XLA's
-compiled figure (`train.bench.peak_bytes`).
+the jitted training step. Steps are timed in rounds (`train.bench.step.time_in_rounds`); peak memory is XLA's
+compiled figure (`train.bench.step.peak_bytes`).
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import jax
 import optax
 
 import vera_jax
-from train import steps
-from train.model import load_causal_lm
-from train.nnx_llama import DEFAULT_SCAN_REMAT, SCAN_REMAT
+from train.engine import steps
+from train.models.load import load_causal_lm
+from train.models.nnx_llama import DEFAULT_SCAN_REMAT, SCAN_REMAT
 
 __all__ = ["compile_table", "print_table", "FORMS", "PATHS"]
 

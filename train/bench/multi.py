@@ -1,19 +1,4 @@
-"""``python -m train bench-multi``: many adapters at once, against one adapter at a time.
-
-- Training: K adapters (K = 1, 4, 16), each on its own batch, trained by one compiled step against one
-  frozen base and one A/B, against K sequential steps of one adapter (time, and XLA's compiled peak
-  memory). The step is measured as ``python -m train sweep`` runs it (`vera_jax.map_adapters`,
-  vmapped ``--adapters-per-pass`` at a time, by default `vera_jax.adapters_per_pass`) and with all K
-  vmapped at once; and against PEFT in PyTorch training K adapters as its users do (one PeftModel,
-  ``set_adapter`` in turn, each on its own batch, an optimizer per adapter). A grid over one data order
-  (learning rates, d_initial) feeds all K the same batch: that program is timed too (``shared``).
-- Serving: one batch in which N distinct adapters (N = 1, 16, 256) are mixed, one per example id,
-  against the same batch run with a single adapter on the activation path, and against PEFT in PyTorch
-  serving the same adapters as it serves VeRA: grouped by adapter, one forward each
-  (`train.bench_multi_peft`).
-Every program is compiled and run once first; then all are timed in rounds (one call each per round,
-shuffled), and the medians are printed and written as JSON with ``--json``.
-"""
+"""Many adapters at once: ``python -m train bench-multi``, as `train.bench_flags.BENCH_MULTI` describes it."""
 
 from __future__ import annotations
 
@@ -21,7 +6,6 @@ import argparse
 import json
 import statistics
 from collections.abc import Callable
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -29,51 +13,23 @@ import numpy as np
 import optax
 
 import vera_jax
-from train import steps
-from train.bench import LLAMA_LINEAR, peak_bytes, time_in_rounds
-from train.metrics import write_json
-from train.model import lacks_torch_weights, load_classifier, model_source
-from train.options import positive_int
+from train.bench.step import peak_bytes, time_in_rounds
+from train.bench_flags import MULTI_WORKLOADS
+from train.engine import steps
+from train.engine.metrics import write_json
+from train.models.load import lacks_torch_weights, load_classifier, model_source
 
-__all__ = ["add_arguments", "command", "bench_multi"]
+__all__ = ["command", "bench_multi"]
 
 CHECKED_ADAPTERS = 4  # serving: adapters whose rows of the mixed batch are checked against the adapter alone
 
 
-WORKLOADS = {  # flags left unset take the workload's values
-    "minilm": {"model": "default", "targets": ["query", "value"], "ns": [1, 16, 256], "serve_batch": 256,
-               "serve_seq_len": 32},
-    "smollm2": {"model": "smollm2", "targets": LLAMA_LINEAR, "ns": [1, 16], "serve_batch": 16, "serve_seq_len": 64},
-}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="minilm",
-                        help="minilm: training and serving on all-MiniLM-L6-v2 (linen); smollm2: mixed-adapter "
-                        "serving on the scanned NNX SmolLM2")
-    parser.add_argument("--model", help="'default' (all-MiniLM-L6-v2), 'smollm2', a hub id or a directory")
-    parser.add_argument("--r", type=positive_int, default=256, help="VeRA rank")
-    parser.add_argument("--targets", nargs="+", help="modules VeRA adapts")
-    parser.add_argument("--ks", type=positive_int, nargs="+", default=[1, 4, 16], help="adapters trained at once")
-    parser.add_argument("--train-batch", type=positive_int, default=8, help="examples per adapter per step")
-    parser.add_argument("--train-seq-len", type=positive_int, default=64)
-    parser.add_argument("--adapters-per-pass", type=positive_int, help="adapters vmapped together (default: chosen "
-                        "for the device by vera_jax.adapters_per_pass)")
-    parser.add_argument("--ns", type=positive_int, nargs="+", help="distinct adapters in a batch")
-    parser.add_argument("--serve-batch", type=positive_int)
-    parser.add_argument("--serve-seq-len", type=positive_int)
-    parser.add_argument("--repeats", type=positive_int, default=5, help="timed rounds")
-    parser.add_argument("--no-peft", action="store_true", help="skip PEFT in PyTorch as the serving peer (it groups "
-                        "a batch by adapter: one forward per adapter, as PEFT serves VeRA)")
-    parser.add_argument("--json", type=Path, help="also write the results here")
-
-
 def command(args: argparse.Namespace) -> None:
-    for name, value in WORKLOADS[args.workload].items():
+    for name, value in MULTI_WORKLOADS[args.workload].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.workload == "smollm2":
-        from train.bench_multi_nnx import bench_multi_smollm2
+        from train.bench.multi_nnx import bench_multi_smollm2
 
         results = bench_multi_smollm2(args)
         _print_serving(results)
@@ -96,7 +52,7 @@ def _max_difference(a, b) -> float:
 
 
 class _Training:
-    """A jitted, donated training step (`train.steps.make_train_step`) of one adapter (k=None) or of k
+    """A jitted, donated training step (`train.engine.steps.make_train_step`) of one adapter (k=None) or of k
     stacked adapters, each on its own batch (stacked on the adapter axis, as a sweep over seeds feeds them) or
     all on one (``shared``: a grid over one data order; the work before the first adapted layer runs once),
     and its state."""
@@ -135,10 +91,10 @@ def bench_multi(args: argparse.Namespace) -> dict:
     adapter = vera_jax.init_adapter(params, config)
     tx = optax.adam(1e-3)
     # Runs and sweeps train with this step; the base model in eval mode (rng None), as serving runs it.
-    train_step = steps.make_train_step(steps.vera_logits(model, "merged"), tx, "classification")
+    train_step = steps.make_train_step(model.vera_logits("merged", config), tx, "classification")
 
     def call(p, batch):  # serving: the model in eval mode
-        return steps.model_logits(model, p, batch, None)
+        return model.logits(p, batch, None)
 
     def train_batches(k: int) -> dict:  # k distinct batches on a leading adapter axis
         batches = [_batch(model.config.vocab_size, args.train_batch, args.train_seq_len, seed) for seed in range(k)]
@@ -238,7 +194,7 @@ def _torch_source(args) -> str | None:
 
 def _peft_peers(args, params, batch: dict, served: dict) -> dict:
     """``{n: PeftGroupedServer}`` holding the same n adapters as the mixed batches."""
-    from train.bench_multi_peft import PeftGroupedServer
+    from train.bench.multi_peft import PeftGroupedServer
 
     source = _torch_source(args)
     host_batch = jax.device_get(batch)
@@ -248,7 +204,7 @@ def _peft_peers(args, params, batch: dict, served: dict) -> dict:
 
 def _peft_sweepers(args, batches: dict) -> dict:
     """``{k: PeftSweepTrainer}`` training k adapters on the batches of the timed k-adapter program."""
-    from train.bench_multi_peft import PeftSweepTrainer
+    from train.bench.multi_peft import PeftSweepTrainer
 
     source = _torch_source(args)
     return {} if source is None else {k: PeftSweepTrainer(source, args.r, args.targets, jax.device_get(b))

@@ -7,7 +7,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-from train.data import DataError, TextData
+from train.engine.data import DataError, TextData
 
 __all__ = ["use_chat_template", "prompt_text", "encode_chat", "left_padded"]
 

@@ -14,10 +14,10 @@ import time
 
 import numpy as np
 
-from train import data as data_lib
-from train.model import model_source
+from train.engine import data as data_lib
+from train.engine.runner import count_steps
+from train.models.load import model_source
 from train.options import Options
-from train.runner import count_steps
 
 __all__ = ["run_peft_job", "lr_factor"]
 
@@ -25,7 +25,7 @@ EXACT = 1  # PyTorch compiles nothing per shape: a batch pads to its longest row
 
 
 def lr_factor(kind: str, step: int, total_steps: int, warmup_ratio: float) -> float:
-    """The learning rate at ``step`` over its peak, as `train.steps` schedules it with optax."""
+    """The learning rate at ``step`` over its peak, as `train.engine.steps` schedules it with optax."""
     warmup = max(1, int(round(warmup_ratio * total_steps)))
     if step < warmup:
         return step / warmup

@@ -9,12 +9,11 @@ import jax.numpy as jnp
 import optax
 
 import vera_jax
-from train.nnx_causal_lm import NnxCausalLM
 from vera_jax.paths import SEP, flatten, unflatten
 
-__all__ = ["make_optimizer", "model_logits", "vera_logits", "head_only_logits", "make_train_step", "make_eval_step",
-           "make_group_gradients", "make_apply_gradients", "merged_leaves", "hoisted_merge",
-           "make_merged_group_gradients", "loss_value", "loss_terms", "next_token_terms"]
+__all__ = ["make_optimizer", "head_only_logits", "make_train_step", "make_eval_step", "make_group_gradients",
+           "make_apply_gradients", "merged_leaves", "make_merged_group_gradients", "loss_value", "loss_terms",
+           "next_token_terms"]
 
 
 def _schedule(kind: str, peak: float, total_steps: int, warmup_ratio: float) -> optax.Schedule:
@@ -41,40 +40,12 @@ def make_optimizer(options, total_steps: int) -> optax.GradientTransformation:
     return optax.multi_transform({"vectors": make(options.lr_vectors), "head": make(options.lr_head)}, labels)
 
 
-def model_logits(model, params, batch: dict, rng: jax.Array | None) -> jax.Array:
-    """The Flax model on ``batch``; rng is the key of the model's own dropout, None evaluates."""
-    train = rng is not None
-    return model(batch["input_ids"], attention_mask=batch["attention_mask"], params=params, train=train,
-                 dropout_rng=rng).logits
-
-
-def vera_logits(model, path: str | vera_jax.PathPlan, config: vera_jax.VeraConfig | None = None) -> Callable:
-    """``logits(params, adapter, batch, rng)``: the adapted model; rng=None evaluates.
-
-    ``path`` is a path of `vera_jax.adapt` or a `vera_jax.PathPlan`; VeRA dropout acts on the activation
-    path. An NNX model (`train.nnx_causal_lm.NnxCausalLM`) runs its own adapted modules, adapted with ``config``.
-    """
-    if isinstance(model, NnxCausalLM):
-        if config is None:
-            raise ValueError("An NNX model's logits need the adapter's config: vera_logits(model, path, config).")
-        return model.vera_logits(path, config)
-
-    def logits(params, adapter, batch, rng):
-        model_rng, vera_rng = (None, None) if rng is None else jax.random.split(rng)
-        dropout = None if path == "merged" else vera_rng
-        run = vera_jax.adapt(lambda p: model_logits(model, p, batch, model_rng), adapter, path=path,
-                             dropout_rng=dropout)
-        return run(params)
-
-    return logits
-
-
 def head_only_logits(model) -> Callable:
-    """The baseline: the frozen model with only its head's leaves swapped for the trained ones
-    (``adapter.trainable`` holds the head alone)."""
+    """The baseline: the frozen model (a `train.models.interface.Model`) with only its head's leaves swapped for the
+    trained ones (``adapter.trainable`` holds the head alone)."""
 
     def logits(params, adapter, batch, rng):
-        return model_logits(model, vera_jax.combine(params, adapter), batch, rng)
+        return model.logits(vera_jax.combine(params, adapter), batch, rng)
 
     return logits
 
@@ -133,23 +104,18 @@ def merged_leaves(params: dict, adapter) -> dict:
     return {path: merged[path] for path in kernels} | vera_jax.vectors.full_leaves(adapter.trainable)
 
 
-def hoisted_merge(model, path) -> object | None:
-    """``model`` when a run can merge once a step (`make_merged_group_gradients`): a Hugging Face Flax model on the
-    merged path; None otherwise (NNX models merge inside their own modules)."""
-    return model if isinstance(path, str) and path == "merged" and not isinstance(model, NnxCausalLM) else None
-
-
 def make_merged_group_gradients(model, task: str) -> Callable:
     """The merged path with its merge hoisted out of a batch's groups: ``gradients(merged, params, group, rng) ->
     (total, count, grads)``, where ``merged`` is `merged_leaves` (computed once for every group of a step) and
     ``grads`` the gradient of ``total`` for those leaves (``make_apply_gradients(tx, hoisted=True)`` carries them
-    back to the vectors). The model's dropout draws from ``rng`` as `vera_logits` has it draw."""
+    back to the vectors). ``model`` is a `train.models.interface.Model` whose ``hoists_merge`` says so; its dropout
+    draws from ``rng`` as its ``vera_logits`` has it draw."""
 
     def gradients(merged, params, group, rng):
         model_rng = None if rng is None else jax.random.split(rng)[0]
 
         def total(leaves):
-            logits = model_logits(model, unflatten(flatten(params) | leaves, like=params), group, model_rng)
+            logits = model.logits(unflatten(flatten(params) | leaves, like=params), group, model_rng)
             return loss_terms(logits, group, task)
 
         (total_loss, count), grads = jax.value_and_grad(total, has_aux=True)(merged)

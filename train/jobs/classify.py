@@ -1,7 +1,7 @@
 """The main job: fine-tune a Hugging Face Flax sequence classifier with VeRA, sharded and resumable.
 
 Order of work: check every flag (before anything loads), then the output directory, mesh, data,
-labels, model and targets (`train.runner.start`) before any compute; place the frozen base (FSDP by
+labels, model and targets (`train.engine.runner.start`) before any compute; place the frozen base (FSDP by
 path rules) and the replicated small trees on the mesh; restore the latest checkpoint if the run
 directory has one; train with one jitted, donated step; evaluate; write the adapter, metrics, plot and
 summary.
@@ -16,14 +16,14 @@ from pathlib import Path
 import numpy as np
 
 import vera_jax
-from train import data as data_lib
-from train import steps
-from train.metrics import directory_bytes
-from train.model import check_source, classifier_shapes, load_classifier
+from train.engine import data as data_lib
+from train.engine import steps
+from train.engine.metrics import directory_bytes
+from train.engine.profile import JobProfile
+from train.engine.runner import (Prepared, RunError, check_targets, count_steps, evaluate, fit,
+                                 locked_run, publish, save_adapters, start)
+from train.models.load import check_positions, check_source, classifier_shapes, load_classifier
 from train.options import CLASSIFY, Options, add_options, from_args
-from train.profile import JobProfile
-from train.runner import (Prepared, RunError, check_positions, check_targets, count_steps, evaluate, fit, locked_run,
-                          publish, save_adapters, start)
 
 __all__ = ["run", "prepare", "add_arguments", "command", "RunError"]
 
@@ -63,11 +63,11 @@ def run(options: Options) -> dict:
         with profile.phase("loading"):
             setup = start(options, prepare)
         params = setup.params
-        logits_fn = steps.vera_logits(setup.model, setup.path)
+        logits_fn = setup.logits()
         with profile.phase("training"):
             adapter, tokens_per_second = fit(setup.ctx, "vera", setup.adapter, logits_fn, setup.log,
                                              setup.checkpoints, setup.meta(), profile,
-                                             hoist=steps.hoisted_merge(setup.model, setup.path))
+                                             hoist=setup.hoist)
             setup.checkpoints.close()
         with profile.phase("evaluation"):
             accuracy, test_loss = evaluate(setup.ctx, adapter, logits_fn)

@@ -16,8 +16,6 @@ import argparse
 import functools
 from pathlib import Path
 
-from train.model import hub_id, kernel_axes
-from train.nnx_causal_lm import NnxCausalLM
 from train.options import BACKENDS, positive_int
 from vera_jax import atomic, checkpoint
 from vera_jax import export as merged_export
@@ -57,7 +55,7 @@ def command(args: argparse.Namespace) -> None:
 
 
 def _load_model(name: str, task: str, num_labels: int, backend: str):
-    from train.model import load_causal_lm, load_classifier
+    from train.models.load import load_causal_lm, load_classifier
 
     if task == "sequence-classification":
         return load_classifier(name, num_labels)
@@ -88,9 +86,9 @@ def export(args: argparse.Namespace) -> Path:
     try:
         atomic.check_replaceable(args.output, KINDS[args.format], args.overwrite)  # before the model loads
         model, tokenizer = _load_model(args.model, args.task, args.num_labels, args.backend)
-        stacks = model.stacks if isinstance(model, NnxCausalLM) else ()
+        stacks = model.stacks
         if read is vera_peft.load_adapter:
-            read = functools.partial(vera_peft.load_adapter, stacks=stacks, kernel_axes=kernel_axes(model))
+            read = functools.partial(vera_peft.load_adapter, stacks=stacks, kernel_axes=model.kernel_axes)
         try:
             adapter = read(adapter_dir, model.params)
         except ValueError as err:
@@ -98,14 +96,14 @@ def export(args: argparse.Namespace) -> Path:
         if args.format == "peft":
             try:
                 return vera_peft.save_adapter(args.output, adapter, model.params, task_type=TASKS[args.task],
-                                              base_model_name_or_path=hub_id(args.model), stacks=stacks,
+                                              base_model_name_or_path=model.base_model_name, stacks=stacks,
                                               overwrite=args.overwrite)
             except ValueError as err:
                 raise ExportError(f"--format peft cannot hold this adapter: {err}") from None
         if args.format == "lora":
-            return _lora(args, adapter, model.params, stacks)
-        return merged_export.save_merged(args.output, adapter, model.params, model, tokenizer=tokenizer,
-                                         safetensors=args.format == "safetensors", overwrite=args.overwrite)
+            return _lora(args, adapter, model)
+        return model.save_merged(args.output, adapter, tokenizer=tokenizer, safetensors=args.format == "safetensors",
+                                 overwrite=args.overwrite)
     except FileExistsError as err:
         raise ExportError(f"--output {args.output}: {err}") from None
     except atomic.WriteError as err:  # no space, a read-only target: nothing was replaced
@@ -121,11 +119,11 @@ def _check_output(args: argparse.Namespace) -> None:
                               "what it reads. Choose another --output.")
 
 
-def _lora(args: argparse.Namespace, adapter, params, stacks: tuple[str, ...]) -> Path:
+def _lora(args: argparse.Namespace, adapter, model) -> Path:
     """The LoRA export, with each layer's relative error printed when --rank truncates."""
     try:
-        out, factors = vera_lora.save_lora(args.output, adapter, params, rank=args.rank, stacks=stacks,
-                                           task_type=TASKS[args.task], base_model_name_or_path=hub_id(args.model),
+        out, factors = vera_lora.save_lora(args.output, adapter, model.params, rank=args.rank, stacks=model.stacks,
+                                           task_type=TASKS[args.task], base_model_name_or_path=model.base_model_name,
                                            overwrite=args.overwrite)
     except ValueError as err:
         raise ExportError(f"--format lora cannot hold this adapter: {err}") from None

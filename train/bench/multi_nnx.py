@@ -16,8 +16,9 @@ from flax import nnx
 
 import vera_jax
 import vera_jax.nnx as vera_nnx
-from train.bench import LLAMA_LINEAR, peak_bytes, time_in_rounds
-from train.model import load_causal_lm
+from train.bench.step import peak_bytes, time_in_rounds
+from train.bench_flags import LLAMA_LINEAR
+from train.models.load import load_causal_lm
 
 __all__ = ["bench_multi_smollm2", "CHECKED_ADAPTERS"]
 

@@ -6,19 +6,23 @@ checkpoints are converted by transformers (``from_pt``), so torch is never neede
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from train import assets, hub
+from train.models.gguf_llama import convert
+from train.models.hf_flax import HfFlaxModel, config_kernel_axes
+from train.options import Options, flag_name
 
-__all__ = ["load_classifier", "load_causal_lm", "ModelError", "PACKAGED_MODELS", "hub_id", "kernel_axes",
-           "lacks_torch_weights", "model_source", "check_source", "classifier_shapes"]
+__all__ = ["load_classifier", "load_causal_lm", "ModelError", "PACKAGED_MODELS", "hub_id", "lacks_torch_weights",
+           "model_source", "check_source", "check_positions", "classifier_shapes"]
 
 
 # Packaged model names -> (local directory builder, the hub id the same weights have online).
 PACKAGED_MODELS = {
     "default": (assets.minilm_dir, "sentence-transformers/all-MiniLM-L6-v2"),
     "minilm": (assets.minilm_dir, "sentence-transformers/all-MiniLM-L6-v2"),
-    "smollm2": (assets.smollm2_dir, "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    "smollm2": (functools.partial(assets.smollm2_dir, convert), "HuggingFaceTB/SmolLM2-135M-Instruct"),
 }
 
 
@@ -50,6 +54,22 @@ def check_source(name: str) -> None:
                          "cannot be reached (offline); give a model folder, or fetch the model while online.")
 
 
+def check_positions(options: Options, fields: tuple[str, ...] = ("max_length",)) -> None:
+    """A ModelError when the tokens of ``fields`` add up to more than the positions in the model's config, read
+    before its weights (a config that cannot be read is left for the model's loader to report)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_source(options.model))
+    except (OSError, ValueError):
+        return
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and sum(getattr(options, f) for f in fields) > positions:
+        flags = " plus ".join(f"{flag_name(f)} {getattr(options, f)}" for f in fields)
+        raise ModelError(f"{flags} exceeds the {positions} positions of {options.model!r} (max_position_embeddings "
+                         f"in its config); lower {'it' if len(fields) == 1 else 'them'}.")
+
+
 def _has_flax_weights(path: Path) -> bool:
     return (path / "flax_model.msgpack").exists() or (path / "flax_model.msgpack.index.json").exists()
 
@@ -70,19 +90,6 @@ def model_source(name: str) -> str:
     return str(PACKAGED_MODELS[name][0]()) if name in PACKAGED_MODELS else name
 
 
-def kernel_axes(model) -> tuple[tuple[str, str], ...]:
-    """VeRA's kernel roles for a loaded model: an NNX model states its own (a stack's with its layer axis);
-    Flax GPT-2's ``FlaxConv1D`` stores kernels (out, in); other Flax models' Dense kernels are (in, out)."""
-    own = getattr(model, "kernel_axes", None)
-    if own is not None:
-        return own
-    return _config_axes(model.config)
-
-
-def _config_axes(config) -> tuple[tuple[str, str], ...]:
-    return ((".*", "oi"),) if config.model_type == "gpt2" else ()
-
-
 def classifier_shapes(name: str, num_labels: int) -> tuple[dict, tuple[tuple[str, str], ...]]:
     """The parameter shapes (``jax.ShapeDtypeStruct`` leaves) and kernel axes of ``name``'s sequence classifier,
     traced from its config without loading or drawing any weight; a ModelError when there is no such class."""
@@ -90,7 +97,7 @@ def classifier_shapes(name: str, num_labels: int) -> tuple[dict, tuple[tuple[str
 
     config = _classifier_config(name, num_labels)
     model = FlaxAutoModelForSequenceClassification.from_config(config, _do_init=False)
-    return model.params_shape_tree, _config_axes(config)
+    return model.params_shape_tree, config_kernel_axes(config)
 
 
 def _classifier_config(name: str, num_labels: int):
@@ -154,18 +161,19 @@ def _from_safetensors(auto_class, directory: Path, config, seed: int):
 
 def load_causal_lm(name: str, dtype: str = "float32", max_positions: int | None = None, backend: str = "linen",
                    scan_remat: str | None = None):
-    """``(model, tokenizer)`` of a Flax causal LM; ``dtype='bfloat16'`` stores and runs the base in bfloat16.
+    """``(model, tokenizer)`` of a causal LM (a `train.models.interface.CausalLM`); ``dtype='bfloat16'`` stores and
+    runs the base in bfloat16.
 
-    ``backend``: ``"nnx"`` (a Llama-architecture checkpoint as `train.nnx_causal_lm.NnxCausalLM`, layers
+    ``backend``: ``"nnx"`` (a Llama-architecture checkpoint as `train.models.nnx_causal_lm.NnxCausalLM`, layers
     stacked and scanned, keeping for the backward pass what ``scan_remat`` says: a key of
-    `train.nnx_llama.SCAN_REMAT`, None for its default),
+    `train.models.nnx_llama.SCAN_REMAT`, None for its default),
     ``"nnx-listed"`` (the same, layers in a list) or ``"linen"`` (transformers' Flax class).
 
     ``max_positions``: the longest sequence the job runs. A rotary Llama or Mistral whose config allows
     more is loaded with that many positions: Flax builds a (positions, positions) causal mask in every
     attention layer (32768 positions: 1 GiB a layer), and rotary models have no position weights to cut.
 
-    A Llama or Mistral whose ``rope_theta`` is not 10000 loads as a class of `train.llama_rope` (stock
+    A Llama or Mistral whose ``rope_theta`` is not 10000 loads as a class of `train.models.llama_rope` (stock
     Flax Llama and Mistral hard-code the rotary base); a Mistral without a sliding window gets one as
     long as its positions (stock Flax Mistral would let each token attend to itself only).
     """
@@ -173,7 +181,7 @@ def load_causal_lm(name: str, dtype: str = "float32", max_positions: int | None 
     from transformers import AutoConfig, AutoTokenizer, FlaxAutoModelForCausalLM
     from transformers.models.auto.modeling_flax_auto import FLAX_MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    from train.llama_rope import ROPE_THETA_CLASSES, needs_rope_theta
+    from train.models.llama_rope import ROPE_THETA_CLASSES, needs_rope_theta
 
     if dtype not in ("float32", "bfloat16"):
         raise ModelError(f"--base-dtype must be 'float32' or 'bfloat16', got {dtype!r}.")
@@ -197,12 +205,12 @@ def load_causal_lm(name: str, dtype: str = "float32", max_positions: int | None 
     model = _load_flax(auto_class, source, config=config, dtype=getattr(jnp, dtype))
     if dtype == "bfloat16":
         model.params = model.to_bf16(model.params)
-    return model, AutoTokenizer.from_pretrained(source)
+    return HfFlaxModel(model, hub_id(name)), AutoTokenizer.from_pretrained(source)
 
 
 def _load_nnx(name: str, source: str, config, dtype: str, backend: str, scan_remat: str | None):
     """The NNX Llama of a local directory, or of a hub repository's safetensors (fetched once)."""
-    from train.nnx_causal_lm import load_nnx_causal_lm
+    from train.models.nnx_causal_lm import load_nnx_causal_lm
 
     if config.model_type != "llama":
         raise ModelError(f"{name!r} is a {config.model_type!r} model; --backend {backend} runs Llama-architecture "
@@ -213,13 +221,15 @@ def _load_nnx(name: str, source: str, config, dtype: str, backend: str, scan_rem
 
         directory = Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
     try:
-        return load_nnx_causal_lm(directory, config, dtype=dtype, scan_layers=backend == "nnx", scan_remat=scan_remat)
+        return load_nnx_causal_lm(directory, config, hub_id(name), dtype=dtype, scan_layers=backend == "nnx",
+                                  scan_remat=scan_remat)
     except ValueError as err:
         raise ModelError(f"{name!r}: {err}") from None
 
 
 def load_classifier(name: str, num_labels: int, seed: int = 0):
-    """``(model, tokenizer)``; PyTorch/safetensors checkpoints are converted by transformers (``from_pt``).
+    """``(model, tokenizer)`` of a sequence classifier (an `HfFlaxModel`); PyTorch/safetensors checkpoints are
+    converted by transformers (``from_pt``).
 
     Leaves the checkpoint lacks (a new head) are transformers' initialisation from ``seed``, as
     ``model.init_weights(jax.random.PRNGKey(seed), model.input_shape)`` draws them.
@@ -235,4 +245,4 @@ def load_classifier(name: str, num_labels: int, seed: int = 0):
     else:
         model = _load_flax(FlaxAutoModelForSequenceClassification, source, config=config, ignore_mismatched_sizes=True,
                            seed=seed)
-    return model, AutoTokenizer.from_pretrained(source)
+    return HfFlaxModel(model, hub_id(name)), AutoTokenizer.from_pretrained(source)

@@ -1,0 +1,2 @@
+"""The training machinery every job shares: data, the mesh, the jitted steps, the run's loop, checkpoints and
+metrics."""

@@ -1,0 +1,1 @@
+"""The commands that train or export adapters: classify, causal-lm, sweep and export."""
