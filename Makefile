@@ -55,7 +55,7 @@ run: $(VENV)/.installed
 	$(BIN)/python -m train
 
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 # Regenerates both locks with pip-compile (pip-tools, in a throwaway venv outside the project) from
 # pyproject.toml (+ requirements/test.in for the test lock). Needs the package registry. Existing

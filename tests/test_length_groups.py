@@ -41,8 +41,7 @@ def test_groups_sort_a_batch_by_length_and_split_it_evenly():
         data_lib.length_groups(data, indices, 3)
 
 
-@pytest.mark.parametrize("family, task", [(families.bert, "classification"), (families.gpt2, "causal-lm")])
-@pytest.mark.parametrize("groups", [2, 4])
+@pytest.mark.parametrize("family, task, groups", [(families.bert, "classification", 2), (families.gpt2, "causal-lm", 4)])
 def test_a_step_over_groups_is_the_step_over_the_whole_batch(family, task, groups):
     """The groups' loss sums and counts add up to the batch's mean: per-group means would weigh a short group's
     tokens more (the causal LM's rows score different numbers of tokens). Merging once for all groups (the
@@ -54,10 +53,10 @@ def test_a_step_over_groups_is_the_step_over_the_whole_batch(family, task, group
     tx = optax.adam(1e-2)
     opt_state = tx.init(adapter.trainable)
     model = HfFlaxModel(family.model, family.name)
-    plain, apply = steps.make_group_gradients(model.vera_logits("merged", adapter.config), task), \
-        steps.make_apply_gradients(tx)
-    hoisted, apply_hoisted = steps.make_merged_group_gradients(model, task), \
-        steps.make_apply_gradients(tx, hoisted=True)
+    plain, apply = (jax.jit(steps.make_group_gradients(model.vera_logits("merged", adapter.config), task)),
+                    jax.jit(steps.make_apply_gradients(tx)))  # jitted as the runner jits them
+    hoisted, apply_hoisted = (jax.jit(steps.make_merged_group_gradients(model, task)),
+                              jax.jit(steps.make_apply_gradients(tx, hoisted=True)))
 
     def step(batches, hoist=False, rng=None):
         keys = [None if rng is None else jax.random.fold_in(rng, i) for i in range(len(batches))]
