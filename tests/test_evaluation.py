@@ -29,14 +29,14 @@ def test_evaluation_reads_its_batches_back_in_one_transfer(tiny, tmp_path, monke
         assert all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(tree))  # not read batch by batch
         return real_get(tree)
 
-    def guarded_evaluate(ctx, adapter, logits_fn):
+    def counting_evaluate(ctx, adapter, logits_fn):
         batches.append(-(-len(ctx.test_data) // ctx.options.eval_batch_size))
         with monkeypatch.context() as patch:
             patch.setattr(runner.jax, "device_get", counted_get)
             evaluations.append(real_evaluate(ctx, adapter, logits_fn))
         return evaluations[-1]
 
-    monkeypatch.setattr(classify, "evaluate", guarded_evaluate)
+    monkeypatch.setattr(classify, "evaluate", counting_evaluate)
     out = tmp_path / "run"
     assert main(tiny_run.train_args(model, data, out, "--test-fraction", "0.5", "--max-steps", "2")) == 0
     assert batches and all(n == 7 for n in batches)

@@ -41,7 +41,8 @@ def test_groups_sort_a_batch_by_length_and_split_it_evenly():
         data_lib.length_groups(data, indices, 3)
 
 
-@pytest.mark.parametrize("family, task, groups", [(families.bert, "classification", 2), (families.gpt2, "causal-lm", 4)])
+@pytest.mark.parametrize("family, task, groups",
+                         [(families.bert, "classification", 2), (families.gpt2, "causal-lm", 4)])
 def test_a_step_over_groups_is_the_step_over_the_whole_batch(family, task, groups):
     """The groups' loss sums and counts add up to the batch's mean: per-group means would weigh a short group's
     tokens more (the causal LM's rows score different numbers of tokens). Merging once for all groups (the

@@ -196,8 +196,8 @@ def _check_fits(adapter: Adapter, params: Mapping) -> None:
     try:
         layer_vectors(params, adapter)
     except ValueError as err:
-        raise ValueError(f"Cannot save this adapter with these params: it does not fit them ({str(err).rstrip('.')}). Pass the "
-                         "params of the model the adapter was trained on.") from None
+        raise ValueError(f"Cannot save this adapter with these params: it does not fit them ({str(err).rstrip('.')}). "
+                         "Pass the params of the model the adapter was trained on.") from None
 
 
 def _tree_writer() -> ocp.Checkpointer:
