@@ -7,7 +7,7 @@ import pytest
 
 import tiny_run
 from train.__main__ import main
-from train.engine import runner
+from train.engine import evaluation
 from train.jobs import classify
 
 
@@ -22,7 +22,7 @@ def test_evaluation_reads_its_batches_back_in_one_transfer(tiny, tmp_path, monke
     them all back."""
     model, data = tiny
     reads, batches, evaluations = [], [], []
-    real_get, real_evaluate = jax.device_get, runner.evaluate
+    real_get, real_evaluate = jax.device_get, evaluation.evaluate
 
     def counted_get(tree):
         reads.append(len(tree))
@@ -32,7 +32,7 @@ def test_evaluation_reads_its_batches_back_in_one_transfer(tiny, tmp_path, monke
     def counting_evaluate(ctx, adapter, logits_fn):
         batches.append(-(-len(ctx.test_data) // ctx.options.eval_batch_size))
         with monkeypatch.context() as patch:
-            patch.setattr(runner.jax, "device_get", counted_get)
+            patch.setattr(evaluation.jax, "device_get", counted_get)
             evaluations.append(real_evaluate(ctx, adapter, logits_fn))
         return evaluations[-1]
 

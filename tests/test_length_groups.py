@@ -55,7 +55,7 @@ def test_a_step_over_groups_is_the_step_over_the_whole_batch(family, task, group
     opt_state = tx.init(adapter.trainable)
     model = HfFlaxModel(family.model, family.name)
     plain, apply = (jax.jit(steps.make_group_gradients(model.vera_logits("merged", adapter.config), task)),
-                    jax.jit(steps.make_apply_gradients(tx)))  # jitted as the runner jits them
+                    jax.jit(steps.make_apply_gradients(tx)))  # jitted as the training loop jits them
     hoisted, apply_hoisted = (jax.jit(steps.make_merged_group_gradients(model, task)),
                               jax.jit(steps.make_apply_gradients(tx, hoisted=True)))
 

@@ -20,7 +20,7 @@ from train.engine.checkpoints import CheckpointMismatch
 from train.engine.data import DataError
 from train.engine.mesh import MeshError
 from train.engine.run_lock import RunDirectoryBusy
-from train.engine.runner import RunError
+from train.engine.errors import RunError
 from train.jobs import causal_lm, classify, export, sweep
 from train.models import gguf_llama
 from train.models.load import ModelError

@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from train.engine import data as data_lib
-from train.engine.runner import count_steps
+from train.engine.run import count_steps
 from train.models.load import model_source
 from train.options import Options
 

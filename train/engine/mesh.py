@@ -1,4 +1,5 @@
-"""The device mesh (data x fsdp) and the shardings of the batch, the frozen base and the small trees."""
+"""The device mesh (data x fsdp), the shardings of the batch, the frozen base and the small trees, and placing
+host values on it."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vera_jax.paths import compile_rules, first_match, flatten, unflatten
 
-__all__ = ["AXES", "make_mesh", "batch_sharding", "replicated", "base_shardings", "MeshError", "BASE_RULES"]
+__all__ = ["AXES", "make_mesh", "one_device_mesh", "batch_sharding", "replicated", "base_shardings", "MeshError",
+           "BASE_RULES", "place", "to_host", "global_batch"]
 
 AXES = ("data", "fsdp")
 # FSDP for the frozen base: matrices are split along their first dimension over the fsdp axis.
@@ -45,6 +47,11 @@ def make_mesh(spec: str, batch_size: int) -> Mesh:
     return Mesh(np.asarray(devices).reshape(shape), AXES)
 
 
+def one_device_mesh() -> Mesh:
+    """A 1x1 mesh of this process's first device (a sweep's)."""
+    return Mesh(np.asarray(jax.local_devices()[:1]).reshape(1, 1), AXES)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) axis split over every device."""
     return NamedSharding(mesh, PartitionSpec(AXES))
@@ -69,3 +76,26 @@ def base_shardings(params: Mapping, mesh: Mesh, rules=BASE_RULES) -> dict:
         return NamedSharding(mesh, spec)
 
     return unflatten({path: sharding(path, leaf) for path, leaf in flatten(params).items()}, like=params)
+
+
+def to_host(tree):
+    """Host (numpy) copies of a tree's arrays; a replicated global array gives this process's copy."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x, tree)
+
+
+def place(tree, sharding):
+    """Host values (or replicated arrays) -> fresh global arrays with ``sharding`` (one sharding, or a tree)."""
+    shardings = sharding if isinstance(sharding, dict) else jax.tree.map(lambda _: sharding, tree)
+
+    def put(x, s):
+        x = np.asarray(to_host(x))
+        return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
+
+    return jax.tree.map(put, tree, shardings)
+
+
+def global_batch(batch: dict, sharding) -> dict:
+    """Every process holds the global batch (cheap for text) and supplies its own contiguous rows."""
+    count, index = jax.process_count(), jax.process_index()
+    return {k: jax.make_array_from_process_local_data(sharding, np.split(v, count)[index], v.shape)
+            for k, v in batch.items()}

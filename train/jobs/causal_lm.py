@@ -24,9 +24,12 @@ import vera_jax
 from train.engine import chat_data
 from train.engine import data as data_lib
 from train.engine import steps
+from train.engine.errors import RunError
+from train.engine.evaluation import evaluate
+from train.engine.loop import Trainees, fit
+from train.engine.mesh import to_host
 from train.engine.metrics import directory_bytes
-from train.engine.runner import (Prepared, RunError, evaluate, fit, locked_run, publish, save_adapters,
-                                 start, to_host)
+from train.engine.run import Prepared, locked_run, publish, save_adapters, start
 from train.models.load import check_positions, check_source, load_causal_lm
 from train.options import CAUSAL_LM, CAUSAL_LM_DEFAULTS, Options, add_options, from_args
 
@@ -105,8 +108,9 @@ def run(options: Options) -> dict:
     logits_fn = setup.logits()
     test_split = setup.job.test_split
     questions = list(test_split["text"][: options.answers])
-    adapter, tokens_per_second = fit(setup.ctx, "vera", setup.adapter, logits_fn, setup.log, setup.checkpoints,
-                                     setup.meta(), hoist=setup.hoist)
+    trained = fit(setup.ctx, Trainees(("vera",)), setup.adapter, logits_fn, setup.log,
+                  checkpoints=setup.checkpoints, meta=setup.meta(), hoist=setup.hoist)
+    adapter = trained.adapter
     setup.checkpoints.close()
     # "Before": the adapter as initialised (the base model itself with the default --b-initial 0), measured after
     # training, so that training starts at once and a resumed run does not measure it again.
@@ -127,7 +131,7 @@ def run(options: Options) -> dict:
         "perplexity_before": math.exp(log_ppl_before), "perplexity_after": math.exp(log_ppl_after),
         "test_token_accuracy": token_accuracy, "trainable_params": trainable_params, "all_params": all_params,
         f"lora_r{LORA_RANK}_params": lora_params, "adapter_bytes": directory_bytes(adapter_dir),
-        "tokens_per_second": tokens_per_second, **_peak_memory(),
+        "tokens_per_second": trained.tokens_per_second, **_peak_memory(),
         "answers": [{"question": q, "reference": r, "before": b, "after": a} for q, r, b, a in
                     zip(questions, test_split["label"][: options.answers], answers_before, answers_after)],
     }

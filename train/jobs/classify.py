@@ -1,7 +1,7 @@
 """The main job: fine-tune a Hugging Face Flax sequence classifier with VeRA, sharded and resumable.
 
 Order of work: check every flag (before anything loads), then the output directory, mesh, data,
-labels, model and targets (`train.engine.runner.start`) before any compute; place the frozen base (FSDP by
+labels, model and targets (`train.engine.run.start`) before any compute; place the frozen base (FSDP by
 path rules) and the replicated small trees on the mesh; restore the latest checkpoint if the run
 directory has one; train with one jitted, donated step; evaluate; write the adapter, metrics, plot and
 summary.
@@ -20,8 +20,10 @@ from train.engine import data as data_lib
 from train.engine import steps
 from train.engine.metrics import directory_bytes
 from train.engine.profile import JobProfile
-from train.engine.runner import (Prepared, RunError, check_targets, count_steps, evaluate, fit,
-                                 locked_run, publish, save_adapters, start)
+from train.engine.errors import RunError
+from train.engine.evaluation import evaluate
+from train.engine.loop import Trainees, fit
+from train.engine.run import Prepared, check_targets, count_steps, locked_run, publish, save_adapters, start
 from train.models.load import check_positions, check_source, classifier_shapes, load_classifier
 from train.options import CLASSIFY, Options, add_options, from_args
 
@@ -65,15 +67,14 @@ def run(options: Options) -> dict:
         params = setup.params
         logits_fn = setup.logits()
         with profile.phase("training"):
-            adapter, tokens_per_second = fit(setup.ctx, "vera", setup.adapter, logits_fn, setup.log,
-                                             setup.checkpoints, setup.meta(), profile,
-                                             hoist=setup.hoist)
+            trained = fit(setup.ctx, Trainees(("vera",)), setup.adapter, logits_fn, setup.log,
+                          checkpoints=setup.checkpoints, meta=setup.meta(), profile=profile, hoist=setup.hoist)
             setup.checkpoints.close()
         with profile.phase("evaluation"):
-            accuracy, test_loss = evaluate(setup.ctx, adapter, logits_fn)
+            accuracy, test_loss = evaluate(setup.ctx, trained.adapter, logits_fn)
         setup.log.write(run="vera", step=setup.total_steps, test_accuracy=accuracy, test_loss=test_loss)
         with profile.phase("saving"):
-            adapter_dir = save_adapters(setup, adapter, "SEQ_CLS")
+            adapter_dir = save_adapters(setup, trained.adapter, "SEQ_CLS")
 
     trainable_params, all_params = vera_jax.count_parameters(params, setup.adapter)
     summary = {
@@ -82,13 +83,13 @@ def run(options: Options) -> dict:
         "train_examples": len(setup.job.train_data), "test_examples": len(setup.job.test_data),
         "test_accuracy": accuracy, "test_loss": test_loss, "trainable_params": trainable_params,
         "all_params": all_params, "adapter_bytes": directory_bytes(adapter_dir),
-        "tokens_per_second": tokens_per_second, "profile": profile.summary(),
+        "tokens_per_second": trained.tokens_per_second, "profile": profile.summary(),
     }
     if options.baseline:
         head = setup.adapter.replace(trainable=vera_jax.paths.unflatten(vera_jax.vectors.full_leaves(
             setup.adapter.trainable)))
         head_fn = steps.head_only_logits(setup.model)
-        head_trained, _ = fit(setup.ctx, "head-only", head, head_fn, setup.log)
+        head_trained = fit(setup.ctx, Trainees(("head-only",)), head, head_fn, setup.log).adapter
         summary["baseline_accuracy"], _ = evaluate(setup.ctx, head_trained, head_fn)
         setup.log.write(run="head-only", step=setup.total_steps, test_accuracy=summary["baseline_accuracy"])
     summary["wall_seconds"] = time.perf_counter() - started

@@ -6,7 +6,8 @@ dropout, and a head the checkpoint lacks drawn from s; every other flag the same
 points share the held-out split and the projections A/B of ``--seed``, VeRA's point. One compiled
 step trains a program's adapters, vmapped ``--adapters-per-pass`` at a time
 (`vera_jax.map_adapters`), each with its own optimizer state; one such evaluation scores them on the
-same held-out split. Runs on one device, without checkpoints.
+same held-out split. The program is the run's training loop and evaluation (`train.engine.loop`,
+`train.engine.evaluation`) over the stacked adapters. Runs on one device, without checkpoints.
 
 The paper's ablations are grid axes too (``--projection-init``, ``--projection-sharing``,
 ``--train-vectors``, each taking several values): each combination is a variant with its own
@@ -24,16 +25,15 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
 import vera_jax
-from train.engine import data as data_lib
-from train.engine import steps
+from train.engine import mesh as mesh_lib
+from train.engine.errors import TrainingDiverged
+from train.engine.evaluation import evaluate
+from train.engine.loop import Trainees, fit, learning_rate_flags
 from train.engine.metrics import write_json
-from train.engine.runner import (Run, TrainingDiverged, all_finite, dropout_key, group_count, learning_rate_flags,
-                                 locked_run, model_config, start, step_key)
+from train.engine.run import Run, locked_run, model_config, start
 from train.jobs import classify
 from train.models.load import load_classifier
 from train.options import (SWEEP, FlagError, Options, add_options, check_options, finite_float, from_args,
@@ -142,15 +142,6 @@ def _adapter_name(variant: tuple[str, str, str], d_initial: float, seed: int) ->
     return f"{label + '-' if label else ''}d{d_initial:g}-seed{seed}"
 
 
-def _stack_batches(batches: list[dict], pad_id: int) -> dict:
-    """K batches padded to one length and stacked: input_ids (K, B, L), attention_mask (K, B, L), labels (K, B)."""
-    length = max(b["input_ids"].shape[1] for b in batches)
-    pad = lambda a, value: np.pad(a, ((0, 0), (0, length - a.shape[1])), constant_values=value)  # noqa: E731
-    return {"input_ids": np.stack([pad(b["input_ids"], pad_id) for b in batches]),
-            "attention_mask": np.stack([pad(b["attention_mask"], 0) for b in batches]),
-            "labels": np.stack([b["labels"] for b in batches])}
-
-
 def _heads_for_seeds(options: Options, model, head: dict, seeds: tuple[int, ...]) -> dict[int, dict]:
     """Each seed's initial head (the leaves trained in full, flat by path): the one ``--seed s`` would load.
 
@@ -171,19 +162,15 @@ def _heads_for_seeds(options: Options, model, head: dict, seeds: tuple[int, ...]
     return heads
 
 
-def _per_pass(grid: Grid, batch_size: int, options: Options) -> int | None:
-    return grid.adapters_per_pass or vera_jax.adapters_per_pass(batch_size * options.max_length)
-
-
 def _train_program(setup: Run, grid: Grid, variant: tuple[str, str, str], d_initials: tuple[float, ...],
                    heads: dict[int, dict]) -> tuple[list[vera_jax.Adapter], vera_jax.Adapter, np.ndarray, list]:
-    """Train one adapter per (d_initial, seed) of one program in one compiled program.
+    """Train one adapter per (d_initial, seed) of one program, stacked, in the run's training loop.
 
     Returns each adapter (with its own point's config), the program's initial adapter, the held-out
     accuracies (K,), and for each adapter the step at which it diverged (a logged loss or its trained
     vectors not finite), or None.
     """
-    options, model, params, job = setup.options, setup.model, setup.params, setup.job
+    options, model, params = setup.options, setup.model, setup.params
     points = list(itertools.product(d_initials, grid.seeds))
     configs = [model_config(point_options(options, grid, variant, d), model) for d, _ in points]
     # One config, one A/B for the program; each point's initial trainable tree from its own config.
@@ -191,56 +178,17 @@ def _train_program(setup: Run, grid: Grid, variant: tuple[str, str, str], d_init
     stacked = vera_jax.stack([
         base.replace(trainable=unflatten(flatten(vera_jax.vectors.init_trainable(params, config)) | heads[seed]))
         for config, (_, seed) in zip(configs, points)])
-    names = [_run_name(variant, d, seed) for d, seed in points]
-    seeds = [seed for _, seed in points]
-
-    tx = steps.make_optimizer(options, setup.total_steps)
+    trainees = Trainees(tuple(_run_name(variant, d, seed) for d, seed in points), tuple(s for _, s in points),
+                        grid.adapters_per_pass)
     logits_fn = setup.logits()
-    groups = group_count(options, devices=1)
-    orders = sorted(set(seeds))  # the data orders
-    shared = len(orders) == 1  # a grid over a single seed: one batch feeds every adapter
-    group_fn = jax.jit(vera_jax.map_adapters(steps.make_group_gradients(logits_fn, options.task),
-                                             (0, None, None if shared else 0, 0),
-                                             _per_pass(grid, options.batch_size // groups, options)))
-    apply_fn = jax.jit(vera_jax.map_adapters(steps.make_apply_gradients(tx), (0, 0, 0)), donate_argnums=(0, 1))
-    opt_state = jax.vmap(tx.init)(stacked.trainable)
-    keys = jnp.stack([dropout_key(seed) for seed in seeds])
-    diverged: list[int | None] = [None] * len(points)
-    progress = tqdm(range(setup.total_steps), desc=f"{len(points)} adapters, {_variant_label(variant) or 'vera'}")
-    for step in progress:
-        rows = {seed: data_lib.length_groups(job.train_data, data_lib.batch_indices(
-            len(job.train_data), seed, step, setup.steps_per_epoch, options.batch_size), groups) for seed in orders}
-        parts = []
-        for i in range(groups):
-            batches = [data_lib.collate(job.train_data, rows[seed][i], job.pad_id, options.max_length,
-                                        options.pad_multiple) for seed in (orders if shared else seeds)]
-            batch = batches[0] if shared else _stack_batches(batches, job.pad_id)
-            parts.append(group_fn(stacked, params, batch, jax.vmap(step_key, (0, None, None))(keys, step, i)))
-        stacked, opt_state, losses = apply_fn(stacked, opt_state, tuple(parts))
-        if (step + 1) % options.log_every == 0 or step + 1 == setup.total_steps:
-            losses = np.asarray(losses)
-            for k, (name, loss) in enumerate(zip(names, losses)):
-                if np.isfinite(loss):
-                    setup.log.write(run=name, step=step + 1, loss=float(loss))
-                elif diverged[k] is None:
-                    diverged[k] = step + 1
-            finite = losses[np.isfinite(losses)]
-            progress.set_postfix(loss=f"{float(np.mean(finite)):.4f}" if finite.size else "diverged")
-
-    evaluate = jax.jit(vera_jax.map_adapters(steps.make_eval_step(logits_fn, options.task), (0, None, None),
-                                             _per_pass(grid, options.eval_batch_size, options)))
-    correct = np.zeros(len(points))
-    by_length = data_lib.by_length(job.test_data, np.arange(len(job.test_data)))
-    for start_row in range(0, len(job.test_data), options.eval_batch_size):
-        indices = by_length[start_row:start_row + options.eval_batch_size]
-        batch = data_lib.collate(job.test_data, indices, job.pad_id, options.max_length, options.pad_multiple)
-        batch["weights"] = np.ones(len(indices), np.float32)
-        correct += np.asarray(evaluate(stacked, params, batch)[0])
-    adapters = [adapter.replace(config=config) for adapter, config in zip(vera_jax.unstack(stacked), configs)]
-    for k, adapter in enumerate(adapters):
-        if diverged[k] is None and not all_finite(adapter.trainable):
-            diverged[k] = setup.total_steps
-    return adapters, base, correct / len(job.test_data), diverged
+    try:
+        trained = fit(setup.ctx, trainees, stacked, logits_fn, setup.log)
+    except TrainingDiverged as err:
+        return [None] * len(points), base, np.full(len(points), np.nan), list(err.diverged_at)
+    accuracy, _ = evaluate(setup.ctx, trained.adapter, logits_fn, trainees)
+    adapters = [adapter.replace(config=config)
+                for adapter, config in zip(vera_jax.unstack(mesh_lib.to_host(trained.adapter)), configs)]
+    return adapters, base, accuracy, list(trained.diverged_at)
 
 
 @locked_run
