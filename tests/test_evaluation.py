@@ -30,7 +30,7 @@ def test_evaluation_reads_its_batches_back_in_one_transfer(tiny, tmp_path, monke
         return real_get(tree)
 
     def counting_evaluate(ctx, adapter, logits_fn):
-        batches.append(-(-len(ctx.test_data) // ctx.options.eval_batch_size))
+        batches.append(-(-len(ctx.test_data) // ctx.options.run.eval_batch_size))
         with monkeypatch.context() as patch:
             patch.setattr(evaluation.jax, "device_get", counted_get)
             evaluations.append(real_evaluate(ctx, adapter, logits_fn))

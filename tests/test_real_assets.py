@@ -9,7 +9,7 @@ from transformers import FlaxBertForSequenceClassification
 from train import assets
 from train.__main__ import main
 from train.engine.data import load_splits
-from train.options import Options
+from train.options import DataOptions
 from vera_jax import checkpoint
 
 
@@ -25,7 +25,7 @@ def test_a_few_steps_on_the_default_assets_beat_chance(tmp_path):
     assert summary["train_examples"] + summary["test_examples"] == 10_568  # 10,605 rows less 37 neutral ones
     assert summary["test_examples"] == 529
     # Chance on this slice is its majority class; the adapted model is well above it.
-    _, test = load_splits(Options(test_fraction=0.05))
+    _, test = load_splits(DataOptions(test_fraction=0.05), seed=0, batch_size=32)
     positive = float(np.mean(test["label"]))
     assert summary["test_accuracy"] > max(positive, 1 - positive) + 0.1, (summary["test_accuracy"], positive)
     assert summary["test_loss"] < np.log(2)

@@ -20,7 +20,8 @@ from pathlib import Path
 import vera_jax
 from vera_jax import config as vera_config_lib
 
-__all__ = ["Options", "FlagError", "RESUME_KEYS", "CAUSAL_LM_DEFAULTS", "PATHS", "SCHEDULES", "add_options",
+__all__ = ["Options", "DataOptions", "ModelOptions", "OptimOptions", "RunOptions", "FLAG_FIELDS", "FlagError",
+           "RESUME_KEYS", "CAUSAL_LM_DEFAULTS", "PATHS", "SCHEDULES", "add_options",
            "from_args", "vera_config", "check_options", "positive_int", "non_negative_int", "finite_float",
            "non_negative_float", "seed_int", "Parser"]
 
@@ -126,18 +127,18 @@ def _address(text: str) -> str:
 
 
 def _flag(default, help: str, *, type: Callable | None = None, choices: Iterable[str] | None = None,
-          nargs: str | None = None, commands: frozenset = ALL):
-    """An `Options` field and its flag: ``type`` checks a value, ``commands`` take the flag."""
+          nargs: str | None = None, commands: frozenset = ALL, dest: str | None = None):
+    """A field of a part of `Options` and its flag: ``type`` checks a value, ``commands`` take the flag, ``dest``
+    names the flag when the field's name does not."""
     return dataclasses.field(default=default, metadata={"help": help, "type": type, "nargs": nargs,
-                                                        "commands": commands,
+                                                        "commands": commands, "dest": dest,
                                                         "choices": tuple(choices) if choices else None})
 
 
 @dataclasses.dataclass(frozen=True)
-class Options:
-    """A fine-tuning run (the defaults are the README's main job)."""
+class DataOptions:
+    """Where the rows come from, how they are split and how they are tokenised."""
 
-    model: str = _flag("default", "'default' (the packaged all-MiniLM-L6-v2), 'smollm2', a hub id or a local directory")
     dataset: str = _flag("default", "'default' (packaged movie-review sentences), 'chatterbot', a datasets hub name, "
                          "or local .csv/.tsv/.json/.jsonl/.parquet files (comma-separated)")
     text_column: str = _flag("text", "the input text column (causal-lm: the question)")
@@ -146,6 +147,33 @@ class Options:
                       commands=frozenset({CLASSIFY, SWEEP}))
     num_labels: int | None = _flag(None, "classes of the head (default: inferred from the training labels)",
                                    type=positive_int, commands=frozenset({CLASSIFY, SWEEP}))
+    test_fraction: float = _flag(0.2, "rows held out when the dataset has no test split",
+                                 type=_in_range(0.0, 1.0, low_open=True))
+    max_length: int = _flag(64, "tokens per example at most", type=positive_int)
+    pad_multiple: int = _flag(8, "a batch (or group of rows) pads to its longest row rounded up to a multiple of "
+                              "this: each padded length compiles once, so fewer lengths compile less but pad more",
+                              type=positive_int)
+    chat_template: str | None = _flag(None, "a Jinja chat-template file, for models that ship none",
+                                      commands=frozenset({CAUSAL_LM}))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+    """The model, how it runs, and the VeRA adapter on it."""
+
+    name: str = _flag("default", "'default' (the packaged all-MiniLM-L6-v2), 'smollm2', a hub id or a local directory",
+                      dest="model")
+    backend: str = _flag("nnx", "the model's implementation: Flax NNX (a Llama, layers stacked and scanned), "
+                         "nnx-listed (layers in a list), or linen (transformers' Flax class: GPT-2, Mistral, ...)",
+                         choices=BACKENDS, commands=frozenset({CAUSAL_LM}))
+    base_dtype: str = _flag("float32", "dtype of the frozen base (bfloat16 halves its memory)", choices=BASE_DTYPES,
+                            commands=frozenset({CAUSAL_LM}))
+    scan_remat: str | None = _flag(None, "what the scanned NNX stack keeps for the backward pass: dots (the "
+                                   "projections' outputs; the default), full (each layer's input only: least "
+                                   "memory) or none (every intermediate)", choices=SCAN_REMATS,
+                                   commands=frozenset({CAUSAL_LM}))
+    path: str = _flag("merged", "how adapted layers run: merged, activation, activation-lean, or auto (the faster "
+                      "whole training step, timed here)", choices=PATHS)
     r: int = _flag(256, "rank of the shared projections A (r, in) and B (out, r)", type=positive_int)
     targets: tuple[str, ...] = _flag(("query", "value"), "module names (or one regex) VeRA adapts", nargs="+")
     head: tuple[str, ...] = _flag(("classifier",), "modules trained in full, like PEFT's modules_to_save", nargs="*")
@@ -161,6 +189,12 @@ class Options:
                                     choices=vera_config_lib.PROJECTION_SHARINGS)
     train_vectors: str = _flag("both", "which vectors train (a frozen one stays at its initial value)",
                                choices=vera_config_lib.TRAIN_VECTORS)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimOptions:
+    """The optimisation: learning rates, schedule, batches and length."""
+
     lr_vectors: float = _flag(1e-2, "peak learning rate of the VeRA vectors", type=_positive_float)
     lr_head: float = _flag(4e-3, "peak learning rate of the modules trained in full", type=_positive_float)
     schedule: str = _flag("linear", "learning-rate decay after a linear warmup", choices=SCHEDULES)
@@ -172,44 +206,75 @@ class Options:
     length_groups: int = _flag(4, "each batch is sorted by length and run as this many groups of rows, each padded "
                                "to its own longest row: the same gradient over fewer padded tokens (1: one group)",
                                type=positive_int)
-    max_length: int = _flag(64, "tokens per example at most", type=positive_int)
-    pad_multiple: int = _flag(8, "a batch (or group of rows) pads to its longest row rounded up to a multiple of "
-                              "this: each padded length compiles once, so fewer lengths compile less but pad more",
-                              type=positive_int)
-    test_fraction: float = _flag(0.2, "rows held out when the dataset has no test split",
-                                 type=_in_range(0.0, 1.0, low_open=True))
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """The run itself: its seed, directory, devices and processes, checkpoints, logging and reports."""
+
     seed: int = _flag(0, "seed of the held-out split, the projections, the data order, dropout and a new head",
                       type=seed_int)
+    output_dir: str = _flag("runs/latest", "the run directory (a run there resumes from its last checkpoint)")
     mesh: str = _flag("auto", "devices as DATAxFSDP, e.g. '8x1' or '4x2'; 'auto' puts every device on data",
                       type=_mesh, commands=ON_MESH)
-    path: str = _flag("merged", "how adapted layers run: merged, activation, activation-lean, or auto (the faster "
-                      "whole training step, timed here)", choices=PATHS)
-    output_dir: str = _flag("runs/latest", "the run directory (a run there resumes from its last checkpoint)")
     checkpoint_every: int = _flag(100, "steps between checkpoints", type=positive_int, commands=ON_MESH)
     keep_checkpoints: int = _flag(2, "checkpoints kept", type=positive_int, commands=ON_MESH)
+    log_every: int = _flag(10, "steps between logged losses", type=positive_int)
+    eval_batch_size: int = _flag(128, "examples per evaluation batch", type=positive_int)
     baseline: bool = _flag(False, "also train the head alone on the same split and report it",
                            commands=frozenset({CLASSIFY}))
-    base_dtype: str = _flag("float32", "dtype of the frozen base (bfloat16 halves its memory)", choices=BASE_DTYPES,
-                            commands=frozenset({CAUSAL_LM}))
-    backend: str = _flag("nnx", "the model's implementation: Flax NNX (a Llama, layers stacked and scanned), "
-                         "nnx-listed (layers in a list), or linen (transformers' Flax class: GPT-2, Mistral, ...)",
-                         choices=BACKENDS, commands=frozenset({CAUSAL_LM}))
-    scan_remat: str | None = _flag(None, "what the scanned NNX stack keeps for the backward pass: dots (the "
-                                   "projections' outputs; the default), full (each layer's input only: least "
-                                   "memory) or none (every intermediate)", choices=SCAN_REMATS,
-                                   commands=frozenset({CAUSAL_LM}))
-    chat_template: str | None = _flag(None, "a Jinja chat-template file, for models that ship none",
-                                      commands=frozenset({CAUSAL_LM}))
     answers: int = _flag(4, "held-out questions answered greedily before and after tuning", type=positive_int,
                          commands=frozenset({CAUSAL_LM}))
     max_new_tokens: int = _flag(48, "length limit of those answers", type=positive_int,
                                 commands=frozenset({CAUSAL_LM}))
-    log_every: int = _flag(10, "steps between logged losses", type=positive_int)
-    eval_batch_size: int = _flag(128, "examples per evaluation batch", type=positive_int)
     coordinator: str | None = _flag(None, "multi-host: HOST:PORT of process 0 (with --num-processes, --process-id)",
                                     type=_address, commands=ON_MESH)
     num_processes: int = _flag(1, "multi-host: number of processes", type=positive_int, commands=ON_MESH)
     process_id: int = _flag(0, "multi-host: this process's index", type=non_negative_int, commands=ON_MESH)
+
+
+PARTS = {"data": DataOptions, "model": ModelOptions, "optim": OptimOptions, "run": RunOptions}
+PART_TITLES = {"data": "data", "model": "model and adapter", "optim": "optimisation", "run": "run"}  # --help's groups
+
+
+def _flag_fields() -> dict[str, tuple[str, dataclasses.Field]]:
+    """``{flag dest: (part, field)}`` of every flag: the dest is the field's name unless its metadata names one."""
+    return {field.metadata["dest"] or field.name: (part, field)
+            for part, cls in PARTS.items() for field in dataclasses.fields(cls)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """A fine-tuning run (the defaults are the README's main job), in four parts built when the flags are parsed;
+    each function takes the part it needs. `get`, `replace` and `flat` name a setting by its flag (``"d_initial"``
+    for ``--d-initial``)."""
+
+    data: DataOptions = DataOptions()
+    model: ModelOptions = ModelOptions()
+    optim: OptimOptions = OptimOptions()
+    run: RunOptions = RunOptions()
+
+    def get(self, dest: str):
+        """The value of flag ``dest``."""
+        part, field = FLAG_FIELDS[dest]
+        return getattr(getattr(self, part), field.name)
+
+    def replace(self, **values) -> Options:
+        """A copy with the flags named by ``values`` (dests) set."""
+        by_part: dict[str, dict] = {}
+        for dest, value in values.items():
+            part, field = FLAG_FIELDS[dest]
+            by_part.setdefault(part, {})[field.name] = value
+        return dataclasses.replace(self, **{part: dataclasses.replace(getattr(self, part), **changes)
+                                            for part, changes in by_part.items()})
+
+    def flat(self) -> dict:
+        """``{flag dest: value}`` of every flag (JSON-ready: tuples as lists)."""
+        return {dest: list(value) if isinstance(value, tuple) else value
+                for dest, value in ((dest, self.get(dest)) for dest in FLAG_FIELDS)}
+
+
+FLAG_FIELDS = _flag_fields()
 
 
 # The options a resumed run must share with the run that wrote the checkpoint.
@@ -222,7 +287,7 @@ RESUME_KEYS = ("model", "dataset", "text_column", "label_column", "task", "num_l
 # `python -m train causal-lm`: SmolLM2-135M-Instruct on the chatterbot question/answer pairs, VeRA on
 # every linear layer of every decoder block, loss on the answer tokens only. Whole batches (one length group,
 # padded to a multiple of 16): the README's causal-LM numbers are measured so.
-CAUSAL_LM_DEFAULTS = Options(
+CAUSAL_LM_DEFAULTS = Options().replace(
     model="smollm2", dataset="chatterbot", text_column="question", label_column="answer", task="causal-lm",
     targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), head=(),
     lr_vectors=1e-2, epochs=1, batch_size=8, max_length=128, eval_batch_size=16, test_fraction=0.1,
@@ -244,27 +309,28 @@ def add_options(parser: argparse.ArgumentParser, command: str, defaults: Options
     """The flags ``command`` takes, with ``defaults``; the fields in ``several`` take one or more values
     (a sweep's grid axes), also spelled in the plural (``--projection-inits``)."""
     several = set(several)
-    for field in dataclasses.fields(Options):
+    groups = {part: parser.add_argument_group(title) for part, title in PART_TITLES.items()}
+    for dest, (part, field) in FLAG_FIELDS.items():
         spec = field.metadata
         if command not in spec["commands"]:
             continue
-        flag, default = flag_name(field.name), getattr(defaults, field.name)
-        names = [flag] + ([flag + "s"] if field.name in several and not flag.endswith("s") else [])
+        flag, default = flag_name(dest), defaults.get(dest)
+        names = [flag] + ([flag + "s"] if dest in several and not flag.endswith("s") else [])
         kwargs = {"help": spec["help"], "default": default}
         if isinstance(default, bool):
-            parser.add_argument(*names, action="store_true", **kwargs)
+            groups[part].add_argument(*names, action="store_true", **kwargs)
             continue
         if spec["choices"]:
             kwargs["choices"] = spec["choices"]
         if spec["type"]:
             kwargs["type"] = spec["type"]
-        if field.name in several:
-            kwargs.update(nargs="+", default=[default], metavar=field.name.upper())
+        if dest in several:
+            kwargs.update(nargs="+", default=[default], metavar=dest.upper())
             if spec["choices"]:
                 kwargs["help"] += f"; one or more of {', '.join(spec['choices'])}"
         elif spec["nargs"]:
             kwargs.update(nargs=spec["nargs"], default=list(default), metavar="NAME")
-        parser.add_argument(*names, dest=field.name, **kwargs)
+        groups[part].add_argument(*names, dest=dest, **kwargs)
 
 
 def from_args(args: argparse.Namespace, defaults: Options = Options(), check: bool = True) -> Options:
@@ -273,9 +339,8 @@ def from_args(args: argparse.Namespace, defaults: Options = Options(), check: bo
     Raises:
       FlagError: flags that do not fit together (`check_options`).
     """
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Options) if hasattr(args, f.name)}
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    options = dataclasses.replace(defaults, **values)
+    values = {dest: getattr(args, dest) for dest in FLAG_FIELDS if hasattr(args, dest)}
+    options = defaults.replace(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
     if check:
         check_options(options)
     return options
@@ -294,15 +359,16 @@ def vera_config(options: Options, kernel_axes: tuple[tuple[str, str], ...] = ())
     Raises:
       FlagError: VeraConfig refuses the combination (e.g. --train-vectors lambda_d with --b-initial 0).
     """
+    model = options.model
     try:
         return vera_jax.VeraConfig(
-            r=options.r, target_modules=options.targets, modules_to_save=options.head, d_initial=options.d_initial,
-            b_initial=options.b_initial, dropout=options.dropout, projection_seed=options.seed,
-            projection_init=options.projection_init, projection_sharing=options.projection_sharing,
-            train_vectors=options.train_vectors, kernel_axes=kernel_axes)
+            r=model.r, target_modules=model.targets, modules_to_save=model.head, d_initial=model.d_initial,
+            b_initial=model.b_initial, dropout=model.dropout, projection_seed=options.run.seed,
+            projection_init=model.projection_init, projection_sharing=model.projection_sharing,
+            train_vectors=model.train_vectors, kernel_axes=kernel_axes)
     except (TypeError, ValueError) as err:
         named = [name for field, name in _CONFIG_FIELDS.items() if re.search(rf"\b{field}\b", str(err))]
-        flags = ", ".join(f"{flag_name(name)} {_shown(getattr(options, name))}" for name in named) or "the VeRA flags"
+        flags = ", ".join(f"{flag_name(name)} {_shown(options.get(name))}" for name in named) or "the VeRA flags"
         raise FlagError(f"{flags}: {err}") from None
 
 
@@ -313,29 +379,30 @@ def check_options(options: Options) -> None:
       FlagError: naming the flags and what would work.
     """
     vera_config(options)
-    if not options.output_dir.strip():
+    data, model, run = options.data, options.model, options.run
+    if not run.output_dir.strip():
         raise FlagError("--output-dir is empty, which would write the run into the current directory; name a run "
                         "directory, such as runs/latest.")
-    if not options.dataset.strip():
+    if not data.dataset.strip():
         raise FlagError("--dataset is empty; give 'default', 'chatterbot', a datasets hub name or local files.")
-    if options.task == "causal-lm" and options.backend != "linen":
-        if options.path not in NNX_PATHS:
-            raise FlagError(f"--path {options.path} is not offered with --backend {options.backend}; use one of "
+    if data.task == "causal-lm" and model.backend != "linen":
+        if model.path not in NNX_PATHS:
+            raise FlagError(f"--path {model.path} is not offered with --backend {model.backend}; use one of "
                             f"{', '.join(NNX_PATHS)}, or --backend linen.")
-        if options.dropout > 0 or options.head:
-            raise FlagError(f"--backend {options.backend} runs VeRA on NNX models, which has no --dropout or --head yet; "
+        if model.dropout > 0 or model.head:
+            raise FlagError(f"--backend {model.backend} runs VeRA on NNX models, which has no --dropout or --head yet; "
                             "drop them, or use --backend linen.")
-    if options.scan_remat is not None and not (options.task == "causal-lm" and options.backend == "nnx"):
-        raise FlagError(f"--scan-remat {options.scan_remat} applies to the scanned NNX model (causal-lm --backend "
-                        f"nnx); drop it with --backend {options.backend}.")
-    if options.dropout > 0 and options.path == "merged":
-        raise FlagError(f"--dropout {options.dropout:g} acts on each adapted layer's input, which --path merged "
+    if model.scan_remat is not None and not (data.task == "causal-lm" and model.backend == "nnx"):
+        raise FlagError(f"--scan-remat {model.scan_remat} applies to the scanned NNX model (causal-lm --backend "
+                        f"nnx); drop it with --backend {model.backend}.")
+    if model.dropout > 0 and model.path == "merged":
+        raise FlagError(f"--dropout {model.dropout:g} acts on each adapted layer's input, which --path merged "
                         "never computes; use --path activation, activation-lean or auto.")
-    if options.process_id >= options.num_processes:
-        raise FlagError(f"--process-id {options.process_id} must be below --num-processes {options.num_processes}.")
-    if options.num_processes > 1 and not options.coordinator:
-        raise FlagError(f"--num-processes {options.num_processes} needs --coordinator HOST:PORT (process 0's address).")
-    if options.chat_template is not None and not Path(options.chat_template).is_file():
-        raise FlagError(f"--chat-template {options.chat_template} is not a file; give a Jinja chat-template file.")
-    if options.baseline and not options.head:
+    if run.process_id >= run.num_processes:
+        raise FlagError(f"--process-id {run.process_id} must be below --num-processes {run.num_processes}.")
+    if run.num_processes > 1 and not run.coordinator:
+        raise FlagError(f"--num-processes {run.num_processes} needs --coordinator HOST:PORT (process 0's address).")
+    if data.chat_template is not None and not Path(data.chat_template).is_file():
+        raise FlagError(f"--chat-template {data.chat_template} is not a file; give a Jinja chat-template file.")
+    if run.baseline and not model.head:
         raise FlagError("--baseline trains the head alone, but --head names no module to train.")

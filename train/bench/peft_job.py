@@ -48,26 +48,27 @@ def run_peft_job(options: Options) -> dict:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     started = time.perf_counter()
-    train_split, test_split = data_lib.load_splits(options)
-    num_labels = data_lib.check_labels(train_split, test_split, options)
-    source = model_source(options.model)
+    train_split, test_split = data_lib.load_splits(options.data, options.run.seed, options.optim.batch_size)
+    num_labels = data_lib.check_labels(train_split, test_split, options.data)
+    source = model_source(options.model.name)
     tokenizer = AutoTokenizer.from_pretrained(source)
-    train = data_lib.tokenize(train_split, tokenizer, options.max_length, np.int64)
-    test = data_lib.tokenize(test_split, tokenizer, options.max_length, np.int64)
+    train = data_lib.tokenize(train_split, tokenizer, options.data.max_length, np.int64)
+    test = data_lib.tokenize(test_split, tokenizer, options.data.max_length, np.int64)
     pad_id = tokenizer.pad_token_id or 0
-    steps_per_epoch, total_steps = count_steps(options, len(train))
-    torch.manual_seed(options.seed)
+    steps_per_epoch, total_steps = count_steps(options.optim, len(train))
+    torch.manual_seed(options.run.seed)
     base = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels)
-    config = peft.VeraConfig(r=options.r, target_modules=list(options.targets), d_initial=options.d_initial,
-                             vera_dropout=options.dropout, projection_prng_key=options.seed,
-                             modules_to_save=list(options.head), task_type="SEQ_CLS")
+    adapter, optim = options.model, options.optim
+    config = peft.VeraConfig(r=adapter.r, target_modules=list(adapter.targets), d_initial=adapter.d_initial,
+                             vera_dropout=adapter.dropout, projection_prng_key=options.run.seed,
+                             modules_to_save=list(adapter.head), task_type="SEQ_CLS")
     model = peft.get_peft_model(base, config)
     vectors = [p for n, p in model.named_parameters() if p.requires_grad and re.search(r"vera_lambda_[bd]", n)]
     head = [p for n, p in model.named_parameters() if p.requires_grad and not re.search(r"vera_lambda_[bd]", n)]
-    optimizer = torch.optim.AdamW([{"params": vectors, "lr": options.lr_vectors},
-                                   {"params": head, "lr": options.lr_head}], weight_decay=options.weight_decay)
+    optimizer = torch.optim.AdamW([{"params": vectors, "lr": optim.lr_vectors},
+                                   {"params": head, "lr": optim.lr_head}], weight_decay=optim.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(options.schedule, step, total_steps, options.warmup_ratio))
+        optimizer, lambda step: lr_factor(optim.schedule, step, total_steps, optim.warmup_ratio))
 
     def tensors(batch: dict) -> dict:
         return {k: torch.from_numpy(np.asarray(batch[k], np.int64)) for k in ("input_ids", "attention_mask", "labels")}
@@ -75,8 +76,8 @@ def run_peft_job(options: Options) -> dict:
     model.train()
     train_started = time.perf_counter()
     for step in range(total_steps):
-        indices = data_lib.batch_indices(len(train), options.seed, step, steps_per_epoch, options.batch_size)
-        loss = model(**tensors(data_lib.collate(train, indices, pad_id, options.max_length, EXACT))).loss
+        indices = data_lib.batch_indices(len(train), options.run.seed, step, steps_per_epoch, options.optim.batch_size)
+        loss = model(**tensors(data_lib.collate(train, indices, pad_id, options.data.max_length, EXACT))).loss
         loss.backward()
         optimizer.step()
         schedule.step()
@@ -87,9 +88,9 @@ def run_peft_job(options: Options) -> dict:
     model.eval()
     correct = 0
     with torch.no_grad():
-        for start in range(0, len(test), options.eval_batch_size):
-            indices = np.arange(start, min(start + options.eval_batch_size, len(test)))
-            batch = tensors(data_lib.collate(test, indices, pad_id, options.max_length, EXACT))
+        for start in range(0, len(test), options.run.eval_batch_size):
+            indices = np.arange(start, min(start + options.run.eval_batch_size, len(test)))
+            batch = tensors(data_lib.collate(test, indices, pad_id, options.data.max_length, EXACT))
             labels = batch.pop("labels")
             correct += int((model(**batch).logits.argmax(-1) == labels).sum())
     ended = time.perf_counter()

@@ -16,7 +16,7 @@ import numpy as np
 from datasets.exceptions import DatasetGenerationError
 
 from train import assets, hub
-from train.options import Options
+from train.options import DataOptions
 
 __all__ = ["TextData", "load_splits", "tokenize", "epoch_order", "batch_indices", "by_length", "length_groups",
            "collate", "DataError", "dataset_sha256"]
@@ -219,8 +219,9 @@ def dataset_sha256(name: str) -> str:
     return digest.hexdigest()
 
 
-def load_splits(options: Options) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """(train, test) with columns 'text' and 'label'; the test split is fixed by ``options.seed``.
+def load_splits(data: DataOptions, seed: int, batch_size: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(train, test) with columns 'text' and 'label'; the test split is fixed by ``seed``, and leaves at least one
+    batch of ``batch_size`` rows to train on.
 
     A dataset with a 'test' (or else 'validation') split keeps it; otherwise ``test_fraction`` of the
     rows are held out.
@@ -228,110 +229,110 @@ def load_splits(options: Options) -> tuple[datasets.Dataset, datasets.Dataset]:
     Raises:
       DataError: a missing column, an empty split, a blank text or missing label (naming the row).
     """
-    loaded = _load(options.dataset)
+    loaded = _load(data.dataset)
     if isinstance(loaded, datasets.DatasetDict):
         if "train" not in loaded:
-            raise DataError(f"Dataset {options.dataset!r} has splits {list(loaded)} but no 'train' split.")
+            raise DataError(f"Dataset {data.dataset!r} has splits {list(loaded)} but no 'train' split.")
         held_out = next((loaded[s] for s in ("test", "validation") if s in loaded), None)
         train = loaded["train"]
     else:
         train, held_out = loaded, None
-    for column in (options.text_column, options.label_column):
+    for column in (data.text_column, data.label_column):
         if column not in train.column_names:
-            raise DataError(f"Dataset {options.dataset!r} has no column {column!r}; its columns are "
+            raise DataError(f"Dataset {data.dataset!r} has no column {column!r}; its columns are "
                             f"{train.column_names}. Choose with --text-column / --label-column.")
     if len(train) == 0:
-        raise DataError(f"Dataset {options.dataset!r} is empty.")
-    keep = lambda ds: ds.select_columns([options.text_column, options.label_column]).rename_columns(  # noqa: E731
-        {options.text_column: "text", options.label_column: "label"})
+        raise DataError(f"Dataset {data.dataset!r} is empty.")
+    keep = lambda ds: ds.select_columns([data.text_column, data.label_column]).rename_columns(  # noqa: E731
+        {data.text_column: "text", data.label_column: "label"})
     train = keep(train)
-    _check_cells(train, options, "" if held_out is None else " of the 'train' split")
+    _check_cells(train, data, "" if held_out is None else " of the 'train' split")
     if held_out is None:
         if len(train) < 2:
-            raise DataError(f"Dataset {options.dataset!r} has {len(train)} row; at least 2 are needed to hold one out.")
-        _check_split_sizes(len(train), options)
-        parts = train.train_test_split(test_size=options.test_fraction, seed=options.seed)
+            raise DataError(f"Dataset {data.dataset!r} has {len(train)} row; at least 2 are needed to hold one out.")
+        _check_split_sizes(len(train), data, batch_size)
+        parts = train.train_test_split(test_size=data.test_fraction, seed=seed)
         train, test = parts["train"], parts["test"]
     else:
         test = keep(held_out)
-        _check_cells(test, options, " of the held-out split")
+        _check_cells(test, data, " of the held-out split")
     if len(test) == 0:
-        raise DataError(f"The held-out split of {options.dataset!r} is empty; raise --test-fraction.")
+        raise DataError(f"The held-out split of {data.dataset!r} is empty; raise --test-fraction.")
     return train, test
 
 
-def _check_split_sizes(rows: int, options: Options) -> None:
+def _check_split_sizes(rows: int, data: DataOptions, batch_size: int) -> None:
     """A DataError when ``--test-fraction`` of ``rows`` leaves fewer training rows than one batch."""
-    held_out = math.ceil(options.test_fraction * rows)  # as `datasets.Dataset.train_test_split` counts them
-    if rows - held_out < options.batch_size:
-        raise DataError(f"--test-fraction {options.test_fraction:g} holds out {held_out} of the {rows} rows of "
-                        f"{options.dataset!r}, leaving {rows - held_out} training rows, fewer than one batch of "
-                        f"{options.batch_size}; lower --test-fraction (or --batch-size).")
+    held_out = math.ceil(data.test_fraction * rows)  # as `datasets.Dataset.train_test_split` counts them
+    if rows - held_out < batch_size:
+        raise DataError(f"--test-fraction {data.test_fraction:g} holds out {held_out} of the {rows} rows of "
+                        f"{data.dataset!r}, leaving {rows - held_out} training rows, fewer than one batch of "
+                        f"{batch_size}; lower --test-fraction (or --batch-size).")
 
 
-def _check_cells(split: datasets.Dataset, options: Options, where: str) -> None:
+def _check_cells(split: datasets.Dataset, data: DataOptions, where: str) -> None:
     """A DataError naming the first row of ``split`` whose text is blank (or not text) or whose label is missing."""
     texts = split["text"]
     blank = [i for i, text in enumerate(texts) if not (isinstance(text, str) and text.strip())]
     if blank:
         first = texts[blank[0]]
         what = "blank" if first is None or isinstance(first, str) else f"{first!r}, not text,"
-        raise DataError(f"--dataset {options.dataset}: the --text-column {options.text_column!r} cell is {what} in row "
+        raise DataError(f"--dataset {data.dataset}: the --text-column {data.text_column!r} cell is {what} in row "
                         f"{blank[0] + 1}{where} ({len(blank)} such rows; rows count from 1 after the header). Every "
                         "row needs its text: fill or drop those rows.")
     missing = [i for i, label in enumerate(split["label"]) if label is None]
     if missing:
-        raise DataError(f"--dataset {options.dataset}: the --label-column {options.label_column!r} cell is empty in "
+        raise DataError(f"--dataset {data.dataset}: the --label-column {data.label_column!r} cell is empty in "
                         f"row {missing[0] + 1}{where} ({len(missing)} such rows; rows count from 1 after the header). "
                         "Every row needs its label: fill or drop those rows.")
-    if options.task == "classification":
-        _check_integer_labels(split, options, where)
+    if data.task == "classification":
+        _check_integer_labels(split, data, where)
 
 
-def _check_integer_labels(split: datasets.Dataset, options: Options, where: str) -> None:
+def _check_integer_labels(split: datasets.Dataset, data: DataOptions, where: str) -> None:
     """A DataError naming the first label of ``split`` that is not an integer: ``true`` among 0/1 in a JSON file
     would otherwise count as class 1."""
     bad = [(row, label) for row, label in enumerate(split["label"], 1)
            if isinstance(label, bool) or not isinstance(label, (int, np.integer))]
     if bad:  # name a bool or a fraction before a whole number written as 1.0
         row, label = next(((r, v) for r, v in bad if not (isinstance(v, float) and v.is_integer())), bad[0])
-        raise DataError(f"--dataset {options.dataset}: the --label-column {options.label_column!r} cell is "
+        raise DataError(f"--dataset {data.dataset}: the --label-column {data.label_column!r} cell is "
                         f"{label!r} in row {row}{where}, not an integer class; write every label as an integer "
                         "0..K-1 (true/false as 1/0), or use --task regression.")
 
 
-def check_labels(train: datasets.Dataset, test: datasets.Dataset, options: Options) -> int:
+def check_labels(train: datasets.Dataset, test: datasets.Dataset, data: DataOptions) -> int:
     """Number of outputs the head needs: the class count, or 1 for regression.
 
     Classification labels are integers 0..K-1 of at least two classes; with K inferred (no --num-labels),
     every class occurs, so one mistyped label (1000000) cannot make a million-class head.
     """
-    if options.task == "regression":
+    if data.task == "regression":
         for split in (train, test):
             values = np.asarray(split["label"], np.float64)
             if not np.all(np.isfinite(values)):
                 raise DataError("Regression labels must be finite numbers.")
         return 1
-    if options.task != "classification":
-        raise DataError(f"--task must be 'classification' or 'regression', got {options.task!r}.")
+    if data.task != "classification":
+        raise DataError(f"--task must be 'classification' or 'regression', got {data.task!r}.")
     labels = np.concatenate([np.asarray(train["label"]), np.asarray(test["label"])])
     if not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"Classification labels must be integers 0..K-1, got {labels.dtype} values such as "
                         f"{labels[:3].tolist()}; map them to integers or use --task regression.")
     classes = np.unique(labels)
     if len(classes) < 2:
-        raise DataError(f"Every label in --label-column {options.label_column!r} is {classes[0]}: one class, on which "
+        raise DataError(f"Every label in --label-column {data.label_column!r} is {classes[0]}: one class, on which "
                         "accuracy is 1.000 and means nothing. Classification needs at least 2 classes; check the "
                         "column, or use --task regression.")
-    num_labels = options.num_labels or int(labels.max()) + 1
+    num_labels = data.num_labels or int(labels.max()) + 1
     if labels.min() < 0 or labels.max() >= num_labels:
         raise DataError(f"Labels span {labels.min()}..{labels.max()} but the head has {num_labels} outputs; "
                         "labels must be 0..num_labels-1 (set --num-labels).")
-    if options.num_labels is None and len(classes) < num_labels:
+    if data.num_labels is None and len(classes) < num_labels:
         present = set(classes.tolist())
         absent = [k for k in range(min(num_labels, len(present) + 3)) if k not in present]  # the first few
         shown = ", ".join(map(str, absent)) + (", ..." if num_labels - len(present) > len(absent) else "")
-        raise DataError(f"Labels in --label-column {options.label_column!r} go up to {labels.max()} (a "
+        raise DataError(f"Labels in --label-column {data.label_column!r} go up to {labels.max()} (a "
                         f"{num_labels:,d}-class head), but {num_labels - len(present):,d} of those classes never occur "
                         f"({shown}). Labels must be 0..K-1 with every class present: fix the labels (is "
                         f"{labels.max()} a typo?), or set --num-labels.")

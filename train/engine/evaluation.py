@@ -27,10 +27,10 @@ def evaluate(ctx: Context, adapter: vera_jax.Adapter, logits_fn: Callable,
     options = ctx.options
     trainees = trainees or Trainees(("",))
     devices = ctx.mesh.size
-    size = -(-options.eval_batch_size // devices) * devices
+    size = -(-options.run.eval_batch_size // devices) * devices
     replicated, batch_sharding = mesh_lib.replicated(ctx.mesh), mesh_lib.batch_sharding(ctx.mesh)
-    eval_step = trainees.per_adapter(steps.make_eval_step(logits_fn, options.task), (0, None, None),
-                                     size * options.max_length)
+    eval_step = trainees.per_adapter(steps.make_eval_step(logits_fn, options.data.task), (0, None, None),
+                                     size * options.data.max_length)
     eval_fn = jax.jit(eval_step, in_shardings=(replicated, jax.tree.map(lambda x: x.sharding, ctx.params),
                                                batch_sharding))
     adapter = mesh_lib.place(adapter, replicated)
@@ -40,7 +40,7 @@ def evaluate(ctx: Context, adapter: vera_jax.Adapter, logits_fn: Callable,
     for start in range(0, n, size):
         positions = np.arange(start, start + size)
         batch = data_lib.collate(ctx.test_data, by_length[np.minimum(positions, n - 1)], ctx.pad_id,
-                                 options.max_length, options.pad_multiple)
+                                 options.data.max_length, options.data.pad_multiple)
         batch["weights"] = (positions < n).astype(np.float32)
         sums.append(eval_fn(adapter, ctx.params, mesh_lib.global_batch(batch, batch_sharding)))
     correct, loss, count = (np.sum(np.asarray(column, np.float64), axis=0) for column in zip(*jax.device_get(sums)))

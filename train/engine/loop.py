@@ -27,7 +27,7 @@ from train.engine.checkpoints import RunCheckpoints
 from train.engine.errors import TrainingDiverged
 from train.engine.metrics import MetricsLog
 from train.engine.profile import JobProfile
-from train.options import Options
+from train.options import OptimOptions, Options
 
 __all__ = ["Context", "Trainees", "Trained", "fit", "train_groups", "group_count", "dropout_key", "step_key",
            "all_finite", "learning_rate_flags", "DROPOUT_STREAM"]
@@ -96,7 +96,7 @@ class Trainees:
         """Step ``step``'s groups of rows: one adapter's (`train_groups`), or for a stack with several data orders
         each group with a leading adapter axis, (K, rows, tokens), padded to one length."""
         if self.one_order:
-            return train_groups(ctx, step, self.seeds[0] if self.stacked else ctx.options.seed)
+            return train_groups(ctx, step, self.seeds[0] if self.stacked else ctx.options.run.seed)
         by_seed = {seed: train_groups(ctx, step, seed) for seed in set(self.seeds)}
         return [_stack_groups([by_seed[seed][i] for seed in self.seeds], ctx.pad_id)
                 for i in range(ctx.length_groups)]
@@ -129,12 +129,12 @@ def step_key(key: jax.Array, step, group) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(key, step), group)
 
 
-def group_count(options: Options, devices: int) -> int:
+def group_count(optim: OptimOptions, devices: int) -> int:
     """The groups of rows a batch runs as: ``--length-groups``, lowered (with a note) to the most that split the
     batch into whole rows on every device."""
-    groups = next(k for k in range(options.length_groups, 0, -1) if options.batch_size % (k * devices) == 0)
-    if groups < options.length_groups and jax.process_index() == 0:
-        print(f"--length-groups {options.length_groups} lowered to {groups}: a batch of {options.batch_size} rows "
+    groups = next(k for k in range(optim.length_groups, 0, -1) if optim.batch_size % (k * devices) == 0)
+    if groups < optim.length_groups and jax.process_index() == 0:
+        print(f"--length-groups {optim.length_groups} lowered to {groups}: a batch of {optim.batch_size} rows "
               f"over {devices} device(s) splits into at most {groups} equal groups with whole rows on each device; "
               f"the run is that of --length-groups {groups}")
     return groups
@@ -144,8 +144,8 @@ def train_groups(ctx: Context, step: int, seed: int) -> list[dict]:
     """Training step ``step``'s batch in data order ``seed`` as ``ctx.length_groups`` collated groups of rows
     (`train.engine.data.length_groups`)."""
     options = ctx.options
-    indices = data_lib.batch_indices(len(ctx.train_data), seed, step, ctx.steps_per_epoch, options.batch_size)
-    return [data_lib.collate(ctx.train_data, group, ctx.pad_id, options.max_length, options.pad_multiple)
+    indices = data_lib.batch_indices(len(ctx.train_data), seed, step, ctx.steps_per_epoch, options.optim.batch_size)
+    return [data_lib.collate(ctx.train_data, group, ctx.pad_id, options.data.max_length, options.data.pad_multiple)
             for group in data_lib.length_groups(ctx.train_data, indices, ctx.length_groups)]
 
 
@@ -183,7 +183,7 @@ def fit(ctx: Context, trainees: Trainees, adapter: vera_jax.Adapter, logits_fn: 
     if trainees.stacked and (hoist is not None or checkpoints is not None):
         raise ValueError("Stacked adapters train without a hoisted merge and without checkpoints.")
     replicated, batch_sharding = mesh_lib.replicated(ctx.mesh), mesh_lib.batch_sharding(ctx.mesh)
-    tx = steps.make_optimizer(options, ctx.total_steps)
+    tx = steps.make_optimizer(options.optim, ctx.total_steps)
     init = jax.vmap(tx.init) if trainees.stacked else tx.init
     adapter = mesh_lib.place(adapter, replicated)  # its own buffers: the step donates them
     state = mesh_lib.place({"trainable": adapter.trainable, "opt_state": init(adapter.trainable)}, replicated)
@@ -198,14 +198,14 @@ def fit(ctx: Context, trainees: Trainees, adapter: vera_jax.Adapter, logits_fn: 
 
     base_shardings = jax.tree.map(lambda x: x.sharding, ctx.params)
     if hoist is None:  # the groups differentiate the adapter's trainable tree
-        gradients, prepare = steps.make_group_gradients(logits_fn, options.task), lambda adapter, params: adapter
+        gradients, prepare = steps.make_group_gradients(logits_fn, options.data.task), lambda adapter, params: adapter
     else:  # the groups differentiate the merged leaves, merged once a step
-        gradients = steps.make_merged_group_gradients(hoist, options.task)
+        gradients = steps.make_merged_group_gradients(hoist, options.data.task)
         prepare = jax.jit(lambda adapter, params: steps.merged_leaves(params, adapter),
                           in_shardings=(replicated, base_shardings))
-    group_tokens = options.batch_size // ctx.length_groups * options.max_length
+    group_tokens = options.optim.batch_size // ctx.length_groups * options.data.max_length
     gradients = trainees.per_adapter(gradients, (0, None, None if trainees.one_order else 0, 0), group_tokens)
-    keys = trainees.dropout_keys(options.seed)
+    keys = trainees.dropout_keys(options.run.seed)
 
     def group_fn(inputs, params, group, step, index):
         return gradients(inputs, params, group, trainees.step_keys(keys, step, index))
@@ -232,7 +232,7 @@ def fit(ctx: Context, trainees: Trainees, adapter: vera_jax.Adapter, logits_fn: 
                                np.uint32(i)) for i, group in enumerate(groups))
         adapter, opt_state, loss = apply_fn(adapter, opt_state, parts, ctx.params)
         done = step + 1
-        if done % options.log_every == 0 or done == ctx.total_steps:
+        if done % options.run.log_every == 0 or done == ctx.total_steps:
             losses = np.atleast_1d(np.asarray(loss, np.float64))
             for k, (name, value) in enumerate(zip(trainees.names, losses)):
                 if math.isfinite(value):
@@ -243,7 +243,7 @@ def fit(ctx: Context, trainees: Trainees, adapter: vera_jax.Adapter, logits_fn: 
                 raise _diverged(options, done, f"the training loss is {losses[-1]}", checkpoints, diverged)
             finite = losses[np.isfinite(losses)]
             progress.set_postfix(loss=f"{float(np.mean(finite)):.4f}")
-        if checkpoints is not None and (done % options.checkpoint_every == 0 or done == ctx.total_steps):
+        if checkpoints is not None and (done % options.run.checkpoint_every == 0 or done == ctx.total_steps):
             state = {"trainable": adapter.trainable, "opt_state": opt_state}
             if not all_finite(state):
                 raise _diverged(options, done, "the trained state is not finite", checkpoints, (done,))
@@ -268,7 +268,8 @@ def all_finite(tree) -> bool:
 
 def learning_rate_flags(options: Options) -> str:
     """The flags of the learning rates in use, for an error that asks to lower them."""
-    return f"--lr-vectors {options.lr_vectors:g}" + (f", --lr-head {options.lr_head:g}" if options.head else "")
+    optim = options.optim
+    return f"--lr-vectors {optim.lr_vectors:g}" + (f", --lr-head {optim.lr_head:g}" if options.model.head else "")
 
 
 def _diverged(options: Options, step: int, what: str, checkpoints: RunCheckpoints | None,

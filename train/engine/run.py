@@ -5,7 +5,7 @@ A job (classification in `train.jobs.classify`, causal LM in `train.jobs.causal_
 prepares everything in one order: processes, output directory, mesh, model and data, the adapter the flags
 describe, its path ('auto' timed here), the parameter report, then (on the mesh) the frozen base
 placed FSDP by path rules, the checkpoints and the metrics log. The job then calls `train.engine.loop.fit`
-and `train.engine.evaluation.evaluate`; the loss and metrics follow ``options.task`` (`train.engine.steps`).
+and `train.engine.evaluation.evaluate`; the loss and metrics follow ``options.data.task`` (`train.engine.steps`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from train.engine.checkpoints import RunCheckpoints
 from train.engine.errors import RunError
 from train.engine.loop import Context, group_count
 from train.engine.metrics import MetricsLog, plot_curves, write_json
-from train.options import RESUME_KEYS, Options, vera_config
+from train.options import RESUME_KEYS, OptimOptions, Options, RunOptions, vera_config
 from vera_jax import atomic
 from vera_jax import checkpoint as adapter_checkpoint
 from vera_jax import peft as vera_peft
@@ -111,8 +111,7 @@ class Run:
 
 def resume_options(options: Options) -> dict:
     """The options a checkpoint records and a resumed run must match (JSON: tuples as lists)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(options).items()
-            if k in RESUME_KEYS}
+    return {k: v for k, v in options.flat().items() if k in RESUME_KEYS}
 
 
 def locked_run(job: Callable[..., dict]) -> Callable[..., dict]:
@@ -121,8 +120,8 @@ def locked_run(job: Callable[..., dict]) -> Callable[..., dict]:
 
     @functools.wraps(job)
     def run(options: Options, *args) -> dict:
-        out = output_dir(options.output_dir)
-        if options.process_id != 0:
+        out = output_dir(options.run.output_dir)
+        if options.run.process_id != 0:
             return job(options, *args)
         with run_lock.held(out):
             return job(options, *args)
@@ -140,9 +139,9 @@ def start(options: Options, load: Callable[[Options], Prepared], *, on_mesh: boo
       RunError (and the loaders' errors): anything that stops the run, before any training.
     """
     if on_mesh:
-        init_distributed(options)
-    out = output_dir(options.output_dir)
-    mesh = mesh_lib.make_mesh(options.mesh, options.batch_size) if on_mesh else mesh_lib.one_device_mesh()
+        init_distributed(options.run)
+    out = output_dir(options.run.output_dir)
+    mesh = mesh_lib.make_mesh(options.run.mesh, options.optim.batch_size) if on_mesh else mesh_lib.one_device_mesh()
     if on_mesh:
         for name, kind in (("adapter", adapter_checkpoint.KIND), ("peft_adapter", vera_peft.KIND)):
             try:
@@ -150,13 +149,13 @@ def start(options: Options, load: Callable[[Options], Prepared], *, on_mesh: boo
             except FileExistsError as err:
                 raise RunError(f"{err} (the run writes its adapter there; choose another --output-dir)") from None
         if (out / "checkpoints").is_dir():  # a resume with other flags is refused before anything loads
-            early = RunCheckpoints(out / "checkpoints", options.keep_checkpoints)
+            early = RunCheckpoints(out / "checkpoints", options.run.keep_checkpoints)
             try:
                 early.check_settings({"options": resume_options(options)})
             finally:
                 early.close()
     job = load(options)
-    steps_per_epoch, total_steps = count_steps(options, len(job.train_data))
+    steps_per_epoch, total_steps = count_steps(options.optim, len(job.train_data))
     adapter = vera_setup(options, job.model)
     path, path_detail = resolve_path(options, job.model, adapter)
     primary = jax.process_index() == 0
@@ -164,26 +163,26 @@ def start(options: Options, load: Callable[[Options], Prepared], *, on_mesh: boo
         print(vera_jax.parameter_report(job.model.params, adapter))
     params = job.model.params
     ctx = Context(options, mesh, mesh_lib.place(params, mesh_lib.base_shardings(params, mesh)), job.train_data,
-                  job.test_data, job.pad_id, steps_per_epoch, total_steps, group_count(options, mesh.size))
+                  job.test_data, job.pad_id, steps_per_epoch, total_steps, group_count(options.optim, mesh.size))
     checkpoints = data_sha256 = None
     resume_step = 0
     if on_mesh:
-        data_sha256 = data_lib.dataset_sha256(options.dataset)
-        checkpoints = RunCheckpoints(out / "checkpoints", options.keep_checkpoints)
+        data_sha256 = data_lib.dataset_sha256(options.data.dataset)
+        checkpoints = RunCheckpoints(out / "checkpoints", options.run.keep_checkpoints)
         resume_step = checkpoints.latest_step() or 0
     log = MetricsLog(out / "metrics.jsonl", resume_step, enabled=primary)
     return Run(options, out, job, adapter, path, path_detail, ctx, log, checkpoints, data_sha256)
 
 
-def count_steps(options: Options, train_rows: int) -> tuple[int, int]:
+def count_steps(optim: OptimOptions, train_rows: int) -> tuple[int, int]:
     """``(steps_per_epoch, total_steps)``; a RunError when the split is smaller than one batch."""
-    steps_per_epoch = train_rows // options.batch_size
+    steps_per_epoch = train_rows // optim.batch_size
     if steps_per_epoch == 0:
         raise RunError(f"The training split has {train_rows} rows, fewer than one batch of "
-                       f"{options.batch_size}; lower --batch-size.")
-    total_steps = steps_per_epoch * options.epochs
-    if options.max_steps is not None:
-        total_steps = min(total_steps, options.max_steps)
+                       f"{optim.batch_size}; lower --batch-size.")
+    total_steps = steps_per_epoch * optim.epochs
+    if optim.max_steps is not None:
+        total_steps = min(total_steps, optim.max_steps)
     return steps_per_epoch, total_steps
 
 
@@ -217,7 +216,7 @@ def _misfit(options: Options, params: dict, err: Exception) -> RunError:
     first = re.split(r"\. |; its leaves are:", str(err).strip().splitlines()[0])[0].rstrip(".")
     names = sorted({path.rsplit(SEP, 2)[-2] for path, leaf in flatten(params).items()
                     if path.endswith(SEP + "kernel") and len(getattr(leaf, "shape", ())) >= 2})
-    return RunError(f"VeRA settings do not fit {options.model!r}: {first}. Its linear layers' names end in "
+    return RunError(f"VeRA settings do not fit {options.model.name!r}: {first}. Its linear layers' names end in "
                     f"{', '.join(names)}: choose --targets and --head among them, or give a regex of whole paths.")
 
 
@@ -229,17 +228,17 @@ def resolve_path(options: Options, model, adapter: vera_jax.Adapter) -> tuple[st
     With --dropout, auto is the activation path: the merged path never computes the activations
     dropout acts on.
     """
-    if options.path != "auto":
-        return options.path, options.path
+    if options.model.path != "auto":
+        return options.model.path, options.model.path
     primary = jax.process_index() == 0
-    if options.dropout > 0:
-        detail = f"auto: every layer activation, the path on which --dropout {options.dropout:g} acts"
+    if options.model.dropout > 0:
+        detail = f"auto: every layer activation, the path on which --dropout {options.model.dropout:g} acts"
         if primary:
             print(detail)
         return "activation", detail
-    tokens = options.batch_size * options.max_length
+    tokens = options.optim.batch_size * options.data.max_length
     if primary:
-        ids = np.ones((options.batch_size, options.max_length), np.int32)
+        ids = np.ones((options.optim.batch_size, options.data.max_length), np.int32)
         plan = vera_jax.whole_step_plan(_base_logits(model), model.params, adapter, ids, tokens=tokens)
     if jax.process_count() > 1:
         totals = np.array(plan.totals if primary else (0.0, 0.0), np.float32)
@@ -273,10 +272,10 @@ def publish(out: Path, summary: dict, log: MetricsLog, report: str) -> None:
         print(report)
 
 
-def init_distributed(options: Options) -> None:
-    if options.coordinator:
+def init_distributed(run: RunOptions) -> None:
+    if run.coordinator:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(options.coordinator, options.num_processes, options.process_id)
+        jax.distributed.initialize(run.coordinator, run.num_processes, run.process_id)
 
 
 def output_dir(path: str) -> Path:

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 import vera_jax
+from train.options import OptimOptions
 from vera_jax.paths import SEP, flatten, unflatten
 
 __all__ = ["make_optimizer", "head_only_logits", "make_train_step", "make_eval_step", "make_group_gradients",
@@ -29,15 +30,15 @@ def _schedule(kind: str, peak: float, total_steps: int, warmup_ratio: float) -> 
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay[kind]], [warmup])
 
 
-def make_optimizer(options, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(optim: OptimOptions, total_steps: int) -> optax.GradientTransformation:
     """AdamW with separate learning-rate schedules for the VeRA vectors and the leaves trained in full."""
 
     def labels(tree):
         return unflatten({path: "vectors" if vera_jax.is_vector_path(path) else "head" for path in flatten(tree)})
 
-    make = lambda lr: optax.adamw(_schedule(options.schedule, lr, total_steps, options.warmup_ratio),  # noqa: E731
-                                  weight_decay=options.weight_decay)
-    return optax.multi_transform({"vectors": make(options.lr_vectors), "head": make(options.lr_head)}, labels)
+    make = lambda lr: optax.adamw(_schedule(optim.schedule, lr, total_steps, optim.warmup_ratio),  # noqa: E731
+                                  weight_decay=optim.weight_decay)
+    return optax.multi_transform({"vectors": make(optim.lr_vectors), "head": make(optim.lr_head)}, labels)
 
 
 def head_only_logits(model) -> Callable:

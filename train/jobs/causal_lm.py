@@ -23,7 +23,6 @@ import numpy as np
 import vera_jax
 from train.engine import chat_data
 from train.engine import data as data_lib
-from train.engine import steps
 from train.engine.errors import RunError
 from train.engine.evaluation import evaluate
 from train.engine.loop import Trainees, fit
@@ -55,16 +54,17 @@ def lora_parameters(params, config: vera_jax.VeraConfig, rank: int) -> int:
 def prepare(options: Options) -> Prepared:
     """Load the question/answer splits, check the positions, load the model, check its chat template, encode both
     splits."""
-    check_source(options.model)
-    train_split, test_split = data_lib.load_splits(options)
+    check_source(options.model.name)
+    train_split, test_split = data_lib.load_splits(options.data, options.run.seed, options.optim.batch_size)
     check_positions(options, ("max_length", "max_new_tokens"))
-    model, tokenizer = load_causal_lm(options.model, options.base_dtype, options.max_length + options.max_new_tokens,
-                                      backend=options.backend, scan_remat=options.scan_remat)
-    chat_data.use_chat_template(tokenizer, options.chat_template, options.model)
+    model, tokenizer = load_causal_lm(options.model.name, options.model.base_dtype,
+                                      options.data.max_length + options.run.max_new_tokens,
+                                      backend=options.model.backend, scan_remat=options.model.scan_remat)
+    chat_data.use_chat_template(tokenizer, options.data.chat_template, options.model.name)
     if tokenizer.pad_token is None:  # GPT-2 and others: padding is masked out, any token will do
         tokenizer.pad_token = tokenizer.eos_token
-    train_data = chat_data.encode_chat(train_split, tokenizer, options.max_length)
-    test_data = chat_data.encode_chat(test_split, tokenizer, options.max_length)
+    train_data = chat_data.encode_chat(train_split, tokenizer, options.data.max_length)
+    test_data = chat_data.encode_chat(test_split, tokenizer, options.data.max_length)
     return Prepared(model, tokenizer, train_data, test_data, tokenizer.pad_token_id, test_split)
 
 
@@ -75,9 +75,9 @@ def _answers(model, tokenizer, params, questions: list[str], options: Options) -
     prompt and answer stay within the ``max_length + max_new_tokens`` positions the model was loaded with.
     """
     prompts = [tokenizer(chat_data.prompt_text(tokenizer, q), add_special_tokens=False)["input_ids"][
-        -options.max_length:] for q in questions]
+        -options.data.max_length:] for q in questions]
     ids, mask = chat_data.left_padded(prompts, tokenizer.pad_token_id)
-    out = model.generate(ids, attention_mask=mask, params=params, max_new_tokens=options.max_new_tokens,
+    out = model.generate(ids, attention_mask=mask, params=params, max_new_tokens=options.run.max_new_tokens,
                          do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     new = np.asarray(out.sequences)[:, ids.shape[1]:]
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
@@ -95,8 +95,8 @@ def _peak_memory() -> dict:
 def run(options: Options) -> dict:
     """Run the job described by ``options`` and return the summary it also writes to summary.json."""
     started = time.perf_counter()
-    if options.task != "causal-lm":
-        raise RunError(f"python -m train causal-lm trains a causal LM, not --task {options.task!r}.")
+    if options.data.task != "causal-lm":
+        raise RunError(f"python -m train causal-lm trains a causal LM, not --task {options.data.task!r}.")
     setup = start(options, prepare)
     model, tokenizer, params = setup.model, setup.job.tokenizer, setup.params
     trainable_params, all_params = vera_jax.count_parameters(params, setup.adapter)
@@ -107,7 +107,7 @@ def run(options: Options) -> dict:
 
     logits_fn = setup.logits()
     test_split = setup.job.test_split
-    questions = list(test_split["text"][: options.answers])
+    questions = list(test_split["text"][: options.run.answers])
     trained = fit(setup.ctx, Trainees(("vera",)), setup.adapter, logits_fn, setup.log,
                   checkpoints=setup.checkpoints, meta=setup.meta(), hoist=setup.hoist)
     adapter = trained.adapter
@@ -122,9 +122,9 @@ def run(options: Options) -> dict:
     adapter_dir = save_adapters(setup, adapter, "CAUSAL_LM")
 
     summary = {
-        "model": options.model, "backend": options.backend, "dataset": options.dataset,
-        "base_dtype": options.base_dtype, "scan_remat": getattr(model, "scan_remat", None),
-        "path": options.path, "path_detail": setup.path_detail, "mesh": dict(setup.ctx.mesh.shape),
+        "model": options.model.name, "backend": options.model.backend, "dataset": options.data.dataset,
+        "base_dtype": options.model.base_dtype, "scan_remat": getattr(model, "scan_remat", None),
+        "path": options.model.path, "path_detail": setup.path_detail, "mesh": dict(setup.ctx.mesh.shape),
         "steps": setup.total_steps, "train_examples": len(setup.job.train_data),
         "test_examples": len(setup.job.test_data),
         "scored_test_tokens": int(sum(row.sum() for row in setup.job.test_data.labels)),
@@ -133,7 +133,7 @@ def run(options: Options) -> dict:
         f"lora_r{LORA_RANK}_params": lora_params, "adapter_bytes": directory_bytes(adapter_dir),
         "tokens_per_second": trained.tokens_per_second, **_peak_memory(),
         "answers": [{"question": q, "reference": r, "before": b, "after": a} for q, r, b, a in
-                    zip(questions, test_split["label"][: options.answers], answers_before, answers_after)],
+                    zip(questions, test_split["label"][: options.run.answers], answers_before, answers_after)],
     }
     summary["wall_seconds"] = time.perf_counter() - started
     report = _report(summary, vera_jax.parameter_report(params, setup.adapter), setup.out)

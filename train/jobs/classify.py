@@ -44,16 +44,16 @@ def prepare(options: Options) -> Prepared:
 
     A head the checkpoint lacks is drawn from ``--seed`` (transformers' own initialisation).
     """
-    check_source(options.model)
-    train_split, test_split = data_lib.load_splits(options)
-    num_labels = data_lib.check_labels(train_split, test_split, options)
+    check_source(options.model.name)
+    train_split, test_split = data_lib.load_splits(options.data, options.run.seed, options.optim.batch_size)
+    num_labels = data_lib.check_labels(train_split, test_split, options.data)
     check_positions(options)
-    check_targets(options, *classifier_shapes(options.model, num_labels))
-    model, tokenizer = load_classifier(options.model, num_labels, seed=options.seed)
-    label_dtype = np.float32 if options.task == "regression" else np.int32
-    train_data = data_lib.tokenize(train_split, tokenizer, options.max_length, label_dtype)
-    test_data = data_lib.tokenize(test_split, tokenizer, options.max_length, label_dtype)
-    count_steps(options, len(train_data))  # a split smaller than one batch fails here, before any compute
+    check_targets(options, *classifier_shapes(options.model.name, num_labels))
+    model, tokenizer = load_classifier(options.model.name, num_labels, seed=options.run.seed)
+    label_dtype = np.float32 if options.data.task == "regression" else np.int32
+    train_data = data_lib.tokenize(train_split, tokenizer, options.data.max_length, label_dtype)
+    test_data = data_lib.tokenize(test_split, tokenizer, options.data.max_length, label_dtype)
+    count_steps(options.optim, len(train_data))  # a split smaller than one batch fails here, before any compute
     return Prepared(model, tokenizer, train_data, test_data, tokenizer.pad_token_id or 0, test_split)
 
 
@@ -78,14 +78,15 @@ def run(options: Options) -> dict:
 
     trainable_params, all_params = vera_jax.count_parameters(params, setup.adapter)
     summary = {
-        "model": options.model, "dataset": options.dataset, "task": options.task, "path": options.path,
+        "model": options.model.name, "dataset": options.data.dataset, "task": options.data.task,
+        "path": options.model.path,
         "path_detail": setup.path_detail, "mesh": dict(setup.ctx.mesh.shape), "steps": setup.total_steps,
         "train_examples": len(setup.job.train_data), "test_examples": len(setup.job.test_data),
         "test_accuracy": accuracy, "test_loss": test_loss, "trainable_params": trainable_params,
         "all_params": all_params, "adapter_bytes": directory_bytes(adapter_dir),
         "tokens_per_second": trained.tokens_per_second, "profile": profile.summary(),
     }
-    if options.baseline:
+    if options.run.baseline:
         head = setup.adapter.replace(trainable=vera_jax.paths.unflatten(vera_jax.vectors.full_leaves(
             setup.adapter.trainable)))
         head_fn = steps.head_only_logits(setup.model)

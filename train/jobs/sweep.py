@@ -24,7 +24,6 @@ import itertools
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 
 import vera_jax
@@ -98,7 +97,7 @@ def parse(args: argparse.Namespace) -> tuple[Options, Grid]:
     for name in GRID_FIELDS:
         setattr(args, name, values[name][0])
     options = from_args(args, check=False)
-    frozen_b = args.frozen_b if args.frozen_b is not None else (options.b_initial or 1.0)
+    frozen_b = args.frozen_b if args.frozen_b is not None else (options.model.b_initial or 1.0)
     grid = Grid(values["d_initial"], tuple(args.seeds), tuple(itertools.product(*(values[a] for a in ABLATIONS))),
                 frozen_b, args.adapters_per_pass)
     for variant, d_initial in itertools.product(grid.variants, grid.d_initials):
@@ -117,9 +116,9 @@ def command(args: argparse.Namespace) -> None:
 def point_options(options: Options, grid: Grid, variant: tuple[str, str, str], d_initial: float) -> Options:
     """The flags of the single run a grid point trains like (its seed aside)."""
     projection_init, projection_sharing, train_vectors = variant
-    return dataclasses.replace(options, d_initial=d_initial, projection_init=projection_init,
-                               projection_sharing=projection_sharing, train_vectors=train_vectors,
-                               b_initial=grid.frozen_b if train_vectors == "lambda_d" else options.b_initial)
+    return options.replace(d_initial=d_initial, projection_init=projection_init, projection_sharing=projection_sharing,
+                           train_vectors=train_vectors,
+                           b_initial=grid.frozen_b if train_vectors == "lambda_d" else options.model.b_initial)
 
 
 def _variant_label(variant: tuple[str, str, str]) -> str:
@@ -148,14 +147,14 @@ def _heads_for_seeds(options: Options, model, head: dict, seeds: tuple[int, ...]
     A leaf the checkpoint holds is loaded whatever the seed; a leaf it lacks (a new head) is transformers'
     draw from the seed. The leaves that differ when the model is loaded with another seed are the new ones.
     """
-    others = sorted(set(seeds) - {options.seed})
+    others = sorted(set(seeds) - {options.run.seed})
     if not head or not others:
         return {seed: head for seed in seeds}
-    reloaded = flatten(load_classifier(options.model, model.config.num_labels, seed=others[0])[0].params)
+    reloaded = flatten(load_classifier(options.model.name, model.config.num_labels, seed=others[0])[0].params)
     new = {path for path, leaf in head.items() if not np.array_equal(np.asarray(reloaded[path]), np.asarray(leaf))}
     if not new:
         return {seed: head for seed in seeds}
-    heads = {options.seed: head}
+    heads = {options.run.seed: head}
     for seed in others:
         drawn = flatten(model.initial_params(seed))
         heads[seed] = {path: drawn[path] if path in new else leaf for path, leaf in head.items()}
@@ -225,7 +224,7 @@ def sweep(options: Options, grid: Grid) -> dict:
                                               for d in grid.d_initials},
                "adapters": len(rows), "steps": setup.total_steps, "path_detail": setup.path_detail,
                "wall_seconds": time.perf_counter() - started,
-               "options": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(options).items()}}
+               "options": options.flat()}
     write_json(out / "sweep.json", summary)
     _plot(summary["mean_accuracy"], groups, setup.log.records(), out / "sweep.png")
     header = [*ABLATIONS, "d_initial", "seed", "trainable", "test accuracy"]

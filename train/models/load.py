@@ -60,14 +60,14 @@ def check_positions(options: Options, fields: tuple[str, ...] = ("max_length",))
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(model_source(options.model))
+        config = AutoConfig.from_pretrained(model_source(options.model.name))
     except (OSError, ValueError):
         return
     positions = getattr(config, "max_position_embeddings", None)
-    if positions is not None and sum(getattr(options, f) for f in fields) > positions:
-        flags = " plus ".join(f"{flag_name(f)} {getattr(options, f)}" for f in fields)
-        raise ModelError(f"{flags} exceeds the {positions} positions of {options.model!r} (max_position_embeddings "
-                         f"in its config); lower {'it' if len(fields) == 1 else 'them'}.")
+    if positions is not None and sum(options.get(f) for f in fields) > positions:
+        flags = " plus ".join(f"{flag_name(f)} {options.get(f)}" for f in fields)
+        raise ModelError(f"{flags} exceeds the {positions} positions of {options.model.name!r} "
+                         f"(max_position_embeddings in its config); lower {'it' if len(fields) == 1 else 'them'}.")
 
 
 def _has_flax_weights(path: Path) -> bool:
