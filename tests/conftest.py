@@ -1,6 +1,37 @@
+"""Shared helpers, and the suite's strictness.
+
+JAX's strict dtype promotion (mixing dtypes without a cast is an error, as it is a bug in a mixed-precision
+model) holds in every test but those of `STANDARD_PROMOTION`'s modules and those marked ``standard_promotion``.
+Warnings are errors; pyproject's filterwarnings lists the few that are not, each with its reason.
+"""
+
 import jax
 import numpy as np
+import pytest
 
+# Modules whose tests run third-party code that mixes dtypes itself, so they keep JAX's standard promotion:
+# transformers' Flax models (bool with int32 attention masks in flax.linen's combine_masks, int32 positions with
+# float32 in their einsums, a bfloat16 base with float32 layer norms) and optax's AdamW (a Python float with its
+# int32 step count). vera_jax's own code, its NNX path, tunix's models and the application's options run strict.
+STANDARD_PROMOTION = {
+    "test_ablations", "test_bench_job", "test_causal_lm", "test_checkpoint", "test_dtypes", "test_errors",
+    "test_evaluation", "test_forward_paths", "test_fuzz_files", "test_gguf_llama", "test_lora", "test_multi",
+    "test_peft_interop", "test_peft_parity", "test_plan", "test_readme", "test_real_assets", "test_reference_run",
+    "test_run_safety", "test_startup", "test_train_pipeline", "test_training", "test_writers",
+}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.module.__name__ in STANDARD_PROMOTION:
+            item.add_marker("standard_promotion")
+
+
+@pytest.fixture(autouse=True)
+def strict_dtype_promotion(request):
+    promotion = "standard" if request.node.get_closest_marker("standard_promotion") else "strict"
+    with jax.numpy_dtype_promotion(promotion):
+        yield
 
 
 def max_rel_error(actual, expected) -> float:

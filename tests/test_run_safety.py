@@ -3,6 +3,7 @@ data refused, damaged checkpoints skipped for the newest sound one, a diverging 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -301,20 +302,23 @@ with run_lock.held(pathlib.Path(sys.argv[1])):
 """
 
 
-def _hold_lock(out, seconds: float) -> subprocess.Popen:
-    """A second process holding ``out``'s run lock for ``seconds`` (once it has printed 'held')."""
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out), str(seconds)], cwd=tiny_run.REPO,
-                              stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline() == "held\n"
-    return holder
+@contextlib.contextmanager
+def _hold_lock(out, seconds: float):
+    """A second process holding ``out``'s run lock for ``seconds`` (once it has printed 'held'); killed on exit."""
+    with subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out), str(seconds)], cwd=tiny_run.REPO,
+                          stdout=subprocess.PIPE, text=True) as holder:
+        assert holder.stdout.readline() == "held\n"
+        try:
+            yield holder
+        finally:
+            holder.kill()
 
 
 def test_a_second_run_on_a_busy_directory_is_refused_before_it_writes(tiny, tmp_path, monkeypatch, capsys):
     model, data = tiny
     out = tmp_path / "run"
     out.mkdir()
-    holder = _hold_lock(out, 60)
-    try:
+    with _hold_lock(out, 60) as holder:
         monkeypatch.setattr(classify, "load_classifier", lambda *a, **k: pytest.fail("the model loaded"))
         assert main(tiny_run.train_args(model, data, out, "--max-steps", "2")) == 2
         err = capsys.readouterr().err
@@ -322,15 +326,12 @@ def test_a_second_run_on_a_busy_directory_is_refused_before_it_writes(tiny, tmp_
                                             f"host {socket.gethostname()}); wait for it to finish, or choose another "
                                             "--output-dir."]
         assert sorted(p.name for p in out.iterdir()) == [run_lock.LOCK_FILE]
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_a_dead_owners_directory_is_taken_over_with_a_note(tmp_path, capsys):
-    holder = _hold_lock(tmp_path, 60)
-    holder.kill()  # SIGKILL: the kernel drops its lock, its record stays
-    holder.wait()
+    with _hold_lock(tmp_path, 60) as holder:
+        holder.kill()  # SIGKILL: the kernel drops its lock, its record stays
+        holder.wait()
     with run_lock.held(tmp_path):
         assert json.loads((tmp_path / run_lock.LOCK_FILE).read_text())["pid"] == os.getpid()
     assert (f"note: the run that held --output-dir {tmp_path} (pid {holder.pid} on host {socket.gethostname()}) is "
@@ -347,7 +348,8 @@ def test_two_runs_started_together_on_one_directory_one_is_refused(tiny, tmp_pat
     runs = [subprocess.Popen([sys.executable, "-m", "train", *args], cwd=tiny_run.REPO, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True,
                              env={**os.environ, "JAX_PLATFORMS": "cpu"}) for _ in range(2)]
-    results = [(run.wait(timeout=600), run.stderr.read()) for run in runs]
+    errors = [run.communicate(timeout=600)[1] for run in runs]  # waits, and closes the pipes
+    results = [(run.returncode, err) for run, err in zip(runs, errors)]
     assert sorted(code for code, _ in results) == [0, 2], results
     refused = next(err for code, err in results if code == 2)
     assert re.fullmatch(rf"error: --output-dir {re.escape(str(out))} is in use by another run \(pid \d+ on host \S+\); "

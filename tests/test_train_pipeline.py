@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -337,11 +338,13 @@ def test_bench_command_prints_and_writes_every_ratio(tmp_path, capsys, dropout_f
     assert set(results["median_seconds"]) == {"merged", "activation", "activation-lean", "auto", "floor", "peft"}
     assert all(t > 0 for t in results["median_seconds"].values())
     median = results["median_seconds"]
-    assert results["floor_ratio"] == pytest.approx(median["auto"] / median["floor"])
-    assert results["peft_speedup"] == pytest.approx(median["peft"] / median["auto"])
-    assert results["auto_vs_best"] == pytest.approx(median["auto"] / min(median["merged"], median["activation"]))
+    assert all(low <= median[name] <= high for name, (low, high) in results["spread_seconds"].items())
     assert all(results["peak_bytes"][name] > 0 for name in ("merged", "activation", "auto", "floor"))
-    assert "floor_ratio" in capsys.readouterr().out
+    # The ratios the console shows are those of the file.
+    printed = next(json.loads(line) for line in capsys.readouterr().out.splitlines() if '"floor_ratio"' in line)
+    for ratio in ("floor_ratio", "peft_speedup", "auto_vs_best"):
+        assert math.isfinite(results[ratio]) and results[ratio] > 0
+        assert printed[ratio] == round(results[ratio], 3)
 
 
 def test_bench_multi_times_programs_that_compute_what_single_adapters_do(tiny, tmp_path, capsys):

@@ -82,8 +82,9 @@ def run_peft_job(options: Options) -> dict:
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-    if not math.isfinite(float(loss)):
-        raise RuntimeError(f"PEFT's training loss is {float(loss)} after {total_steps} steps.")
+    last_loss = loss.item()
+    if not math.isfinite(last_loss):
+        raise RuntimeError(f"PEFT's training loss is {last_loss} after {total_steps} steps.")
     eval_started = time.perf_counter()
     model.eval()
     correct = 0
