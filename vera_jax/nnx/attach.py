@@ -1,6 +1,6 @@
 """`attach` VeRA to an NNX model in place, `split` it into the pure view, `update` it with an adapter.
 
-Each target's weight and call come from its module (see `vera_jax.nnx.kinds`: ``nnx.Linear``,
+Each target's weight and call come from its module (see `vera_jax.calls.module_call`: ``nnx.Linear``,
 ``nnx.LinearGeneral``, ``nnx.Einsum``, tunix's ``Einsum``), otherwise from a ``VeraConfig.kernel_axes``
 rule. A stack's layer axis is the one axis a weight has beyond one layer's, first by NNX's rule (where
 ``nnx.vmap`` and ``nnx.scan`` with axis 0 put it), since each scan iteration slices the vectors there too.
@@ -17,9 +17,10 @@ from flax import nnx
 
 from vera_jax.adapter import Adapter, init_adapter, layer_vectors
 from vera_jax.axes import KernelRule, parse_rule
+from vera_jax.calls import ModuleCall, module_call
 from vera_jax.config import VeraConfig
 from vera_jax.layers import VECTOR_NAMES, AdaptedLayer, find_layers, trained_vectors
-from vera_jax.nnx.kinds import ModuleCall, known_call, rule_call, unknown_module_error, weight_of
+from vera_jax.nnx.kinds import rule_call, unknown_module_error, weight_of
 from vera_jax.nnx.modules import (PROJECTIONS, LayerRecord, ModelRecord, adapted_class, is_adapted_layer,
                                   is_adapted_model, model_record)
 from vera_jax.nnx.variables import VeraProjections, VeraVector, kernel_mesh, vector_like_kernel
@@ -63,7 +64,7 @@ def _target_call(path: str, module: nnx.Module, rule: KernelRule | None) -> tupl
       ValueError: a module of unknown kind without a rule, a rule that contradicts the module, or a
         weight whose extra axis cannot be a layer axis first.
     """
-    found = known_call(module, path)
+    found = module_call(module, path)
     if found is None:
         if rule is None:
             raise unknown_module_error(path, module)
