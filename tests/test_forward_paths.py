@@ -1,6 +1,7 @@
 """Merged and activation paths on every model family: init identity, equality, unmerge."""
 
 import dataclasses
+import sys
 
 import jax
 import numpy as np
@@ -9,7 +10,7 @@ from conftest import max_rel_error, random_like
 
 import families
 import vera_jax
-from vera_jax.layers import find_full_leaves
+from vera_jax.layers import find_full_leaves, find_layers
 from vera_jax.paths import flatten, unflatten
 from vera_jax.plan import PATHS
 
@@ -87,3 +88,29 @@ def test_merge_changes_only_the_adapted_kernels_and_the_leaves_trained_in_full(f
             assert not np.allclose(merged[path], leaf, atol=1e-3)
         else:
             np.testing.assert_array_equal(merged[path], leaf)
+
+
+def test_each_public_call_finds_the_layers_once(monkeypatch):
+    """init_adapter, adapt on each path, merge and unmerge each work out the layer table once."""
+    family = families.bert()
+    found = []
+
+    def counting(params, config):
+        found.append(config)
+        return find_layers(params, config)
+
+    for module in [module for name, module in sys.modules.items() if name.split(".")[0] == "vera_jax"]:
+        if getattr(module, "find_layers", None) is find_layers:
+            monkeypatch.setattr(module, "find_layers", counting)
+
+    def times_found(run) -> int:
+        found.clear()
+        run()
+        return len(found)
+
+    adapter = vera_jax.init_adapter(family.params, family.config)
+    assert len(found) == 1
+    for path in PATHS:
+        assert times_found(lambda: vera_jax.adapt(family.apply, adapter, path=path)(family.params, family.inputs)) == 1
+    assert times_found(lambda: vera_jax.merge(family.params, adapter)) == 1
+    assert times_found(lambda: vera_jax.unmerge(family.params, adapter)) == 1

@@ -14,13 +14,12 @@ import contextlib
 import itertools
 from collections.abc import Callable, Iterator, Mapping
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from vera_jax.adapter import Adapter, LayerVectors, layer_vectors
 from vera_jax.axes import layer_axis
-from vera_jax.calls import CallSpec, adapter_call_output, dense_call, einsum_call
+from vera_jax.calls import CallSpec, adapter_call_output, einsum_call, module_call
 from vera_jax.intercept import LayerCall, intercept_layers
 from vera_jax.layers import LAMBDA_B, LAMBDA_D, AdaptedLayer
 from vera_jax.merge import merge_layers
@@ -29,41 +28,18 @@ from vera_jax.paths import SEP, flatten, unflatten
 from vera_jax.plan import PATHS, PathPlan
 from vera_jax.vectors import full_leaves
 
-__all__ = ["adapt", "module_call", "call_spec"]
+__all__ = ["adapt", "call_spec"]
 
 LAYER_INDEX = "vera_layer_index"  # (L,) beside a stack's vectors: which layer a scan iteration runs (for dropout)
 
 
-def module_call(module: nn.Module, path: str) -> CallSpec | None:
-    """How a known linen module calls its kernel, or None for a module of unknown kind.
-
-    Raises:
-      ValueError: a ``DenseGeneral`` that contracts axes other than x's trailing ones, or an ``Einsum``
-        whose input/output split is ambiguous.
-    """
-    if isinstance(module, nn.Dense):
-        return dense_call("io")
-    if type(module).__name__ == "FlaxConv1D":
-        return dense_call("oi")
-    if isinstance(module, nn.DenseGeneral):
-        axes = (module.axis,) if isinstance(module.axis, int) else tuple(module.axis)
-        features = (module.features,) if isinstance(module.features, int) else tuple(module.features)
-        if module.batch_dims or sorted(axes) != list(range(-len(axes), 0)):
-            raise ValueError(f"{path!r} is a DenseGeneral over axes {module.axis} with batch_dims "
-                             f"{module.batch_dims}; VeRA adapts a DenseGeneral over x's trailing axes only.")
-        return dense_call("i" * len(axes) + "o" * len(features))
-    if isinstance(module, nn.Einsum):
-        return einsum_call(module.einsum_str, 1, repr(path))
-    return None
-
-
 def call_spec(call: LayerCall, layer: AdaptedLayer) -> CallSpec:
-    """The call's spec, checking the roles of the adapted kernel against what its module states; a module
-    of unknown kind runs the einsum its rule gives.
+    """The call's spec (`vera_jax.calls.module_call`), checking the roles of the adapted kernel against what its
+    module states; a module of unknown kind runs the einsum its rule gives.
 
     Raises:
       ValueError: the module states other roles, or a module of unknown kind has a roles rule only (which
-        says nothing of where its output puts the output axes).
+        says nothing of where its output puts the output axes), or as `vera_jax.calls.module_call`.
     """
     roles = layer.axes
     stated = module_call(call.module, call.path)
@@ -80,7 +56,7 @@ def call_spec(call: LayerCall, layer: AdaptedLayer) -> CallSpec:
             f"{call.path!r} is a {type(call.module).__name__} whose kernel axes are {stated.roles!r}, but the adapter "
             f"takes them as {roles!r}; set VeraConfig.kernel_axes={{'.*': {stated.roles!r}}} (with 'l' where a "
             "stack has its layer axis) for such modules.")
-    return stated
+    return stated.call
 
 
 def stack_leaves(items: tuple[LayerVectors, ...], dropout: bool) -> dict:

@@ -55,19 +55,21 @@ class Adapter:
         return self.generator == GENERATOR
 
 
-def init_adapter(params: Mapping, config: VeraConfig) -> Adapter:
+def init_adapter(params: Mapping, config: VeraConfig, *, layers: tuple[AdaptedLayer, ...] | None = None) -> Adapter:
     """A new adapter for the layers ``config`` adapts in ``params``.
 
     A and B are drawn from ``jax.random.key(config.projection_seed)`` (Kaiming-uniform as PEFT, by
     default); lambda_d starts at ``d_initial``, lambda_b at ``b_initial`` (0: the adapted model starts
     equal to the base model), and leaves of ``modules_to_save`` as copies of the base's. Pure: only the
     shapes of ``params`` are read for A and B (``jax.ShapeDtypeStruct`` leaves work with `jax.eval_shape`).
+    ``layers``: ``find_layers(params, config)``, where the caller has it already.
 
     Raises:
       ValueError: the config selects no layer of ``params``, or a target that is not a linear layer.
     """
-    projections = init_projections(params, projection_key(config), config)
-    return Adapter(trainable=init_trainable(params, config), projections=projections, config=config)
+    layers = find_layers(params, config) if layers is None else layers
+    projections = init_projections(params, projection_key(config), config, layers=layers)
+    return Adapter(trainable=init_trainable(params, config, layers=layers), projections=projections, config=config)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,21 +110,23 @@ def _check_projections(adapter: Adapter, layers: tuple[AdaptedLayer, ...]) -> No
                 f"in={layer.in_features}, out={layer.out_features}; build the adapter on these params.")
 
 
-def layer_vectors(params: Mapping, adapter: Adapter) -> tuple[LayerVectors, ...]:
+def layer_vectors(params: Mapping, adapter: Adapter, *,
+                  layers: tuple[AdaptedLayer, ...] | None = None) -> tuple[LayerVectors, ...]:
     """Pair every adapted layer with its vectors, checking that the adapter fits ``params``.
 
-    A vector that ``config.train_vectors`` freezes is its constant `initial_vector`.
+    A vector that ``config.train_vectors`` freezes is its constant `initial_vector`. ``layers``:
+    ``find_layers(params, adapter.config)``, where the caller has it already.
 
     Raises:
       ValueError: a layer lacks vectors, vectors name a layer that is not adapted, a vector or a leaf
         trained in full has the wrong shape, or the projections do not fit the layers.
     """
     config = adapter.config
-    layers = find_layers(params, config)
+    layers = find_layers(params, config) if layers is None else layers
     flat = flatten(adapter.trainable)
     flat_params = flatten(params)
     # A frozen tree from `split` lacks the leaves trained in full: look for them in both trees.
-    full = set(find_full_leaves(unflatten(flat_params | full_leaves(adapter.trainable)), config))
+    full = set(find_full_leaves(unflatten(flat_params | full_leaves(adapter.trainable)), config, layers=layers))
     vector_paths = {layer.path + SEP + name for layer in layers for name in trained_vectors(config)}
     missing = sorted(vector_paths - set(flat))
     unexpected = sorted(set(flat) - vector_paths - full)

@@ -4,6 +4,9 @@ A `CallSpec` names the axes of one call in einsum letters: the input x, the kern
 layer axis: inside a scan each iteration sees its own slice) and the output y. A Dense-like call
 (``nn.Dense``, ``nnx.Linear``, GPT-2's ``FlaxConv1D``, ``DenseGeneral``) contracts x's trailing axes
 with the kernel's input axes and puts the kernel's output axes last in y; an einsum says it all itself.
+
+`module_call` is the one registry of the modules whose call is known, linen and NNX alike: the linen
+activation path and `vera_jax.nnx` both ask it.
 """
 
 from __future__ import annotations
@@ -11,16 +14,20 @@ from __future__ import annotations
 import dataclasses
 import math
 import string
+import sys
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vera_jax.axes import einsum_roles, parse_einsum
+from vera_jax.axes import KERNEL, einsum_roles, parse_einsum
 from vera_jax.ops import adapter_output, adapter_output_lean
 
-__all__ = ["CallSpec", "dense_call", "einsum_call", "adapter_call_output"]
+__all__ = ["CallSpec", "ModuleCall", "module_call", "einsum_call", "adapter_call_output"]
 
 _LETTERS = string.ascii_letters
+TUNIX_WEIGHT = "w"  # the weight of tunix's Einsum
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +63,79 @@ def einsum_call(equation: str, kernel_operand: int, where: str) -> CallSpec:
     einsum_roles(equation, kernel_operand, where)
     operands = parse_einsum(equation)
     return CallSpec(operands[1 - kernel_operand], operands[kernel_operand], operands[2])
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleCall:
+    """How one module calls its weight: the weight's attribute, the call (None: not known, merged path only)
+    and one layer's roles and, where the module states it, weight shape."""
+
+    weight: str
+    call: CallSpec | None
+    roles: str
+    own_shape: tuple[int, ...] | None = None
+
+
+def _nnx(module: Any, name: str) -> bool:
+    """``isinstance(module, flax.nnx.<name>)``, without importing NNX: until it is imported, nothing is one."""
+    cls = getattr(sys.modules.get("flax.nnx"), name, None)
+    return cls is not None and isinstance(module, cls)
+
+
+def _dense(roles: str, own_shape: tuple[int, ...] | None = None) -> ModuleCall:
+    return ModuleCall(KERNEL, dense_call(roles), roles, own_shape)
+
+
+def _einsum(weight: str, equation: str, path: str, own_shape: tuple[int, ...] | None = None) -> ModuleCall:
+    call = einsum_call(equation, 1, repr(path))
+    return ModuleCall(weight, call, call.roles, own_shape)
+
+
+def _is_tunix_einsum(module: Any) -> bool:
+    cls = type(module)
+    return (cls.__name__ == "Einsum" and cls.__module__.split(".")[0] == "tunix"
+            and isinstance(getattr(module, "einsum_str", None), str)
+            and _nnx(getattr(module, TUNIX_WEIGHT, None), "Variable"))
+
+
+def module_call(module: Any, path: str) -> ModuleCall | None:
+    """How a module of known kind calls its weight, None for any other.
+
+    Linen: ``nn.Dense`` (in, out), GPT-2's ``FlaxConv1D`` (out, in), ``nn.DenseGeneral`` (x's trailing axes
+    in, the output axes last), ``nn.Einsum`` (its ``einsum_str``). NNX: ``nnx.Linear``, ``nnx.LinearGeneral``
+    and ``nnx.Einsum`` likewise, and tunix's ``Einsum`` (weight ``w``; every tunix model family defines its
+    own class of that name).
+
+    Raises:
+      ValueError: a ``DenseGeneral`` or ``nnx.LinearGeneral`` over other axes than x's trailing ones, or an
+        einsum whose input/output split is ambiguous.
+    """
+    if isinstance(module, nn.Dense):
+        return _dense("io")
+    if type(module).__name__ == "FlaxConv1D":
+        return _dense("oi")
+    if isinstance(module, nn.DenseGeneral):
+        axes = (module.axis,) if isinstance(module.axis, int) else tuple(module.axis)
+        features = (module.features,) if isinstance(module.features, int) else tuple(module.features)
+        if module.batch_dims or sorted(axes) != list(range(-len(axes), 0)):
+            raise ValueError(f"{path!r} is a DenseGeneral over axes {module.axis} with batch_dims "
+                             f"{module.batch_dims}; VeRA adapts a DenseGeneral over x's trailing axes only.")
+        return _dense("i" * len(axes) + "o" * len(features))
+    if isinstance(module, nn.Einsum):
+        return _einsum(KERNEL, module.einsum_str, path)
+    if _nnx(module, "Linear"):
+        return _dense("io", (module.in_features, module.out_features))
+    if _nnx(module, "LinearGeneral"):
+        if module.batch_axis or sorted(module.axis) != list(range(-len(module.axis), 0)):
+            raise ValueError(f"{path!r} is an nnx.LinearGeneral over axes {module.axis} with batch axes "
+                             f"{dict(module.batch_axis)}; VeRA adapts it over x's trailing axes only.")
+        return _dense("i" * len(module.in_features) + "o" * len(module.out_features),
+                      tuple(module.in_features) + tuple(module.out_features))
+    if _nnx(module, "Einsum"):
+        return _einsum(KERNEL, module.einsum_str, path, tuple(module.kernel_shape))
+    if _is_tunix_einsum(module):
+        return _einsum(TUNIX_WEIGHT, module.einsum_str, path)
+    return None
 
 
 def _expand(spec: str, ndim: int, fill: str) -> str:

@@ -33,7 +33,7 @@ from vera_jax.adapter import STORED, Adapter, layer_vectors
 from vera_jax.atomic import discard, publish, read_stable, recover, stage, target_path, write_error
 from vera_jax.config import VeraConfig
 from vera_jax.errors import AdapterFileError
-from vera_jax.layers import find_layers
+from vera_jax.layers import AdaptedLayer, find_layers
 from vera_jax.paths import flatten
 from vera_jax.projections import GENERATOR, Projections, init_projections
 from vera_jax.vectors import init_trainable
@@ -71,8 +71,10 @@ def projection_recipe(adapter: Adapter) -> dict:
     }
 
 
-def projections_from_recipe(params: Mapping, recipe: Mapping, config: VeraConfig) -> Projections:
-    """Rebuild A and B from a recipe and check them against its fingerprint.
+def projections_from_recipe(params: Mapping, recipe: Mapping, config: VeraConfig, *,
+                            layers: tuple[AdaptedLayer, ...] | None = None) -> Projections:
+    """Rebuild A and B from a recipe and check them against its fingerprint; ``layers``:
+    ``find_layers(params, config)``, where the caller has it already.
 
     Raises:
       ValueError: the recipe names another generator, or the rebuilt shapes or bytes differ (the params
@@ -81,7 +83,7 @@ def projections_from_recipe(params: Mapping, recipe: Mapping, config: VeraConfig
     if recipe.get("generator") != GENERATOR:
         raise ValueError(f"Projections were drawn by generator {recipe.get('generator')!r}; this version "
                          f"rebuilds {GENERATOR!r} only. Save the adapter with save_projection=True to carry A and B.")
-    projections = init_projections(params, np.asarray(recipe["key"], np.uint32), config)
+    projections = init_projections(params, np.asarray(recipe["key"], np.uint32), config, layers=layers)
     (r, in_max), out_max = projections.A.shape[-2:], projections.B.shape[-2]
     got = {"r": r, "in_max": in_max, "out_max": out_max, "dtype": str(projections.A.dtype)}
     expected = {name: recipe[name] for name in got}
@@ -121,11 +123,15 @@ def _kernel_sample(kernel: jax.Array) -> np.ndarray:
     return np.asarray(take(kernel))
 
 
-def base_record(params: Mapping, config: VeraConfig) -> dict:
-    """The adapted kernels' shapes and a sha256 of a sample of their values: what tells this base from another."""
+def base_record(params: Mapping, layers: tuple[AdaptedLayer, ...]) -> dict:
+    """The adapted kernels' shapes and a sha256 of a sample of their values: what tells this base from another.
+
+    Args:
+      layers: the adapted layers of ``params``, ``find_layers(params, config)``.
+    """
     flat = flatten(params)
     digest, kernels = hashlib.sha256(), {}
-    for layer in find_layers(params, config):
+    for layer in layers:
         kernels[layer.path] = list(layer.kernel_shape)
         digest.update(_kernel_sample(flat[layer.kernel_path]).tobytes())
     return {"kernels": kernels, "sample_sha256": digest.hexdigest()}
@@ -151,13 +157,12 @@ def save(directory: str | os.PathLike, adapter: Adapter, params: Mapping | None 
       WriteError: the file system refused the write (no space, read-only); the old copy is whole.
     """
     directory = target_path(directory)
-    if params is not None:
-        _check_fits(adapter, params)
+    layers = None if params is None else _check_fits(adapter, params)
     tree = _stored_tree(adapter)
     metadata = {"config": adapter.config.to_dict(), "projection": projection_recipe(adapter),
                 "tensors": tensor_records(tree)}
-    if params is not None:
-        metadata["base"] = base_record(params, adapter.config)
+    if layers is not None:
+        metadata["base"] = base_record(params, layers)
     metadata[METADATA_CHECKSUM] = _json_digest(metadata)
     primary = jax.process_index() == 0
     staging = _shared_staging(directory, overwrite)
@@ -191,10 +196,10 @@ def _shared_staging(directory: Path, overwrite: bool) -> Path:
     return staging
 
 
-def _check_fits(adapter: Adapter, params: Mapping) -> None:
-    """A ValueError unless ``adapter``'s layers are kernels of ``params`` its vectors and projections fit."""
+def _check_fits(adapter: Adapter, params: Mapping) -> tuple[AdaptedLayer, ...]:
+    """``adapter``'s layers, or a ValueError unless they are kernels of ``params`` its vectors and projections fit."""
     try:
-        layer_vectors(params, adapter)
+        return tuple(item.layer for item in layer_vectors(params, adapter))
     except ValueError as err:
         raise ValueError(f"Cannot save this adapter with these params: it does not fit them ({str(err).rstrip('.')}). "
                          "Pass the params of the model the adapter was trained on.") from None
@@ -246,13 +251,9 @@ def _metadata(directory: Path) -> dict:
     return metadata | {"config": config}
 
 
-def _check_base(directory: Path, recorded: dict, params: Mapping, config: VeraConfig) -> None:
+def _check_base(directory: Path, recorded: dict, params: Mapping, layers: tuple[AdaptedLayer, ...]) -> None:
     """Refuse a base whose adapted kernels differ in shape from the recorded ones; warn when their values differ."""
-    try:
-        record = base_record(params, config)
-    except ValueError as err:
-        raise AdapterFileError(f"The adapter in {directory} does not fit these params ({err}); load it onto the "
-                               "model it was trained with.") from None
+    record = base_record(params, layers)
     if record["kernels"] != recorded.get("kernels"):
         recorded_kernels = recorded.get("kernels") or {}
         differing = sorted(p for p in set(record["kernels"]) | set(recorded_kernels)
@@ -285,16 +286,21 @@ def _restore(directory: Path, params: Mapping, sharding: jax.sharding.Sharding |
     recover(directory)  # an old copy a crash left beside its place
     metadata = _metadata(directory)
     config = metadata["config"]
+    try:
+        layers = find_layers(params, config)
+    except ValueError as err:
+        raise AdapterFileError(f"The adapter in {directory} does not fit these params ({err}); load it onto the "
+                               "model it was trained with.") from None
     if "base" in metadata:  # adapters written before vera_jax recorded the base lack it
-        _check_base(directory, metadata["base"], params, config)
+        _check_base(directory, metadata["base"], params, layers)
     generator = metadata["projection"].get("generator", GENERATOR)
     stored_projections = config.save_projection or generator != GENERATOR
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
     try:
-        target = {"trainable": jax.eval_shape(lambda: init_trainable(params, config))}
+        target = {"trainable": jax.eval_shape(lambda: init_trainable(params, config, layers=layers))}
         if stored_projections:
             key = np.asarray(metadata["projection"]["key"], np.uint32)
-            shapes = jax.eval_shape(lambda: init_projections(params, key, config))
+            shapes = jax.eval_shape(lambda: init_projections(params, key, config, layers=layers))
             target["projections"] = {"A": shapes.A, "B": shapes.B}
     except ValueError as err:
         raise AdapterFileError(f"The adapter in {directory} does not fit these params ({err}); load it onto the "
@@ -323,7 +329,7 @@ def _restore(directory: Path, params: Mapping, sharding: jax.sharding.Sharding |
                                    "damaged.")
     else:
         try:
-            projections = projections_from_recipe(params, metadata["projection"], config)
+            projections = projections_from_recipe(params, metadata["projection"], config, layers=layers)
         except ValueError as err:
             raise AdapterFileError(f"{directory / METADATA_FILE}: {err}") from None
     return Adapter(trainable=restored["trainable"], projections=projections, config=config,

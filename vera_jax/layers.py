@@ -150,8 +150,12 @@ def find_layers(params: Mapping, config: VeraConfig) -> tuple[AdaptedLayer, ...]
     return tuple(layers)
 
 
-def find_full_leaves(params: Mapping, config: VeraConfig) -> tuple[str, ...]:
+def find_full_leaves(params: Mapping, config: VeraConfig, *,
+                     layers: tuple[AdaptedLayer, ...] | None = None) -> tuple[str, ...]:
     """Leaf paths trained in full (``config.modules_to_save``), e.g. ``('classifier/bias', 'classifier/kernel')``.
+
+    Args:
+      layers: ``find_layers(params, config)``, where the caller has it already.
 
     Raises:
       ValueError: ``config.modules_to_save`` is set but matches no leaf, or it overlaps an adapted kernel.
@@ -166,7 +170,7 @@ def find_full_leaves(params: Mapping, config: VeraConfig) -> tuple[str, ...]:
             f"VeraConfig.modules_to_save={config.modules_to_save!r} matches no parameter. Module paths are:"
             f"{_listing(module_paths(flat))}"
         )
-    adapted_kernels = {layer.kernel_path for layer in find_layers(params, config)}
+    adapted_kernels = {layer.kernel_path for layer in (find_layers(params, config) if layers is None else layers)}
     overlap = sorted(adapted_kernels.intersection(leaves))
     if overlap:
         raise ValueError(

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from vera_jax import hf
-from vera_jax.adapter import Adapter, layer_vectors
+from vera_jax.adapter import Adapter, LayerVectors, layer_vectors
 from vera_jax.atomic import staged_directory, target_path
 from vera_jax.paths import split_leaf
 from vera_jax.peft import CHECKSUMS, CONFIG_FILE, MODEL_PREFIX, WEIGHTS_FILE, module_names
@@ -88,9 +88,18 @@ def lora_factors(adapter: Adapter, params: Mapping, *, rank: int | None = None, 
       ValueError: a rank below 1, per-layer projections, GPT-2 Conv1D kernels mixed with others, a stack
         under none of ``stacks`` and no name rule, a name rule that does not fit, or an adapter that does not fit.
     """
+    _check_rank(rank)
+    return _layer_factors(layer_vectors(params, adapter), adapter, rank, stacks, names)
+
+
+def _check_rank(rank: int | None) -> None:
     if rank is not None and rank < 1:
         raise ValueError(f"rank must be a positive integer (or None for VeRA's rank r), got {rank}.")
-    items = layer_vectors(params, adapter)
+
+
+def _layer_factors(items: tuple[LayerVectors, ...], adapter: Adapter, rank: int | None, stacks: Sequence[str],
+                   names: hf.NameMap) -> list[LoraFactors]:
+    """`lora_factors` of layers already paired with their vectors."""
     hf.fan_in_fan_out([item.layer.axes for item in items])
     factors = []
     for item in items:
@@ -120,7 +129,9 @@ def save_lora(directory: str | os.PathLike, adapter: Adapter, params: Mapping, *
         copy is in place.
       WriteError: the file system refused the write (no space, read-only); the old copy is whole.
     """
-    factors = lora_factors(adapter, params, rank=rank, stacks=stacks, names=names)
+    _check_rank(rank)
+    items = layer_vectors(params, adapter)
+    factors = _layer_factors(items, adapter, rank, stacks, names)
     k = factors[0].lora_a.shape[0]
     tensors = {}
     for factor in factors:
@@ -134,7 +145,7 @@ def save_lora(directory: str | os.PathLike, adapter: Adapter, params: Mapping, *
     config = {
         "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
         "r": k, "lora_alpha": k, "lora_dropout": 0.0, "target_modules": [factor.name for factor in factors],
-        "fan_in_fan_out": hf.fan_in_fan_out([item.layer.axes for item in layer_vectors(params, adapter)]),
+        "fan_in_fan_out": hf.fan_in_fan_out([item.layer.axes for item in items]),
         "bias": "none", "modules_to_save": module_names(adapter.config.modules_to_save, sorted(
             {hf.torch_name(split_leaf(p)[0]) for p in head})) if head else None,
         "init_lora_weights": True, "use_rslora": False, "use_dora": False, "layers_to_transform": None,

@@ -32,7 +32,7 @@ from vera_jax.config import VeraConfig
 from vera_jax.errors import AdapterFileError
 from vera_jax.layers import LAMBDA_B, LAMBDA_D, VECTOR_NAMES, find_layers, vector_module
 from vera_jax.paths import SEP, flatten, module_paths, split_leaf, unflatten
-from vera_jax.projections import Projections, kaiming_uniform_bound
+from vera_jax.projections import Projections, kaiming_uniform_bound, projection_shapes
 from vera_jax.tensor_files import tensor_checksums, write_safetensors
 from vera_jax.vectors import full_leaves
 
@@ -261,8 +261,7 @@ def load_adapter(directory: str | os.PathLike, params: Mapping, *, dtype: str = 
                     f"or present for layers target_modules does not select {extra[:4]}",
                     "Use the adapter_config.json saved with these tensors")
 
-    in_max = max(layer.in_features for layer in layers)
-    out_max = max(layer.out_features for layer in layers)
+    (_, in_max), (out_max, _) = projection_shapes(layers, r)
     if (A_KEY in tensors) != (B_KEY in tensors):
         raise _fail(weights_file, A_KEY if B_KEY in tensors else B_KEY, "missing while its partner is present",
                     "Re-save the adapter")
@@ -285,7 +284,7 @@ def load_adapter(directory: str | os.PathLike, params: Mapping, *, dtype: str = 
     adapter = Adapter(trainable=trainable, projections=Projections(A=jnp.asarray(a, dtype), B=jnp.asarray(b, dtype)),
                       config=config, generator=generator)
     try:
-        layer_vectors(params, adapter)
+        layer_vectors(params, adapter, layers=layers)
     except ValueError as err:
         fix = "Check fan_in_fan_out (true for GPT-2's Conv1D layers)"
         raise _fail(weights_file, "vera_lambda_b", str(err), fix) from None

@@ -21,7 +21,7 @@ from flax import struct
 from jax.extend.random import threefry2x32_p
 
 from vera_jax.config import VeraConfig
-from vera_jax.layers import find_layers
+from vera_jax.layers import AdaptedLayer, find_layers
 
 __all__ = ["GENERATOR", "Projections", "init_projections", "projection_key", "projection_shapes",
            "kaiming_uniform_bound"]
@@ -67,12 +67,11 @@ def projection_key(config: VeraConfig) -> jax.Array:
     return jax.random.key(config.projection_seed, impl="threefry2x32")
 
 
-def projection_shapes(params: Mapping, config: VeraConfig) -> tuple[tuple[int, int], tuple[int, int]]:
+def projection_shapes(layers: tuple[AdaptedLayer, ...], r: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """``((r, in_max), (out_max, r))``: maxima over the adapted layers, as PEFT's ``_find_dim``."""
-    layers = find_layers(params, config)
     in_max = max(layer.in_features for layer in layers)
     out_max = max(layer.out_features for layer in layers)
-    return (config.r, in_max), (out_max, config.r)
+    return (r, in_max), (out_max, r)
 
 
 def kaiming_uniform_bound(fan_in: int) -> float:
@@ -130,11 +129,13 @@ def _draw(words: jax.Array, first_block: int, shape: tuple[int, int], fan_in: in
     return values.reshape(shape)
 
 
-def init_projections(params: Mapping, key: jax.Array, config: VeraConfig) -> Projections:
+def init_projections(params: Mapping, key: jax.Array, config: VeraConfig, *,
+                     layers: tuple[AdaptedLayer, ...] | None = None) -> Projections:
     """Draw the frozen A and B for the layers ``config`` adapts in ``params``.
 
     Pure: depends on the params' shapes only (``jax.ShapeDtypeStruct`` leaves are fine), the key and
-    the config. Under ``jax.jit`` pass ``config`` as static.
+    the config. Under ``jax.jit`` pass ``config`` as static. ``layers``: ``find_layers(params, config)``,
+    where the caller has it already.
 
     Returns:
       ``Projections(A (r, in_max), B (out_max, r))`` in ``config.dtype``, with (by default)
@@ -142,14 +143,14 @@ def init_projections(params: Mapping, key: jax.Array, config: VeraConfig) -> Pro
       ``projection_sharing="per_layer"``: A (layers, r, in_max) and B (layers, out_max, r), layer i's pair
       drawn after layer i-1's with fan-ins in_i and r (columns past in_i of its A slab are never used).
     """
-    (r, in_max), (out_max, _) = projection_shapes(params, config)
+    layers = find_layers(params, config) if layers is None else layers
+    (r, in_max), (out_max, _) = projection_shapes(layers, config.r)
     words = _key_words(key)
     draw = lambda block, shape, fan_in: _draw(words, block, shape, fan_in, config.projection_init)  # noqa: E731
     if config.projection_sharing == "shared":
         a = draw(0, (r, in_max), in_max)
         b = draw(_blocks(r * in_max), (out_max, r), r)
         return Projections(A=a.astype(config.dtype), B=b.astype(config.dtype))
-    layers = find_layers(params, config)
     stacked = [layer.path for layer in layers if layer.layers is not None]
     if stacked:
         raise ValueError(f"projection_sharing='per_layer' draws one pair per adapted module, but {stacked[:3]} are "

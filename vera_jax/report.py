@@ -27,9 +27,9 @@ def count_parameters(params: Mapping, adapter: Adapter) -> tuple[int, int]:
     A and B are frozen buffers and are not counted, nor is a vector ``config.train_vectors`` freezes.
     """
     config, flat = adapter.config, flatten(params)
-    vectors = sum(_vector_sizes(layer, config)[name] for layer in find_layers(params, config)
-                  for name in trained_vectors(config))
-    extra = sum(_size(flat[path]) for path in find_full_leaves(params, config))
+    layers = find_layers(params, config)
+    vectors = sum(_vector_sizes(layer, config)[name] for layer in layers for name in trained_vectors(config))
+    extra = sum(_size(flat[path]) for path in find_full_leaves(params, config, layers=layers))
     base = sum(_size(leaf) for leaf in jax.tree.leaves(params))
     return vectors + extra, base + vectors + extra
 

@@ -27,17 +27,19 @@ def initial_vector(config: VeraConfig, name: str, layer: AdaptedLayer) -> jax.Ar
     return jnp.full(layer.vector_shape(name, config.r), value, dtype=config.dtype)
 
 
-def init_trainable(params: Mapping, config: VeraConfig) -> dict:
+def init_trainable(params: Mapping, config: VeraConfig, *, layers: tuple[AdaptedLayer, ...] | None = None) -> dict:
     """lambda_d = d_initial (r,) and lambda_b = b_initial (out,) per adapted layer, in ``config.dtype``, plus a
     copy of every leaf ``config.modules_to_save`` selects (e.g. a classifier head).
 
     With lambda_b = 0 the adapted model starts exactly equal to the base model. Only the vectors
     ``config.train_vectors`` trains are in the tree; a frozen one stays the constant `initial_vector`.
+    ``layers``: ``find_layers(params, config)``, where the caller has it already.
     """
     flat_params = flatten(params)
+    layers = find_layers(params, config) if layers is None else layers
     flat = {layer.path + SEP + name: initial_vector(config, name, layer)
-            for layer in find_layers(params, config) for name in trained_vectors(config)}
-    flat.update({path: jnp.array(flat_params[path]) for path in find_full_leaves(params, config)})
+            for layer in layers for name in trained_vectors(config)}
+    flat.update({path: jnp.array(flat_params[path]) for path in find_full_leaves(params, config, layers=layers)})
     return unflatten(flat)
 
 

@@ -1,6 +1,6 @@
 """`attach` VeRA to an NNX model in place, `split` it into the pure view, `update` it with an adapter.
 
-Each target's weight and call come from its module (see `vera_jax.nnx.kinds`: ``nnx.Linear``,
+Each target's weight and call come from its module (see `vera_jax.calls.module_call`: ``nnx.Linear``,
 ``nnx.LinearGeneral``, ``nnx.Einsum``, tunix's ``Einsum``), otherwise from a ``VeraConfig.kernel_axes``
 rule. A stack's layer axis is the one axis a weight has beyond one layer's, first by NNX's rule (where
 ``nnx.vmap`` and ``nnx.scan`` with axis 0 put it), since each scan iteration slices the vectors there too.
@@ -17,9 +17,10 @@ from flax import nnx
 
 from vera_jax.adapter import Adapter, init_adapter, layer_vectors
 from vera_jax.axes import KernelRule, parse_rule
+from vera_jax.calls import ModuleCall, module_call
 from vera_jax.config import VeraConfig
-from vera_jax.layers import VECTOR_NAMES, find_layers, trained_vectors
-from vera_jax.nnx.kinds import ModuleCall, known_call, rule_call, unknown_module_error, weight_of
+from vera_jax.layers import VECTOR_NAMES, AdaptedLayer, find_layers, trained_vectors
+from vera_jax.nnx.kinds import rule_call, unknown_module_error, weight_of
 from vera_jax.nnx.modules import (PROJECTIONS, LayerRecord, ModelRecord, adapted_class, is_adapted_layer,
                                   is_adapted_model, model_record)
 from vera_jax.nnx.variables import VeraProjections, VeraVector, kernel_mesh, vector_like_kernel
@@ -63,7 +64,7 @@ def _target_call(path: str, module: nnx.Module, rule: KernelRule | None) -> tupl
       ValueError: a module of unknown kind without a rule, a rule that contradicts the module, or a
         weight whose extra axis cannot be a layer axis first.
     """
-    found = known_call(module, path)
+    found = module_call(module, path)
     if found is None:
         if rule is None:
             raise unknown_module_error(path, module)
@@ -89,9 +90,10 @@ def adapted_modules(model: nnx.Module) -> dict[str, nnx.Module]:
     return {name: module for name, module in _modules(model).items() if is_adapted_layer(module)}
 
 
-def adapter_config(model: nnx.Module, adapter: Adapter) -> VeraConfig:
-    """``adapter``'s config with the model's stated kernel axes, once it is known to adapt what the model's
-    VeRA adapts (layers, rank, trained vectors).
+def adapter_config(model: nnx.Module, adapter: Adapter, params: dict) -> tuple[VeraConfig, tuple[AdaptedLayer, ...]]:
+    """``adapter``'s config with the model's stated kernel axes, and the layers it adapts in ``params`` (the
+    model's, or the pure view's), once it is known to adapt what the model's VeRA adapts (layers, rank,
+    trained vectors).
 
     Raises:
       ValueError: it adapts other layers, another rank or other trained vectors.
@@ -99,14 +101,15 @@ def adapter_config(model: nnx.Module, adapter: Adapter) -> VeraConfig:
     info = model_record(model)
     rules = info.stated + tuple(rule for rule in adapter.config.kernel_axes if rule not in info.stated)
     config = dataclasses.replace(adapter.config, kernel_axes=rules)
-    params = base_params(model)
-    theirs, ours = find_layers(params, config), find_layers(params, info.config)
-    if theirs != ours or config.r != info.config.r or trained_vectors(config) != trained_vectors(info.config):
+    theirs = find_layers(params, config)
+    ours = {name: module.vera_layer.layer for name, module in adapted_modules(model).items()}  # attach found them
+    if ({layer.path: layer for layer in theirs} != ours or config.r != info.config.r
+            or trained_vectors(config) != trained_vectors(info.config)):
         raise ValueError(
             f"This adapter adapts {[layer.path for layer in theirs][:4]} (r={config.r}, train_vectors="
-            f"{config.train_vectors!r}), but the model's VeRA adapts {[layer.path for layer in ours][:4]} "
+            f"{config.train_vectors!r}), but the model's VeRA adapts {list(ours)[:4]} "
             f"(r={info.config.r}, train_vectors={info.config.train_vectors!r}); attach VeRA with the adapter's config.")
-    return config
+    return config, theirs
 
 
 def base_params(model: nnx.Module) -> dict:
@@ -159,8 +162,9 @@ def attach(model: nnx.Module, config: VeraConfig, *, path: str = "merged") -> nn
         stated.append((re.escape(name), str(KernelRule(calls[name].weight, roles))))
     full_config = dataclasses.replace(config, kernel_axes=tuple(stated) + config.kernel_axes)
     params = base_params(model)
-    adapter = init_adapter(params, full_config)
-    layers = {layer.path: layer for layer in find_layers(params, full_config)}
+    table = find_layers(params, full_config)
+    adapter = init_adapter(params, full_config, layers=table)
+    layers = {layer.path: layer for layer in table}
     weights = {name: getattr(module, calls[name].weight) for name, module in matched.items()}
     meshes = [kernel_mesh(weight) for weight in weights.values()]
     setattr(model, PROJECTIONS, VeraProjections(adapter.projections, next(filter(None, meshes), None)))
@@ -204,8 +208,9 @@ def update(model: nnx.Module, adapter: Adapter) -> None:
       ValueError: the adapter adapts other layers (or another rank, or other trained vectors) than the
         model's VeRA, or its vectors do not fit.
     """
-    config = adapter_config(model, adapter)
-    layer_vectors(base_params(model), adapter.replace(config=config))  # every vector and A/B fits, before anything is written
+    params = base_params(model)
+    config, layers = adapter_config(model, adapter, params)
+    layer_vectors(params, adapter.replace(config=config), layers=layers)  # every vector and A/B fits, before any write
     flat = flatten(adapter.trainable)
     for name, module in adapted_modules(model).items():
         module.vera_layer = dataclasses.replace(module.vera_layer, config=config)

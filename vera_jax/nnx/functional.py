@@ -50,7 +50,8 @@ def functional(model: nnx.Module, *, path: str | None = None) -> Callable:
     layout = nnx.to_pure_dict(template)
 
     def call(params, adapter: Adapter, *args, **kwargs):
-        layer_vectors(params, adapter.replace(config=adapter_config(model, adapter)))  # shapes only: fine under jit
+        config, layers = adapter_config(model, adapter, params)  # shapes only: fine under jit
+        layer_vectors(params, adapter.replace(config=config), layers=layers)
         flat = flatten(params) | flatten(adapter.trainable)
         flat |= {f"{PROJECTIONS}{SEP}A": adapter.projections.A, f"{PROJECTIONS}{SEP}B": adapter.projections.B}
         state = jax.tree.map(lambda leaf: leaf, template)  # fresh variables, filled below

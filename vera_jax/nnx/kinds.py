@@ -1,71 +1,22 @@
-"""How each kind of NNX module holds and calls its weight: one registry for `vera_jax.nnx.attach`.
+"""How an NNX module of unknown kind holds and calls its weight, for `vera_jax.nnx.attach`.
 
-A module of a known kind states its weight attribute and its call: ``nnx.Linear`` and
-``nnx.LinearGeneral`` (``kernel``, x's trailing axes in, the output axes last), ``nnx.Einsum``
-(``kernel``, its ``einsum_str``) and tunix's ``Einsum`` (``w``, its ``einsum_str``; every tunix model
-family defines its own class of that name). Any other module is described by a ``VeraConfig.kernel_axes``
-rule naming its weight and the einsum of its call (`vera_jax.axes.KernelRule`); a rule of roles only
-serves the merged path, which never needs to know where the output puts its axes.
+A module of a known kind (``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Einsum``, tunix's ``Einsum``)
+states its weight and call in `vera_jax.calls.module_call`, the registry the linen path shares. Any
+other module is described by a ``VeraConfig.kernel_axes`` rule naming its weight and the einsum of its
+call (`vera_jax.axes.KernelRule`); a rule of roles only serves the merged path, which never needs to know
+where the output puts its axes.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
 
 from flax import nnx
 
 from vera_jax.axes import KERNEL, KernelRule, einsum_roles
-from vera_jax.calls import CallSpec, dense_call, einsum_call
+from vera_jax.calls import ModuleCall, einsum_call, module_call
 
-__all__ = ["ModuleCall", "known_call", "rule_call", "weight_of", "layer_pattern", "unknown_module_error"]
-
-TUNIX_WEIGHT = "w"
-
-
-@dataclasses.dataclass(frozen=True)
-class ModuleCall:
-    """How one module calls its weight: the weight's attribute, the call (None: not known, merged path only)
-    and one layer's roles and, where the module states it, weight shape."""
-
-    weight: str
-    call: CallSpec | None
-    roles: str
-    own_shape: tuple[int, ...] | None = None
-
-
-def _is_tunix_einsum(module: nnx.Module) -> bool:
-    cls = type(module)
-    return (cls.__name__ == "Einsum" and cls.__module__.split(".")[0] == "tunix"
-            and isinstance(getattr(module, "einsum_str", None), str)
-            and isinstance(getattr(module, TUNIX_WEIGHT, None), nnx.Variable))
-
-
-def _einsum(weight: str, equation: str, path: str) -> ModuleCall:
-    call = einsum_call(equation, 1, repr(path))
-    return ModuleCall(weight, call, call.roles)
-
-
-def known_call(module: nnx.Module, path: str) -> ModuleCall | None:
-    """The call of a module of known kind, None for any other.
-
-    Raises:
-      ValueError: an ``nnx.LinearGeneral`` over other axes than x's trailing ones, or an einsum whose
-        input/output split is ambiguous.
-    """
-    if isinstance(module, nnx.Linear):
-        return ModuleCall(KERNEL, dense_call("io"), "io", (module.in_features, module.out_features))
-    if isinstance(module, nnx.LinearGeneral):
-        if module.batch_axis or sorted(module.axis) != list(range(-len(module.axis), 0)):
-            raise ValueError(f"{path!r} is an nnx.LinearGeneral over axes {module.axis} with batch axes "
-                             f"{dict(module.batch_axis)}; VeRA adapts it over x's trailing axes only.")
-        roles = "i" * len(module.in_features) + "o" * len(module.out_features)
-        return ModuleCall(KERNEL, dense_call(roles), roles, tuple(module.in_features) + tuple(module.out_features))
-    if isinstance(module, nnx.Einsum):
-        return dataclasses.replace(_einsum(KERNEL, module.einsum_str, path), own_shape=tuple(module.kernel_shape))
-    if _is_tunix_einsum(module):
-        return _einsum(TUNIX_WEIGHT, module.einsum_str, path)
-    return None
+__all__ = ["rule_call", "weight_of", "layer_pattern", "unknown_module_error"]
 
 
 def rule_call(module: nnx.Module, path: str, rule: KernelRule) -> ModuleCall:
@@ -84,7 +35,7 @@ def rule_call(module: nnx.Module, path: str, rule: KernelRule) -> ModuleCall:
 def weight_of(module: nnx.Module) -> nnx.Variable | None:
     """The weight variable of a module of known kind, None for any other."""
     try:
-        known = known_call(module, "")
+        known = module_call(module, "")
     except ValueError:
         return getattr(module, KERNEL, None)
     return None if known is None else getattr(module, known.weight)

@@ -41,8 +41,9 @@ def mixed(model: nnx.Module, stacked: Adapter, adapter_ids: jax.Array) -> Iterat
     """
     adapter_ids = jnp.asarray(adapter_ids)
     check_adapter_ids(adapter_ids, num_adapters(stacked))
-    config = adapter_config(model, stacked)
-    layer_vectors(base_params(model), first_adapter(stacked).replace(config=config))  # every vector fits
+    params = base_params(model)
+    config, layers = adapter_config(model, stacked, params)
+    layer_vectors(params, first_adapter(stacked).replace(config=config), layers=layers)  # every vector fits
     flat = flatten(stacked.trainable)
     saved = []
     for name, module in adapted_modules(model).items():
