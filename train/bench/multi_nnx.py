@@ -2,8 +2,8 @@
 
 One batch in which each example uses its own adapter of a stack of N (the model's ``mixed_logits``, which
 runs `vera_jax.nnx.mixed`), against the same batch with one adapter (``vera_logits``), both on the activation
-path through the model's ``nnx.scan``: time (in rounds) and XLA's compiled peak memory. The base is one copy whatever N: only the vectors are
-stacked and gathered per example.
+path through the model's ``nnx.scan``: time (in rounds) and XLA's compiled peak memory. The base is one copy
+whatever N: only the vectors are stacked and gathered per example.
 """
 
 from __future__ import annotations
