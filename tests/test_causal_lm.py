@@ -334,6 +334,21 @@ def test_bench_causal_workload_compares_bf16_and_float32_bases(tiny, tmp_path):
     assert peaks["bfloat16"] < peaks["float32"]  # the frozen base is stored in half the bytes
 
 
+def test_bench_multi_serves_mixed_adapters_on_the_nnx_model(tiny, tmp_path, capsys):
+    """The scanned NNX model's mixed batch (`Model.mixed_logits`) gives each row its own adapter's logits, in
+    programs compiled once; the table comes out."""
+    model_dir, _ = tiny
+    out = tmp_path / "multi.json"
+    assert main(["bench-multi", "--workload", "smollm2", "--model", str(model_dir), "--r", "8", "--ns", "1", "4",
+                 "--serve-batch", "8", "--serve-seq-len", "16", "--repeats", "1", "--json", str(out)]) == 0
+    serving = json.loads(out.read_text())["serving"]
+    assert set(serving) == {"1", "4"}
+    for row in serving.values():
+        assert row["max_difference_from_one_adapter"] < 1e-5, row
+        assert row["mixed_peak_bytes"] > 0 and row["one_adapter_peak_bytes"] > 0
+    assert "adapters in the batch" in capsys.readouterr().out
+
+
 def test_causal_lm_on_mistral_with_its_rotary_base(tiny, tmp_path):
     """Mistral through the same command, configured like Mistral 7B v0.2 (rotary base 1e6, no sliding window).
 

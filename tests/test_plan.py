@@ -10,7 +10,7 @@ import families
 import vera_jax
 from vera_jax.ops import adapter_output, adapter_output_lean
 from vera_jax.plan import PATHS, PathPlan
-from vera_jax.timing import measured_seconds
+from vera_jax.timing import measured_seconds, time_in_rounds
 
 
 def _xla_flops(fn, *args) -> float:
@@ -109,6 +109,18 @@ def test_measurements_are_made_once_per_layer_shape():
     layers = vera_jax.find_layers(family.params, family.config)
     shapes = {(layer.in_features, layer.out_features) for layer in layers}
     assert measured_seconds.cache_info().misses == len(shapes) < len(layers) == len(plan.costs)
+
+
+def test_rounds_warm_up_each_runner_then_time_one_call_of_each_per_round_in_a_shuffled_order():
+    calls = []
+    runners = {name: (lambda name=name: calls.append(name)) for name in "abcd"}
+    times = time_in_rounds(runners, rounds=6, warmup=2)
+    assert calls[:8] == ["a", "a", "b", "b", "c", "c", "d", "d"]
+    rounds = [calls[start:start + 4] for start in range(8, len(calls), 4)]
+    assert len(rounds) == 6 and all(sorted(one) == list("abcd") for one in rounds)
+    assert len({tuple(one) for one in rounds}) > 1  # shuffled
+    assert {name: len(t) for name, t in times.items()} == dict.fromkeys("abcd", 6)
+    assert all(t >= 0 for seconds in times.values() for t in seconds)
 
 
 def test_layers_that_read_one_input_are_found_by_tracing_and_timed_together():

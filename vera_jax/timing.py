@@ -6,12 +6,14 @@ out x in weights) run about 1.6x slower than the activation path's tall matmuls,
 the activation path. `measured_plan` times both paths for every distinct group of layers that share
 an input (`vera_jax.shared_input_groups` finds them) and picks per group. Timed alone, layers can still
 mislead about a whole model (on SmolLM2 the groups' timings favoured merged while the whole merged
-step ran 1.24x slower), so `whole_step_plan` times the model's own gradient step on each path.
+step ran 1.24x slower), so `whole_step_plan` times the model's own gradient step on each path. Both time
+with `time_in_rounds`, which also times the benchmarks of ``python -m train``.
 """
 
 from __future__ import annotations
 
 import functools
+import random
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -26,19 +28,36 @@ from vera_jax.layers import find_layers
 from vera_jax.ops import adapter_output, delta_weight
 from vera_jax.plan import LayerCost, PathPlan
 
-__all__ = ["measured_seconds", "measured_plan", "whole_step_plan"]
+__all__ = ["measured_seconds", "measured_plan", "whole_step_plan", "time_in_rounds"]
 
 _TIMED_RUNS = 5
 
 
+def time_in_rounds(runners: Mapping[str, Callable[[], object]], rounds: int, warmup: int = 1,
+                   settle: float = 0.0) -> dict[str, list[float]]:
+    """Seconds of each blocking call, timed in rounds: one call of every runner per round, in a shuffled
+    order, so that machine noise falls on all of them alike. ``warmup`` untimed calls each come first (the
+    first one compiles a jitted runner); ``settle`` idle seconds precede each timed call (another framework's
+    threads may spin on after a call)."""
+    for runner in runners.values():
+        for _ in range(warmup):
+            runner()
+    times = {name: [] for name in runners}
+    order = random.Random(0)
+    for _ in range(rounds):
+        names = list(runners)
+        order.shuffle(names)  # no runner always runs right after the same other one
+        for name in names:
+            time.sleep(settle)
+            start = time.perf_counter()
+            runners[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def _median_seconds(fn, *args) -> float:
-    jax.block_until_ready(fn(*args))  # compile and warm up
-    times = []
-    for _ in range(_TIMED_RUNS):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    runner = {"fn": lambda: jax.block_until_ready(fn(*args))}
+    return statistics.median(time_in_rounds(runner, _TIMED_RUNS)["fn"])
 
 
 @functools.lru_cache(maxsize=64)

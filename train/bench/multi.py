@@ -13,11 +13,12 @@ import numpy as np
 import optax
 
 import vera_jax
-from train.bench.step import peak_bytes, time_in_rounds
+from train.bench.compiled import CompiledStep
 from train.bench_flags import MULTI_WORKLOADS
 from train.engine import steps
 from train.engine.metrics import write_json
 from train.models.load import lacks_torch_weights, load_classifier, model_source
+from vera_jax.timing import time_in_rounds
 
 __all__ = ["command", "bench_multi"]
 
@@ -51,37 +52,16 @@ def _max_difference(a, b) -> float:
     return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-class _Training:
-    """A jitted, donated training step (`train.engine.steps.make_train_step`) of one adapter (k=None) or of k
-    stacked adapters, each on its own batch (stacked on the adapter axis, as a sweep over seeds feeds them) or
-    all on one (``shared``: a grid over one data order; the work before the first adapted layer runs once),
-    and its state."""
-
-    def __init__(self, train_step: Callable, adapter: vera_jax.Adapter, tx, params, batch: dict, k: int | None,
-                 per_pass: int | None, shared: bool = False):
-        if k is None:
-            step = train_step
-        else:
-            adapter, step = vera_jax.stack([adapter] * k), vera_jax.map_adapters(
-                train_step, (0, 0, None, None if shared else 0, None), per_pass)
-        self.shared = shared
-        self.initial, self.init, self.params, self.batch = adapter, (tx.init if k is None else jax.vmap(tx.init)), \
-            params, batch
-        self.step = jax.jit(step, donate_argnums=(0, 1))
-        self.state = self._fresh()
-        self.peak_bytes = peak_bytes(self.step.lower(*self.state, params, batch, None).compile())
-
-    def _fresh(self) -> tuple:
-        adapter = jax.tree.map(jnp.copy, self.initial)  # its own buffers: the step donates them
-        return adapter, self.init(adapter.trainable)
-
-    def first_step(self, batch: dict | None = None) -> vera_jax.Adapter:
-        """The adapter(s) after one step from the initial state (on ``batch``, default the timed one)."""
-        return self.step(*self._fresh(), self.params, self.batch if batch is None else batch, None)[0]
-
-    def __call__(self) -> None:
-        adapter, opt_state, loss = self.step(*self.state, self.params, self.batch, None)
-        self.state = jax.block_until_ready((adapter, opt_state))
+def _training(train_step: Callable, adapter: vera_jax.Adapter, tx, params, batch: dict, k: int | None,
+              per_pass: int | None, shared: bool = False) -> CompiledStep:
+    """The training step (`train.engine.steps.make_train_step`) of one adapter (k=None) or of k stacked adapters,
+    each on its own batch (stacked on the adapter axis, as a sweep over seeds feeds them) or all on one
+    (``shared``: a grid over one data order; the work before the first adapted layer runs once)."""
+    if k is None:
+        return CompiledStep(train_step, (adapter, tx.init(adapter.trainable)), (params, batch, None))
+    stacked = vera_jax.stack([adapter] * k)
+    step = vera_jax.map_adapters(train_step, (0, 0, None, None if shared else 0, None), per_pass)
+    return CompiledStep(step, (stacked, jax.vmap(tx.init)(stacked.trainable)), (params, batch, None))
 
 
 def bench_multi(args: argparse.Namespace) -> dict:
@@ -93,27 +73,24 @@ def bench_multi(args: argparse.Namespace) -> dict:
     # Runs and sweeps train with this step; the base model in eval mode (rng None), as serving runs it.
     train_step = steps.make_train_step(model.vera_logits("merged", config), tx, "classification")
 
-    def call(p, batch):  # serving: the model in eval mode
-        return model.logits(p, batch, None)
-
     def train_batches(k: int) -> dict:  # k distinct batches on a leading adapter axis
         batches = [_batch(model.config.vocab_size, args.train_batch, args.train_seq_len, seed) for seed in range(k)]
         return jax.device_put(jax.tree.map(lambda *rows: np.stack(rows), *batches))
 
     per_pass = args.adapters_per_pass or vera_jax.adapters_per_pass(args.train_batch * args.train_seq_len)
     single_batch = jax.tree.map(lambda x: x[0], train_batches(1))
-    runners = {"single": _Training(train_step, adapter, tx, params, single_batch, None, None)}
+    runners = {"single": _training(train_step, adapter, tx, params, single_batch, None, None)}
     for k in args.ks:
-        runners[f"passes {k}"] = _Training(train_step, adapter, tx, params, train_batches(k), k, per_pass)
+        runners[f"passes {k}"] = _training(train_step, adapter, tx, params, train_batches(k), k, per_pass)
         if per_pass is not None and per_pass < k:
-            runners[f"at once {k}"] = _Training(train_step, adapter, tx, params, train_batches(k), k, None)
+            runners[f"at once {k}"] = _training(train_step, adapter, tx, params, train_batches(k), k, None)
         if k > 1:
-            runners[f"shared {k}"] = _Training(train_step, adapter, tx, params, single_batch, k, per_pass, shared=True)
+            runners[f"shared {k}"] = _training(train_step, adapter, tx, params, single_batch, k, per_pass, shared=True)
 
     serve_batch = jax.device_put(_batch(model.config.vocab_size, args.serve_batch, args.serve_seq_len, seed=1))
-    one = jax.jit(lambda p, b, a: vera_jax.adapt(call, a, path="activation")(p, b))
-    runners["one adapter"] = lambda: jax.block_until_ready(one(params, serve_batch, adapter))
-    mixed = jax.jit(lambda p, b, s, i: vera_jax.adapt_mixed(call, s, i)(p, b))
+    # Serving: the model in eval mode, one adapter for the whole batch or one per example.
+    one, mixed = model.vera_logits("activation", config), model.mixed_logits(config)
+    runners["one adapter"] = CompiledStep(one, args=(params, adapter, serve_batch, None))
     served = {}
     for n in args.ns:  # n distinct adapters: each vector and head leaf drawn around the initial one
         keys = iter(jax.random.split(jax.random.key(n), len(jax.tree.leaves(adapter.trainable))))
@@ -121,12 +98,11 @@ def bench_multi(args: argparse.Namespace) -> dict:
             lambda x: x[None] + 0.1 * jax.random.normal(next(keys), (n, *x.shape), x.dtype), adapter.trainable))
         ids = jax.device_put(np.arange(args.serve_batch) % n)
         served[n] = (stacked, ids)
-        runners[f"mixed {n}"] = (lambda s, i: lambda: jax.block_until_ready(mixed(params, serve_batch, s, i)))(
-            stacked, ids)
+        runners[f"mixed {n}"] = CompiledStep(mixed, args=(params, stacked, ids, serve_batch))
 
     peers = _peft_peers(args, params, serve_batch, served) if not args.no_peft else {}
     runners |= {f"peft {n}": peer for n, peer in peers.items()}
-    sweepers = _peft_sweepers(args, {k: runners[f"passes {k}"].batch for k in args.ks}) if not args.no_peft else {}
+    sweepers = _peft_sweepers(args, {k: _batch_of(runners[f"passes {k}"]) for k in args.ks}) if not args.no_peft else {}
     runners |= {f"peft sweep {k}": sweeper for k, sweeper in sweepers.items()}
     median = {name: statistics.median(t) for name, t in time_in_rounds(runners, args.repeats).items()}
     training = {}
@@ -139,7 +115,7 @@ def bench_multi(args: argparse.Namespace) -> dict:
                        "all_at_once_seconds": at_once_seconds, "all_at_once_speedup": sequential / at_once_seconds,
                        "vmapped_peak_bytes": passes.peak_bytes, "all_at_once_peak_bytes": at_once.peak_bytes,
                        "sequential_peak_bytes": runners["single"].peak_bytes,
-                       "max_difference_from_single_steps": _training_difference(runners, k)}
+                       "max_difference_from_single_steps": _training_difference(runners, k, params)}
         if k > 1:
             training[k] |= {"shared_batch_seconds": median[f"shared {k}"],
                             "shared_batch_speedup": sequential / median[f"shared {k}"]}
@@ -149,10 +125,11 @@ def bench_multi(args: argparse.Namespace) -> dict:
                 training[k]["shared_vs_peft"] = median[f"peft sweep {k}"] / median[f"shared {k}"]
     serving = {n: {"mixed_seconds": median[f"mixed {n}"], "single_adapter_seconds": median["one adapter"],
                    "ratio": median[f"mixed {n}"] / median["one adapter"],
-                   "max_difference_from_one_adapter": _serving_difference(one, mixed, params, serve_batch, *served[n])}
+                   "max_difference_from_one_adapter": _serving_difference(runners["one adapter"],
+                                                                          runners[f"mixed {n}"])}
                for n in args.ns}
     for n, peer in peers.items():
-        ours = np.asarray(mixed(params, serve_batch, *served[n]))
+        ours = np.asarray(runners[f"mixed {n}"].once())
         peft_seconds = median[f"peft {n}"]
         serving[n] |= {"peft_grouped_seconds": peft_seconds, "vs_peft": peft_seconds / median[f"mixed {n}"],
                        "max_difference_from_peft": float(np.max(np.abs(peer.logits() - ours)))}
@@ -211,30 +188,35 @@ def _peft_sweepers(args, batches: dict) -> dict:
                                       for k, b in batches.items()}
 
 
-def _training_difference(runners: dict, k: int) -> float:
+def _training_difference(runners: dict, k: int, params) -> float:
     """How far the timed K-adapter programs' first step is from K single steps, each on its adapter's batch."""
     single = runners["single"]
     difference = 0.0
     for name in (f"passes {k}", f"at once {k}", f"shared {k}"):
         if name not in runners:
             continue
-        program = runners[name]
-        trained = vera_jax.unstack(program.first_step())
+        program, batch = runners[name], _batch_of(runners[name])
+        trained = vera_jax.unstack(program.once()[0])
         for index, one in enumerate(trained):
-            alone = single.first_step(program.batch if program.shared else jax.tree.map(lambda x: x[index],
-                                                                                        program.batch))
+            own = batch if name.startswith("shared") else jax.tree.map(lambda x: x[index], batch)
+            alone = single.once(params, own, None)[0]
             difference = max(difference, _max_difference(one.trainable, alone.trainable))
     return difference
 
 
-def _serving_difference(one: Callable, mixed: Callable, params, batch: dict, stacked: vera_jax.Adapter,
-                        ids: jax.Array) -> float:
+def _batch_of(program: CompiledStep) -> dict:
+    """The batch a training program of `_training` is timed on."""
+    return program.args[1]
+
+
+def _serving_difference(one: CompiledStep, mixed: CompiledStep) -> float:
     """How far the mixed batch's rows are from the same rows run with their adapter alone (a few adapters)."""
-    logits = np.asarray(mixed(params, batch, stacked, ids))
+    logits = np.asarray(mixed.once())
+    params, stacked, ids, batch = mixed.args
     ids = np.asarray(ids)
     difference = 0.0
     for index, adapter in enumerate(vera_jax.unstack(stacked)[:CHECKED_ADAPTERS]):
-        alone = np.asarray(one(params, batch, adapter))
+        alone = np.asarray(one.once(params, adapter, batch, None))
         difference = max(difference, float(np.max(np.abs(logits[ids == index] - alone[ids == index]))))
     return difference
 

@@ -1,9 +1,9 @@
 """``python -m train bench-multi --workload smollm2``: mixed-adapter serving on the scanned NNX SmolLM2.
 
-One batch in which each example uses its own adapter of a stack of N (`vera_jax.nnx.mixed`), against
-the same batch with one adapter, both on the activation path through the model's ``nnx.scan``: time
-(in rounds) and XLA's compiled peak memory. The base is one copy whatever N: only the vectors are
-stacked and gathered per example.
+One batch in which each example uses its own adapter of a stack of N (the model's ``mixed_logits``, which
+runs `vera_jax.nnx.mixed`), against the same batch with one adapter (``vera_logits``), both on the activation
+path through the model's ``nnx.scan``: time (in rounds) and XLA's compiled peak memory. The base is one copy
+whatever N: only the vectors are stacked and gathered per example.
 """
 
 from __future__ import annotations
@@ -12,51 +12,31 @@ import statistics
 
 import jax
 import numpy as np
-from flax import nnx
 
 import vera_jax
-import vera_jax.nnx as vera_nnx
-from train.bench.step import peak_bytes, time_in_rounds
+from train.bench.compiled import CompiledStep
 from train.bench_flags import LLAMA_LINEAR
 from train.models.load import load_causal_lm
+from vera_jax.timing import time_in_rounds
 
 __all__ = ["bench_multi_smollm2", "CHECKED_ADAPTERS"]
 
 CHECKED_ADAPTERS = 3  # adapters whose rows of the mixed batch are checked against the adapter alone
 
 
-class _Program:
-    """A compiled pure call over the adapted model's state; its compiled peak bytes."""
-
-    def __init__(self, function, *args):
-        self.args = args
-        compiled = jax.jit(function).lower(*args).compile()
-        self.compiled, self.peak_bytes = compiled, peak_bytes(compiled)
-
-    def __call__(self):
-        return jax.block_until_ready(self.compiled(*self.args))
-
-
 def bench_multi_smollm2(args) -> dict:
     model = load_causal_lm(args.model, max_positions=args.serve_seq_len, backend="nnx")[0]
     config = vera_jax.VeraConfig(r=args.r, target_modules=tuple(args.targets or LLAMA_LINEAR),
                                  kernel_axes=model.kernel_axes)
-    adapted = vera_nnx.attach(model.module(model.params), config, path="activation")
-    graphdef, state = nnx.split(adapted)
-    adapter = vera_nnx.split(adapted)[2]
+    adapter = vera_jax.init_adapter(model.params, config)
+    one, mixed = model.vera_logits("activation", config), model.mixed_logits(config)
     rng = np.random.default_rng(1)
-    ids = jax.device_put(rng.integers(1000, model.config.vocab_size, (args.serve_batch, args.serve_seq_len),
-                                      np.int32))
+    shape = (args.serve_batch, args.serve_seq_len)
+    batch = jax.device_put({"input_ids": rng.integers(min(1000, model.config.vocab_size // 2),
+                                                      model.config.vocab_size, shape, np.int32),
+                            "attention_mask": np.ones(shape, np.int32)})
 
-    def one(state, input_ids):
-        return nnx.merge(graphdef, state)(input_ids)
-
-    def mixed(state, stacked, adapter_ids, input_ids):
-        module = nnx.merge(graphdef, state)
-        with vera_nnx.mixed(module, stacked, adapter_ids):
-            return module(input_ids)
-
-    programs = {"one adapter": _Program(one, state, ids)}
+    programs = {"one adapter": CompiledStep(one, args=(model.params, adapter, batch, None))}
     stacks = {}
     for n in args.ns:  # n distinct adapters: each vector drawn around the initial one
         keys = iter(jax.random.split(jax.random.key(n), len(jax.tree.leaves(adapter.trainable))))
@@ -64,7 +44,7 @@ def bench_multi_smollm2(args) -> dict:
             lambda x: x[None] + 0.1 * jax.random.normal(next(keys), (n, *x.shape), x.dtype), adapter.trainable))
         adapter_ids = jax.device_put(np.arange(args.serve_batch) % n)
         stacks[n] = (stacked, adapter_ids)
-        programs[f"mixed {n}"] = _Program(mixed, state, stacked, adapter_ids, ids)
+        programs[f"mixed {n}"] = CompiledStep(mixed, args=(model.params, stacked, adapter_ids, batch))
     median = {name: statistics.median(t) for name, t in time_in_rounds(programs, args.repeats).items()}
     serving = {}
     for n, (stacked, adapter_ids) in stacks.items():
@@ -73,8 +53,9 @@ def bench_multi_smollm2(args) -> dict:
                       "mixed_peak_bytes": programs[f"mixed {n}"].peak_bytes,
                       "one_adapter_peak_bytes": programs["one adapter"].peak_bytes,
                       "memory_ratio": programs[f"mixed {n}"].peak_bytes / programs["one adapter"].peak_bytes,
-                      "max_difference_from_one_adapter": _difference(programs[f"mixed {n}"](), one, graphdef,
-                                                                     adapted, stacked, np.asarray(adapter_ids), ids)}
+                      "max_difference_from_one_adapter": _difference(programs[f"mixed {n}"](), programs["one adapter"],
+                                                                     model.params, batch, stacked,
+                                                                     np.asarray(adapter_ids))}
     results = {
         "workload": {"name": "smollm2", "model": args.model, "backend": "nnx (scanned)", "r": args.r,
                      "targets": list(config.target_modules), "serve_batch": [args.serve_batch, args.serve_seq_len],
@@ -87,12 +68,11 @@ def bench_multi_smollm2(args) -> dict:
     return results
 
 
-def _difference(logits, one, graphdef, adapted, stacked, adapter_ids, ids) -> float:
+def _difference(logits, one: CompiledStep, params, batch: dict, stacked, adapter_ids) -> float:
     """How far the mixed batch's rows are from the same rows run with their adapter alone (a few adapters)."""
     logits = np.asarray(logits)
     difference = 0.0
     for index, single in enumerate(vera_jax.unstack(stacked)[:CHECKED_ADAPTERS]):
-        vera_nnx.update(adapted, single)
-        alone = np.asarray(jax.jit(one)(nnx.state(adapted), ids))
+        alone = np.asarray(one.once(params, single, batch, None))
         difference = max(difference, float(np.max(np.abs(logits[adapter_ids == index] - alone[adapter_ids == index]))))
     return difference

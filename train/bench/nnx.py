@@ -4,22 +4,19 @@ stacked and run with ``nnx.scan`` (with each of the scan's rematerialisation pol
 on the merged and activation paths: one table, side by side in one run.
 
 Compile seconds are what a user waits before the first step: tracing, lowering and XLA compilation of
-the jitted training step. Steps are timed in rounds (`train.bench.step.time_in_rounds`); peak memory is XLA's
-compiled figure (`train.bench.step.peak_bytes`).
+the jitted training step (`train.bench.compiled.training_step`). Steps are timed in rounds
+(`vera_jax.timing.time_in_rounds`); peak memory is XLA's compiled figure (`train.bench.compiled.peak_bytes`).
 """
 
 from __future__ import annotations
 
 import statistics
-import time
-
-import jax
-import optax
 
 import vera_jax
-from train.engine import steps
+from train.bench.compiled import training_step
 from train.models.load import load_causal_lm
 from train.models.nnx_llama import DEFAULT_SCAN_REMAT, SCAN_REMAT
+from vera_jax.timing import time_in_rounds
 
 __all__ = ["compile_table", "print_table", "FORMS", "PATHS"]
 
@@ -29,28 +26,7 @@ FORMS = {"listed": ("nnx-listed", DEFAULT_SCAN_REMAT)} | {
 PATHS = ("merged", "activation")
 
 
-class _Compiled:
-    """One compiled, donated training step of an NNX model and the state it carries."""
-
-    def __init__(self, model, adapter: vera_jax.Adapter, path: str, batch, peak_bytes):
-        tx = optax.adam(1e-3)
-        step = jax.jit(steps.make_train_step(model.vera_logits(path, adapter.config), tx, "causal-lm"),
-                       donate_argnums=(0, 1))
-        adapter = jax.tree.map(lambda leaf: leaf.copy(), adapter)  # its own buffers: the step donates them
-        self.state = (adapter, tx.init(adapter.trainable))
-        self.params, self.batch = model.params, batch
-        started = time.perf_counter()
-        self.step = step.lower(*self.state, self.params, batch, None).compile()
-        self.compile_seconds = time.perf_counter() - started
-        self.peak_bytes = peak_bytes(self.step)
-
-    def __call__(self) -> None:
-        adapter, opt_state, loss = self.step(*self.state, self.params, self.batch, None)
-        loss.block_until_ready()
-        self.state = (adapter, opt_state)
-
-
-def compile_table(args, batch, time_in_rounds, peak_bytes) -> dict:
+def compile_table(args, batch) -> dict:
     """``{form: {"merged"|"activation": {"compile_seconds", "median_step_seconds", "peak_bytes"}}}`` for each
     of `FORMS`, plus the ratios ``scanned_compile_speedup`` (listed compile / scanned compile, per path) and
     ``scanned_step_ratio`` (scanned step / listed step) of the default scanned form."""
@@ -61,7 +37,8 @@ def compile_table(args, batch, time_in_rounds, peak_bytes) -> dict:
         config = vera_jax.VeraConfig(r=args.r, target_modules=tuple(args.targets), kernel_axes=model.kernel_axes)
         adapter = vera_jax.init_adapter(model.params, config)
         for path in PATHS:
-            variants[(form, path)] = _Compiled(model, adapter, path, batch, peak_bytes)
+            variants[(form, path)] = training_step(model.vera_logits(path, config), adapter, model.params, batch,
+                                                   "causal-lm", dropout=False)
     times = time_in_rounds({f"{form}/{path}": variant for (form, path), variant in variants.items()}, args.steps,
                            args.warmup, args.settle)
     table = {form: {path: {"compile_seconds": variants[(form, path)].compile_seconds,

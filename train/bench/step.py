@@ -3,31 +3,28 @@
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import platform
-import random
 import statistics
-import time
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import struct
 
 import vera_jax
 from train.bench import job, startup
 from train.bench import nnx as nnx_bench
+from train.bench.compiled import training_step
 from train.bench_flags import WORKLOADS, BenchError
-from train.engine import steps
 from train.engine.metrics import write_json
 from train.models.load import lacks_torch_weights, load_causal_lm, load_classifier, model_source
 from vera_jax.intercept import intercept_layers
 from vera_jax.paths import flatten, module_paths, split_leaf
+from vera_jax.timing import time_in_rounds
 
-__all__ = ["command", "bench", "time_in_rounds", "peak_bytes", "FloorScale"]
+__all__ = ["command", "bench", "FloorScale"]
 
 VERA_VARIANTS = ("merged", "activation", "activation-lean", "auto")
 EMBEDDING_MODULES = ("embeddings", "embed_tokens", "wte")  # BERT-likes, Llama-likes, GPT-2
@@ -57,7 +54,8 @@ def _embeddings_module(params) -> str:
 
 @struct.dataclass
 class FloorScale:
-    """The floor's trainable: a vector scaling the embedding output (a tiny struct for `steps.make_train_step`)."""
+    """The floor's trainable: a vector scaling the embedding output (a tiny struct for
+    `train.bench.compiled.training_step`)."""
 
     trainable: jax.Array
 
@@ -74,26 +72,6 @@ def _floor_logits(model, embeddings: str) -> Callable:
             return model.logits(params, batch, rng)
 
     return logits
-
-
-def time_in_rounds(runners: dict[str, Callable[[], None]], rounds: int, warmup: int = 1,
-                   settle: float = 0.0) -> dict[str, list[float]]:
-    """Seconds of each blocking call, timed in rounds: one call of every runner per round, in a shuffled
-    order, so that machine noise falls on all of them alike. ``warmup`` untimed calls each come first."""
-    for runner in runners.values():
-        for _ in range(warmup):
-            runner()
-    times = {name: [] for name in runners}
-    order = random.Random(0)
-    for _ in range(rounds):
-        names = list(runners)
-        order.shuffle(names)  # no runner always runs right after the same other one
-        for name in names:
-            time.sleep(settle)  # PyTorch's OpenMP threads spin on after a step; let them idle first
-            start = time.perf_counter()
-            runners[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def dense_products(tokens: int, hidden: int, intermediate: int, rounds: int) -> dict:
@@ -114,38 +92,6 @@ def dense_products(tokens: int, hidden: int, intermediate: int, rounds: int) -> 
     median = {name: statistics.median(t) for name, t in time_in_rounds(runners, max(rounds, 20), warmup=3).items()}
     ratios = [median[f"xla {m}x{k}x{n}"] / median[f"torch {m}x{k}x{n}"] for m, k, n in shapes]
     return {"shapes": shapes, "median_seconds": median, "torch_speedup": float(np.exp(np.mean(np.log(ratios))))}
-
-
-def peak_bytes(compiled) -> int | None:
-    analysis = compiled.memory_analysis()
-    if analysis is None:
-        return None
-    return int(analysis.temp_size_in_bytes + analysis.argument_size_in_bytes + analysis.output_size_in_bytes
-               - analysis.alias_size_in_bytes)
-
-
-class _JaxVariant:
-    """One jitted, donated training step and the state it carries from call to call.
-
-    With ``dropout`` the model runs in training mode, a fresh dropout key each step; without, in eval mode.
-    """
-
-    def __init__(self, logits_fn, adapter, params, batch, task: str, dropout: bool):
-        self.tx = optax.adam(1e-3)
-        self.step = jax.jit(steps.make_train_step(logits_fn, self.tx, task), donate_argnums=(0, 1))
-        adapter = jax.tree.map(jnp.copy, adapter)  # its own buffers: the step donates them
-        self.state = (adapter, self.tx.init(adapter.trainable))
-        self.params, self.batch = params, batch
-        self.keys = (jax.random.fold_in(jax.random.key(0), i) for i in itertools.count()) if dropout else None
-        self.peak_bytes = peak_bytes(self.step.lower(*self.state, params, batch, self._key()).compile())
-
-    def _key(self) -> jax.Array | None:
-        return None if self.keys is None else next(self.keys)
-
-    def __call__(self) -> None:
-        adapter, opt_state, loss = self.step(*self.state, self.params, self.batch, self._key())
-        loss.block_until_ready()
-        self.state = (adapter, opt_state)
 
 
 class _PeftVariant:
@@ -203,11 +149,11 @@ def bench(args: argparse.Namespace) -> dict:
     dropout = not args.no_dropout
     variants = {}
     for name in VERA_VARIANTS:
-        variants[name] = _JaxVariant(model.vera_logits(plan if name == "auto" else name, config), adapter, params,
-                                     device_batch, args.task, dropout)
+        variants[name] = training_step(model.vera_logits(plan if name == "auto" else name, config), adapter, params,
+                                       device_batch, args.task, dropout=dropout)
     scale = FloorScale(jnp.zeros((model.config.hidden_size,), jnp.float32))
-    variants["floor"] = _JaxVariant(_floor_logits(model, _embeddings_module(params)), scale, params, device_batch,
-                                    args.task, dropout)
+    variants["floor"] = training_step(_floor_logits(model, _embeddings_module(params)), scale, params, device_batch,
+                                      args.task, dropout=dropout)
     if not args.no_peft:
         try:
             source = model_source(args.model)
@@ -245,7 +191,7 @@ def bench(args: argparse.Namespace) -> dict:
         if model.config.model_type != "llama":
             print(f"NNX table skipped: the NNX backend runs Llama models, not {model.config.model_type!r}")
         else:
-            results["nnx"] = nnx_bench.compile_table(args, device_batch, time_in_rounds, peak_bytes)
+            results["nnx"] = nnx_bench.compile_table(args, device_batch)
             nnx_bench.print_table(results["nnx"], model.config.num_hidden_layers)
     if args.json:
         write_json(args.json, results)

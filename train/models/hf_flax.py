@@ -56,6 +56,15 @@ class HfFlaxModel:
 
         return logits
 
+    def mixed_logits(self, config: vera_jax.VeraConfig):
+        """Through `vera_jax.adapt_mixed` (``config`` is the stack's own)."""
+        del config
+
+        def logits(params, stacked, adapter_ids, batch):
+            return vera_jax.adapt_mixed(lambda p: self.logits(p, batch, None), stacked, adapter_ids)(params)
+
+        return logits
+
     def hoists_merge(self, path: str | vera_jax.PathPlan) -> bool:
         return isinstance(path, str) and path == "merged"
 

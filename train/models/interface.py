@@ -11,9 +11,10 @@ import jax
 
 import vera_jax
 
-__all__ = ["Model", "CausalLM", "Logits"]
+__all__ = ["Model", "CausalLM", "Logits", "MixedLogits"]
 
 Logits = Callable[[dict, vera_jax.Adapter, dict, "jax.Array | None"], jax.Array]  # (params, adapter, batch, rng)
+MixedLogits = Callable[[dict, vera_jax.Adapter, jax.Array, dict], jax.Array]  # (params, stacked, adapter_ids, batch)
 
 
 class Model(Protocol):
@@ -44,6 +45,11 @@ class Model(Protocol):
     def vera_logits(self, path: str | vera_jax.PathPlan, config: vera_jax.VeraConfig) -> Logits:
         """``logits(params, adapter, batch, rng)``: the model adapted with ``config``, its layers on ``path`` (a path
         of `vera_jax.adapt` or a `vera_jax.PathPlan`); leaves in ``config.modules_to_save`` are trained in full."""
+
+    def mixed_logits(self, config: vera_jax.VeraConfig) -> MixedLogits:
+        """``logits(params, stacked, adapter_ids, batch)``: serving many adapters in one batch, the model in eval mode
+        with example i adapted by adapter ``adapter_ids[i]`` (batch,) of ``stacked`` (`vera_jax.stack` of adapters of
+        ``config``), on the activation path; row i equals ``vera_logits("activation", config)`` with that adapter."""
 
     def hoists_merge(self, path: str | vera_jax.PathPlan) -> bool:
         """Whether a run may merge once a step and differentiate the merged kernels

@@ -61,9 +61,7 @@ class NnxCausalLM:
 
     def module(self, params) -> nnx_llama.LlamaForCausalLM:
         """The NNX model holding ``params`` (its own variables; nothing is copied eagerly under jit)."""
-        state = jax.tree.map(lambda leaf: leaf, self._state)
-        nnx.replace_by_pure_dict(state, params)
-        return nnx.merge(self.graphdef, state)
+        return _holding(self.graphdef, self._state, params)
 
     def __call__(self, input_ids, attention_mask=None, params=None, train: bool = False, dropout_rng=None) -> Output:
         del train, dropout_rng  # the Llama has no dropout
@@ -81,6 +79,18 @@ class NnxCausalLM:
         def logits(params, adapter, batch, rng):
             del rng  # no dropout on NNX models
             return call(params, adapter, batch["input_ids"], batch["attention_mask"])
+
+        return logits
+
+    def mixed_logits(self, config: vera_jax.VeraConfig) -> Callable:
+        """Through `vera_jax.nnx.mixed` on a template adapted with ``config``, whose own vectors and A/B are never
+        read (the stack's are)."""
+        graphdef, state = nnx.split(vera_jax.nnx.attach(self.module(self.params), config, path="activation"))
+
+        def logits(params, stacked, adapter_ids, batch):
+            adapted = _holding(graphdef, state, params)
+            with vera_jax.nnx.mixed(adapted, stacked, adapter_ids):
+                return adapted(batch["input_ids"], batch["attention_mask"])
 
         return logits
 
@@ -116,6 +126,13 @@ class NnxCausalLM:
             ids, mask, done = step(self, params, ids, mask, done, position, pad_token_id,
                                    -1 if eos_token_id is None else eos_token_id)
         return Generated(ids)
+
+
+def _holding(graphdef: nnx.GraphDef, state: nnx.State, params: dict) -> nnx.Module:
+    """The module of ``graphdef`` and ``state`` with ``params`` (a pure dict) in place of the values it names."""
+    state = jax.tree.map(lambda leaf: leaf, state)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
 
 
 def _greedy_step(model: NnxCausalLM, params, ids, mask, done, position, pad_id, eos_id):
