@@ -9,7 +9,7 @@ import jax
 
 from vera_jax.adapter import Adapter
 from vera_jax.config import VeraConfig
-from vera_jax.layers import LAMBDA_B, LAMBDA_D, VECTOR_NAMES, AdaptedLayer, find_full_leaves, find_layers, trained_vectors
+from vera_jax.layers import VECTOR_NAMES, AdaptedLayer, find_full_leaves, find_layers, trained_vectors
 from vera_jax.paths import flatten
 
 __all__ = ["count_parameters", "parameter_report", "layer_table"]

@@ -204,8 +204,8 @@ def check_targets(options: Options, shapes: dict, axes: tuple[tuple[str, str], .
     ``shapes`` (shapes only: checked before the weights load)."""
     config = vera_config(options, axes)
     try:
-        find_layers(shapes, config)
-        find_full_leaves(shapes, config)
+        layers = find_layers(shapes, config)
+        find_full_leaves(shapes, config, layers=layers)
     except ValueError as err:
         raise _misfit(options, shapes, err) from None
 
