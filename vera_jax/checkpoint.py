@@ -13,13 +13,15 @@ beside its place and swapped in (`vera_jax.atomic`), so a crash never leaves hal
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
 import sys
+import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import jax
@@ -39,13 +41,14 @@ from vera_jax.projections import GENERATOR, Projections, init_projections
 from vera_jax.vectors import init_trainable
 
 __all__ = ["fingerprint", "projection_recipe", "projections_from_recipe", "base_record", "save", "restore",
-           "METADATA_FILE", "KIND", "drop_closed_loop_errors"]
+           "METADATA_FILE", "KIND", "closed_loop_errors_dropped"]
 
 METADATA_FILE = "vera_adapter.json"
 KIND = "checkpoint"  # the kind in the vera_jax manifest of a checkpoint directory
 TREE_DIR = "trainable"
 METADATA_CHECKSUM = "sha256"  # of the rest of vera_adapter.json, as `_json_digest` writes it
 BASE_SAMPLE = 64  # values per adapted kernel in the base's fingerprint, evenly spaced over its flat index
+SETTLE_SECONDS = 0.05  # how long a failed read lets tensorstore's threads end the reads Orbax left running
 
 
 def fingerprint(projections: Projections) -> str:
@@ -351,9 +354,9 @@ def _read_tree(directory: Path, target: dict, wanted: dict, recorded: bool) -> d
 
     ``recorded``: ``wanted`` matched the shapes ``vera_adapter.json`` records, so a tree of other shapes is damaged.
     """
-    drop_closed_loop_errors()  # a damaged tree's reads can end after Orbax closed its loop, while it still reads
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
+        # a damaged tree's reads can end after Orbax closed its loop
+        with closed_loop_errors_dropped(), ocp.StandardCheckpointer() as checkpointer:
             stored = checkpointer.metadata(directory / TREE_DIR)
             stored_tree = getattr(stored, "item_metadata", stored)
             stored_shapes = {jax.tree_util.keystr(k): list(v.shape)
@@ -373,17 +376,23 @@ def _read_tree(directory: Path, target: dict, wanted: dict, recorded: bool) -> d
                                f"{str(err)[:300]}); the adapter is damaged. Re-save it or use a backup.") from None
 
 
-def drop_closed_loop_errors() -> None:
-    """From here on, drop the "Event loop is closed" errors that Python would print, one traceback each, when
-    tensorstore's reads of a damaged checkpoint finish after Orbax gave up on it and closed its event loop (they can
-    come after the restore returns, so the hook stays)."""
+@contextlib.contextmanager
+def closed_loop_errors_dropped() -> Iterator[None]:
+    """Within, drop the "Event loop is closed" errors that Python would print, one traceback each, when tensorstore's
+    reads of a damaged checkpoint end after Orbax gave up on it and closed its event loop. Those reads end on
+    tensorstore's threads once they get the GIL, also after the error: an error out of the scope first waits
+    `SETTLE_SECONDS` for them, then the previous hook is back."""
     previous = sys.unraisablehook
-    if getattr(previous, "drops_closed_loop_errors", False):
-        return
 
     def hook(unraisable):
         if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
             previous(unraisable)
 
-    hook.drops_closed_loop_errors = True
     sys.unraisablehook = hook
+    try:
+        yield
+    except BaseException:
+        time.sleep(SETTLE_SECONDS)
+        raise
+    finally:
+        sys.unraisablehook = previous

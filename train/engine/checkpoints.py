@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from vera_jax.atomic import write_error
-from vera_jax.checkpoint import drop_closed_loop_errors
+from vera_jax.checkpoint import closed_loop_errors_dropped
 
 __all__ = ["RunCheckpoints", "CheckpointMismatch", "CheckpointDamaged"]
 
@@ -107,7 +107,6 @@ class RunCheckpoints:
                 damaged.append((step, err))
                 continue
             self._check_matches(step, meta, expected_meta)
-            drop_closed_loop_errors()
             try:
                 state = self._read_state(step, abstract_state, meta)
             except Exception as err:
@@ -138,7 +137,8 @@ class RunCheckpoints:
             return
 
     def _read_meta(self, step: int) -> dict:
-        meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        with closed_loop_errors_dropped():  # a damaged step's reads can end after Orbax closed its loop
+            meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         if not isinstance(meta, dict):
             raise ValueError(f"its meta is {type(meta).__name__}, not an object")
         meta = dict(meta)
@@ -157,8 +157,9 @@ class RunCheckpoints:
                 )
 
     def _read_state(self, step: int, abstract_state: dict, meta: dict) -> dict:
-        state = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state)))["state"]
+        with closed_loop_errors_dropped():  # a damaged step's reads can end after Orbax closed its loop
+            state = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state)))["state"]
         sums, stored = _tensor_sums(state), meta.get(SUMS_KEY) or {}
         differing = sorted(path for path in sums.keys() | stored.keys() if sums.get(path) != stored.get(path))
         if differing:
