@@ -11,24 +11,22 @@ steps again.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
 import time
 from pathlib import Path
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from vera_jax.atomic import write_error
 from vera_jax.checkpoint import closed_loop_errors_dropped
+from vera_jax.checksums import canonical_json_sha256, tensor_records
 
 __all__ = ["RunCheckpoints", "CheckpointMismatch", "CheckpointDamaged"]
 
 SUMS_KEY = "tensor_sha256"  # the meta entry of the state's sums: {tensor path: sha256 of its bytes}
-META_SUM_KEY = "meta_sha256"  # the sha256 of the rest of the meta, as `_meta_sum` writes it
+META_SUM_KEY = "meta_sha256"  # the sha256 of the rest of the meta, as `canonical_json_sha256` writes it
 _FIXES = {"data": "the dataset files it was trained on"}  # how to resume, by meta entry; else the same settings
 
 
@@ -42,18 +40,7 @@ class CheckpointDamaged(CheckpointMismatch):
 
 def _tensor_sums(state: dict) -> dict[str, str]:
     """The sha256 of each tensor of a (replicated) state, by its path in the tree."""
-    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
-    return {jax.tree_util.keystr(path): hashlib.sha256(np.ascontiguousarray(_host(x)).tobytes()).hexdigest()
-            for path, x in leaves}
-
-
-def _meta_sum(meta: dict) -> str:
-    """sha256 of ``meta`` as canonical JSON (sorted keys, no spaces)."""
-    return hashlib.sha256(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def _host(x) -> np.ndarray:
-    return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
+    return {path: record["sha256"] for path, record in tensor_records(state).items()}
 
 
 class RunCheckpoints:
@@ -80,7 +67,7 @@ class RunCheckpoints:
           WriteError: the file system refused the write (no space, read-only); the earlier steps are whole.
         """
         meta = {**meta, SUMS_KEY: _tensor_sums(state)}
-        meta[META_SUM_KEY] = _meta_sum(meta)
+        meta[META_SUM_KEY] = canonical_json_sha256(meta)
         try:
             self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                              meta=ocp.args.JsonSave(meta)))
@@ -142,7 +129,7 @@ class RunCheckpoints:
         if not isinstance(meta, dict):
             raise ValueError(f"its meta is {type(meta).__name__}, not an object")
         meta = dict(meta)
-        if meta.pop(META_SUM_KEY, None) != _meta_sum(meta):
+        if meta.pop(META_SUM_KEY, None) != canonical_json_sha256(meta):
             raise ValueError("its meta does not match its sha256")
         return meta
 

@@ -36,11 +36,12 @@ from train.options import RESUME_KEYS, Options, vera_config
 from vera_jax import atomic
 from vera_jax import checkpoint as adapter_checkpoint
 from vera_jax import peft as vera_peft
+from vera_jax.host import to_host
 from vera_jax.layers import find_full_leaves, find_layers
 from vera_jax.paths import SEP, flatten
 
 __all__ = ["Prepared", "Run", "Context", "RunError", "TrainingDiverged", "start", "init_distributed", "output_dir",
-           "place", "to_host", "global_batch", "group_count", "train_groups", "fit", "evaluate", "all_finite",
+           "place", "global_batch", "group_count", "train_groups", "fit", "evaluate", "all_finite",
            "learning_rate_flags", "count_steps", "model_config", "vera_setup", "check_targets", "resolve_path",
            "dropout_key", "step_key", "save_adapters", "publish", "DROPOUT_STREAM", "locked_run"]
 
@@ -328,11 +329,6 @@ def output_dir(path: str) -> Path:
     except OSError as err:
         raise RunError(f"Cannot write to --output-dir {out}: {err.strerror}. Choose a writable directory.") from None
     return out
-
-
-def to_host(tree):
-    """Host (numpy) copies of a tree's arrays; a replicated global array gives this process's copy."""
-    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x, tree)
 
 
 def place(tree, sharding):

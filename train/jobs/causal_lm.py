@@ -25,10 +25,10 @@ from train.engine import chat_data
 from train.engine import data as data_lib
 from train.engine import steps
 from train.engine.metrics import directory_bytes
-from train.engine.runner import (Prepared, RunError, evaluate, fit, locked_run, publish, save_adapters,
-                                 start, to_host)
+from train.engine.runner import Prepared, RunError, evaluate, fit, locked_run, publish, save_adapters, start
 from train.models.load import check_positions, check_source, load_causal_lm
 from train.options import CAUSAL_LM, CAUSAL_LM_DEFAULTS, Options, add_options, from_args
+from vera_jax.host import to_host
 
 __all__ = ["run", "prepare", "add_arguments", "command", "lora_parameters"]
 
