@@ -4,6 +4,8 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import sys
+import time
 import warnings
 
 import jax
@@ -162,6 +164,24 @@ def test_stored_tensors_are_checked_against_their_checksums(bert, tmp_path):
     with pytest.raises(vera_jax.AdapterFileError, match=r"adapter/trainable: tensor \['trainable'\].* does not "
                        "match its checksum in vera_adapter.json; the adapter is damaged"):
         checkpoint.restore(tmp_path / "adapter", bert.params)
+
+
+def test_a_restore_puts_the_unraisable_hook_back_and_keeps_closed_loop_errors_from_it(bert, tmp_path, monkeypatch):
+    """A restore, sound or damaged, leaves ``sys.unraisablehook`` as it found it; the "Event loop is closed" errors of a
+    damaged tree's reads, which Orbax leaves running, never reach it."""
+    reported = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: reported.append(str(unraisable.exc_value)))
+    hook = sys.unraisablehook
+    _save(bert, tmp_path / "adapter")
+    checkpoint.restore(tmp_path / "adapter", bert.params)
+    assert sys.unraisablehook is hook
+    for array_metadata in (tmp_path / "adapter" / "trainable" / "array_metadatas").iterdir():
+        array_metadata.write_bytes(array_metadata.read_bytes()[:10])  # its tensors' reads start, then fail
+    with pytest.raises(vera_jax.AdapterFileError, match=r"trainable cannot be read .*the adapter is damaged"):
+        checkpoint.restore(tmp_path / "adapter", bert.params)
+    assert sys.unraisablehook is hook
+    time.sleep(0.5)  # tensorstore's threads, holding the reads Orbax left running, take the GIL meanwhile
+    assert "Event loop is closed" not in reported
 
 
 def test_the_recorded_base_tells_another_base(bert, tmp_path):

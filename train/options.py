@@ -19,6 +19,7 @@ from pathlib import Path
 
 import vera_jax
 from vera_jax import config as vera_config_lib
+from vera_jax.plan import NNX_PATHS
 
 __all__ = ["Options", "DataOptions", "ModelOptions", "OptimOptions", "RunOptions", "FLAG_FIELDS", "FlagError",
            "RESUME_KEYS", "CAUSAL_LM_DEFAULTS", "PATHS", "SCHEDULES", "add_options",
@@ -26,7 +27,6 @@ __all__ = ["Options", "DataOptions", "ModelOptions", "OptimOptions", "RunOptions
            "non_negative_float", "seed_int", "Parser"]
 
 BACKENDS = ("nnx", "nnx-listed", "linen")  # causal LM implementations; NNX runs Llama-architecture models
-NNX_PATHS = ("merged", "activation")
 SCAN_REMATS = ("dots", "full", "none")  # the keys of train.models.nnx_llama.SCAN_REMAT, its default first
 PATHS = (*vera_jax.plan.PATHS, "auto")  # how adapted layers run; 'auto' times a whole step of each and picks
 SCHEDULES = ("linear", "cosine", "constant")

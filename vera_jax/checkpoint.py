@@ -13,13 +13,14 @@ beside its place and swapped in (`vera_jax.atomic`), so a crash never leaves hal
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import hashlib
 import json
 import os
 import sys
+import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import jax
@@ -31,29 +32,29 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from vera_jax.adapter import STORED, Adapter, layer_vectors
 from vera_jax.atomic import discard, publish, read_stable, recover, stage, target_path, write_error
+from vera_jax.checksums import canonical_json, canonical_json_sha256, tensor_records, tensor_sha256
 from vera_jax.config import VeraConfig
 from vera_jax.errors import AdapterFileError
+from vera_jax.host import to_host
 from vera_jax.layers import AdaptedLayer, find_layers
 from vera_jax.paths import flatten
 from vera_jax.projections import GENERATOR, Projections, init_projections
 from vera_jax.vectors import init_trainable
 
 __all__ = ["fingerprint", "projection_recipe", "projections_from_recipe", "base_record", "save", "restore",
-           "METADATA_FILE", "KIND", "drop_closed_loop_errors"]
+           "METADATA_FILE", "KIND", "closed_loop_errors_dropped"]
 
 METADATA_FILE = "vera_adapter.json"
 KIND = "checkpoint"  # the kind in the vera_jax manifest of a checkpoint directory
 TREE_DIR = "trainable"
-METADATA_CHECKSUM = "sha256"  # of the rest of vera_adapter.json, as `_json_digest` writes it
+METADATA_CHECKSUM = "sha256"  # of the rest of vera_adapter.json, as `canonical_json_sha256` writes it
 BASE_SAMPLE = 64  # values per adapted kernel in the base's fingerprint, evenly spaced over its flat index
+SETTLE_SECONDS = 0.05  # how long a failed read lets tensorstore's threads end the reads Orbax left running
 
 
 def fingerprint(projections: Projections) -> str:
     """sha256 of A's then B's bytes (row-major, as stored)."""
-    digest = hashlib.sha256()
-    for matrix in (projections.A, projections.B):
-        digest.update(np.ascontiguousarray(jax.device_get(matrix)).tobytes())
-    return digest.hexdigest()
+    return tensor_sha256(*to_host((projections.A, projections.B)))
 
 
 def projection_recipe(adapter: Adapter) -> dict:
@@ -96,23 +97,6 @@ def projections_from_recipe(params: Mapping, recipe: Mapping, config: VeraConfig
     return projections
 
 
-def _host(value: jax.Array) -> np.ndarray:
-    """A leaf's values on this host, also when other processes hold parts of it (small trees only)."""
-    if isinstance(value, jax.Array) and not value.is_fully_addressable:
-        return np.asarray(multihost_utils.process_allgather(value, tiled=True))
-    return np.asarray(jax.device_get(value))
-
-
-def tensor_records(tree) -> dict[str, dict]:
-    """``{leaf path: {"shape", "dtype", "sha256"}}`` of every leaf of ``tree``, its bytes row-major."""
-    records = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        value = np.ascontiguousarray(_host(leaf))
-        records[jax.tree_util.keystr(path)] = {"shape": list(value.shape), "dtype": str(value.dtype),
-                                               "sha256": hashlib.sha256(value.tobytes()).hexdigest()}
-    return records
-
-
 def _kernel_sample(kernel: jax.Array) -> np.ndarray:
     """``BASE_SAMPLE`` values of ``kernel`` evenly spaced over its flat index, as float32."""
     indices = np.linspace(0, kernel.size - 1, BASE_SAMPLE).astype(np.int64)
@@ -130,11 +114,9 @@ def base_record(params: Mapping, layers: tuple[AdaptedLayer, ...]) -> dict:
       layers: the adapted layers of ``params``, ``find_layers(params, config)``.
     """
     flat = flatten(params)
-    digest, kernels = hashlib.sha256(), {}
-    for layer in layers:
-        kernels[layer.path] = list(layer.kernel_shape)
-        digest.update(_kernel_sample(flat[layer.kernel_path]).tobytes())
-    return {"kernels": kernels, "sample_sha256": digest.hexdigest()}
+    samples = [_kernel_sample(flat[layer.kernel_path]) for layer in layers]
+    return {"kernels": {layer.path: list(layer.kernel_shape) for layer in layers},
+            "sample_sha256": tensor_sha256(*samples)}
 
 
 def _stores_projections(adapter: Adapter) -> bool:
@@ -163,7 +145,7 @@ def save(directory: str | os.PathLike, adapter: Adapter, params: Mapping | None 
                 "tensors": tensor_records(tree)}
     if layers is not None:
         metadata["base"] = base_record(params, layers)
-    metadata[METADATA_CHECKSUM] = _json_digest(metadata)
+    metadata[METADATA_CHECKSUM] = canonical_json_sha256(metadata)
     primary = jax.process_index() == 0
     staging = _shared_staging(directory, overwrite)
     try:
@@ -171,7 +153,7 @@ def save(directory: str | os.PathLike, adapter: Adapter, params: Mapping | None 
             with _tree_writer() as checkpointer:
                 checkpointer.save(staging / TREE_DIR, args=ocp.args.StandardSave(tree))
             if primary:
-                (staging / METADATA_FILE).write_text(json.dumps(metadata, sort_keys=True, separators=(",", ":")))
+                (staging / METADATA_FILE).write_text(canonical_json(metadata))
         except OSError as err:  # no space, no permission: nothing was swapped yet
             raise write_error(directory, err) from None
         if primary:
@@ -219,11 +201,6 @@ def _stored_tree(adapter: Adapter) -> dict:
     return tree
 
 
-def _json_digest(metadata: dict) -> str:
-    """sha256 of ``metadata`` as canonical JSON (sorted keys, no spaces)."""
-    return hashlib.sha256(json.dumps(metadata, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
 def _metadata(directory: Path) -> dict:
     """``vera_adapter.json``, its fields checked for type (a damaged file is an `AdapterFileError`)."""
     path = directory / METADATA_FILE
@@ -232,7 +209,7 @@ def _metadata(directory: Path) -> dict:
     try:
         metadata = json.loads(path.read_text(encoding="utf-8"))
         checksum = metadata.pop(METADATA_CHECKSUM, None)  # files written before vera_jax checked them lack it
-        if checksum is not None and checksum != _json_digest(metadata):
+        if checksum is not None and checksum != canonical_json_sha256(metadata):
             raise AdapterFileError(f"{path} does not match its own checksum: it was edited or damaged. Re-save the "
                                    "adapter or use a backup.")
         config = VeraConfig.from_dict(metadata["config"])
@@ -357,9 +334,9 @@ def _read_tree(directory: Path, target: dict, wanted: dict, recorded: bool) -> d
 
     ``recorded``: ``wanted`` matched the shapes ``vera_adapter.json`` records, so a tree of other shapes is damaged.
     """
-    drop_closed_loop_errors()  # a damaged tree's reads can end after Orbax closed its loop, while it still reads
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
+        # a damaged tree's reads can end after Orbax closed its loop
+        with closed_loop_errors_dropped(), ocp.StandardCheckpointer() as checkpointer:
             stored = checkpointer.metadata(directory / TREE_DIR)
             stored_tree = getattr(stored, "item_metadata", stored)
             stored_shapes = {jax.tree_util.keystr(k): list(v.shape)
@@ -379,17 +356,23 @@ def _read_tree(directory: Path, target: dict, wanted: dict, recorded: bool) -> d
                                f"{str(err)[:300]}); the adapter is damaged. Re-save it or use a backup.") from None
 
 
-def drop_closed_loop_errors() -> None:
-    """From here on, drop the "Event loop is closed" errors that Python would print, one traceback each, when
-    tensorstore's reads of a damaged checkpoint finish after Orbax gave up on it and closed its event loop (they can
-    come after the restore returns, so the hook stays)."""
+@contextlib.contextmanager
+def closed_loop_errors_dropped() -> Iterator[None]:
+    """Within, drop the "Event loop is closed" errors that Python would print, one traceback each, when tensorstore's
+    reads of a damaged checkpoint end after Orbax gave up on it and closed its event loop. Those reads end on
+    tensorstore's threads once they get the GIL, also after the error: an error out of the scope first waits
+    `SETTLE_SECONDS` for them, then the previous hook is back."""
     previous = sys.unraisablehook
-    if getattr(previous, "drops_closed_loop_errors", False):
-        return
 
     def hook(unraisable):
         if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
             previous(unraisable)
 
-    hook.drops_closed_loop_errors = True
     sys.unraisablehook = hook
+    try:
+        yield
+    except BaseException:
+        time.sleep(SETTLE_SECONDS)
+        raise
+    finally:
+        sys.unraisablehook = previous

@@ -21,6 +21,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -30,7 +31,7 @@ from vera_jax.adapter import STORED, Adapter, layer_vectors
 from vera_jax.atomic import read_stable, staged_directory, target_path
 from vera_jax.config import VeraConfig
 from vera_jax.errors import AdapterFileError
-from vera_jax.layers import LAMBDA_B, LAMBDA_D, VECTOR_NAMES, find_layers, vector_module
+from vera_jax.layers import LAMBDA_B, LAMBDA_D, VECTOR_NAMES, AdaptedLayer, find_layers, vector_module
 from vera_jax.paths import SEP, flatten, module_paths, split_leaf, unflatten
 from vera_jax.projections import Projections, kaiming_uniform_bound, projection_shapes
 from vera_jax.tensor_files import tensor_checksums, write_safetensors
@@ -180,12 +181,40 @@ def load_adapter(directory: str | os.PathLike, params: Mapping, *, dtype: str = 
       AdapterFileError: anything wrong with the files or their fit to ``params``.
     """
     directory = Path(directory)
-    config_file, weights_file = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     peft_config, tensors = read_stable(directory, lambda: (_read_config(directory), _read_tensors(directory)))
     flat_params = flatten(params)
+    mapped = _map_tensors(directory / WEIGHTS_FILE, tensors, peft_config, flat_params, stacks)
+    config, layers = _vera_config(directory / CONFIG_FILE, peft_config, mapped, params, dtype=dtype, stacks=stacks,
+                                  kernel_axes=kernel_axes)
+    _check_fit(directory, peft_config, layers, mapped, flat_params, assumed_axes=kernel_axes is None)
+    a, b, generator = _projections(directory, tensors, peft_config, layers)
+    trainable = unflatten({p: jnp.asarray(v, dtype) for p, v in mapped.vectors.items()} |
+                          {p: jnp.asarray(v, flat_params[p].dtype) for p, v in mapped.head.items()})
+    adapter = Adapter(trainable=trainable, projections=Projections(A=jnp.asarray(a, dtype), B=jnp.asarray(b, dtype)),
+                      config=config, generator=generator)
+    try:
+        layer_vectors(params, adapter, layers=layers)
+    except ValueError as err:
+        fix = "Check fan_in_fan_out (true for GPT-2's Conv1D layers)"
+        raise _fail(directory / WEIGHTS_FILE, "vera_lambda_b", str(err), fix) from None
+    return adapter
+
+
+class _Mapped(NamedTuple):
+    """A PEFT file's tensors under vera_jax's '/'-joined paths."""
+
+    vectors: dict[str, np.ndarray]  # lambda_d / lambda_b by path; a stack's per-layer rows stacked, layer first
+    head: dict[str, np.ndarray]  # modules_to_save leaves by path, in Flax layout
+    head_modules: set[str]  # the modules the head leaves belong to
+    stacked_rows: dict[str, int]  # the vectors stacked from per-layer rows: how many rows each
+
+
+def _map_tensors(file: Path, tensors: Mapping[str, np.ndarray], peft_config: dict, flat_params: Mapping,
+                 stacks: Sequence[str]) -> _Mapped:
+    """PEFT's names (``base_model.model.<module>.<leaf>``) to the modules of ``flat_params``, vectors checked
+    against ``r`` and head leaves converted to the Flax layout of the leaves they replace; A and B are left out."""
     modules = set(module_paths(flat_params))
     r = peft_config["r"]
-
     vectors, head, head_modules, stacked_rows = {}, {}, set(), {}
     for key, value in tensors.items():
         if key in (A_KEY, B_KEY):
@@ -194,16 +223,16 @@ def load_adapter(directory: str | os.PathLike, params: Mapping, *, dtype: str = 
         wrapped = _saved_module(module, peft_config["modules_to_save"])
         module, index = hf.split_layer_index(module, stacks) if leaf in VECTOR_NAMES else (module, None)
         if not key.startswith(MODEL_PREFIX) or not module or (leaf not in VECTOR_NAMES and wrapped is None):
-            raise _fail(weights_file, key, "unexpected key for a VeRA adapter", "Remove it or re-save the adapter")
+            raise _fail(file, key, "unexpected key for a VeRA adapter", "Remove it or re-save the adapter")
         path = hf.resolve_module(module, modules)
         if path is None:
-            raise _fail(weights_file, key, f"names module {module!r}, which these params do not have",
+            raise _fail(file, key, f"names module {module!r}, which these params do not have",
                         "Load the adapter onto the model it was trained for (into a stack of its layers: pass "
                         "stacks=(the stack's path,), e.g. ('model/layers',))")
         if leaf in VECTOR_NAMES:
             expected = (r,) if leaf == LAMBDA_D else value.shape
             if value.ndim != 1 or value.shape != expected:
-                raise _fail(weights_file, key, f"has shape {value.shape}, but r={r} in {CONFIG_FILE} needs ({r},)"
+                raise _fail(file, key, f"has shape {value.shape}, but r={r} in {CONFIG_FILE} needs ({r},)"
                             if leaf == LAMBDA_D else f"has shape {value.shape}, not a vector",
                             "Use the adapter_config.json saved with these tensors")
             if index is None:
@@ -215,9 +244,9 @@ def load_adapter(directory: str | os.PathLike, params: Mapping, *, dtype: str = 
         try:
             name, converted = hf.to_flax_leaf(module_params, leaf, value)
         except KeyError as err:
-            raise _fail(weights_file, key, str(err), "Load the adapter onto the model it was trained for") from None
+            raise _fail(file, key, str(err), "Load the adapter onto the model it was trained for") from None
         if converted.shape != tuple(module_params[name].shape):
-            raise _fail(weights_file, key, f"has shape {value.shape}, which does not fit {path}/{name} "
+            raise _fail(file, key, f"has shape {value.shape}, which does not fit {path}/{name} "
                         f"{tuple(module_params[name].shape)}", "Load the adapter onto a model with the same head")
         head[path + SEP + name] = converted
         head_modules.add(hf.resolve_module(wrapped, modules) or path)
@@ -225,42 +254,62 @@ def load_adapter(directory: str | os.PathLike, params: Mapping, *, dtype: str = 
     for path, rows in stacked_rows.items():
         shapes = sorted({row.shape for row in rows.values()})
         if sorted(rows) != list(range(len(rows))) or path in vectors or len(shapes) != 1:
-            raise _fail(weights_file, f"{hf.torch_name(path)} (per layer)", f"has layers {sorted(rows)[:8]} of "
+            raise _fail(file, f"{hf.torch_name(path)} (per layer)", f"has layers {sorted(rows)[:8]} of "
                         f"shapes {shapes[:3]}" + (" and an unstacked copy" if path in vectors else ""),
                         "Write every layer of the stack once, numbered from 0, each of one shape")
         vectors[path] = np.stack([rows[index] for index in range(len(rows))])
-    vector_layers = sorted({vector_module(p) for p in vectors})
+    return _Mapped(vectors, head, head_modules, {path: len(rows) for path, rows in stacked_rows.items()})
+
+
+def _vera_config(file: Path, peft_config: dict, mapped: _Mapped, params: Mapping, *, dtype: str,
+                 stacks: Sequence[str], kernel_axes: Sequence[tuple[str, str]] | None
+                 ) -> tuple[VeraConfig, list[AdaptedLayer]]:
+    """The `VeraConfig` of PEFT's config and the mapped tensors, and the layers of ``params`` it adapts."""
     targets = peft_config["target_modules"]
     if isinstance(targets, list):  # a stack's per-layer names are the stack's one module
         targets = tuple(dict.fromkeys(hf.flax_path(hf.split_layer_index(t, stacks)[0]) for t in targets))
     else:
-        targets = "|".join(vector_layers)
+        targets = "|".join(sorted({vector_module(p) for p in mapped.vectors}))
     try:
-        config = VeraConfig(r=r, target_modules=targets, d_initial=peft_config["d_initial"],
+        config = VeraConfig(r=peft_config["r"], target_modules=targets, d_initial=peft_config["d_initial"],
                             dropout=peft_config["vera_dropout"], projection_seed=peft_config["projection_prng_key"],
-                            save_projection=peft_config["save_projection"], modules_to_save=tuple(sorted(head_modules)),
-                            dtype=dtype, kernel_axes=_stack_axes(stacks) if kernel_axes is None else kernel_axes)
-        layers = find_layers(params, config)
+                            save_projection=peft_config["save_projection"],
+                            modules_to_save=tuple(sorted(mapped.head_modules)), dtype=dtype,
+                            kernel_axes=_stack_axes(stacks) if kernel_axes is None else kernel_axes)
+        return config, find_layers(params, config)
     except ValueError as err:
-        raise _fail(config_file, "target_modules", str(err), "Load the adapter onto the model it was trained for") \
-            from None
-    _check_fan_in_fan_out(config_file, peft_config["fan_in_fan_out"], layers, assumed=kernel_axes is None)
-    _check_saved_modules(weights_file, peft_config["modules_to_save"], flat_params, head)
+        raise _fail(file, "target_modules", str(err), "Load the adapter onto the model it was trained for") from None
+
+
+def _check_fit(directory: Path, peft_config: dict, layers: list[AdaptedLayer], mapped: _Mapped, flat_params: Mapping,
+               *, assumed_axes: bool) -> None:
+    """The mapped tensors fit the ``layers`` of the base: its kernel layouts, its saved modules whole, a stack's
+    layer count, and vectors for exactly the layers ``target_modules`` selects."""
+    weights_file = directory / WEIGHTS_FILE
+    _check_fan_in_fan_out(directory / CONFIG_FILE, peft_config["fan_in_fan_out"], layers, assumed=assumed_axes)
+    _check_saved_modules(weights_file, peft_config["modules_to_save"], flat_params, mapped.head)
     for layer in layers:
-        rows = {len(stacked_rows[key]) for key in (layer.path + SEP + name for name in VECTOR_NAMES)
-                if key in stacked_rows}
+        rows = {mapped.stacked_rows[key] for key in (layer.path + SEP + name for name in VECTOR_NAMES)
+                if key in mapped.stacked_rows}
         if rows and rows != {layer.layers}:
             raise _fail(weights_file, f"{hf.torch_name(layer.path)} (per layer)", f"has {sorted(rows)} layers, but "
                         f"the stack in these params has {layer.layers}", "Load the adapter onto the model it was "
                         "trained for, with every layer of the stack written")
+    vector_layers = sorted({vector_module(p) for p in mapped.vectors})
     missing = sorted({layer.path for layer in layers} - set(vector_layers))
     extra = sorted(set(vector_layers) - {layer.path for layer in layers})
-    incomplete = sorted(p for p in vector_layers if {p + SEP + n for n in VECTOR_NAMES} - set(vectors))
+    incomplete = sorted(p for p in vector_layers if {p + SEP + n for n in VECTOR_NAMES} - set(mapped.vectors))
     if missing or extra or incomplete:
         raise _fail(weights_file, "vera_lambda_*", f"vectors missing for {missing[:4] + incomplete[:4]}, "
                     f"or present for layers target_modules does not select {extra[:4]}",
                     "Use the adapter_config.json saved with these tensors")
 
+
+def _projections(directory: Path, tensors: Mapping[str, np.ndarray], peft_config: dict,
+                 layers: list[AdaptedLayer]) -> tuple[np.ndarray, np.ndarray, str]:
+    """A, B and their generator: the file's, checked to cover ``layers``, or drawn from ``projection_prng_key``
+    with torch's CPU generator as PEFT draws them."""
+    weights_file, r = directory / WEIGHTS_FILE, peft_config["r"]
     (_, in_max), (out_max, _) = projection_shapes(layers, r)
     if (A_KEY in tensors) != (B_KEY in tensors):
         raise _fail(weights_file, A_KEY if B_KEY in tensors else B_KEY, "missing while its partner is present",
@@ -268,27 +317,17 @@ def load_adapter(directory: str | os.PathLike, params: Mapping, *, dtype: str = 
     if peft_config["save_projection"] and A_KEY not in tensors:
         raise _fail(weights_file, f"{A_KEY}, {B_KEY}", f"missing, but {CONFIG_FILE} says save_projection: true "
                     "(PEFT refuses this file too)", "Re-save the adapter with its projections")
-    generator = STORED if A_KEY in tensors else TORCH_GENERATOR
-    if A_KEY in tensors:
-        a, b = tensors[A_KEY], tensors[B_KEY]
-        if a.ndim != 2 or a.shape[0] != r or a.shape[1] < in_max:
-            raise _fail(weights_file, A_KEY, f"has shape {a.shape}; r={r} and these layers need ({r}, >={in_max})",
-                        "Use the adapter_config.json saved with these tensors, on the same model")
-        if b.ndim != 2 or b.shape[1] != r or b.shape[0] < out_max:
-            raise _fail(weights_file, B_KEY, f"has shape {b.shape}; r={r} and these layers need (>={out_max}, {r})",
-                        "Use the adapter_config.json saved with these tensors, on the same model")
-    else:
-        a, b = _peft_projections(config.projection_seed, r, in_max, out_max, config_file)
-    trainable = unflatten({p: jnp.asarray(v, dtype) for p, v in vectors.items()} |
-                          {p: jnp.asarray(v, flat_params[p].dtype) for p, v in head.items()})
-    adapter = Adapter(trainable=trainable, projections=Projections(A=jnp.asarray(a, dtype), B=jnp.asarray(b, dtype)),
-                      config=config, generator=generator)
-    try:
-        layer_vectors(params, adapter, layers=layers)
-    except ValueError as err:
-        fix = "Check fan_in_fan_out (true for GPT-2's Conv1D layers)"
-        raise _fail(weights_file, "vera_lambda_b", str(err), fix) from None
-    return adapter
+    if A_KEY not in tensors:
+        a, b = _peft_projections(peft_config["projection_prng_key"], r, in_max, out_max, directory / CONFIG_FILE)
+        return a, b, TORCH_GENERATOR
+    a, b = tensors[A_KEY], tensors[B_KEY]
+    if a.ndim != 2 or a.shape[0] != r or a.shape[1] < in_max:
+        raise _fail(weights_file, A_KEY, f"has shape {a.shape}; r={r} and these layers need ({r}, >={in_max})",
+                    "Use the adapter_config.json saved with these tensors, on the same model")
+    if b.ndim != 2 or b.shape[1] != r or b.shape[0] < out_max:
+        raise _fail(weights_file, B_KEY, f"has shape {b.shape}; r={r} and these layers need (>={out_max}, {r})",
+                    "Use the adapter_config.json saved with these tensors, on the same model")
+    return a, b, STORED
 
 
 def _stack_axes(stacks: Sequence[str]) -> list[tuple[str, str]]:
@@ -305,9 +344,9 @@ def _check_fan_in_fan_out(file: Path, fan_in_fan_out: bool, layers, assumed: boo
             kind = "(out, in), as Flax GPT-2's Conv1D" if roles == "oi" else "(in, out), as Flax Dense / nn.Linear"
             how = (f"no kernel_axes were given, so {layer.path}'s kernel was taken as {kind}" if assumed else
                    f"the kernel_axes given say {layer.path}'s kernel is {kind}")
-            raise _fail(file, "fan_in_fan_out", f"is {str(fan_in_fan_out).lower()}, but {how}", "Pass the model's kernel_axes to load_adapter (((\".*\", \"oi\"),) for Flax "
-                        "GPT-2's (out, in) kernels, none for (in, out) ones); change fan_in_fan_out only if the file "
-                        "itself is wrong")
+            raise _fail(file, "fan_in_fan_out", f"is {str(fan_in_fan_out).lower()}, but {how}",
+                        "Pass the model's kernel_axes to load_adapter (((\".*\", \"oi\"),) for Flax GPT-2's (out, in) "
+                        "kernels, none for (in, out) ones); change fan_in_fan_out only if the file itself is wrong")
 
 
 def _check_saved_modules(file: Path, modules_to_save: list[str] | None, flat_params: Mapping, head: Mapping) -> None:
@@ -370,7 +409,8 @@ def save_adapter(directory: str | os.PathLike, adapter: Adapter, params: Mapping
                              "(vera_jax.lora.save_lora, or `export --format lora`), which serves the same deltas.")
         rows = zip(item.lambda_d, item.lambda_b) if item.layer.layers else [(item.lambda_d, item.lambda_b)]
         for (name,), (lambda_d, lambda_b) in zip(per_layer, rows, strict=True):
-            tensors[f"{MODEL_PREFIX}{name}.{LAMBDA_D}"], tensors[f"{MODEL_PREFIX}{name}.{LAMBDA_B}"] = lambda_d, lambda_b
+            tensors[f"{MODEL_PREFIX}{name}.{LAMBDA_D}"] = lambda_d
+            tensors[f"{MODEL_PREFIX}{name}.{LAMBDA_B}"] = lambda_b
             written.append(name)
     for path, value in head.items():
         module, leaf = split_leaf(path)

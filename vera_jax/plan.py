@@ -22,9 +22,10 @@ from collections.abc import Mapping
 from vera_jax.config import VeraConfig
 from vera_jax.layers import AdaptedLayer, find_layers
 
-__all__ = ["PATHS", "PathPlan", "LayerCost", "layer_cost", "plan_paths"]
+__all__ = ["PATHS", "NNX_PATHS", "PathPlan", "LayerCost", "layer_cost", "plan_paths"]
 
 PATHS = ("merged", "activation", "activation-lean")
+NNX_PATHS = ("merged", "activation")  # the paths `vera_jax.nnx` runs: no lean backward there
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,13 +4,14 @@ sorted, no time or random state; with every tensor's sha256 for the header, whic
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
 from collections.abc import Mapping
 
 import numpy as np
+
+from vera_jax.checksums import tensor_sha256
 
 __all__ = ["write_safetensors", "tensor_checksums"]
 
@@ -20,8 +21,7 @@ _DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF
 
 def tensor_checksums(tensors: Mapping[str, np.ndarray]) -> str:
     """JSON ``{key: sha256 of the tensor's bytes}``, keys sorted, as the header's checksum entry holds it."""
-    return json.dumps({key: hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest()
-                       for key, value in sorted(tensors.items())})
+    return json.dumps({key: tensor_sha256(value) for key, value in sorted(tensors.items())})
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],

@@ -11,24 +11,22 @@ steps again.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
 import time
 from pathlib import Path
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from vera_jax.atomic import write_error
-from vera_jax.checkpoint import drop_closed_loop_errors
+from vera_jax.checkpoint import closed_loop_errors_dropped
+from vera_jax.checksums import canonical_json_sha256, tensor_records
 
 __all__ = ["RunCheckpoints", "CheckpointMismatch", "CheckpointDamaged"]
 
 SUMS_KEY = "tensor_sha256"  # the meta entry of the state's sums: {tensor path: sha256 of its bytes}
-META_SUM_KEY = "meta_sha256"  # the sha256 of the rest of the meta, as `_meta_sum` writes it
+META_SUM_KEY = "meta_sha256"  # the sha256 of the rest of the meta, as `canonical_json_sha256` writes it
 _FIXES = {"data": "the dataset files it was trained on"}  # how to resume, by meta entry; else the same settings
 
 
@@ -42,18 +40,7 @@ class CheckpointDamaged(CheckpointMismatch):
 
 def _tensor_sums(state: dict) -> dict[str, str]:
     """The sha256 of each tensor of a (replicated) state, by its path in the tree."""
-    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
-    return {jax.tree_util.keystr(path): hashlib.sha256(np.ascontiguousarray(_host(x)).tobytes()).hexdigest()
-            for path, x in leaves}
-
-
-def _meta_sum(meta: dict) -> str:
-    """sha256 of ``meta`` as canonical JSON (sorted keys, no spaces)."""
-    return hashlib.sha256(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def _host(x) -> np.ndarray:
-    return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
+    return {path: record["sha256"] for path, record in tensor_records(state).items()}
 
 
 class RunCheckpoints:
@@ -80,7 +67,7 @@ class RunCheckpoints:
           WriteError: the file system refused the write (no space, read-only); the earlier steps are whole.
         """
         meta = {**meta, SUMS_KEY: _tensor_sums(state)}
-        meta[META_SUM_KEY] = _meta_sum(meta)
+        meta[META_SUM_KEY] = canonical_json_sha256(meta)
         try:
             self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                              meta=ocp.args.JsonSave(meta)))
@@ -107,7 +94,6 @@ class RunCheckpoints:
                 damaged.append((step, err))
                 continue
             self._check_matches(step, meta, expected_meta)
-            drop_closed_loop_errors()
             try:
                 state = self._read_state(step, abstract_state, meta)
             except Exception as err:
@@ -138,11 +124,12 @@ class RunCheckpoints:
             return
 
     def _read_meta(self, step: int) -> dict:
-        meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        with closed_loop_errors_dropped():  # a damaged step's reads can end after Orbax closed its loop
+            meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         if not isinstance(meta, dict):
             raise ValueError(f"its meta is {type(meta).__name__}, not an object")
         meta = dict(meta)
-        if meta.pop(META_SUM_KEY, None) != _meta_sum(meta):
+        if meta.pop(META_SUM_KEY, None) != canonical_json_sha256(meta):
             raise ValueError("its meta does not match its sha256")
         return meta
 
@@ -157,8 +144,9 @@ class RunCheckpoints:
                 )
 
     def _read_state(self, step: int, abstract_state: dict, meta: dict) -> dict:
-        state = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state)))["state"]
+        with closed_loop_errors_dropped():  # a damaged step's reads can end after Orbax closed its loop
+            state = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state)))["state"]
         sums, stored = _tensor_sums(state), meta.get(SUMS_KEY) or {}
         differing = sorted(path for path in sums.keys() | stored.keys() if sums.get(path) != stored.get(path))
         if differing:

@@ -28,6 +28,7 @@ from train.engine.errors import TrainingDiverged
 from train.engine.metrics import MetricsLog
 from train.engine.profile import JobProfile
 from train.options import OptimOptions, Options
+from vera_jax.host import to_host
 
 __all__ = ["Context", "Trainees", "Trained", "fit", "train_groups", "group_count", "dropout_key", "step_key",
            "all_finite", "learning_rate_flags", "DROPOUT_STREAM"]
@@ -103,7 +104,7 @@ class Trainees:
 
     def finite(self, trainable) -> np.ndarray:
         """(K,) whether each adapter's trained tree is finite (K = 1 for one adapter)."""
-        leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves(mesh_lib.to_host(trainable))]
+        leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves(to_host(trainable))]
         count = len(self.names)
         return np.all([np.isfinite(x.reshape(count, -1)).all(axis=1) for x in leaves], axis=0)
 
@@ -263,7 +264,7 @@ def fit(ctx: Context, trainees: Trainees, adapter: vera_jax.Adapter, logits_fn: 
 
 def all_finite(tree) -> bool:
     """Whether every entry of a (replicated) tree is finite: one host copy of an adapter-sized tree."""
-    return all(np.isfinite(np.asarray(x, np.float64)).all() for x in jax.tree.leaves(mesh_lib.to_host(tree)))
+    return all(np.isfinite(np.asarray(x, np.float64)).all() for x in jax.tree.leaves(to_host(tree)))
 
 
 def learning_rate_flags(options: Options) -> str:

@@ -9,10 +9,11 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from vera_jax.host import to_host
 from vera_jax.paths import compile_rules, first_match, flatten, unflatten
 
 __all__ = ["AXES", "make_mesh", "one_device_mesh", "batch_sharding", "replicated", "base_shardings", "MeshError",
-           "BASE_RULES", "place", "to_host", "global_batch"]
+           "BASE_RULES", "place", "global_batch"]
 
 AXES = ("data", "fsdp")
 # FSDP for the frozen base: matrices are split along their first dimension over the fsdp axis.
@@ -76,11 +77,6 @@ def base_shardings(params: Mapping, mesh: Mesh, rules=BASE_RULES) -> dict:
         return NamedSharding(mesh, spec)
 
     return unflatten({path: sharding(path, leaf) for path, leaf in flatten(params).items()}, like=params)
-
-
-def to_host(tree):
-    """Host (numpy) copies of a tree's arrays; a replicated global array gives this process's copy."""
-    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x, tree)
 
 
 def place(tree, sharding):

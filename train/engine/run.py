@@ -35,6 +35,7 @@ from vera_jax import atomic
 from vera_jax import checkpoint as adapter_checkpoint
 from vera_jax import peft as vera_peft
 from vera_jax.layers import find_full_leaves, find_layers
+from vera_jax.host import to_host
 from vera_jax.paths import SEP, flatten
 
 __all__ = ["Prepared", "Run", "start", "locked_run", "init_distributed", "output_dir", "count_steps", "model_config",
@@ -259,7 +260,7 @@ def save_adapters(run: Run, adapter: vera_jax.Adapter, task_type: str) -> Path:
     hold the adapter: one shared pair); returns the first."""
     adapter_dir = adapter_checkpoint.save(run.out / "adapter", adapter, run.params)
     if run.primary and adapter.config.projection_sharing == "shared":
-        vera_peft.save_adapter(run.out / "peft_adapter", mesh_lib.to_host(adapter), run.params, task_type=task_type,
+        vera_peft.save_adapter(run.out / "peft_adapter", to_host(adapter), run.params, task_type=task_type,
                                base_model_name_or_path=run.model.base_model_name, stacks=run.model.stacks)
     return adapter_dir
 

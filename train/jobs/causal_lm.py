@@ -26,11 +26,11 @@ from train.engine import data as data_lib
 from train.engine.errors import RunError
 from train.engine.evaluation import evaluate
 from train.engine.loop import Trainees, fit
-from train.engine.mesh import to_host
 from train.engine.metrics import directory_bytes
 from train.engine.run import Prepared, locked_run, publish, save_adapters, start
 from train.models.load import check_positions, check_source, load_causal_lm
 from train.options import CAUSAL_LM, CAUSAL_LM_DEFAULTS, Options, add_options, from_args
+from vera_jax.host import to_host
 
 __all__ = ["run", "prepare", "add_arguments", "command", "lora_parameters"]
 

@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 
 import vera_jax
-from train.engine import mesh as mesh_lib
 from train.engine.errors import TrainingDiverged
 from train.engine.evaluation import evaluate
 from train.engine.loop import Trainees, fit, learning_rate_flags
@@ -38,6 +37,7 @@ from train.models.load import load_classifier
 from train.options import (SWEEP, FlagError, Options, add_options, check_options, finite_float, from_args,
                            positive_int, seed_int)
 from vera_jax import checkpoint as adapter_checkpoint
+from vera_jax.host import to_host
 from vera_jax.paths import flatten, unflatten
 
 __all__ = ["add_arguments", "command", "sweep", "Grid", "point_options"]
@@ -186,7 +186,7 @@ def _train_program(setup: Run, grid: Grid, variant: tuple[str, str, str], d_init
         return [None] * len(points), base, np.full(len(points), np.nan), list(err.diverged_at)
     accuracy, _ = evaluate(setup.ctx, trained.adapter, logits_fn, trainees)
     adapters = [adapter.replace(config=config)
-                for adapter, config in zip(vera_jax.unstack(mesh_lib.to_host(trained.adapter)), configs)]
+                for adapter, config in zip(vera_jax.unstack(to_host(trained.adapter)), configs)]
     return adapters, base, accuracy, list(trained.diverged_at)
 
 

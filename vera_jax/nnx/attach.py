@@ -25,11 +25,10 @@ from vera_jax.nnx.modules import (PROJECTIONS, LayerRecord, ModelRecord, adapted
                                   is_adapted_model, model_record)
 from vera_jax.nnx.variables import VeraProjections, VeraVector, kernel_mesh, vector_like_kernel
 from vera_jax.paths import SEP, compile_rules, first_match, flatten, patterns_regex, unflatten
+from vera_jax.plan import NNX_PATHS as PATHS
 from vera_jax.projections import Projections
 
 __all__ = ["attach", "split", "update", "adapted_modules", "adapter_config", "base_params", "PATHS"]
-
-PATHS = ("merged", "activation")
 
 
 def _join(path: tuple) -> str:
