@@ -11,13 +11,16 @@ import pytest
 
 # Modules whose tests run third-party code that mixes dtypes itself, so they keep JAX's standard promotion:
 # transformers' Flax models (bool with int32 attention masks in flax.linen's combine_masks, int32 positions with
-# float32 in their einsums, a bfloat16 base with float32 layer norms) and optax's AdamW (a Python float with its
-# int32 step count). vera_jax's own code, its NNX path, tunix's models and the application's options run strict.
+# float32 in their einsums, a bfloat16 base with float32 layer norms), tunix's models (int32 positions with float32
+# in their rotary embeddings) and optax's AdamW (a Python float with its int32 step count; tests that train NNX
+# models with it are marked ``standard_promotion`` one by one). vera_jax's own code, its NNX path on the project's
+# NNX models, and the application's options and layering run strict.
 STANDARD_PROMOTION = {
     "test_ablations", "test_bench_job", "test_causal_lm", "test_checkpoint", "test_dtypes", "test_errors",
-    "test_evaluation", "test_forward_paths", "test_fuzz_files", "test_gguf_llama", "test_lora", "test_multi",
-    "test_peft_interop", "test_peft_parity", "test_plan", "test_readme", "test_real_assets", "test_reference_run",
-    "test_run_safety", "test_startup", "test_train_pipeline", "test_training", "test_writers",
+    "test_evaluation", "test_forward_paths", "test_fuzz_files", "test_gguf_llama", "test_length_groups", "test_lora",
+    "test_multi", "test_peft_interop", "test_peft_parity", "test_plan", "test_readme", "test_real_assets",
+    "test_reference_run", "test_run_safety", "test_startup", "test_train_pipeline", "test_training", "test_tunix",
+    "test_writers",
 }
 
 

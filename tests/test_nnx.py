@@ -163,6 +163,7 @@ def test_scan_remat_changes_what_the_backward_pass_keeps_not_what_it_computes(to
     assert options.SCAN_REMATS[0] == nnx_llama.DEFAULT_SCAN_REMAT
 
 
+@pytest.mark.standard_promotion  # optax's AdamW: a Python float with its int32 step count
 @pytest.mark.parametrize("case", ["llama-scanned", "einsum"])
 def test_optimizer_trains_only_the_vectors_and_every_param_stays_bit_identical(torch_llama, case):
     build, targets, inputs = CASES[case]
