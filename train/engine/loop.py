@@ -31,7 +31,7 @@ from train.options import OptimOptions, Options
 from vera_jax.host import to_host
 
 __all__ = ["Context", "Trainees", "Trained", "fit", "train_groups", "group_count", "dropout_key", "step_key",
-           "all_finite", "learning_rate_flags", "DROPOUT_STREAM"]
+           "learning_rate_flags", "DROPOUT_STREAM"]
 
 DROPOUT_STREAM = 2**31  # fold_in offset for the dropout key: disjoint from the projection stream's blocks
 
@@ -246,7 +246,7 @@ def fit(ctx: Context, trainees: Trainees, adapter: vera_jax.Adapter, logits_fn: 
             progress.set_postfix(loss=f"{float(np.mean(finite)):.4f}")
         if checkpoints is not None and (done % options.run.checkpoint_every == 0 or done == ctx.total_steps):
             state = {"trainable": adapter.trainable, "opt_state": opt_state}
-            if not all_finite(state):
+            if not _all_finite(state):
                 raise _diverged(options, done, "the trained state is not finite", checkpoints, (done,))
             epoch, position = divmod(done, ctx.steps_per_epoch)
             with profile.phase("checkpoints"):
@@ -262,7 +262,7 @@ def fit(ctx: Context, trainees: Trainees, adapter: vera_jax.Adapter, logits_fn: 
     return Trained(adapter, tokens / seconds if tokens else 0.0, tuple(diverged))
 
 
-def all_finite(tree) -> bool:
+def _all_finite(tree) -> bool:
     """Whether every entry of a (replicated) tree is finite: one host copy of an adapter-sized tree."""
     return all(np.isfinite(np.asarray(x, np.float64)).all() for x in jax.tree.leaves(to_host(tree)))
 
