@@ -26,9 +26,19 @@ from vera_jax import peft as vera_peft
 EXAMPLES = 1000
 FUZZ = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
                 suppress_health_check=list(HealthCheck))
+
+
+def _json_containers(inner: st.SearchStrategy) -> st.SearchStrategy:
+    """JSON lists and objects of `inner` values.
+
+    A named function, not a lambda: Hypothesis describes a lambda by parsing its source, and on CPython 3.11 that
+    parse can fail with a SystemError when it happens deep in a recursive draw.
+    """
+    return st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+
+
 JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats() | st.text(max_size=8),
-                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
-                                                                                       max_size=3), max_leaves=6)
+                           _json_containers, max_leaves=6)
 
 
 def _json_paths(value, prefix=()):
