@@ -3,11 +3,34 @@
 JAX's strict dtype promotion (mixing dtypes without a cast is an error, as it is a bug in a mixed-precision
 model) holds in every test but those of `STANDARD_PROMOTION`'s modules and those marked ``standard_promotion``.
 Warnings are errors; pyproject's filterwarnings lists the few that are not, each with its reason.
+
+The whole run shares one JAX compilation cache, new for the run (so a run is as cold as CI's) and removed after:
+tests that compile the same programs (the tiny models, the `python -m train` subprocesses) compile them once.
 """
+
+import os
+import shutil
+import tempfile
 
 import jax
 import numpy as np
 import pytest
+
+from train.engine import compile_cache
+
+
+def pytest_configure(config):
+    """The run's compilation cache: made by the main process (pytest-xdist's workers and every subprocess inherit
+    its environment variable), turned on in each test process."""
+    if not hasattr(config, "workerinput"):
+        config.run_compile_cache = tempfile.mkdtemp(prefix="vera_jax-test-xla-")
+        os.environ[compile_cache.ENV] = config.run_compile_cache
+    compile_cache.enable()
+
+
+def pytest_unconfigure(config):
+    if hasattr(config, "run_compile_cache"):
+        shutil.rmtree(config.run_compile_cache, ignore_errors=True)
 
 # Modules whose tests run third-party code that mixes dtypes itself, so they keep JAX's standard promotion:
 # transformers' Flax models (bool with int32 attention masks in flax.linen's combine_masks, int32 positions with

@@ -93,11 +93,11 @@ def test_entry_point_runs_an_ablation_and_resumes_it(tiny, tmp_path, capsys):
             "'kaiming_normal', 'uniform')") in capsys.readouterr().err
 
 
-def test_sigkill_mid_training_resumes_to_the_same_vectors(tiny, tmp_path):
+def test_sigkill_mid_training_resumes_to_the_same_vectors(tiny, tmp_path, capsys):
     model, data = tiny
     args = lambda out: tiny_run.train_args(model, data, out, "--epochs", "4", "--checkpoint-every", "5")  # noqa: E731
     straight = tmp_path / "straight"
-    assert tiny_run.run_subprocess(args(straight)).returncode == 0
+    assert main(args(straight)) == 0
 
     killed = tmp_path / "killed"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
@@ -114,9 +114,9 @@ def test_sigkill_mid_training_resumes_to_the_same_vectors(tiny, tmp_path):
     partial.mkdir(exist_ok=True)
     (partial / "garbage").write_text("half a checkpoint")
 
-    resumed = tiny_run.run_subprocess(args(killed))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from the checkpoint at step" in resumed.stdout
+    capsys.readouterr()
+    assert main(args(killed)) == 0
+    assert "resumed from the checkpoint at step" in capsys.readouterr().out
     first, _, _ = _adapter(model, straight)
     second, _, _ = _adapter(model, killed)
     assert first.keys() == second.keys()
@@ -126,44 +126,43 @@ def test_sigkill_mid_training_resumes_to_the_same_vectors(tiny, tmp_path):
         json.loads((straight / "summary.json").read_text())["test_accuracy"]
 
 
+def _two_processes(args: list[str], port: int, devices: int) -> list[tuple[str, str]]:
+    """``python -m train ARGS`` as processes 0 and 1 of a two-process run on 127.0.0.1:port, each with ``devices``
+    simulated CPU devices; their (stdout, stderr) once both exited 0."""
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    processes = [subprocess.Popen([sys.executable, "-m", "train", *args, "--coordinator", f"127.0.0.1:{port}",
+                                   "--num-processes", "2", "--process-id", str(i)],
+                                  cwd=tiny_run.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for i in range(2)]
+    outputs = [p.communicate(timeout=600) for p in processes]
+    assert all(p.returncode == 0 for p in processes), outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    return outputs
+
+
 def test_sharded_and_multiprocess_runs_match_one_device(tiny, tmp_path):
+    """One device against a 4x2 mesh of 8 devices held by two processes (data and model axes both cross the
+    processes' devices), then --path auto across two processes."""
     model, data = tiny
     # Batches of 16 in two length groups: whole rows on every device of each mesh.
     args = lambda out, *extra: tiny_run.train_args(model, data, out, "--max-steps", "6", "--batch-size", "16",  # noqa: E731
                                                    "--length-groups", "2", *extra)
     single = tmp_path / "single"
-    assert tiny_run.run_subprocess(args(single)).returncode == 0
+    assert main(args(single)) == 0
     sharded = tmp_path / "sharded"
-    result = tiny_run.run_subprocess(args(sharded, "--mesh", "4x2"), devices=8)
-    assert result.returncode == 0, result.stderr[-3000:]
-
-    multi = tmp_path / "multi"
     port = 20000 + os.getpid() % 20000
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
-    processes = [subprocess.Popen([sys.executable, "-m", "train", *args(multi, "--mesh", "2x2", "--coordinator",
-                                   f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i))],
-                                  cwd=tiny_run.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for i in range(2)]
-    outputs = [p.communicate(timeout=600) for p in processes]
-    assert all(p.returncode == 0 for p in processes), outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    _two_processes(args(sharded, "--mesh", "4x2"), port, devices=4)
+    assert json.loads((sharded / "summary.json").read_text())["mesh"] == {"data": 4, "fsdp": 2}
 
     # --path auto: process 0 times the paths and both processes compile the plan it picked.
     auto = tmp_path / "auto"
-    processes = [subprocess.Popen([sys.executable, "-m", "train", *args(auto, "--mesh", "2x2", "--coordinator",
-                                   f"127.0.0.1:{port + 1}", "--num-processes", "2", "--process-id", str(i),
-                                   "--path", "auto")],
-                                  cwd=tiny_run.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for i in range(2)]
-    outputs = [p.communicate(timeout=600) for p in processes]
-    assert all(p.returncode == 0 for p in processes), outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    outputs = _two_processes(args(auto, "--mesh", "2x2", "--path", "auto"), port + 1, devices=2)
     assert "measured whole steps of the model on this device" in outputs[0][0] and "auto:" not in outputs[1][0]
 
     reference, _, _ = _adapter(model, single)
-    for out in (sharded, multi):
-        other, _, _ = _adapter(model, out)
-        for path in reference:
-            np.testing.assert_allclose(other[path], reference[path], rtol=1e-5, atol=1e-6, err_msg=f"{out.name} {path}")
-        np.testing.assert_allclose(tiny_run.losses(out), tiny_run.losses(single), rtol=1e-5)
+    other, _, _ = _adapter(model, sharded)
+    for path in reference:
+        np.testing.assert_allclose(other[path], reference[path], rtol=1e-5, atol=1e-6, err_msg=path)
+    np.testing.assert_allclose(tiny_run.losses(sharded), tiny_run.losses(single), rtol=1e-5)
 
 
 @pytest.mark.parametrize("extra, message", [
