@@ -6,6 +6,10 @@ Warnings are errors; pyproject's filterwarnings lists the few that are not, each
 
 The whole run shares one JAX compilation cache, new for the run (so a run is as cold as CI's) and removed after:
 tests that compile the same programs (the tiny models, the `python -m train` subprocesses) compile them once.
+XLA compiles for the CPU without LLVM's optimisations (``--xla_backend_optimization_level=0``): the tests' tiny
+models spend most of their time compiling, and a quarter less of it at level 0; the arithmetic is the same IEEE
+float32 (no fast-math at any level), so every tolerance stays as it is. Subprocesses get the flag through
+`tiny_run.xla_flags`.
 """
 
 import os
@@ -17,6 +21,8 @@ import numpy as np
 import pytest
 
 from train.engine import compile_cache
+
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 
 
 def pytest_configure(config):

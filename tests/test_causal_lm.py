@@ -155,7 +155,9 @@ def test_causal_lm_bad_input(tiny, tmp_path, capsys):
         (_args(model_dir, data, tmp_path / "f", "--text-column", "prompt"), "has no column 'prompt'"),
         (_args(model_dir, data, tmp_path / "i", "--path", "auto"), "--path auto is not offered with --backend nnx"),
         (_args(model_dir, data, tmp_path / "j", "--dropout", "0.1", "--path", "activation"),
-         "--backend nnx runs VeRA on NNX models, which has no --dropout or --head yet"),
+         "--dropout 0.1: VeRA dropout is not offered on NNX models yet"),
+        (_args(model_dir, data, tmp_path / "l", "--head", "lm_head"),
+         "--backend nnx trains no causal LM's modules in full (--head)"),
         (_args(model_dir, data, tmp_path / "k", "--backend", "nnx-listed", "--scan-remat", "full"),
          "--scan-remat full applies to the scanned NNX model (causal-lm --backend nnx); drop it with --backend "
          "nnx-listed"),

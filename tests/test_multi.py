@@ -12,6 +12,7 @@ from conftest import max_rel_error, random_like
 
 import families
 import nnx_models
+import tiny_run
 import vera_jax
 from vera_jax.layers import LAMBDA_D
 from vera_jax.paths import flatten, unflatten
@@ -196,7 +197,7 @@ def test_a_mixed_batch_sharded_over_8_devices_equals_one_device(tmp_path):
     from pathlib import Path
 
     tests = Path(__file__).parent
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+    env = {**os.environ, "XLA_FLAGS": tiny_run.xla_flags(8), "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", SHARDED_MIXED_BATCH], env=env, capture_output=True, text=True,
                           timeout=300)

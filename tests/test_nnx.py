@@ -16,6 +16,7 @@ from flax import nnx
 
 import nnx_models
 import tiny_llama
+import tiny_run
 import vera_jax
 import vera_jax.checkpoint
 import vera_jax.nnx as vera_nnx
@@ -472,7 +473,7 @@ def test_sharded_kernels_shard_their_vectors_and_train_like_one_device():
     from pathlib import Path
 
     tests = Path(__file__).parent
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+    env = {**os.environ, "XLA_FLAGS": tiny_run.xla_flags(8), "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", SHARDED_NNX], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -4,19 +4,19 @@ import json
 
 import numpy as np
 import pytest
-from transformers import FlaxBertForSequenceClassification
 
 from train import assets
 from train.__main__ import main
 from train.engine.data import load_splits
+from train.models.load import load_classifier
 from train.options import DataOptions
 from vera_jax import checkpoint
 
 
 def test_a_few_steps_on_the_default_assets_beat_chance(tmp_path):
-    """The packaged MiniLM and movie reviews through the main job with no command: 30 steps at high learning
-    rates, scored on a fixed held-out 5% (529 sentences, fixed by --seed 0); rows cut and padded to 40 tokens, so
-    the groups compile one shape."""
+    """The packaged MiniLM (on the NNX encoder) and movie reviews through the main job with no command: 30 steps at
+    high learning rates, scored on a fixed held-out 5% (529 sentences, fixed by --seed 0); rows cut and padded to 40
+    tokens, so the groups compile one shape."""
     out = tmp_path / "run"
     assert main(["--output-dir", str(out), "--max-steps", "30", "--test-fraction", "0.05", "--lr-vectors", "0.1",
                  "--lr-head", "0.05", "--schedule", "constant", "--warmup-ratio", "0", "--log-every", "5",
@@ -33,9 +33,12 @@ def test_a_few_steps_on_the_default_assets_beat_chance(tmp_path):
     assert summary["test_loss"] < np.log(2)
     assert summary["adapter_bytes"] <= 2 * 4 * summary["trainable_params"] + 64 * 1024
 
-    params = FlaxBertForSequenceClassification.from_pretrained(assets.minilm_dir(), num_labels=2, from_pt=True).params
-    adapter = checkpoint.restore(out / "adapter", params)
+    assert summary["backend"] == "nnx"  # the default: the NNX encoder, its 6 layers stacked
+    model = load_classifier("default", 2, backend="nnx")[0]
+    adapter = checkpoint.restore(out / "adapter", model.params)
     assert adapter.projections.A.shape == (256, 384) and adapter.projections.B.shape == (384, 256)
+    assert adapter.trainable["bert"]["encoder"]["layer"]["attention"]["self"]["query"]["vera_lambda_d"].shape == (
+        6, 256)
 
 
 def test_assets_are_cached_and_checked():

@@ -23,6 +23,8 @@ from vera_jax import checkpoint
 from vera_jax.layers import LAMBDA_B, LAMBDA_D
 from vera_jax.paths import flatten
 
+EXPORT = ("export", "--backend", "linen")  # the tiny models carry Flax weights: their adapters are linen's
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
@@ -100,7 +102,7 @@ def test_sigkill_mid_training_resumes_to_the_same_vectors(tiny, tmp_path, capsys
     assert main(args(straight)) == 0
 
     killed = tmp_path / "killed"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {**os.environ, "XLA_FLAGS": tiny_run.xla_flags(1)}
     process = subprocess.Popen([sys.executable, "-m", "train", *args(killed)], cwd=tiny_run.REPO, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -129,7 +131,7 @@ def test_sigkill_mid_training_resumes_to_the_same_vectors(tiny, tmp_path, capsys
 def _two_processes(args: list[str], port: int, devices: int) -> list[tuple[str, str]]:
     """``python -m train ARGS`` as processes 0 and 1 of a two-process run on 127.0.0.1:port, each with ``devices``
     simulated CPU devices; their (stdout, stderr) once both exited 0."""
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": tiny_run.xla_flags(devices), "JAX_PLATFORMS": "cpu"}
     processes = [subprocess.Popen([sys.executable, "-m", "train", *args, "--coordinator", f"127.0.0.1:{port}",
                                    "--num-processes", "2", "--process-id", str(i)],
                                   cwd=tiny_run.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -251,7 +253,7 @@ def test_export_command_writes_peft_and_merged_models(tiny, tmp_path, capsys):
 
     for fmt in ("peft", "lora", "flax", "safetensors"):
         out = tmp_path / fmt
-        args = ["export", "--adapter", str(run_dir / "adapter"), "--model", str(model), "--format", fmt,
+        args = [*EXPORT, "--adapter", str(run_dir / "adapter"), "--model", str(model), "--format", fmt,
                 "--output", str(out)]
         assert main(args) == 0, capsys.readouterr().err
         assert main(args) == 0, capsys.readouterr().err  # an earlier export of the same kind is replaced
@@ -273,17 +275,17 @@ def test_export_command_writes_peft_and_merged_models(tiny, tmp_path, capsys):
             merged = FlaxBertForSequenceClassification.from_pretrained(out)
             logits = merged(ids, params=merged.params).logits
         np.testing.assert_allclose(np.asarray(logits), expected, rtol=1e-5, atol=1e-5, err_msg=fmt)
-    assert main(["export", "--adapter", str(run_dir / "adapter"), "--model", str(model), "--format", "lora",
+    assert main([*EXPORT, "--adapter", str(run_dir / "adapter"), "--model", str(model), "--format", "lora",
                  "--rank", "2", "--output", str(tmp_path / "lora-2")]) == 0
     printed = capsys.readouterr().out
     assert printed.count("rank 2  relative error") == 4
-    assert main(["export", "--adapter", str(run_dir / "adapter"), "--model", str(model), "--format", "peft",
+    assert main([*EXPORT, "--adapter", str(run_dir / "adapter"), "--model", str(model), "--format", "peft",
                  "--rank", "2", "--output", str(tmp_path / "x")]) == 2
     assert "--rank 2 applies to --format lora only" in capsys.readouterr().err
     # The run itself also wrote the PEFT form of its adapter.
     assert (run_dir / "peft_adapter" / "adapter_model.safetensors").exists()
     capsys.readouterr()
-    assert main(["export", "--adapter", str(tmp_path), "--output", str(tmp_path / "x")]) == 2
+    assert main([*EXPORT, "--adapter", str(tmp_path), "--output", str(tmp_path / "x")]) == 2
     assert "holds neither vera_adapter.json (vera_jax) nor adapter_config.json (PEFT)" in capsys.readouterr().err
 
     # A directory of someone else's files is never replaced, in any format: one line, exit 2, files kept.
@@ -291,20 +293,20 @@ def test_export_command_writes_peft_and_merged_models(tiny, tmp_path, capsys):
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
     for fmt in ("peft", "safetensors"):
-        assert main(["export", "--adapter", str(run_dir / "adapter"), "--model", str(model), "--format", fmt,
+        assert main([*EXPORT, "--adapter", str(run_dir / "adapter"), "--model", str(model), "--format", fmt,
                      "--output", str(foreign)]) == 2
         err = capsys.readouterr().err
         assert "already holds files" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
     assert (foreign / "notes.txt").read_text() == "keep me"
     # --overwrite writes there all the same, and keeps the old files aside.
-    assert main(["export", "--adapter", str(run_dir / "adapter"), "--model", str(model), "--output", str(foreign),
+    assert main([*EXPORT, "--adapter", str(run_dir / "adapter"), "--model", str(model), "--output", str(foreign),
                  "--overwrite"]) == 0
     assert (foreign / "adapter_config.json").is_file()
     kept = [p for p in tmp_path.iterdir() if p.name.startswith("my-notes.replaced-")]
     assert len(kept) == 1 and (kept[0] / "notes.txt").read_text() == "keep me"
     # A merged model is not a PEFT adapter either: exporting PEFT files over it is refused.
-    assert main(["export", "--adapter", str(run_dir / "adapter"), "--model", str(model), "--output",
+    assert main([*EXPORT, "--adapter", str(run_dir / "adapter"), "--model", str(model), "--output",
                  str(tmp_path / "flax")]) == 2
     assert "has no vera_jax_manifest.json naming a peft-vera" in capsys.readouterr().err
     assert (tmp_path / "flax" / "flax_model.msgpack").exists()
@@ -562,7 +564,10 @@ BAD_FLAGS = [
     (["--seed", "-1"], "argument --seed: must be an integer in [0, 2**32), got '-1'"),
     (["--mesh", "two"], "argument --mesh: must be 'auto' or DATAxFSDP"),
     (["--projection-sharing", "per-layer"], "argument --projection-sharing: invalid choice: 'per-layer'"),
-    (["--dropout", "0.3"], "--dropout 0.3 acts on each adapted layer's input, which --path merged never computes"),
+    (["--backend", "linen", "--dropout", "0.3"],
+     "--dropout 0.3 acts on each adapted layer's input, which --path merged never computes"),
+    (["--dropout", "0.3", "--path", "activation"], "--dropout 0.3: VeRA dropout is not offered on NNX models yet"),
+    (["--path", "auto"], "--path auto is not offered with --backend nnx; use one of merged, activation"),
     (["--train-vectors", "lambda_d"], "--b-initial 0, --train-vectors lambda_d: VeraConfig(train_vectors='lambda_d') "
                                       "freezes lambda_b at b_initial=0.0"),
     (["causal-lm", "--answers", "0"], "argument --answers: must be a positive integer, got '0'"),

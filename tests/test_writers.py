@@ -29,6 +29,8 @@ from vera_jax.export import save_merged
 from vera_jax.lora import save_lora
 from writer_race import PARAMS, adapter
 
+EXPORT = ("export", "--backend", "linen")  # the tiny models carry Flax weights: their adapters are linen's
+
 WRITER_RACE = Path(__file__).with_name("writer_race.py")
 
 
@@ -77,7 +79,7 @@ def tiny(tmp_path_factory):
 
 
 def _export(tiny, output: Path, fmt: str, *extra: str, model: Path | None = None) -> list[str]:
-    return ["export", "--adapter", str(tiny[1]), "--model", str(model or tiny[0]), "--format", fmt,
+    return [*EXPORT, "--adapter", str(tiny[1]), "--model", str(model or tiny[0]), "--format", fmt,
             "--output", str(output), *extra]
 
 
@@ -353,7 +355,7 @@ def test_a_bit_flipped_adapter_is_one_damaged_file_error(tiny, tmp_path):
     data = bytearray(manifest.read_bytes())
     data[len(data) // 3] ^= 0x10
     manifest.write_bytes(bytes(data))
-    result = tiny_run.run_subprocess(["export", "--adapter", str(flipped), "--model", str(tiny[0]), "--format", "peft",
+    result = tiny_run.run_subprocess([*EXPORT, "--adapter", str(flipped), "--model", str(tiny[0]), "--format", "peft",
                                       "--output", str(tmp_path / "out")], timeout=300)
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]

@@ -17,8 +17,9 @@ NEGATIVE = ["bad", "awful", "dull", "boring", "clumsy"]
 FILLER = ["the", "movie", "film", "was", "plot", "acting", "really", "quite", "story", "a"]
 
 
-def make_model(directory: Path, pytorch_weights: bool = False) -> Path:
-    """A random tiny BERT classifier with Flax weights (and PyTorch ones too, when asked) and a tokenizer."""
+def make_model(directory: Path, pytorch_weights: bool = False, dropout: float = 0.1) -> Path:
+    """A random tiny BERT classifier with Flax weights (and PyTorch ones too, the same values, when asked), a
+    tokenizer, and ``dropout`` in its hidden and attention layers."""
     from transformers import BertConfig, BertTokenizerFast, FlaxBertForSequenceClassification
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -26,7 +27,8 @@ def make_model(directory: Path, pytorch_weights: bool = False) -> Path:
     (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
     BertTokenizerFast(vocab_file=str(directory / "vocab.txt")).save_pretrained(directory)
     config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=48, max_position_embeddings=64, num_labels=2)
+                        intermediate_size=48, max_position_embeddings=64, num_labels=2, hidden_dropout_prob=dropout,
+                        attention_probs_dropout_prob=dropout)
     if pytorch_weights:
         import torch
         from transformers import BertForSequenceClassification
@@ -53,15 +55,21 @@ def make_csv(path: Path, rows: int = 160, seed: int = 0, label_column: str = "la
 
 
 def train_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return ["--model", str(model), "--dataset", str(data), "--output-dir", str(out), "--r", "8",
+    """A small job's flags on the linen backend (the tiny models carry Flax weights); ``extra`` may override any."""
+    return ["--model", str(model), "--dataset", str(data), "--output-dir", str(out), "--backend", "linen", "--r", "8",
             "--batch-size", "8", "--max-length", "16", "--log-every", "1", "--eval-batch-size", "16", *extra]
+
+
+def xla_flags(devices: int) -> str:
+    """This run's XLA flags (conftest's) with ``devices`` simulated CPU devices, for a subprocess."""
+    return f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
 
 
 def run_subprocess(args: list[str], devices: int = 1, timeout: float = 600, env_extra: dict | None = None,
                    **kwargs) -> subprocess.CompletedProcess:
     """``python -m train ARGS`` in a fresh interpreter with ``devices`` simulated CPU devices (and ``env_extra``
     in its environment)."""
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
+    env = {**os.environ, "XLA_FLAGS": xla_flags(devices), "JAX_PLATFORMS": "cpu",
            **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "train", *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout, **kwargs)

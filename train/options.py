@@ -26,7 +26,7 @@ __all__ = ["Options", "DataOptions", "ModelOptions", "OptimOptions", "RunOptions
            "from_args", "vera_config", "check_options", "positive_int", "non_negative_int", "finite_float",
            "non_negative_float", "seed_int", "Parser"]
 
-BACKENDS = ("nnx", "nnx-listed", "linen")  # causal LM implementations; NNX runs Llama-architecture models
+BACKENDS = ("nnx", "nnx-listed", "linen")  # model implementations: our NNX models, or transformers' linen ones
 SCAN_REMATS = ("dots", "full", "none")  # the keys of train.models.nnx_llama.SCAN_REMAT, its default first
 PATHS = (*vera_jax.plan.PATHS, "auto")  # how adapted layers run; 'auto' times a whole step of each and picks
 SCHEDULES = ("linear", "cosine", "constant")
@@ -163,9 +163,9 @@ class ModelOptions:
 
     name: str = _flag("default", "'default' (the packaged all-MiniLM-L6-v2), 'smollm2', a hub id or a local directory",
                       dest="model")
-    backend: str = _flag("nnx", "the model's implementation: Flax NNX (a Llama, layers stacked and scanned), "
-                         "nnx-listed (layers in a list), or linen (transformers' Flax class: GPT-2, Mistral, ...)",
-                         choices=BACKENDS, commands=frozenset({CAUSAL_LM}))
+    backend: str = _flag("nnx", "the model's implementation: Flax NNX (BERT and RoBERTa classifiers, Llama causal "
+                         "LMs; layers stacked and scanned), nnx-listed (layers in a list), or linen (transformers' "
+                         "Flax classes, transformers<5: GPT-2, Mistral, ELECTRA, ...)", choices=BACKENDS)
     base_dtype: str = _flag("float32", "dtype of the frozen base (bfloat16 halves its memory)", choices=BASE_DTYPES,
                             commands=frozenset({CAUSAL_LM}))
     scan_remat: str | None = _flag(None, "what the scanned NNX stack keeps for the backward pass: dots (the "
@@ -385,13 +385,16 @@ def check_options(options: Options) -> None:
                         "directory, such as runs/latest.")
     if not data.dataset.strip():
         raise FlagError("--dataset is empty; give 'default', 'chatterbot', a datasets hub name or local files.")
-    if data.task == "causal-lm" and model.backend != "linen":
+    if model.backend != "linen":
         if model.path not in NNX_PATHS:
             raise FlagError(f"--path {model.path} is not offered with --backend {model.backend}; use one of "
                             f"{', '.join(NNX_PATHS)}, or --backend linen.")
-        if model.dropout > 0 or model.head:
-            raise FlagError(f"--backend {model.backend} runs VeRA on NNX models, which has no --dropout or --head yet; "
-                            "drop them, or use --backend linen.")
+        if model.dropout > 0:
+            raise FlagError(f"--dropout {model.dropout:g}: VeRA dropout is not offered on NNX models yet (the model's "
+                            "own dropout runs); drop it, or use --backend linen.")
+        if data.task == "causal-lm" and model.head:
+            raise FlagError(f"--backend {model.backend} trains no causal LM's modules in full (--head); drop it, or "
+                            "use --backend linen.")
     if model.scan_remat is not None and not (data.task == "causal-lm" and model.backend == "nnx"):
         raise FlagError(f"--scan-remat {model.scan_remat} applies to the scanned NNX model (causal-lm --backend "
                         f"nnx); drop it with --backend {model.backend}.")

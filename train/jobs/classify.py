@@ -1,4 +1,5 @@
-"""The main job: fine-tune a Hugging Face Flax sequence classifier with VeRA, sharded and resumable.
+"""The main job: fine-tune a Hugging Face sequence classifier with VeRA (our NNX encoder by default, or
+transformers' linen class), sharded and resumable.
 
 Order of work: check every flag (before anything loads), then the output directory, mesh, data,
 labels, model and targets (`train.engine.run.start`) before any compute; place the frozen base (FSDP by
@@ -48,8 +49,9 @@ def prepare(options: Options) -> Prepared:
     train_split, test_split = data_lib.load_splits(options.data, options.run.seed, options.optim.batch_size)
     num_labels = data_lib.check_labels(train_split, test_split, options.data)
     check_positions(options)
-    check_targets(options, *classifier_shapes(options.model.name, num_labels))
-    model, tokenizer = load_classifier(options.model.name, num_labels, seed=options.run.seed)
+    backend = options.model.backend
+    check_targets(options, *classifier_shapes(options.model.name, num_labels, backend))
+    model, tokenizer = load_classifier(options.model.name, num_labels, seed=options.run.seed, backend=backend)
     label_dtype = np.float32 if options.data.task == "regression" else np.int32
     train_data = data_lib.tokenize(train_split, tokenizer, options.data.max_length, label_dtype)
     test_data = data_lib.tokenize(test_split, tokenizer, options.data.max_length, label_dtype)
@@ -78,8 +80,8 @@ def run(options: Options) -> dict:
 
     trainable_params, all_params = vera_jax.count_parameters(params, setup.adapter)
     summary = {
-        "model": options.model.name, "dataset": options.data.dataset, "task": options.data.task,
-        "path": options.model.path,
+        "model": options.model.name, "backend": options.model.backend, "dataset": options.data.dataset,
+        "task": options.data.task, "path": options.model.path,
         "path_detail": setup.path_detail, "mesh": dict(setup.ctx.mesh.shape), "steps": setup.total_steps,
         "train_examples": len(setup.job.train_data), "test_examples": len(setup.job.test_data),
         "test_accuracy": accuracy, "test_loss": test_loss, "trainable_params": trainable_params,

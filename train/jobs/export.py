@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank", type=positive_int, default=None,
                         help="--format lora: the LoRA rank k (default: the adapter's r, exact)")
     parser.add_argument("--backend", choices=BACKENDS, default="nnx",
-                        help="--task causal-lm: the implementation the adapter was trained on (as causal-lm's flag)")
+                        help="the implementation the adapter was trained on (as the training command's flag)")
 
 
 def command(args: argparse.Namespace) -> None:
@@ -58,7 +58,7 @@ def _load_model(name: str, task: str, num_labels: int, backend: str):
     from train.models.load import load_causal_lm, load_classifier
 
     if task == "sequence-classification":
-        return load_classifier(name, num_labels)
+        return load_classifier(name, num_labels, backend=backend)
     return load_causal_lm(name, backend=backend)
 
 
@@ -79,7 +79,7 @@ def export(args: argparse.Namespace) -> Path:
                           f"{vera_peft.CONFIG_FILE} (PEFT); point --adapter to an adapter directory.")
     if args.rank is not None and args.format != "lora":
         raise ExportError(f"--rank {args.rank} applies to --format lora only.")
-    if args.task == "causal-lm" and args.backend != "linen" and args.format not in ("peft", "lora"):
+    if args.backend != "linen" and args.format not in ("peft", "lora"):
         raise ExportError(f"--format {args.format} writes a transformers Flax model; an adapter of the NNX backend "
                           "exports as --format peft or lora (or train and export with --backend linen).")
     _check_output(args)

@@ -150,7 +150,8 @@ def _heads_for_seeds(options: Options, model, head: dict, seeds: tuple[int, ...]
     others = sorted(set(seeds) - {options.run.seed})
     if not head or not others:
         return {seed: head for seed in seeds}
-    reloaded = flatten(load_classifier(options.model.name, model.config.num_labels, seed=others[0])[0].params)
+    reloaded = flatten(load_classifier(options.model.name, model.config.num_labels, seed=others[0],
+                                       backend=options.model.backend)[0].params)
     new = {path for path, leaf in head.items() if not np.array_equal(np.asarray(reloaded[path]), np.asarray(leaf))}
     if not new:
         return {seed: head for seed in seeds}

@@ -1,7 +1,8 @@
-"""Load a Hugging Face Flax model and its tokenizer: a packaged default, a hub id or a directory.
+"""Load a Hugging Face checkpoint as a model, with its tokenizer: a packaged default, a hub id or a directory.
 
-Sequence classifiers (`load_classifier`) and causal LMs (`load_causal_lm`); PyTorch/safetensors
-checkpoints are converted by transformers (``from_pt``), so torch is never needed.
+Sequence classifiers (`load_classifier`) and causal LMs (`load_causal_lm`), each on a backend: our NNX models
+(BERT and RoBERTa encoders, Llama) read PyTorch-named safetensors themselves; transformers' Flax (linen) classes
+(transformers<5, the ``hf-flax`` extra) convert PyTorch/safetensors checkpoints (``from_pt``). torch is never needed.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from train.models.gguf_llama import convert
 from train.models.hf_flax import HfFlaxModel, config_kernel_axes
 from train.options import Options, flag_name
 
-__all__ = ["load_classifier", "load_causal_lm", "ModelError", "PACKAGED_MODELS", "hub_id", "lacks_torch_weights",
-           "model_source", "check_source", "check_positions", "classifier_shapes"]
+__all__ = ["load_classifier", "load_causal_lm", "ModelError", "flax_classes", "PACKAGED_MODELS", "hub_id",
+           "lacks_torch_weights", "model_source", "check_source", "check_positions", "classifier_shapes"]
 
 
 # Packaged model names -> (local directory builder, the hub id the same weights have online).
@@ -90,29 +91,61 @@ def model_source(name: str) -> str:
     return str(PACKAGED_MODELS[name][0]()) if name in PACKAGED_MODELS else name
 
 
-def classifier_shapes(name: str, num_labels: int) -> tuple[dict, tuple[tuple[str, str], ...]]:
-    """The parameter shapes (``jax.ShapeDtypeStruct`` leaves) and kernel axes of ``name``'s sequence classifier,
-    traced from its config without loading or drawing any weight; a ModelError when there is no such class."""
-    from transformers import FlaxAutoModelForSequenceClassification
+def flax_classes():
+    """transformers' Flax (linen) module: the classes ``--backend linen`` runs; a ModelError in one line when the
+    installed transformers has none (version 5 removed them)."""
+    try:
+        import transformers.models.auto.modeling_flax_auto as flax_auto
+    except ImportError:
+        import transformers
 
+        raise ModelError(f"--backend linen runs transformers' Flax classes, which transformers "
+                         f"{transformers.__version__} does not have (version 5 removed them); install the legacy "
+                         "extra, pip install 'vera_jax[hf-flax]' (transformers<5), or use --backend nnx.") from None
+    return flax_auto
+
+
+def classifier_shapes(name: str, num_labels: int, backend: str = "linen") -> tuple[dict, tuple[tuple[str, str], ...]]:
+    """The parameter shapes (``jax.ShapeDtypeStruct`` leaves) and kernel axes of ``name``'s sequence classifier on
+    ``backend``, traced from its config without loading or drawing any weight; a ModelError when there is no such
+    class."""
+    if backend != "linen":
+        from train.models.nnx_classifier import parameter_shapes
+
+        return parameter_shapes(_encoder_config(name, num_labels, backend), scan_layers=backend == "nnx")
     config = _classifier_config(name, num_labels)
-    model = FlaxAutoModelForSequenceClassification.from_config(config, _do_init=False)
+    model = flax_classes().FlaxAutoModelForSequenceClassification.from_config(config, _do_init=False)
     return model.params_shape_tree, config_kernel_axes(config)
+
+
+def _read_config(name: str, **kwargs):
+    """``name``'s transformers config; a ModelError when it cannot be read."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_source(name), **kwargs)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"Cannot read a model config from {name!r}: {err}") from None
+
+
+def _encoder_config(name: str, num_labels: int, backend: str):
+    """The NNX encoder's config for ``name`` with ``num_labels`` outputs; a ModelError for other model types."""
+    from train.models.nnx_encoder import EncoderConfig
+
+    try:
+        return EncoderConfig.from_hf(_read_config(name), num_labels)
+    except ValueError as err:
+        raise ModelError(f"{name!r}: {err} (--backend {backend})") from None
 
 
 def _classifier_config(name: str, num_labels: int):
     """``name``'s config with ``num_labels`` outputs; a ModelError when it cannot be read or names a model type
     without a Flax sequence-classification class."""
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_flax_auto import FLAX_MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
-
-    try:
-        config = AutoConfig.from_pretrained(model_source(name), num_labels=num_labels)
-    except (OSError, ValueError) as err:
-        raise ModelError(f"Cannot read a model config from {name!r}: {err}") from None
-    if config.model_type not in FLAX_MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
+    mapping = flax_classes().FLAX_MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+    config = _read_config(name, num_labels=num_labels)
+    if config.model_type not in mapping:
         raise ModelError(f"{name!r} is a {config.model_type!r} model, which has no Flax sequence-classification class "
-                         f"in transformers; use one of {sorted(FLAX_MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)}.")
+                         f"in transformers; use one of {sorted(mapping)}.")
     return config
 
 
@@ -178,30 +211,29 @@ def load_causal_lm(name: str, dtype: str = "float32", max_positions: int | None 
     long as its positions (stock Flax Mistral would let each token attend to itself only).
     """
     import jax.numpy as jnp
-    from transformers import AutoConfig, AutoTokenizer, FlaxAutoModelForCausalLM
-    from transformers.models.auto.modeling_flax_auto import FLAX_MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    from train.models.llama_rope import ROPE_THETA_CLASSES, needs_rope_theta
+    from transformers import AutoTokenizer
 
     if dtype not in ("float32", "bfloat16"):
         raise ModelError(f"--base-dtype must be 'float32' or 'bfloat16', got {dtype!r}.")
     source = model_source(name)
-    try:
-        config = AutoConfig.from_pretrained(source)
-    except (OSError, ValueError) as err:
-        raise ModelError(f"Cannot read a model config from {name!r}: {err}") from None
+    config = _read_config(name)
     if backend != "linen":
         return _load_nnx(name, source, config, dtype, backend, scan_remat), AutoTokenizer.from_pretrained(source)
-    if config.model_type not in FLAX_MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    flax_auto = flax_classes()
+    from train.models.llama_rope import ROPE_THETA_CLASSES, needs_rope_theta
+
+    mapping = flax_auto.FLAX_MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if config.model_type not in mapping:
         raise ModelError(f"{name!r} is a {config.model_type!r} model, which has no Flax causal-LM class in "
-                         f"transformers; use one of {sorted(FLAX_MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)}.")
+                         f"transformers; use one of {sorted(mapping)}.")
     if max_positions is not None and config.model_type in ROPE_THETA_CLASSES:
         config.max_position_embeddings = min(config.max_position_embeddings, max_positions)
     if config.model_type == "mistral" and config.sliding_window is None:
         # Flax Mistral builds its mask as triu(causal, -(sliding_window or 0)): no window would mean each
         # token sees itself only. A window as long as the positions is no window at all.
         config.sliding_window = config.max_position_embeddings
-    auto_class = ROPE_THETA_CLASSES[config.model_type] if needs_rope_theta(config) else FlaxAutoModelForCausalLM
+    auto_class = ROPE_THETA_CLASSES[config.model_type] if needs_rope_theta(config) else \
+        flax_auto.FlaxAutoModelForCausalLM
     model = _load_flax(auto_class, source, config=config, dtype=getattr(jnp, dtype))
     if dtype == "bfloat16":
         model.params = model.to_bf16(model.params)
@@ -215,34 +247,58 @@ def _load_nnx(name: str, source: str, config, dtype: str, backend: str, scan_rem
     if config.model_type != "llama":
         raise ModelError(f"{name!r} is a {config.model_type!r} model; --backend {backend} runs Llama-architecture "
                          "models (SmolLM2, Llama): use --backend linen for it.")
-    directory = Path(source)
-    if not directory.is_dir():
-        from huggingface_hub import snapshot_download
-
-        directory = Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
     try:
-        return load_nnx_causal_lm(directory, config, hub_id(name), dtype=dtype, scan_layers=backend == "nnx",
-                                  scan_remat=scan_remat)
+        return load_nnx_causal_lm(_safetensors_directory(source), config, hub_id(name), dtype=dtype,
+                                  scan_layers=backend == "nnx", scan_remat=scan_remat)
     except ValueError as err:
         raise ModelError(f"{name!r}: {err}") from None
 
 
-def load_classifier(name: str, num_labels: int, seed: int = 0):
-    """``(model, tokenizer)`` of a sequence classifier (an `HfFlaxModel`); PyTorch/safetensors checkpoints are
-    converted by transformers (``from_pt``).
+def load_classifier(name: str, num_labels: int, seed: int = 0, backend: str = "linen"):
+    """``(model, tokenizer)`` of a sequence classifier (a `train.models.interface.Model`).
 
-    Leaves the checkpoint lacks (a new head) are transformers' initialisation from ``seed``, as
-    ``model.init_weights(jax.random.PRNGKey(seed), model.input_shape)`` draws them.
+    ``backend``: ``"nnx"`` (a BERT or RoBERTa checkpoint's PyTorch-named safetensors as
+    `train.models.nnx_classifier.NnxClassifier`, layers stacked and scanned), ``"nnx-listed"`` (the same, layers in
+    a list) or ``"linen"`` (transformers' Flax class, an `HfFlaxModel`; PyTorch/safetensors checkpoints are
+    converted).
+
+    Leaves the checkpoint lacks (a new head, or one of another size) are drawn from ``seed``: the NNX encoder's
+    initialisation, or transformers' ``model.init_weights(jax.random.PRNGKey(seed), model.input_shape)``.
     """
-    from transformers import AutoTokenizer, FlaxAutoModelForSequenceClassification
+    from transformers import AutoTokenizer
 
     source = model_source(name)
+    if backend != "linen":
+        return _load_nnx_classifier(name, source, num_labels, seed, backend), AutoTokenizer.from_pretrained(source)
+    auto_class = flax_classes().FlaxAutoModelForSequenceClassification
     config = _classifier_config(name, num_labels)
     # A head of another size (other labels, or regression) is re-initialised: it is trained in full anyway.
     local = Path(source)
     if local.is_dir() and not _has_flax_weights(local) and (local / "model.safetensors").is_file():
-        model = _from_safetensors(FlaxAutoModelForSequenceClassification, local, config, seed)
+        model = _from_safetensors(auto_class, local, config, seed)
     else:
-        model = _load_flax(FlaxAutoModelForSequenceClassification, source, config=config, ignore_mismatched_sizes=True,
-                           seed=seed)
+        model = _load_flax(auto_class, source, config=config, ignore_mismatched_sizes=True, seed=seed)
     return HfFlaxModel(model, hub_id(name)), AutoTokenizer.from_pretrained(source)
+
+
+def _load_nnx_classifier(name: str, source: str, num_labels: int, seed: int, backend: str):
+    """The NNX encoder of a local directory, or of a hub repository's safetensors (fetched once)."""
+    from train.models.nnx_classifier import load_nnx_classifier
+
+    _encoder_config(name, num_labels, backend)  # a model type the NNX encoder does not build fails here
+    try:
+        config = _read_config(name, num_labels=num_labels)
+        return load_nnx_classifier(_safetensors_directory(source), config, hub_id(name), num_labels=num_labels,
+                                   seed=seed, scan_layers=backend == "nnx")
+    except ValueError as err:
+        raise ModelError(f"{name!r}: {err}") from None
+
+
+def _safetensors_directory(source: str) -> Path:
+    """``source`` itself when it is a directory, else the hub repository's config, safetensors and tokenizer."""
+    directory = Path(source)
+    if directory.is_dir():
+        return directory
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.txt"]))

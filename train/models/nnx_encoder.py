@@ -25,7 +25,7 @@ from flax import nnx
 
 from vera_jax import paths
 
-__all__ = ["EncoderConfig", "EncoderForSequenceClassification", "from_torch", "load"]
+__all__ = ["EncoderConfig", "EncoderForSequenceClassification", "torch_leaves", "from_torch", "load"]
 
 KINDS = ("bert", "roberta")
 
@@ -277,24 +277,33 @@ def _stack_layers(flat: dict[str, np.ndarray], root: str) -> dict[str, np.ndarra
     return out | {path: np.stack([by_layer[i] for i in sorted(by_layer)]) for path, by_layer in rows.items()}
 
 
-def from_torch(state_dict: Mapping[str, np.ndarray], config: EncoderConfig, *, scan_layers: bool = False,
-               seed: int = 0) -> EncoderForSequenceClassification:
-    """The NNX model holding a PyTorch BERT or RoBERTa's weights (numpy arrays by their PyTorch names, with or
-    without the ``bert.``/``roberta.`` prefix of a classifier's checkpoint). A head the weights lack (a
-    base model's checkpoint) is drawn from ``seed`` as transformers initialises it.
-
-    Raises:
-      ValueError: weights missing from, or foreign to, this model (the head excepted).
-    """
-    model = EncoderForSequenceClassification(config, scan_layers=scan_layers, rngs=nnx.Rngs(seed))
+def torch_leaves(state_dict: Mapping[str, np.ndarray], config: EncoderConfig, *,
+                 scan_layers: bool = False) -> dict[str, np.ndarray]:
+    """A PyTorch BERT or RoBERTa's weights (numpy arrays by their PyTorch names, with or without the
+    ``bert.``/``roberta.`` prefix of a classifier's checkpoint) by their paths in this model (stacked when
+    ``scan_layers``); Linear weights transposed into (in, out) kernels."""
     prefix = config.kind + "."
     named = {(name if name.startswith((prefix, "classifier.")) else prefix + name): value
              for name, value in state_dict.items() if not name.endswith("position_ids")}
     flat = dict(_nnx_leaf(name, np.asarray(value)) for name, value in named.items())
-    if scan_layers:
-        flat = _stack_layers(flat, f"{config.kind}/encoder/layer")
+    return _stack_layers(flat, f"{config.kind}/encoder/layer") if scan_layers else flat
+
+
+def from_torch(state_dict: Mapping[str, np.ndarray], config: EncoderConfig, *, scan_layers: bool = False,
+               seed: int = 0) -> EncoderForSequenceClassification:
+    """The NNX model holding a PyTorch BERT or RoBERTa's weights (see `torch_leaves`). A head the weights lack
+    (a base model's checkpoint) or hold in another size (other labels) is drawn from ``seed`` as transformers
+    initialises it.
+
+    Raises:
+      ValueError: weights missing from, or foreign to, this model (the head excepted).
+    """
+    model = EncoderForSequenceClassification(config, scan_layers=scan_layers, rngs=nnx.Rngs(seed, dropout=seed))
+    flat = torch_leaves(state_dict, config, scan_layers=scan_layers)
     state = nnx.state(model, nnx.Param)
     current = paths.flatten(nnx.to_pure_dict(state))
+    flat = {path: value for path, value in flat.items()
+            if not (path.startswith("classifier/") and path in current and value.shape != current[path].shape)}
     missing = sorted(path for path in set(current) - set(flat) if not path.startswith("classifier/"))
     unexpected = sorted(set(flat) - set(current))
     wrong = sorted(path for path in set(flat) & set(current) if flat[path].shape != current[path].shape)

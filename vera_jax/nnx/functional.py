@@ -22,11 +22,15 @@ __all__ = ["functional"]
 
 
 def functional(model: nnx.Module, *, path: str | None = None) -> Callable:
-    """``call(params, adapter, *args, **kwargs)``: ``model(*args, **kwargs)`` with the base's ``params``
-    (as `vera_jax.nnx.split` gives them) and ``adapter``'s vectors and A/B, on ``path``.
+    """``call(params, adapter, *args, stream_keys=None, **kwargs)``: ``model(*args, **kwargs)`` with the base's
+    ``params`` (as `vera_jax.nnx.split` gives them) and ``adapter``'s vectors and A/B, on ``path``.
 
     The model is only a template: its own values are not read for the leaves ``params`` and ``adapter``
-    give, and nothing is written to it.
+    give, and nothing is written to it. Its RNG streams (a dropout's) start from the template's keys, or from
+    ``stream_keys`` (``{"dropout": key}``: each named stream reseeded from its key, split to the stream's shape
+    for stacked layers, as ``nnx.reseed(..., policy="match_shape")`` does), so a training step passes a new key.
+    Leaves of ``adapter.trainable`` that are not VeRA vectors (its ``modules_to_save``, a head trained in full)
+    replace the base's.
 
     Args:
       model: a model adapted by `vera_jax.nnx.attach`.
@@ -49,13 +53,16 @@ def functional(model: nnx.Module, *, path: str | None = None) -> Callable:
             module.vera_path = attached[name]
     layout = nnx.to_pure_dict(template)
 
-    def call(params, adapter: Adapter, *args, **kwargs):
+    def call(params, adapter: Adapter, *args, stream_keys: dict | None = None, **kwargs):
         config, layers = adapter_config(model, adapter, params)  # shapes only: fine under jit
         layer_vectors(params, adapter.replace(config=config), layers=layers)
         flat = flatten(params) | flatten(adapter.trainable)
         flat |= {f"{PROJECTIONS}{SEP}A": adapter.projections.A, f"{PROJECTIONS}{SEP}B": adapter.projections.B}
         state = jax.tree.map(lambda leaf: leaf, template)  # fresh variables, filled below
         nnx.replace_by_pure_dict(state, unflatten(flat, like=layout))
-        return nnx.merge(graphdef, state)(*args, **kwargs)
+        adapted = nnx.merge(graphdef, state)
+        if stream_keys:
+            nnx.reseed(adapted, policy="match_shape", **stream_keys)
+        return adapted(*args, **kwargs)
 
     return call

@@ -1,0 +1,158 @@
+"""A BERT or RoBERTa sequence classifier in Flax NNX (`train.models.nnx_encoder`), presented to the jobs as a
+`train.models.interface.Model`: the adapted model is a pure function of (params, adapter) on either path
+(`vera_jax.nnx.functional`), with the model's dropout drawn from the step's key and the head trained in full
+through the adapter's ``modules_to_save``.
+
+Weights come from a directory of PyTorch-named safetensors (the packaged MiniLM, or any BERT or RoBERTa
+checkpoint); no transformers model class and no PyTorch are involved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+from flax import nnx
+
+import vera_jax
+import vera_jax.nnx
+from train.models import nnx_encoder
+
+__all__ = ["NnxClassifier", "load_nnx_classifier", "parameter_shapes", "stack_root"]
+
+
+def stack_root(kind: str) -> str:
+    """Where a scanned encoder's stacked layers live; PyTorch numbers them ``{kind}.encoder.layer.{i}``."""
+    return f"{kind}/encoder/layer"
+
+
+def _kernel_axes(kind: str, scan_layers: bool) -> tuple[tuple[str, str], ...]:
+    """``nnx.Linear`` kernels are (in, out); a stack's have the layer axis first."""
+    return ((f"{stack_root(kind)}/.*", "lio"),) if scan_layers else ()
+
+
+def parameter_shapes(config: nnx_encoder.EncoderConfig, scan_layers: bool) -> tuple[dict, tuple]:
+    """The params' shapes (``jax.ShapeDtypeStruct`` leaves) and kernel axes of the classifier ``config`` builds,
+    traced without drawing any weight."""
+    model = nnx.eval_shape(lambda: nnx_encoder.EncoderForSequenceClassification(
+        config, scan_layers=scan_layers, rngs=nnx.Rngs(0)))
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param)), _kernel_axes(config.kind, scan_layers)
+
+
+class NnxClassifier:
+    """An `nnx_encoder.EncoderForSequenceClassification` split into its graphdef, params (a plain nested dict) and
+    the rest of its state (its dropout streams)."""
+
+    def __init__(self, model: nnx_encoder.EncoderForSequenceClassification, config, base_model_name: str,
+                 drawn: tuple[str, ...] = ()):
+        """``config``: the transformers config of the checkpoint; ``base_model_name``: what a PEFT adapter records
+        as its base; ``drawn``: the param paths the checkpoint lacked (a new head), drawn at load."""
+        self.config = config
+        self.base_model_name = base_model_name
+        self.kind = model.config.kind
+        self.encoder_config = model.config
+        self.scan_layers = getattr(model, self.kind).encoder.scan_layers
+        self.drawn = drawn
+        self.graphdef, self._state = nnx.split(model)
+        self.params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+    @property
+    def stacks(self) -> tuple[str, ...]:
+        return (stack_root(self.kind),) if self.scan_layers else ()
+
+    @property
+    def kernel_axes(self) -> tuple[tuple[str, str], ...]:
+        return _kernel_axes(self.kind, self.scan_layers)
+
+    def module(self, params: dict) -> nnx_encoder.EncoderForSequenceClassification:
+        """The NNX model holding ``params`` (its own variables; nothing is copied eagerly under jit)."""
+        state = jax.tree.map(lambda leaf: leaf, self._state)
+        nnx.replace_by_pure_dict(state, params)
+        return nnx.merge(self.graphdef, state)
+
+    def logits(self, params: dict, batch: dict, rng: jax.Array | None) -> jax.Array:
+        model = self.module(params)
+        if rng is not None:
+            nnx.reseed(model, policy="match_shape", dropout=rng)
+        return model(batch["input_ids"], batch["attention_mask"], train=rng is not None)
+
+    def vera_logits(self, path: str, config: vera_jax.VeraConfig) -> Callable:
+        """The model with VeRA attached on ``path``; the head (``config.modules_to_save``) comes from the adapter's
+        trainable leaves. The key splits into the model's dropout and VeRA's, as the linen models' does."""
+        if config.dropout > 0:
+            raise ValueError("VeRA dropout is not offered on NNX models yet; use dropout=0.0 or the linen backend.")
+        template = vera_jax.nnx.attach(self.module(self.params), dataclasses.replace(config, modules_to_save=()),
+                                       path=path)
+        call = vera_jax.nnx.functional(template)
+
+        def logits(params, adapter, batch, rng):
+            keys = None if rng is None else {"dropout": jax.random.split(rng)[0]}
+            return call(params, adapter, batch["input_ids"], batch["attention_mask"], train=rng is not None,
+                        stream_keys=keys)
+
+        return logits
+
+    def mixed_logits(self, config: vera_jax.VeraConfig) -> Callable:
+        """Through `vera_jax.nnx.mixed`, which serves VeRA's vectors only: each adapter's head would be dropped, so
+        a ``config`` with ``modules_to_save`` is refused."""
+        if config.modules_to_save:
+            raise ValueError("Serving many adapters in one batch on an NNX classifier takes adapters without "
+                             f"modules_to_save; these train {config.modules_to_save} in full.")
+        graphdef, state = nnx.split(vera_jax.nnx.attach(self.module(self.params), config, path="activation"))
+
+        def logits(params, stacked, adapter_ids, batch):
+            state_now = jax.tree.map(lambda leaf: leaf, state)
+            nnx.replace_by_pure_dict(state_now, params)
+            adapted = nnx.merge(graphdef, state_now)
+            with vera_jax.nnx.mixed(adapted, stacked, adapter_ids):
+                return adapted(batch["input_ids"], batch["attention_mask"])
+
+        return logits
+
+    def hoists_merge(self, path) -> bool:
+        """On the merged path: `logits` runs the base on merged params, so a run merges once a step."""
+        return isinstance(path, str) and path == "merged"
+
+    def initial_params(self, seed: int) -> dict:
+        """The params as loaded, with the leaves the checkpoint lacked drawn again from ``seed``."""
+        if not self.drawn:
+            return self.params
+        fresh = nnx_encoder.EncoderForSequenceClassification(self.encoder_config, scan_layers=self.scan_layers,
+                                                             rngs=nnx.Rngs(seed, dropout=seed))
+        drawn = vera_jax.paths.flatten(nnx.to_pure_dict(nnx.state(fresh, nnx.Param)))
+        flat = vera_jax.paths.flatten(self.params) | {path: drawn[path] for path in self.drawn}
+        return vera_jax.paths.unflatten(flat, like=self.params)
+
+    def save_merged(self, directory, adapter, *, tokenizer, safetensors: bool, overwrite: bool) -> Path:
+        raise ValueError("a merged model is written as a transformers Flax model; an NNX classifier's adapter "
+                         "exports as a PEFT or LoRA adapter.")
+
+
+def load_nnx_classifier(directory: Path, config, base_model_name: str, *, num_labels: int, seed: int = 0,
+                        scan_layers: bool = False) -> NnxClassifier:
+    """The BERT or RoBERTa checkpoint in ``directory`` (``*.safetensors``, PyTorch names; ``config`` its
+    transformers config) with a head of ``num_labels`` outputs; a head the checkpoint lacks (or holds in another
+    size) is drawn from ``seed``.
+
+    Raises:
+      ValueError: no safetensors weights there, a model type the NNX encoder does not build, or weights that
+        do not fit the config.
+    """
+    from safetensors.numpy import load_file
+
+    files = sorted(Path(directory).glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{directory} holds no .safetensors weights; the NNX backend reads PyTorch-named "
+                         "safetensors (use --backend linen for other checkpoints).")
+    state_dict = {}
+    for file in files:
+        state_dict |= load_file(file)
+    encoder_config = nnx_encoder.EncoderConfig.from_hf(config, num_labels)
+    model = nnx_encoder.from_torch(state_dict, encoder_config, scan_layers=scan_layers, seed=seed)
+    stored = nnx_encoder.torch_leaves(state_dict, encoder_config, scan_layers=scan_layers)
+    params = vera_jax.paths.flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    drawn = tuple(sorted(path for path, value in params.items()
+                         if path not in stored or stored[path].shape != value.shape))
+    return NnxClassifier(model, config, base_model_name, drawn)
