@@ -60,16 +60,23 @@ def train_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
             "--batch-size", "8", "--max-length", "16", "--log-every", "1", "--eval-batch-size", "16", *extra]
 
 
-def xla_flags(devices: int) -> str:
-    """This run's XLA flags (conftest's) with ``devices`` simulated CPU devices, for a subprocess."""
-    return f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+UNOPTIMISED = "--xla_backend_optimization_level=0"  # the suite's XLA flag (conftest): tiny models compile faster
+
+
+def xla_flags(devices: int, optimised: bool = False) -> str:
+    """This run's XLA flags (conftest's) with ``devices`` simulated CPU devices, for a subprocess; ``optimised``
+    drops `UNOPTIMISED`, for a subprocess whose compute outweighs its compiling (a real model's training)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if optimised:
+        flags = flags.replace(UNOPTIMISED, "")
+    return f"{flags} --xla_force_host_platform_device_count={devices}".strip()
 
 
 def run_subprocess(args: list[str], devices: int = 1, timeout: float = 600, env_extra: dict | None = None,
-                   **kwargs) -> subprocess.CompletedProcess:
+                   optimised: bool = False, **kwargs) -> subprocess.CompletedProcess:
     """``python -m train ARGS`` in a fresh interpreter with ``devices`` simulated CPU devices (and ``env_extra``
-    in its environment)."""
-    env = {**os.environ, "XLA_FLAGS": xla_flags(devices), "JAX_PLATFORMS": "cpu",
+    in its environment; ``optimised``: see `xla_flags`)."""
+    env = {**os.environ, "XLA_FLAGS": xla_flags(devices, optimised), "JAX_PLATFORMS": "cpu",
            **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "train", *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout, **kwargs)

@@ -20,6 +20,7 @@ from flax import nnx
 import vera_jax
 import vera_jax.nnx
 from train.models import nnx_llama
+from train.models.torch_weights import read_safetensors
 
 __all__ = ["NnxCausalLM", "load_nnx_causal_lm", "STACK"]
 
@@ -153,15 +154,7 @@ def load_nnx_causal_lm(directory: Path, config, base_model_name: str, *, dtype: 
     Raises:
       ValueError: no safetensors weights there, or weights that do not fit ``config``.
     """
-    from safetensors.numpy import load_file
-
-    files = sorted(Path(directory).glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"{directory} holds no .safetensors weights; the NNX backend reads PyTorch-named "
-                         "safetensors (use --backend linen for other checkpoints).")
-    state_dict = {}
-    for file in files:
-        state_dict |= load_file(file)
+    state_dict = read_safetensors(directory)
     if dtype != "float32":
         state_dict = {name: value.astype(np.float32).astype(jnp.dtype(dtype)) for name, value in state_dict.items()}
     model = nnx_llama.from_torch(state_dict, nnx_llama.LlamaConfig.from_hf(config), scan_layers=scan_layers,

@@ -19,6 +19,7 @@ from flax import nnx
 import vera_jax
 import vera_jax.nnx
 from train.models import nnx_encoder
+from train.models.torch_weights import read_safetensors
 
 __all__ = ["NnxClassifier", "load_nnx_classifier", "parameter_shapes", "stack_root"]
 
@@ -140,15 +141,7 @@ def load_nnx_classifier(directory: Path, config, base_model_name: str, *, num_la
       ValueError: no safetensors weights there, a model type the NNX encoder does not build, or weights that
         do not fit the config.
     """
-    from safetensors.numpy import load_file
-
-    files = sorted(Path(directory).glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"{directory} holds no .safetensors weights; the NNX backend reads PyTorch-named "
-                         "safetensors (use --backend linen for other checkpoints).")
-    state_dict = {}
-    for file in files:
-        state_dict |= load_file(file)
+    state_dict = read_safetensors(directory)
     encoder_config = nnx_encoder.EncoderConfig.from_hf(config, num_labels)
     model = nnx_encoder.from_torch(state_dict, encoder_config, scan_layers=scan_layers, seed=seed)
     stored = nnx_encoder.torch_leaves(state_dict, encoder_config, scan_layers=scan_layers)
