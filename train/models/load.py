@@ -285,9 +285,8 @@ def _load_nnx_classifier(name: str, source: str, num_labels: int, seed: int, bac
     """The NNX encoder of a local directory, or of a hub repository's safetensors (fetched once)."""
     from train.models.nnx_classifier import load_nnx_classifier
 
-    _encoder_config(name, num_labels, backend)  # a model type the NNX encoder does not build fails here
+    config = _read_config(name, num_labels=num_labels)
     try:
-        config = _read_config(name, num_labels=num_labels)
         return load_nnx_classifier(_safetensors_directory(source), config, hub_id(name), num_labels=num_labels,
                                    seed=seed, scan_layers=backend == "nnx")
     except ValueError as err:

@@ -20,6 +20,7 @@ from flax import nnx
 import vera_jax
 import vera_jax.nnx
 from train.models import nnx_llama
+from train.models.nnx_state import holding
 from train.models.torch_weights import read_safetensors
 
 __all__ = ["NnxCausalLM", "load_nnx_causal_lm", "STACK"]
@@ -62,7 +63,7 @@ class NnxCausalLM:
 
     def module(self, params) -> nnx_llama.LlamaForCausalLM:
         """The NNX model holding ``params`` (its own variables; nothing is copied eagerly under jit)."""
-        return _holding(self.graphdef, self._state, params)
+        return holding(self.graphdef, self._state, params)
 
     def __call__(self, input_ids, attention_mask=None, params=None, train: bool = False, dropout_rng=None) -> Output:
         del train, dropout_rng  # the Llama has no dropout
@@ -89,7 +90,7 @@ class NnxCausalLM:
         graphdef, state = nnx.split(vera_jax.nnx.attach(self.module(self.params), config, path="activation"))
 
         def logits(params, stacked, adapter_ids, batch):
-            adapted = _holding(graphdef, state, params)
+            adapted = holding(graphdef, state, params)
             with vera_jax.nnx.mixed(adapted, stacked, adapter_ids):
                 return adapted(batch["input_ids"], batch["attention_mask"])
 
@@ -127,13 +128,6 @@ class NnxCausalLM:
             ids, mask, done = step(self, params, ids, mask, done, position, pad_token_id,
                                    -1 if eos_token_id is None else eos_token_id)
         return Generated(ids)
-
-
-def _holding(graphdef: nnx.GraphDef, state: nnx.State, params: dict) -> nnx.Module:
-    """The module of ``graphdef`` and ``state`` with ``params`` (a pure dict) in place of the values it names."""
-    state = jax.tree.map(lambda leaf: leaf, state)
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)
 
 
 def _greedy_step(model: NnxCausalLM, params, ids, mask, done, position, pad_id, eos_id):

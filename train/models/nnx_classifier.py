@@ -19,6 +19,7 @@ from flax import nnx
 import vera_jax
 import vera_jax.nnx
 from train.models import nnx_encoder
+from train.models.nnx_state import holding
 from train.models.torch_weights import read_safetensors
 
 __all__ = ["NnxClassifier", "load_nnx_classifier", "parameter_shapes", "stack_root"]
@@ -69,9 +70,7 @@ class NnxClassifier:
 
     def module(self, params: dict) -> nnx_encoder.EncoderForSequenceClassification:
         """The NNX model holding ``params`` (its own variables; nothing is copied eagerly under jit)."""
-        state = jax.tree.map(lambda leaf: leaf, self._state)
-        nnx.replace_by_pure_dict(state, params)
-        return nnx.merge(self.graphdef, state)
+        return holding(self.graphdef, self._state, params)
 
     def logits(self, params: dict, batch: dict, rng: jax.Array | None) -> jax.Array:
         model = self.module(params)
@@ -104,9 +103,7 @@ class NnxClassifier:
         graphdef, state = nnx.split(vera_jax.nnx.attach(self.module(self.params), config, path="activation"))
 
         def logits(params, stacked, adapter_ids, batch):
-            state_now = jax.tree.map(lambda leaf: leaf, state)
-            nnx.replace_by_pure_dict(state_now, params)
-            adapted = nnx.merge(graphdef, state_now)
+            adapted = holding(graphdef, state, params)
             with vera_jax.nnx.mixed(adapted, stacked, adapter_ids):
                 return adapted(batch["input_ids"], batch["attention_mask"])
 
@@ -141,8 +138,8 @@ def load_nnx_classifier(directory: Path, config, base_model_name: str, *, num_la
       ValueError: no safetensors weights there, a model type the NNX encoder does not build, or weights that
         do not fit the config.
     """
+    encoder_config = nnx_encoder.EncoderConfig.from_hf(config, num_labels)  # other model types fail before the read
     state_dict = read_safetensors(directory)
-    encoder_config = nnx_encoder.EncoderConfig.from_hf(config, num_labels)
     model = nnx_encoder.from_torch(state_dict, encoder_config, scan_layers=scan_layers, seed=seed)
     stored = nnx_encoder.torch_leaves(state_dict, encoder_config, scan_layers=scan_layers)
     params = vera_jax.paths.flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
