@@ -20,6 +20,7 @@ from flax import nnx
 import vera_jax
 import vera_jax.nnx
 from train.models import nnx_llama
+from train.models import nnx_state
 from train.models.nnx_state import holding
 from train.models.torch_weights import read_safetensors
 
@@ -87,14 +88,7 @@ class NnxCausalLM:
     def mixed_logits(self, config: vera_jax.VeraConfig) -> Callable:
         """Through `vera_jax.nnx.mixed` on a template adapted with ``config``, whose own vectors and A/B are never
         read (the stack's are)."""
-        graphdef, state = nnx.split(vera_jax.nnx.attach(self.module(self.params), config, path="activation"))
-
-        def logits(params, stacked, adapter_ids, batch):
-            adapted = holding(graphdef, state, params)
-            with vera_jax.nnx.mixed(adapted, stacked, adapter_ids):
-                return adapted(batch["input_ids"], batch["attention_mask"])
-
-        return logits
+        return nnx_state.mixed_logits(self.module(self.params), config)
 
     def hoists_merge(self, path) -> bool:
         """Never: NNX models merge inside their own modules."""

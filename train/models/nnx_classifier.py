@@ -19,6 +19,7 @@ from flax import nnx
 import vera_jax
 import vera_jax.nnx
 from train.models import nnx_encoder
+from train.models import nnx_state
 from train.models.nnx_state import holding
 from train.models.torch_weights import read_safetensors
 
@@ -100,14 +101,7 @@ class NnxClassifier:
         if config.modules_to_save:
             raise ValueError("Serving many adapters in one batch on an NNX classifier takes adapters without "
                              f"modules_to_save; these train {config.modules_to_save} in full.")
-        graphdef, state = nnx.split(vera_jax.nnx.attach(self.module(self.params), config, path="activation"))
-
-        def logits(params, stacked, adapter_ids, batch):
-            adapted = holding(graphdef, state, params)
-            with vera_jax.nnx.mixed(adapted, stacked, adapter_ids):
-                return adapted(batch["input_ids"], batch["attention_mask"])
-
-        return logits
+        return nnx_state.mixed_logits(self.module(self.params), config)
 
     def hoists_merge(self, path) -> bool:
         """On the merged path: `logits` runs the base on merged params, so a run merges once a step."""
