@@ -55,10 +55,46 @@ STANDARD_PROMOTION = {
 }
 
 
+# Modules whose tests (nearly all) run transformers' Flax classes, marked ``hf_flax`` whole; elsewhere such a test
+# carries the mark itself. `make test` runs them in .venv-hf-flax (transformers 4.57), the rest in .venv
+# (transformers 5, which has no Flax classes).
+HF_FLAX = {
+    "test_ablations", "test_atomic", "test_checkpoint", "test_errors", "test_evaluation", "test_forward_paths",
+    "test_fuzz_files", "test_gguf_llama", "test_length_groups", "test_lora", "test_nnx_multi", "test_peft_files",
+    "test_peft_interop", "test_peft_parity", "test_reference_run", "test_training",
+}
+
+
+def pytest_ignore_collect(collection_path, config):
+    """With ``-m "not hf_flax"`` (make test's transformers-5 run) the `HF_FLAX` modules are not imported: every test
+    in them would be deselected, and some import transformers' Flax classes at the top."""
+    return collection_path.stem in HF_FLAX and config.getoption("markexpr") == "not hf_flax" or None
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         if item.module.__name__ in STANDARD_PROMOTION:
             item.add_marker("standard_promotion")
+        if item.module.__name__ in HF_FLAX:
+            item.add_marker("hf_flax")
+
+
+def _has_flax_classes() -> bool:
+    try:
+        import transformers.models.auto.modeling_flax_auto  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def pytest_runtest_setup(item):
+    """A test of transformers' Flax classes (marked ``hf_flax``) fails in one line where transformers has none: it
+    runs in the legacy environment, as `make test` does (``.venv-hf-flax/bin/python -m pytest -m hf_flax``)."""
+    if item.get_closest_marker("hf_flax") and not _has_flax_classes():
+        import transformers
+
+        pytest.fail(f"{item.nodeid} runs transformers' Flax classes, which transformers {transformers.__version__} "
+                    "lacks: run it in .venv-hf-flax (make test runs `-m hf_flax` there).", pytrace=False)
 
 
 @pytest.fixture(autouse=True)

@@ -19,8 +19,7 @@ def test_the_peft_job_schedules_learning_rates_as_optax_does(kind):
 
 
 def test_bench_job_runs_both_jobs_on_one_recipe(tmp_path):
-    pytest.importorskip("peft")
-    model = tiny_run.make_model(tmp_path / "model", pytorch_weights=True)
+    model = tiny_run.make_model(tmp_path / "model", weights=("pytorch",))
     data = tiny_run.make_csv(tmp_path / "data.csv")
     flags = (f"--model {model} --dataset {data} --r 8 --batch-size 8 --max-length 16 --eval-batch-size 16 "
              "--max-steps 12")

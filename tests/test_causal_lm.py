@@ -17,7 +17,6 @@ import vera_jax
 from train import assets
 from train.__main__ import main
 from train.models.gguf_llama import convert
-from train.models.llama_rope import FlaxLlamaForCausalLMRopeTheta
 from train.models.load import load_causal_lm
 from vera_jax import checkpoint
 from vera_jax.layers import LAMBDA_B, LAMBDA_D
@@ -81,6 +80,7 @@ def test_causal_lm_lowers_perplexity_and_writes_every_output(tiny, tmp_path):
     assert json.loads((out / "peft_adapter" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
 
 
+@pytest.mark.hf_flax
 def test_nnx_scanned_nnx_listed_and_linen_backends_train_alike(tiny, tmp_path):
     """The same data, steps and seed on the three implementations of the same Llama: the same perplexities,
     and the scanned stack's vectors are the listed layers' and linen's, layer by layer. The scanned stack
@@ -154,8 +154,8 @@ def test_causal_lm_bad_input(tiny, tmp_path, capsys):
         (_args(model_dir, data, tmp_path / "e", "--targets", "nonexistent"), "VeRA settings do not fit"),
         (_args(model_dir, data, tmp_path / "f", "--text-column", "prompt"), "has no column 'prompt'"),
         (_args(model_dir, data, tmp_path / "i", "--path", "auto"), "--path auto is not offered with --backend nnx"),
-        (_args(model_dir, data, tmp_path / "j", "--dropout", "0.1", "--path", "activation"),
-         "--dropout 0.1: VeRA dropout is not offered on NNX models yet"),
+        (_args(model_dir, data, tmp_path / "j", "--dropout", "0.1"),
+         "--dropout 0.1 acts on each adapted layer's input, which --path merged never computes"),
         (_args(model_dir, data, tmp_path / "l", "--head", "lm_head"),
          "--backend nnx trains no causal LM's modules in full (--head)"),
         (_args(model_dir, data, tmp_path / "k", "--backend", "nnx-listed", "--scan-remat", "full"),
@@ -167,6 +167,7 @@ def test_causal_lm_bad_input(tiny, tmp_path, capsys):
         assert message in capsys.readouterr().err, message
 
 
+@pytest.mark.hf_flax
 def test_causal_lm_on_gpt2_with_a_chat_template_file(tiny, tmp_path):
     """Another family through the same command: GPT-2 (Conv1D kernels, no chat template, no pad token)."""
     from tiny_llama import CHATML
@@ -270,11 +271,14 @@ def test_smollm2_tokenizer_round_trips(smollm2):
     assert tokenizer("<|im_start|><|im_end|>")["input_ids"] == [1, 2] and tokenizer.eos_token_id == 2
 
 
+@pytest.mark.hf_flax
 def test_smollm2_says_paris_and_matches_pytorch(smollm2):
     from transformers import LlamaForCausalLM
 
     directory, _ = smollm2
     tokenizer = AutoTokenizer.from_pretrained(directory)
+    from train.models.llama_rope import FlaxLlamaForCausalLMRopeTheta  # transformers<5
+
     model = FlaxLlamaForCausalLMRopeTheta.from_pretrained(directory, from_pt=True)
     ids = tokenizer("The capital of France is", return_tensors="np")["input_ids"]
     out = model.generate(ids, max_new_tokens=3, do_sample=False).sequences
@@ -311,6 +315,7 @@ def test_smollm2_on_nnx_says_paris_and_matches_pytorch(smollm2, smollm2_referenc
     assert max_rel_error(model(long_ids).logits, reference) < 1e-4
 
 
+@pytest.mark.hf_flax
 def test_bench_causal_workload_compares_bf16_and_float32_bases(tiny, tmp_path):
     model_dir, _ = tiny
     peaks = {}
@@ -354,6 +359,7 @@ def test_bench_multi_serves_mixed_adapters_on_the_nnx_model(tiny, tmp_path, caps
     assert "adapters in the batch" in capsys.readouterr().out
 
 
+@pytest.mark.hf_flax
 def test_causal_lm_on_mistral_with_its_rotary_base(tiny, tmp_path):
     """Mistral through the same command, configured like Mistral 7B v0.2 (rotary base 1e6, no sliding window).
 

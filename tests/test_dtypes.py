@@ -17,6 +17,7 @@ from vera_jax.plan import PATHS
 BF16_TOL = 4 * 2.0**-8
 
 
+@pytest.mark.hf_flax
 @pytest.mark.parametrize("path", PATHS)
 def test_bf16_base_matches_float32_reference(path):
     reference, low = families.bert(), families.bert(dtype=jnp.bfloat16)

@@ -24,6 +24,7 @@ def _adapters(family, count=K):
     return [families.random_adapter(family, seed=10 + k) for k in range(count)]
 
 
+@pytest.mark.hf_flax
 def test_stack_and_unstack_round_trip():
     family = families.bert()
     adapters = _adapters(family)
@@ -41,6 +42,7 @@ def test_stack_and_unstack_round_trip():
         jax.tree.map(np.testing.assert_array_equal, again, original)
 
 
+@pytest.mark.hf_flax
 def test_adapters_of_different_configs_do_not_stack():
     family = families.bert()
     adapter = vera_jax.init_adapter(family.params, family.config)
@@ -60,6 +62,7 @@ def test_adapters_of_different_configs_do_not_stack():
         vera_jax.num_adapters(adapter)  # one adapter: its leaves have no common leading axis
 
 
+@pytest.mark.hf_flax
 @pytest.mark.parametrize("build", [families.bert, families.gpt2, families.llama], ids=lambda f: f.__name__)
 def test_a_mixed_batch_gives_each_example_its_own_adapters_logits(build):
     family = build()
@@ -74,6 +77,7 @@ def test_a_mixed_batch_gives_each_example_its_own_adapters_logits(build):
         assert max_rel_error(np.asarray(mixed)[rows], np.asarray(alone)[rows]) < 1e-5, k
 
 
+@pytest.mark.hf_flax
 def test_adapter_ids_out_of_range():
     family = families.bert()
     stacked = vera_jax.stack(_adapters(family))
@@ -94,6 +98,7 @@ def _with_lambda_d(adapter, value):
         {path: jnp.full_like(leaf, value) if path.endswith(LAMBDA_D) else leaf for path, leaf in flat.items()}))
 
 
+@pytest.mark.hf_flax
 @pytest.mark.parametrize("adapters_per_pass", [None, 1, 2])  # all 3 at once; a scan of 3; a pass of 2, then 1
 def test_vmapped_training_equals_separate_runs(adapters_per_pass):
     family = families.bert()
@@ -189,6 +194,7 @@ print("max_rel", float(np.max(np.abs(np.asarray(out) - np.asarray(want))) / np.m
 """
 
 
+@pytest.mark.hf_flax
 def test_a_mixed_batch_sharded_over_8_devices_equals_one_device(tmp_path):
     """The batch (examples and their adapter ids) split over 8 simulated CPU devices, under jax.jit."""
     import os

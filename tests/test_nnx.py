@@ -4,6 +4,7 @@ rank-3/4 kernels, a linen nn.scan stack with the layer axis at 1; PEFT parity on
 from __future__ import annotations
 
 import ast
+import dataclasses
 import re
 
 import jax
@@ -68,6 +69,7 @@ CASES = {
 }
 
 
+@pytest.mark.hf_flax
 @pytest.mark.parametrize("case", CASES)
 def test_adapted_model_equals_base_at_init_and_merged_equals_activation(torch_llama, case):
     build, targets, inputs = CASES[case]
@@ -87,6 +89,7 @@ def test_adapted_model_equals_base_at_init_and_merged_equals_activation(torch_ll
         assert max_rel_error(got, want) < 1e-4
 
 
+@pytest.mark.hf_flax
 def test_stacked_vectors_carry_the_layer_axis_and_einsum_kernels_their_roles(torch_llama):
     config = vera_jax.VeraConfig(r=8, target_modules=LLAMA_TARGETS)
     scanned = vera_nnx.attach(llama(torch_llama, scan=True), config)
@@ -107,6 +110,7 @@ def test_stacked_vectors_carry_the_layer_axis_and_einsum_kernels_their_roles(tor
                     "attn_vec_einsum": ("iio", N * H, D)}
 
 
+@pytest.mark.hf_flax
 def test_scanned_stack_equals_the_same_layers_unstacked(torch_llama):
     config = vera_jax.VeraConfig(r=8, target_modules=LLAMA_TARGETS, projection_seed=5)
     listed = vera_nnx.attach(llama(torch_llama, scan=False), config, path="activation")
@@ -132,6 +136,7 @@ def test_scanned_stack_equals_the_same_layers_unstacked(torch_llama):
     assert max_rel_error(got, want) < 1e-4
 
 
+@pytest.mark.hf_flax
 @pytest.mark.parametrize("path", ["merged", "activation"])
 def test_scan_remat_changes_what_the_backward_pass_keeps_not_what_it_computes(torch_llama, path):
     """Each policy of the scanned stack gives the gradient of the stack without rematerialisation; the
@@ -164,6 +169,7 @@ def test_scan_remat_changes_what_the_backward_pass_keeps_not_what_it_computes(to
     assert options.SCAN_REMATS[0] == nnx_llama.DEFAULT_SCAN_REMAT
 
 
+@pytest.mark.hf_flax
 @pytest.mark.standard_promotion  # optax's AdamW: a Python float with its int32 step count
 @pytest.mark.parametrize("case", ["llama-scanned", "einsum"])
 def test_optimizer_trains_only_the_vectors_and_every_param_stays_bit_identical(torch_llama, case):
@@ -194,6 +200,7 @@ def test_optimizer_trains_only_the_vectors_and_every_param_stays_bit_identical(t
     assert all(jax.tree.leaves(changed))
 
 
+@pytest.mark.hf_flax
 @pytest.mark.parametrize("case", CASES)
 def test_pure_views_give_the_module_views_logits_and_gradients(torch_llama, case):
     """``vera_jax.merge`` over `split`'s params and base graphdef, and `vera_jax.nnx.functional` on either path."""
@@ -227,6 +234,7 @@ def test_pure_views_give_the_module_views_logits_and_gradients(torch_llama, case
     assert max_rel_error(flat(unmerged), flat(params)) < 1e-5
 
 
+@pytest.mark.hf_flax
 def test_checkpoint_of_an_nnx_adapter_restores_into_a_fresh_model(tmp_path, torch_llama):
     config = vera_jax.VeraConfig(r=8, target_modules=LLAMA_TARGETS)
     trained = vera_nnx.attach(llama(torch_llama, scan=True), config)
@@ -238,6 +246,7 @@ def test_checkpoint_of_an_nnx_adapter_restores_into_a_fresh_model(tmp_path, torc
     np.testing.assert_array_equal(fresh(IDS), trained(IDS))
 
 
+@pytest.mark.hf_flax
 @pytest.mark.parametrize("scan", [False, True], ids=["listed", "scanned"])
 def test_nnx_llama_reads_and_writes_peft_vera_files(tmp_path, torch_llama, scan):
     """PEFT's own files load into the NNX Llama and give PEFT's PyTorch logits; the NNX Llama's adapter,
@@ -270,6 +279,7 @@ def test_nnx_llama_reads_and_writes_peft_vera_files(tmp_path, torch_llama, scan)
     assert max_rel_error(logits, reference) > 1e-3  # the vectors written are the NNX model's, not PEFT's
 
 
+@pytest.mark.hf_flax
 def test_peft_files_of_a_stack_need_its_root_and_every_layer(tmp_path, torch_llama):
     model = vera_nnx.attach(llama(torch_llama, scan=True), vera_jax.VeraConfig(r=8, target_modules=LLAMA_TARGETS))
     _, params, adapter = vera_nnx.split(model)
@@ -330,6 +340,42 @@ def test_dropout_on_a_linen_scan_stack_with_the_layer_axis_at_1():
     np.testing.assert_array_equal(run(params, X), with_dropout)
 
 
+class OneLinear(nnx.Module):
+    def __init__(self):
+        self.proj = nnx.Linear(nnx_models.D, nnx_models.D, rngs=nnx.Rngs(1))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.proj(x)
+
+
+def test_vera_dropout_on_nnx_draws_from_the_key_on_the_activation_path_and_is_unbiased():
+    """`functional`'s ``dropout_key`` drops VeRA's input (of a scanned stack, each layer from its own key); no key, no
+    dropout; the mean over keys of a linear layer's output is the output without dropout; the merged path refuses."""
+    config = vera_jax.VeraConfig(r=8, target_modules=("blocks",), dropout=0.5)
+    stack = vera_nnx.attach(nnx_models.RematScanStack(nnx.Rngs(0)), config, path="activation")
+    randomise_vectors(stack)
+    _, params, adapter = vera_nnx.split(stack)
+    call = jax.jit(vera_nnx.functional(stack))
+    without = call(params, adapter, X)
+    np.testing.assert_array_equal(stack(X), without)
+    one, again, other = (call(params, adapter, X, dropout_key=jax.random.key(k)) for k in (7, 7, 8))
+    np.testing.assert_array_equal(one, again)
+    assert float(jnp.max(jnp.abs(one - other))) > 1e-3 and float(jnp.max(jnp.abs(one - without))) > 1e-3
+
+    layer = vera_nnx.attach(OneLinear(), dataclasses.replace(config, target_modules=("proj",)), path="activation")
+    randomise_vectors(layer)
+    graphdef, params, adapter = vera_nnx.split(layer)
+    call = vera_nnx.functional(layer)
+    keys = jax.random.split(jax.random.key(0), 4096)
+    dropped = jax.jit(jax.vmap(lambda key: call(params, adapter, X, dropout_key=key)))(keys)
+    base = nnx.merge(graphdef, params)(X)  # W0 x + bias
+    delta, mean_delta = call(params, adapter, X) - base, jnp.mean(dropped, axis=0) - base
+    assert float(jnp.std(dropped[:, 0, 0])) > 1e-3  # the masks vary across keys
+    assert max_rel_error(mean_delta, delta) < 0.05  # 4096 draws: E[dropout(x)] = x
+    with pytest.raises(ValueError, match="merged path never computes"):
+        vera_nnx.functional(layer, path="merged")(params, adapter, X, dropout_key=jax.random.key(1))
+
+
 class Unknown(nnx.Module):
     def __init__(self):
         self.kernel = nnx.Param(jnp.ones((4, 2, 3)))
@@ -381,6 +427,7 @@ def test_unknown_module_works_with_a_rule_and_a_layer_axis_that_does_not_fit_is_
         vera_nnx.attach(WithUnknown(), vera_jax.VeraConfig(r=4, target_modules=("proj",), kernel_axes={"proj": "lioo"}))
 
 
+@pytest.mark.hf_flax
 def test_attaching_twice_is_refused(torch_llama):
     config = vera_jax.VeraConfig(r=4, target_modules=LLAMA_TARGETS)
     model = vera_nnx.attach(llama(torch_llama, scan=True), config)

@@ -22,11 +22,20 @@ BACKENDS = ("linen", "nnx", "nnx-listed")
 STEPS = ("--max-steps", "6", "--lr-vectors", "0.05", "--lr-head", "0.05")
 
 
+def _still(root, weights: tuple[str, ...]):
+    """A tiny BERT without dropout in ``weights``, and its data."""
+    return tiny_run.make_model(root / "model", weights=weights, dropout=0.0), tiny_run.make_csv(root / "data.csv")
+
+
 @pytest.fixture(scope="module")
 def still(tmp_path_factory):
-    """A tiny BERT without dropout, in Flax and PyTorch weights of the same values, and its data."""
-    root = tmp_path_factory.mktemp("still")
-    return tiny_run.make_model(root / "model", pytorch_weights=True, dropout=0.0), tiny_run.make_csv(root / "data.csv")
+    return _still(tmp_path_factory.mktemp("still"), ("pytorch",))
+
+
+@pytest.fixture(scope="module")
+def still_both(tmp_path_factory):
+    """In Flax and PyTorch weights of the same values (transformers<5)."""
+    return _still(tmp_path_factory.mktemp("still-both"), ("pytorch", "flax"))
 
 
 def _trained(model_dir, out, backend: str) -> tuple[dict, vera_jax.Adapter]:
@@ -44,9 +53,10 @@ def _trained(model_dir, out, backend: str) -> tuple[dict, vera_jax.Adapter]:
     return leaves, adapter
 
 
+@pytest.mark.hf_flax
 @pytest.mark.standard_promotion  # the linen run: transformers' Flax BERT mixes dtypes (conftest)
-def test_the_nnx_job_trains_as_the_linen_job_on_the_same_weights(still, tmp_path):
-    model_dir, data = still
+def test_the_nnx_job_trains_as_the_linen_job_on_the_same_weights(still_both, tmp_path):
+    model_dir, data = still_both
     runs = {}
     for backend in BACKENDS:
         out = tmp_path / backend
@@ -71,7 +81,7 @@ def test_the_nnx_job_trains_as_the_linen_job_on_the_same_weights(still, tmp_path
 def test_the_models_paths_agree_and_its_dropout_draws_from_the_key(tmp_path_factory, backend):
     """Activation and merged paths, and the merge hoisted out of the step (`logits` on merged params), give one
     model; dropout is off without a key, and each key draws its own masks."""
-    model_dir = tiny_run.make_model(tmp_path_factory.mktemp("drop") / "model", pytorch_weights=True)
+    model_dir = tiny_run.make_model(tmp_path_factory.mktemp("drop") / "model", weights=("pytorch",))
     model = load_classifier(str(model_dir), 2, backend=backend)[0]
     config = vera_jax.VeraConfig(r=8, target_modules=("query", "value"), modules_to_save=("classifier",),
                                  kernel_axes=model.kernel_axes)
@@ -92,10 +102,11 @@ def test_the_models_paths_agree_and_its_dropout_draws_from_the_key(tmp_path_fact
 
 
 @pytest.mark.standard_promotion  # trains with optax's AdamW (conftest)
-def test_an_nnx_runs_peft_export_is_peft_in_pytorch_with_the_runs_logits(still, tmp_path):
+def test_an_nnx_runs_exports_load_in_pytorch_with_the_runs_logits(still, tmp_path):
+    """The run's peft_adapter/ through PyTorch PEFT, and its ``export --format hf`` through transformers alone."""
     import peft
     import torch
-    from transformers import BertForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
 
     model_dir, data = still
     out = tmp_path / "run"
@@ -111,6 +122,19 @@ def test_an_nnx_runs_peft_export_is_peft_in_pytorch_with_the_runs_logits(still, 
         theirs = served(input_ids=torch.from_numpy(ids.astype(np.int64))).logits.numpy()
     assert max_rel_error(theirs, ours) < 1e-5
     assert json.loads((out / "peft_adapter" / "adapter_config.json").read_text())["modules_to_save"] == ["classifier"]
+
+    merged = tmp_path / "merged"
+    assert main(["export", "--adapter", str(out / "adapter"), "--model", str(model_dir), "--format", "hf",
+                 "--output", str(merged)]) == 0
+    plain = AutoModelForSequenceClassification.from_pretrained(merged).eval()
+    with torch.no_grad():
+        theirs = plain(input_ids=torch.from_numpy(ids.astype(np.int64))).logits.numpy()
+    assert type(plain).__name__ == "BertForSequenceClassification"
+    assert max_rel_error(theirs, ours) < 1e-5
+    base = BertForSequenceClassification.from_pretrained(model_dir).eval()  # PEFT adapted the first one in place
+    with torch.no_grad():
+        base_logits = base(input_ids=torch.from_numpy(ids.astype(np.int64))).logits.numpy()
+    assert max_rel_error(theirs, base_logits) > 1e-3  # the adapter (and trained head) are in the weights
 
 
 def test_without_transformers_flax_classes_linen_is_one_line(still, tmp_path, monkeypatch, capsys):

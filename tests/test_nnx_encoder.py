@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 from conftest import max_rel_error, randomise_vectors
 
 import vera_jax
@@ -52,6 +53,22 @@ def test_logits_equal_pytorch_and_dropout_runs_in_training_only(saved, scan_laye
     np.testing.assert_array_equal(model(**inputs), logits)  # evaluation is deterministic
     first, second = model(**inputs, train=True), model(**inputs, train=True)
     assert float(jnp.max(jnp.abs(first - second))) > 1e-3 and float(jnp.max(jnp.abs(first - logits))) > 1e-3
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_to_torch_gives_back_every_pytorch_weight(saved, scan_layers):
+    """`to_torch` inverts the load: the model's params by PyTorch names are the checkpoint's state dict."""
+    from safetensors.numpy import load_file
+
+    kind, directory, _, _ = saved
+    state_dict = load_file(directory / "model.safetensors")
+    model = nnx_encoder.load(directory, scan_layers=scan_layers)
+    leaves = vera_jax.paths.flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    named = nnx_encoder.to_torch(leaves, model.config, scan_layers=scan_layers)
+    expected = {name: value for name, value in state_dict.items() if not name.endswith("position_ids")}
+    assert sorted(named) == sorted(expected)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(named[name], value, err_msg=name)
 
 
 def test_the_stack_is_the_list_and_vera_adapts_it_on_both_paths(saved):

@@ -35,6 +35,7 @@ def test_the_inference_flop_model_matches_xlas_count(r, tokens, n_in, n_out):
     assert cost.activation == pytest.approx(activation, rel=1 / r)
 
 
+@pytest.mark.hf_flax
 @pytest.mark.parametrize("r", [4, 256])
 def test_the_flop_model_scales_as_each_path_does(r):
     """The activation path's work grows with the tokens, three times over when training (a forward and two
@@ -60,6 +61,7 @@ def test_the_flop_model_scales_as_each_path_does(r):
     assert len(plan.explain().splitlines()) == len(layers) + 1
 
 
+@pytest.mark.hf_flax
 def test_a_plan_is_a_pure_value_that_jit_can_take_as_static():
     family = families.bert()
     plan = vera_jax.plan_paths(family.params, family.config, tokens=64)
@@ -76,6 +78,7 @@ def test_a_plan_is_a_pure_value_that_jit_can_take_as_static():
             planner(family.params, family.config, tokens=0)
 
 
+@pytest.mark.hf_flax
 def test_few_tokens_favour_activation_and_many_favour_merged_at_inference():
     family = families.bert()
     few = vera_jax.plan_paths(family.params, family.config, tokens=8, training=False)
@@ -102,6 +105,7 @@ def test_a_measured_plan_times_both_paths_and_picks_the_faster(n_in, n_out, r, t
     assert estimated.costs[0].choice == expected and "estimated" in estimated.summary()
 
 
+@pytest.mark.hf_flax
 def test_measurements_are_made_once_per_layer_shape():
     measured_seconds.cache_clear()
     family = families.llama()  # 14 adapted layers of 4 distinct (in, out) shapes
@@ -123,6 +127,7 @@ def test_rounds_warm_up_each_runner_then_time_one_call_of_each_per_round_in_a_sh
     assert all(t >= 0 for seconds in times.values() for t in seconds)
 
 
+@pytest.mark.hf_flax
 def test_layers_that_read_one_input_are_found_by_tracing_and_timed_together():
     family = families.llama()
     groups = vera_jax.shared_input_groups(family.apply, family.params, family.config, family.inputs)
@@ -144,6 +149,7 @@ def test_layers_that_read_one_input_are_found_by_tracing_and_timed_together():
             vera_jax.measured_plan(family.params, family.config, tokens=64, input_groups=(bad,) + groups)
 
 
+@pytest.mark.hf_flax
 def test_a_whole_step_plan_times_the_models_gradient_step_on_each_path():
     family = families.llama()
     adapter = families.random_adapter(family, seed=3)
@@ -158,6 +164,7 @@ def test_a_whole_step_plan_times_the_models_gradient_step_on_each_path():
     assert max_rel_error(got, want) < 1e-5
 
 
+@pytest.mark.hf_flax
 def test_a_mixed_plan_gives_the_same_logits():
     family = families.llama()
     plan = vera_jax.plan_paths(family.params, family.config, tokens=100)
@@ -209,6 +216,7 @@ def test_lean_vjp_keeps_only_the_r_sized_intermediate():
     assert full >= 4 * tokens * (n_out + r)  # autodiff holds the (tokens, out) product as well as (tokens, r)
 
 
+@pytest.mark.hf_flax
 def test_lean_path_trains_like_the_activation_path():
     family = families.bert()
     adapter = families.random_adapter(family)
@@ -225,6 +233,7 @@ def test_lean_path_trains_like_the_activation_path():
         assert max_rel_error(got, want) < 1e-5
 
 
+@pytest.mark.hf_flax
 def test_a_whole_model_plan_sends_every_layer_down_the_path_cheaper_in_total():
     family = families.llama()
     per_layer = vera_jax.plan_paths(family.params, family.config, tokens=100)

@@ -89,6 +89,7 @@ BAD_DATA = {
 }
 
 
+@pytest.mark.hf_flax
 @pytest.mark.parametrize("case", BAD_DATA)
 def test_bad_data_is_one_line_before_the_model_loads(tiny, tmp_path, monkeypatch, capsys, case):
     model, _ = tiny
@@ -129,6 +130,7 @@ BAD_MODELS = {
 }
 
 
+@pytest.mark.hf_flax
 @pytest.mark.parametrize("case", BAD_MODELS)
 def test_a_bad_model_is_one_line_in_seconds_before_the_weights_load(tiny, tmp_path, monkeypatch, capsys, case):
     model, data = tiny
@@ -148,6 +150,7 @@ def test_a_bad_model_is_one_line_in_seconds_before_the_weights_load(tiny, tmp_pa
     assert err.strip().splitlines()[-1].startswith("error: ") and err.count("error") == 1
 
 
+@pytest.mark.hf_flax
 def test_an_empty_dataset_name_is_refused(tiny, tmp_path, capsys):
     model, _ = tiny
     assert main(tiny_run.train_args(model, "", tmp_path / "run")) == 2
@@ -155,6 +158,7 @@ def test_an_empty_dataset_name_is_refused(tiny, tmp_path, capsys):
                                        "or local files.\n")
 
 
+@pytest.mark.hf_flax
 def test_max_length_beyond_the_positions_is_refused_before_the_weights_load(tiny, tmp_path, monkeypatch, capsys):
     model, data = tiny
     monkeypatch.setattr(classify, "load_classifier", lambda *a, **k: pytest.fail("the model loaded"))
@@ -162,6 +166,7 @@ def test_max_length_beyond_the_positions_is_refused_before_the_weights_load(tiny
     assert ("error: --max-length 65 exceeds the 64 positions of" in capsys.readouterr().err)
 
 
+@pytest.mark.hf_flax
 def test_a_resume_on_changed_data_is_refused(tiny, tmp_path, capsys):
     model, _ = tiny
     data = tiny_run.make_csv(tmp_path / "data.csv")
@@ -219,6 +224,7 @@ def _rerun(tiny, out):
                                     "--keep-checkpoints", "4"))
 
 
+@pytest.mark.hf_flax
 def test_a_resume_with_other_flags_is_refused_before_the_model_loads(tiny, straight, tmp_path, monkeypatch, capsys):
     model, data = tiny
     out = tmp_path / "run"
@@ -230,6 +236,7 @@ def test_a_resume_with_other_flags_is_refused_before_the_model_loads(tiny, strai
                      capsys.readouterr().err)
 
 
+@pytest.mark.hf_flax
 def test_damaged_newest_checkpoints_fall_back_to_the_newest_sound_one(tiny, straight, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(straight, out)
@@ -252,6 +259,7 @@ def test_damaged_newest_checkpoints_fall_back_to_the_newest_sound_one(tiny, stra
     assert steps == list(range(1, 9))  # the records past step 2 were dropped, not repeated
 
 
+@pytest.mark.hf_flax
 def test_no_sound_checkpoint_is_a_clear_error_and_nothing_is_removed(tiny, straight, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(straight, out)
@@ -275,6 +283,7 @@ def _stored_state(step_dir):
 
 @pytest.mark.parametrize("log_every, found", [("1", r"step 3: the training loss is (nan|inf)"),
                                               ("100", r"step 4: the trained state is not finite")])
+@pytest.mark.hf_flax
 def test_a_diverging_run_stops_and_keeps_its_last_finite_checkpoint(tiny, tmp_path, capsys, log_every, found):
     model, data = tiny
     out = tmp_path / "run"
@@ -314,6 +323,7 @@ def _hold_lock(out, seconds: float):
             holder.kill()
 
 
+@pytest.mark.hf_flax
 def test_a_second_run_on_a_busy_directory_is_refused_before_it_writes(tiny, tmp_path, monkeypatch, capsys):
     model, data = tiny
     out = tmp_path / "run"
@@ -341,6 +351,7 @@ def test_a_dead_owners_directory_is_taken_over_with_a_note(tmp_path, capsys):
     assert "note" not in capsys.readouterr().err
 
 
+@pytest.mark.hf_flax
 def test_two_runs_started_together_on_one_directory_one_is_refused(tiny, tmp_path):
     model, data = tiny
     out = tmp_path / "run"
@@ -358,6 +369,7 @@ def test_two_runs_started_together_on_one_directory_one_is_refused(tiny, tmp_pat
             if "loss" in r] == [1, 2]  # one run's records only
 
 
+@pytest.mark.hf_flax
 def test_an_empty_output_dir_is_refused(tiny, tmp_path, monkeypatch, capsys):
     model, data = tiny
     monkeypatch.chdir(tmp_path)

@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 
+@pytest.mark.hf_flax
 @pytest.mark.parametrize("num_labels, seed", [(2, 0), (3, 7)])  # the file's head, and a new head of another size
 def test_safetensors_load_equals_transformers_conversion(tmp_path, num_labels, seed):
     config = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
@@ -36,6 +37,7 @@ def test_safetensors_load_equals_transformers_conversion(tmp_path, num_labels, s
     assert model.params["classifier"]["kernel"].shape == (16, num_labels)
 
 
+@pytest.mark.hf_flax
 def test_the_command_line_fills_the_compile_cache(tmp_path):
     model = tiny_run.make_model(tmp_path / "model")
     args = tiny_run.train_args(model, tiny_run.make_csv(tmp_path / "data.csv"), tmp_path / "run", "--max-steps", "1")

@@ -42,6 +42,7 @@ def _adapter(model_dir, out):
     return {k: np.asarray(v) for k, v in flatten(adapter.trainable).items()}, params, adapter
 
 
+@pytest.mark.hf_flax
 def test_entry_point_writes_every_output_and_learns(tiny, tmp_path):
     model, data = tiny
     out = tmp_path / "run"
@@ -71,6 +72,7 @@ def test_entry_point_writes_every_output_and_learns(tiny, tmp_path):
     assert len(kept) == 2, kept  # --keep-checkpoints 2 by default
 
 
+@pytest.mark.hf_flax
 def test_entry_point_runs_an_ablation_and_resumes_it(tiny, tmp_path, capsys):
     """Per-layer pairs, lambda_b alone, Kaiming-normal: trained, saved without a PEFT copy, and resumable."""
     model, data = tiny
@@ -95,6 +97,7 @@ def test_entry_point_runs_an_ablation_and_resumes_it(tiny, tmp_path, capsys):
             "'kaiming_normal', 'uniform')") in capsys.readouterr().err
 
 
+@pytest.mark.hf_flax
 def test_sigkill_mid_training_resumes_to_the_same_vectors(tiny, tmp_path, capsys):
     model, data = tiny
     args = lambda out: tiny_run.train_args(model, data, out, "--epochs", "4", "--checkpoint-every", "5")  # noqa: E731
@@ -141,6 +144,7 @@ def _two_processes(args: list[str], port: int, devices: int) -> list[tuple[str, 
     return outputs
 
 
+@pytest.mark.hf_flax
 def test_sharded_and_multiprocess_runs_match_one_device(tiny, tmp_path):
     """One device against a 4x2 mesh of 8 devices held by two processes (data and model axes both cross the
     processes' devices), then --path auto across two processes."""
@@ -174,6 +178,7 @@ def test_sharded_and_multiprocess_runs_match_one_device(tiny, tmp_path):
     (["--targets", "q_proj"], "matches no module"),
     (["--batch-size", "1000"], "fewer than one batch of 1000"),
 ])
+@pytest.mark.hf_flax
 def test_bad_input_is_refused_before_compute(tiny, tmp_path, capsys, extra, message):
     model, data = tiny
     assert main(tiny_run.train_args(model, data, tmp_path / "run", *extra)) == 2
@@ -181,6 +186,7 @@ def test_bad_input_is_refused_before_compute(tiny, tmp_path, capsys, extra, mess
     assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
 
 
+@pytest.mark.hf_flax
 def test_bad_files_models_and_directories(tiny, tmp_path, capsys):
     model, data = tiny
     empty = tmp_path / "empty.csv"
@@ -203,6 +209,7 @@ def test_bad_files_models_and_directories(tiny, tmp_path, capsys):
     assert "Cannot write to --output-dir" in capsys.readouterr().err
 
 
+@pytest.mark.hf_flax
 def test_checkpoint_from_another_config_is_refused(tiny, tmp_path, capsys):
     model, data = tiny
     out = tmp_path / "run"
@@ -211,6 +218,7 @@ def test_checkpoint_from_another_config_is_refused(tiny, tmp_path, capsys):
     assert "written with different options (['d_initial'])" in capsys.readouterr().err
 
 
+@pytest.mark.hf_flax
 def test_batch_that_does_not_divide_the_mesh(tiny, tmp_path):
     model, data = tiny
     result = tiny_run.run_subprocess(tiny_run.train_args(model, data, tmp_path / "run", "--batch-size", "12"),
@@ -219,6 +227,7 @@ def test_batch_that_does_not_divide_the_mesh(tiny, tmp_path):
     assert "Batch size 12 does not divide over the 8 devices" in result.stderr
 
 
+@pytest.mark.hf_flax
 def test_regression_task_on_float_labels(tiny, tmp_path):
     model, data = tiny
     scores = tmp_path / "scores.csv"
@@ -236,6 +245,7 @@ def test_regression_task_on_float_labels(tiny, tmp_path):
     assert adapter.trainable["classifier"]["kernel"].shape == (32, 1)
 
 
+@pytest.mark.hf_flax
 def test_export_command_writes_peft_and_merged_models(tiny, tmp_path, capsys):
     from transformers import FlaxBertForSequenceClassification
 
@@ -312,6 +322,7 @@ def test_export_command_writes_peft_and_merged_models(tiny, tmp_path, capsys):
     assert (tmp_path / "flax" / "flax_model.msgpack").exists()
 
 
+@pytest.mark.hf_flax
 @pytest.mark.parametrize("path", ["auto", "activation-lean"])
 def test_other_paths_train_to_the_same_vectors(tiny, tmp_path, path):
     model, data = tiny
@@ -328,9 +339,10 @@ def test_other_paths_train_to_the_same_vectors(tiny, tmp_path, path):
         np.testing.assert_allclose(other[leaf], reference[leaf], rtol=1e-4, atol=1e-6, err_msg=leaf)
 
 
+@pytest.mark.hf_flax
 @pytest.mark.parametrize("dropout_flag", [[], ["--no-dropout"]])
 def test_bench_command_prints_and_writes_every_ratio(tmp_path, capsys, dropout_flag):
-    model = tiny_run.make_model(tmp_path / "model", pytorch_weights=True)
+    model = tiny_run.make_model(tmp_path / "model", weights=("pytorch", "flax"))
     out = tmp_path / "bench.json"
     assert main(["bench", "--model", str(model), "--batch-size", "4", "--seq-len", "16", "--r", "8",
                  "--steps", "2", "--warmup", "1", "--settle", "0", "--json", str(out), *dropout_flag]) == 0
@@ -348,6 +360,7 @@ def test_bench_command_prints_and_writes_every_ratio(tmp_path, capsys, dropout_f
         assert printed[ratio] == round(results[ratio], 3)
 
 
+@pytest.mark.hf_flax
 def test_bench_multi_times_programs_that_compute_what_single_adapters_do(tiny, tmp_path, capsys):
     """The timed K-adapter training program gives each adapter the step it would get alone on its batch, in
     passes of two, all at once and with one batch for all; the timed mixed batch gives each row its own adapter's
@@ -370,6 +383,7 @@ def test_bench_multi_times_programs_that_compute_what_single_adapters_do(tiny, t
     assert "mixed_batch_ratio_4" in capsys.readouterr().out
 
 
+@pytest.mark.hf_flax
 def test_bench_multi_against_peft(tmp_path):
     """PEFT's grouped forwards (one per adapter, as PEFT serves VeRA) hold the very adapters of the mixed batch:
     every row's logits agree. PEFT's sweep trains each of its K adapters, and only it, on its own batch."""
@@ -377,7 +391,7 @@ def test_bench_multi_against_peft(tmp_path):
     pytest.importorskip("peft")
     from train.bench.multi_peft import PeftSweepTrainer
 
-    model = tiny_run.make_model(tmp_path / "model", pytorch_weights=True)
+    model = tiny_run.make_model(tmp_path / "model", weights=("pytorch", "flax"))
     out = tmp_path / "multi.json"
     assert main(["bench-multi", "--model", str(model), "--r", "8", "--ks", "1", "2", "--ns", "1", "4",
                  "--train-batch", "2", "--train-seq-len", "8", "--serve-batch", "8", "--serve-seq-len", "16",
@@ -403,6 +417,7 @@ def test_bench_multi_against_peft(tmp_path):
         assert sum(changed) == 2 * 2 + 2, (name, changed)
 
 
+@pytest.mark.hf_flax
 def test_sweep_trains_k_adapters_like_separate_runs(tiny, tmp_path, capsys):
     model, data = tiny
     grid_dir, single_dir = tmp_path / "grid", tmp_path / "single"
@@ -428,6 +443,7 @@ def test_sweep_trains_k_adapters_like_separate_runs(tiny, tmp_path, capsys):
     assert "mean accuracy" in capsys.readouterr().out
 
 
+@pytest.mark.hf_flax
 def test_a_sweep_reports_its_diverged_adapters_and_fails_when_all_diverge(tiny, tmp_path, capsys):
     """A point whose loss or vectors stop being finite gets no accuracy and no saved adapter; the others stand.
     On the activation path, d_initial 3e38 (near float32's largest) overflows lambda_d * (A x) at once."""
@@ -448,6 +464,7 @@ def test_a_sweep_reports_its_diverged_adapters_and_fails_when_all_diverge(tiny, 
     assert not (tmp_path / "all" / "sweep.json").exists() and not (tmp_path / "all" / "adapters").exists()
 
 
+@pytest.mark.hf_flax
 def test_a_one_point_sweep_is_the_run_with_the_same_flags(tiny, tmp_path):
     """A flag that changes a run (--dropout, here on the activation path) changes the sweep the same way."""
     model, data = tiny
@@ -466,6 +483,7 @@ def test_a_one_point_sweep_is_the_run_with_the_same_flags(tiny, tmp_path):
     assert max(np.abs(plain[path] - swept[path]).max() for path in run) > 1e-3  # the dropout was not dropped
 
 
+@pytest.mark.hf_flax
 def test_sweep_of_a_frozen_lambda_d_trains_each_d_initial_as_its_own_model(tiny, tmp_path):
     """With lambda_b alone trained, lambda_d is the constant d_initial of the config: each value is its own
     program, saved with its own config, and equal to the run with that --d-initial."""
@@ -486,6 +504,7 @@ def test_sweep_of_a_frozen_lambda_d_trains_each_d_initial_as_its_own_model(tiny,
     assert max(np.abs(small[path] - large[path]).max() for path in run if path.endswith(LAMBDA_B)) > 1e-4
 
 
+@pytest.mark.hf_flax
 def test_sweep_varies_the_papers_ablations(tiny, tmp_path, capsys):
     """Each ablation variant is its own vmapped program; its adapters match a sweep of that variant alone."""
     model, data = tiny
@@ -517,6 +536,7 @@ def test_sweep_varies_the_papers_ablations(tiny, tmp_path, capsys):
         np.testing.assert_allclose(vmapped[path], alone[path], rtol=1e-5, atol=1e-6, err_msg=path)
 
 
+@pytest.mark.hf_flax
 def test_a_sweep_variant_that_cannot_work_fails_before_training(tiny, tmp_path, capsys):
     model, data = tiny
     args = ["sweep", *tiny_run.train_args(model, data, tmp_path / "run", "--d-initials", "0.1", "--seeds", "0",
@@ -566,7 +586,7 @@ BAD_FLAGS = [
     (["--projection-sharing", "per-layer"], "argument --projection-sharing: invalid choice: 'per-layer'"),
     (["--backend", "linen", "--dropout", "0.3"],
      "--dropout 0.3 acts on each adapted layer's input, which --path merged never computes"),
-    (["--dropout", "0.3", "--path", "activation"], "--dropout 0.3: VeRA dropout is not offered on NNX models yet"),
+    (["--dropout", "0.3"], "--dropout 0.3 acts on each adapted layer's input, which --path merged never computes"),
     (["--path", "auto"], "--path auto is not offered with --backend nnx; use one of merged, activation"),
     (["--train-vectors", "lambda_d"], "--b-initial 0, --train-vectors lambda_d: VeraConfig(train_vectors='lambda_d') "
                                       "freezes lambda_b at b_initial=0.0"),

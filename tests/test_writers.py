@@ -90,6 +90,7 @@ def _one_line(capsys) -> str:
 
 
 # Finding 1: the merged export's marker was config.json, which every Hugging Face model folder has.
+@pytest.mark.hf_flax
 def test_a_merged_export_never_replaces_a_model_folder(tiny, tmp_path, capsys):
     model, _ = tiny
     before = _files(model)
@@ -118,6 +119,7 @@ def test_lora_and_peft_writers_refuse_each_others_output(old, tmp_path):
         assert _files(tmp_path / other) == before
 
 
+@pytest.mark.hf_flax
 def test_lora_export_refuses_a_runs_peft_adapter(tiny, tmp_path, capsys):
     from transformers import FlaxBertForSequenceClassification
 
@@ -131,6 +133,7 @@ def test_lora_export_refuses_a_runs_peft_adapter(tiny, tmp_path, capsys):
 
 
 # Finding 3, and a full disk during an export: every file, the tokenizer's included, is written before the swap.
+@pytest.mark.hf_flax
 def test_a_failed_tokenizer_write_leaves_the_old_export_whole(tiny, tmp_path, capsys, monkeypatch):
     from transformers import PreTrainedTokenizerBase
 
@@ -336,6 +339,7 @@ def test_a_full_disk_leaves_the_old_copy_whole(old, new, tmp_path, monkeypatch, 
     assert _files(directory) == before and _beside(directory) == ["out"]
 
 
+@pytest.mark.hf_flax
 def test_a_read_only_parent_is_one_line(old, tmp_path, monkeypatch, capsys, tiny):
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path))
@@ -348,6 +352,7 @@ def test_a_read_only_parent_is_one_line(old, tmp_path, monkeypatch, capsys, tiny
     assert _beside(tmp_path / "out") == []
 
 
+@pytest.mark.hf_flax
 def test_a_bit_flipped_adapter_is_one_damaged_file_error(tiny, tmp_path):
     """A flipped bit in the Orbax tree's metadata: named as damage in one line, not as a misfit with tracebacks."""
     flipped = shutil.copytree(tiny[1], tmp_path / "adapter")
@@ -380,6 +385,7 @@ def test_a_read_only_target_is_refused_before_anything_is_written(old, new, tmp_
     assert _files(directory) == before and _beside(directory) == ["out"]
 
 
+@pytest.mark.hf_flax
 def test_a_full_disk_during_a_runs_checkpoint_is_one_line(tiny, tmp_path, monkeypatch, capsys):
     """The second of a run's checkpoints meets a full disk: one line, exit 2, the first step restorable."""
     import orbax.checkpoint as ocp

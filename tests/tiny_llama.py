@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from train.models import nnx_llama
+
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -26,7 +28,7 @@ def permute_rows(weight: np.ndarray, heads: int) -> np.ndarray:
 
 
 def _vocab() -> tuple[list[str], list[int]]:
-    from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     tokens = SPECIAL + sorted(bytes_to_unicode().values()) + ["".join(m.split()) for m in MERGES]
     return tokens, [3] * len(SPECIAL) + [1] * (len(tokens) - len(SPECIAL))
@@ -67,7 +69,7 @@ def write_gguf(path: Path, model, *, architecture: str = "llama", chat_template:
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_rope_freq_base(nnx_llama.rope_theta(config))
     writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(len(tokens))

@@ -17,10 +17,11 @@ NEGATIVE = ["bad", "awful", "dull", "boring", "clumsy"]
 FILLER = ["the", "movie", "film", "was", "plot", "acting", "really", "quite", "story", "a"]
 
 
-def make_model(directory: Path, pytorch_weights: bool = False, dropout: float = 0.1) -> Path:
-    """A random tiny BERT classifier with Flax weights (and PyTorch ones too, the same values, when asked), a
-    tokenizer, and ``dropout`` in its hidden and attention layers."""
-    from transformers import BertConfig, BertTokenizerFast, FlaxBertForSequenceClassification
+def make_model(directory: Path, weights: tuple[str, ...] = ("flax",), dropout: float = 0.1) -> Path:
+    """A random tiny BERT classifier with ``weights``: ``"flax"`` (``flax_model.msgpack``, for ``--backend linen``;
+    transformers<5) and/or ``"pytorch"`` (``model.safetensors``, for the NNX backends and PEFT), the same values
+    when both; a tokenizer, and ``dropout`` in its hidden and attention layers."""
+    from transformers import BertConfig, BertTokenizerFast
 
     directory.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + POSITIVE + NEGATIVE + FILLER
@@ -29,15 +30,19 @@ def make_model(directory: Path, pytorch_weights: bool = False, dropout: float = 
     config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=48, max_position_embeddings=64, num_labels=2, hidden_dropout_prob=dropout,
                         attention_probs_dropout_prob=dropout)
-    if pytorch_weights:
+    if "pytorch" in weights:
         import torch
         from transformers import BertForSequenceClassification
 
         torch.manual_seed(0)
         BertForSequenceClassification(config).save_pretrained(directory)
-        FlaxBertForSequenceClassification.from_pretrained(directory, from_pt=True).save_pretrained(directory)
-    else:
-        FlaxBertForSequenceClassification(config, seed=0).save_pretrained(directory)
+    if "flax" in weights:
+        from transformers import FlaxBertForSequenceClassification
+
+        if "pytorch" in weights:
+            FlaxBertForSequenceClassification.from_pretrained(directory, from_pt=True).save_pretrained(directory)
+        else:
+            FlaxBertForSequenceClassification(config, seed=0).save_pretrained(directory)
     return directory
 
 

@@ -389,9 +389,6 @@ def check_options(options: Options) -> None:
         if model.path not in NNX_PATHS:
             raise FlagError(f"--path {model.path} is not offered with --backend {model.backend}; use one of "
                             f"{', '.join(NNX_PATHS)}, or --backend linen.")
-        if model.dropout > 0:
-            raise FlagError(f"--dropout {model.dropout:g}: VeRA dropout is not offered on NNX models yet (the model's "
-                            "own dropout runs); drop it, or use --backend linen.")
         if data.task == "causal-lm" and model.head:
             raise FlagError(f"--backend {model.backend} trains no causal LM's modules in full (--head); drop it, or "
                             "use --backend linen.")

@@ -23,7 +23,7 @@ from vera_jax.calls import CallSpec, adapter_call_output, einsum_call, module_ca
 from vera_jax.intercept import LayerCall, intercept_layers
 from vera_jax.layers import LAMBDA_B, LAMBDA_D, AdaptedLayer
 from vera_jax.merge import merge_layers
-from vera_jax.ops import promote_add
+from vera_jax.ops import dropout, promote_add
 from vera_jax.paths import SEP, flatten, unflatten
 from vera_jax.plan import PATHS, PathPlan
 from vera_jax.vectors import full_leaves
@@ -76,11 +76,6 @@ def stack_leaves(items: tuple[LayerVectors, ...], dropout: bool) -> dict:
     return leaves
 
 
-def _dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
-
-
 @contextlib.contextmanager
 def _on_activations(items: tuple[LayerVectors, ...], adapter: Adapter, dropout_rng: jax.Array | None,
                     lean: bool) -> Iterator[None]:
@@ -112,7 +107,7 @@ def _on_activations(items: tuple[LayerVectors, ...], adapter: Adapter, dropout_r
                              "of one layer: a stack's layers must be run one at a time (nn.scan or a loop).")
         x = x.astype(config.dtype)
         if key is not None and config.dropout > 0.0:
-            x = _dropout(x, config.dropout, key)
+            x = dropout(x, config.dropout, key)
         seen.add(call.path)
         delta = adapter_call_output(x, spec, layer.layer_kernel_shape, a, b, lambda_d.astype(config.dtype),
                                     lambda_b.astype(config.dtype), lean=lean)

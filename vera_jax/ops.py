@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["delta_weight", "adapter_output", "adapter_output_lean", "promote_add"]
+__all__ = ["delta_weight", "adapter_output", "adapter_output_lean", "promote_add", "dropout"]
 
 
 def delta_weight(a: jax.Array, b: jax.Array, lambda_d: jax.Array, lambda_b: jax.Array, in_features: int) -> jax.Array:
@@ -75,3 +75,10 @@ def promote_add(base: jax.Array, delta: jax.Array) -> jax.Array:
     """``base + delta`` computed in the wider dtype of the two, returned in ``base``'s dtype."""
     wide = _wider(base.dtype, delta.dtype)
     return (base.astype(wide) + delta.astype(wide)).astype(base.dtype)
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
+    """VeRA's dropout on a layer's input (as PEFT's ``vera_dropout``): each element zeroed with probability
+    ``rate``, the rest scaled by 1 / (1 - rate)."""
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))

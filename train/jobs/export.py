@@ -1,11 +1,12 @@
-"""``python -m train export``: turn an adapter into a PEFT adapter, a LoRA adapter, or a merged Flax model.
+"""``python -m train export``: turn an adapter into a PEFT adapter, a LoRA adapter, or a merged model.
 
 The adapter may be a vera_jax checkpoint (``vera_adapter.json``, e.g. a run's ``adapter/``) or a PEFT
 directory (``adapter_config.json``). Formats: ``peft`` (VeRA; loads with ``peft.PeftModel.from_pretrained``),
 ``lora`` (the same deltas as a standard PEFT LoRA adapter, for engines that serve LoRA; ``--rank k`` writes
-each delta's best rank-k approximation and prints its relative error), ``flax`` (``flax_model.msgpack``) or
-``safetensors`` (``model.safetensors``): the last two are plain
-Hugging Face model directories with the deltas merged in, loadable with transformers alone. The
+each delta's best rank-k approximation and prints its relative error), and plain Hugging Face model
+directories with the deltas merged in, loadable with transformers alone: ``hf`` (an NNX classifier's, by
+transformers' PyTorch names: ``AutoModelForSequenceClassification.from_pretrained``, transformers 4 or 5)
+and, for linen models, ``flax`` (``flax_model.msgpack``) or ``safetensors`` (Flax names; transformers<5). The
 output directory is written whole beside its place and swapped in; a directory that holds anything
 but an earlier export of the same kind is refused, or with ``--overwrite`` moved aside, never deleted.
 """
@@ -24,8 +25,11 @@ from vera_jax import peft as vera_peft
 
 __all__ = ["add_arguments", "command", "export", "FORMATS", "ExportError"]
 
-FORMATS = ("peft", "lora", "flax", "safetensors")
-KINDS = {"peft": vera_peft.KIND, "lora": vera_lora.KIND, "flax": merged_export.KIND, "safetensors": merged_export.KIND}
+FORMATS = ("peft", "lora", "hf", "flax", "safetensors")
+KINDS = {"peft": vera_peft.KIND, "lora": vera_lora.KIND, "hf": merged_export.KIND, "flax": merged_export.KIND,
+         "safetensors": merged_export.KIND}
+# The merged formats each backend writes.
+MERGED = {"linen": ("flax", "safetensors"), "nnx": ("hf",), "nnx-listed": ("hf",)}
 TASKS = {"sequence-classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
 
 
@@ -79,9 +83,10 @@ def export(args: argparse.Namespace) -> Path:
                           f"{vera_peft.CONFIG_FILE} (PEFT); point --adapter to an adapter directory.")
     if args.rank is not None and args.format != "lora":
         raise ExportError(f"--rank {args.rank} applies to --format lora only.")
-    if args.backend != "linen" and args.format not in ("peft", "lora"):
-        raise ExportError(f"--format {args.format} writes a transformers Flax model; an adapter of the NNX backend "
-                          "exports as --format peft or lora (or train and export with --backend linen).")
+    if args.format not in ("peft", "lora", *MERGED[args.backend]):
+        raise ExportError(f"--format {args.format} is not a merged format of --backend {args.backend}: "
+                          f"{' or '.join(MERGED[args.backend])} (hf: a PyTorch model of an NNX classifier; flax, "
+                          "safetensors: a transformers Flax model of a linen one).")
     _check_output(args)
     try:
         atomic.check_replaceable(args.output, KINDS[args.format], args.overwrite)  # before the model loads
@@ -102,8 +107,11 @@ def export(args: argparse.Namespace) -> Path:
                 raise ExportError(f"--format peft cannot hold this adapter: {err}") from None
         if args.format == "lora":
             return _lora(args, adapter, model)
-        return model.save_merged(args.output, adapter, tokenizer=tokenizer, safetensors=args.format == "safetensors",
-                                 overwrite=args.overwrite)
+        try:
+            return model.save_merged(args.output, adapter, format=args.format, tokenizer=tokenizer,
+                                     overwrite=args.overwrite)
+        except ValueError as err:
+            raise ExportError(f"--format {args.format}: {err}") from None
     except FileExistsError as err:
         raise ExportError(f"--output {args.output}: {err}") from None
     except atomic.WriteError as err:  # no space, a read-only target: nothing was replaced

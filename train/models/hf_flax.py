@@ -76,10 +76,13 @@ class HfFlaxModel:
         """transformers' initialisation from ``seed`` (what it draws for a head the checkpoint lacks)."""
         return self._init_weights(jax.random.PRNGKey(seed), self.module.input_shape)
 
-    def save_merged(self, directory: str | Path, adapter: vera_jax.Adapter, *, tokenizer, safetensors: bool,
+    def save_merged(self, directory: str | Path, adapter: vera_jax.Adapter, *, format: str, tokenizer,
                     overwrite: bool) -> Path:
+        if format not in ("flax", "safetensors"):
+            raise ValueError(f"a linen model's merged export is a transformers Flax model (--format flax or "
+                             f"safetensors), not {format!r}.")
         return merged_export.save_merged(directory, adapter, self.params, self.module, tokenizer=tokenizer,
-                                         safetensors=safetensors, overwrite=overwrite)
+                                         safetensors=format == "safetensors", overwrite=overwrite)
 
     def generate(self, input_ids, attention_mask=None, params=None, **kwargs):
         return self.module.generate(input_ids, attention_mask=attention_mask, params=params, **kwargs)

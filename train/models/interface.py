@@ -59,10 +59,11 @@ class Model(Protocol):
         """The params a load with ``seed`` would draw for the leaves the checkpoint lacks (a new head); the others
         as loaded."""
 
-    def save_merged(self, directory: str | Path, adapter: vera_jax.Adapter, *, tokenizer, safetensors: bool,
+    def save_merged(self, directory: str | Path, adapter: vera_jax.Adapter, *, format: str, tokenizer,
                     overwrite: bool) -> Path:
-        """Write the model with ``adapter`` merged into its weights as a model directory; a ValueError when this kind
-        of model has no such format."""
+        """Write the model with ``adapter`` merged into its weights as a Hugging Face model directory of ``format``
+        (``flax``, ``safetensors``: a transformers Flax model; ``hf``: a transformers PyTorch model); a ValueError
+        when this kind of model has no such format."""
 
 
 class CausalLM(Model, Protocol):

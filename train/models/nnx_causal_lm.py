@@ -75,13 +75,14 @@ class NnxCausalLM:
         return self(batch["input_ids"], batch["attention_mask"], params=params).logits
 
     def vera_logits(self, path: str, config: vera_jax.VeraConfig) -> Callable:
-        """``logits(params, adapter, batch, rng)`` of the model adapted with ``config`` on ``path``."""
+        """``logits(params, adapter, batch, rng)`` of the model adapted with ``config`` on ``path``; ``rng`` draws
+        VeRA's dropout (``config.dropout``; the model has none of its own), which the merged path never draws."""
         template = vera_jax.nnx.attach(self.module(self.params), config, path=path)
         call = vera_jax.nnx.functional(template)
 
         def logits(params, adapter, batch, rng):
-            del rng  # no dropout on NNX models
-            return call(params, adapter, batch["input_ids"], batch["attention_mask"])
+            return call(params, adapter, batch["input_ids"], batch["attention_mask"],
+                        dropout_key=None if path == "merged" else rng)
 
         return logits
 
@@ -99,9 +100,9 @@ class NnxCausalLM:
         del seed
         return self.params
 
-    def save_merged(self, directory, adapter, *, tokenizer, safetensors: bool, overwrite: bool) -> Path:
-        raise ValueError("a merged model is written as a transformers Flax model; an NNX model's adapter exports as "
-                         "a PEFT or LoRA adapter.")
+    def save_merged(self, directory, adapter, *, format: str, tokenizer, overwrite: bool) -> Path:
+        raise ValueError("an NNX causal LM's adapter exports as a PEFT or LoRA adapter (--format peft or lora); "
+                         "merged exports are written for NNX classifiers (--format hf) and linen models.")
 
     def generate(self, input_ids, attention_mask=None, params=None, max_new_tokens: int = 32, do_sample: bool = False,
                  pad_token_id: int = 0, eos_token_id: int | None = None) -> Generated:

@@ -9,21 +9,28 @@ checkpoint); no transformers model class and no PyTorch are involved.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
 import jax
 from flax import nnx
+from safetensors.numpy import save_file
 
 import vera_jax
 import vera_jax.nnx
+from vera_jax import atomic
+from vera_jax import export as merged_export
 from train.models import nnx_encoder
 from train.models import nnx_state
 from train.models.nnx_state import holding
 from train.models.torch_weights import read_safetensors
 
 __all__ = ["NnxClassifier", "load_nnx_classifier", "parameter_shapes", "stack_root"]
+
+
+_ARCHITECTURES = {"bert": "BertForSequenceClassification", "roberta": "RobertaForSequenceClassification"}
 
 
 def stack_root(kind: str) -> str:
@@ -81,17 +88,17 @@ class NnxClassifier:
 
     def vera_logits(self, path: str, config: vera_jax.VeraConfig) -> Callable:
         """The model with VeRA attached on ``path``; the head (``config.modules_to_save``) comes from the adapter's
-        trainable leaves. The key splits into the model's dropout and VeRA's, as the linen models' does."""
-        if config.dropout > 0:
-            raise ValueError("VeRA dropout is not offered on NNX models yet; use dropout=0.0 or the linen backend.")
+        trainable leaves. The key splits into the model's dropout and VeRA's (``config.dropout``), as the linen
+        models' does; the merged path never draws VeRA's."""
         template = vera_jax.nnx.attach(self.module(self.params), dataclasses.replace(config, modules_to_save=()),
                                        path=path)
         call = vera_jax.nnx.functional(template)
 
         def logits(params, adapter, batch, rng):
-            keys = None if rng is None else {"dropout": jax.random.split(rng)[0]}
+            model_rng, vera_rng = (None, None) if rng is None else jax.random.split(rng)
             return call(params, adapter, batch["input_ids"], batch["attention_mask"], train=rng is not None,
-                        stream_keys=keys)
+                        stream_keys=None if rng is None else {"dropout": model_rng},
+                        dropout_key=None if path == "merged" else vera_rng)
 
         return logits
 
@@ -117,9 +124,24 @@ class NnxClassifier:
         flat = vera_jax.paths.flatten(self.params) | {path: drawn[path] for path in self.drawn}
         return vera_jax.paths.unflatten(flat, like=self.params)
 
-    def save_merged(self, directory, adapter, *, tokenizer, safetensors: bool, overwrite: bool) -> Path:
-        raise ValueError("a merged model is written as a transformers Flax model; an NNX classifier's adapter "
-                         "exports as a PEFT or LoRA adapter.")
+    def save_merged(self, directory, adapter, *, format: str, tokenizer, overwrite: bool) -> Path:
+        """``format="hf"``: ``model.safetensors`` by transformers' PyTorch names and ``config.json``, with ``adapter``
+        merged in (its head included), and ``tokenizer`` beside them; ``AutoModelForSequenceClassification
+        .from_pretrained(directory)`` loads it (transformers 4 or 5, PyTorch), no vera_jax needed."""
+        if format != "hf":
+            raise ValueError(f"an NNX classifier's merged export is a transformers PyTorch model (--format hf), not "
+                             f"{format!r} (a transformers Flax model: train and export with --backend linen).")
+        merged = vera_jax.paths.flatten(vera_jax.merge(self.params, adapter))
+        weights = nnx_encoder.to_torch(merged, self.encoder_config, scan_layers=self.scan_layers)
+        config = copy.deepcopy(self.config)
+        config.num_labels = self.encoder_config.num_labels
+        config.architectures = [_ARCHITECTURES[self.kind]]
+        with atomic.staged_directory(directory, merged_export.KIND, overwrite, format="hf") as staging:
+            save_file(weights, staging / "model.safetensors", metadata={"format": "pt"})
+            config.save_pretrained(staging)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging)
+        return atomic.target_path(directory)
 
 
 def load_nnx_classifier(directory: Path, config, base_model_name: str, *, num_labels: int, seed: int = 0,

@@ -25,7 +25,7 @@ from flax import nnx
 
 from vera_jax import paths
 
-__all__ = ["EncoderConfig", "EncoderForSequenceClassification", "torch_leaves", "from_torch", "load"]
+__all__ = ["EncoderConfig", "EncoderForSequenceClassification", "torch_leaves", "to_torch", "from_torch", "load"]
 
 KINDS = ("bert", "roberta")
 
@@ -287,6 +287,32 @@ def torch_leaves(state_dict: Mapping[str, np.ndarray], config: EncoderConfig, *,
              for name, value in state_dict.items() if not name.endswith("position_ids")}
     flat = dict(_nnx_leaf(name, np.asarray(value)) for name, value in named.items())
     return _stack_layers(flat, f"{config.kind}/encoder/layer") if scan_layers else flat
+
+
+def _torch_entry(path: str, value: np.ndarray) -> tuple[str, np.ndarray]:
+    """(NNX path, value) -> the PyTorch state-dict entry: `_nnx_leaf` inverted."""
+    module, _, leaf = path.rpartition("/")
+    name = module.replace("/", ".")
+    if leaf == "embedding":
+        return f"{name}.weight", value
+    return (f"{name}.weight", value.T) if leaf == "kernel" else (f"{name}.{leaf}", value)
+
+
+def to_torch(leaves: Mapping[str, np.ndarray], config: EncoderConfig, *,
+             scan_layers: bool = False) -> dict[str, np.ndarray]:
+    """This model's params (numpy arrays by path, a scanned stack with the layer axis first) by the names of
+    transformers' PyTorch ``BertForSequenceClassification``/``RobertaForSequenceClassification``: `torch_leaves`
+    inverted, each array C-contiguous as safetensors writes it."""
+    root = f"{config.kind}/encoder/layer/"
+    flat = {}
+    for path, value in leaves.items():
+        value = np.asarray(value)
+        if scan_layers and path.startswith(root):
+            flat |= {f"{root}{index}/{path[len(root):]}": row for index, row in enumerate(value)}
+        else:
+            flat[path] = value
+    return {name: np.ascontiguousarray(value)
+            for name, value in (_torch_entry(path, value) for path, value in sorted(flat.items()))}
 
 
 def from_torch(state_dict: Mapping[str, np.ndarray], config: EncoderConfig, *, scan_layers: bool = False,

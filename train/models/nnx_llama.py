@@ -19,7 +19,7 @@ from flax import nnx
 
 from vera_jax import paths
 
-__all__ = ["LlamaConfig", "LlamaForCausalLM", "from_torch", "SCAN_REMAT", "DEFAULT_SCAN_REMAT"]
+__all__ = ["LlamaConfig", "LlamaForCausalLM", "from_torch", "rope_theta", "SCAN_REMAT", "DEFAULT_SCAN_REMAT"]
 
 # What the scanned stack keeps of each layer for the backward pass (``jax.checkpoint`` policies). Without
 # rematerialisation, ``nnx.scan`` stacks every intermediate of every layer into (layers, ...) buffers, and
@@ -52,7 +52,16 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, config) -> LlamaConfig:
-        return cls(**{field.name: getattr(config, field.name) for field in dataclasses.fields(cls)})
+        """From a transformers ``LlamaConfig`` (or Mistral's) of transformers 4 or 5."""
+        names = [field.name for field in dataclasses.fields(cls) if field.name != "rope_theta"]
+        return cls(rope_theta=rope_theta(config), **{name: getattr(config, name) for name in names})
+
+
+def rope_theta(config) -> float:
+    """The rotary base of a transformers config: ``config.rope_theta`` (transformers 4) or
+    ``config.rope_parameters["rope_theta"]`` (transformers 5)."""
+    parameters = getattr(config, "rope_parameters", None) or {}
+    return float(parameters["rope_theta"] if "rope_theta" in parameters else config.rope_theta)
 
 
 class RMSNorm(nnx.Module):

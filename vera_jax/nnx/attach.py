@@ -13,6 +13,7 @@ import dataclasses
 import re
 from collections.abc import Iterator
 
+import jax.numpy as jnp
 from flax import nnx
 
 from vera_jax.adapter import Adapter, init_adapter, layer_vectors
@@ -21,9 +22,9 @@ from vera_jax.calls import ModuleCall, module_call
 from vera_jax.config import VeraConfig
 from vera_jax.layers import VECTOR_NAMES, AdaptedLayer, find_layers, trained_vectors
 from vera_jax.nnx.kinds import rule_call, unknown_module_error, weight_of
-from vera_jax.nnx.modules import (PROJECTIONS, LayerRecord, ModelRecord, adapted_class, is_adapted_layer,
+from vera_jax.nnx.modules import (LAYER_INDEX, PROJECTIONS, LayerRecord, ModelRecord, adapted_class, is_adapted_layer,
                                   is_adapted_model, model_record)
-from vera_jax.nnx.variables import VeraProjections, VeraVector, kernel_mesh, vector_like_kernel
+from vera_jax.nnx.variables import VeraLayerIndex, VeraProjections, VeraVector, kernel_mesh, vector_like_kernel
 from vera_jax.paths import SEP, compile_rules, first_match, flatten, patterns_regex, unflatten
 from vera_jax.plan import NNX_PATHS as PATHS
 from vera_jax.projections import Projections
@@ -128,16 +129,17 @@ def attach(model: nnx.Module, config: VeraConfig, *, path: str = "merged") -> nn
     Raises:
       ValueError: VeRA is already attached, a target matches nothing or is not a linear module, a module
         of unknown kind has no ``kernel_axes`` rule, a layer axis does not fit, or an option VeRA on NNX
-        does not offer (dropout, modules trained in full).
+        does not offer (modules trained in full).
     """
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}.")
     if is_adapted_model(model) or is_adapted_layer(model):
         raise ValueError("VeRA is already attached to this model; attach it to a freshly built model, or update "
                          "its vectors with vera_jax.nnx.update(model, adapter).")
-    if config.dropout > 0.0 or config.modules_to_save:
-        raise ValueError("VeRA on NNX models does not offer dropout or modules_to_save yet; set dropout=0.0 and "
-                         "modules_to_save=() (train a head with its own optimizer).")
+    if config.modules_to_save:
+        raise ValueError("VeRA on NNX models does not train modules in full (modules_to_save); set "
+                         "modules_to_save=() and train a head with its own optimizer, or pass its params in "
+                         "adapter.trainable to vera_jax.nnx.functional.")
     modules = _modules(model)
     targets = patterns_regex(config.target_modules)
     matched = {name: module for name, module in modules.items() if targets.fullmatch(name)}
@@ -173,6 +175,8 @@ def attach(model: nnx.Module, config: VeraConfig, *, path: str = "merged") -> nn
         for vector in trained_vectors(full_config):
             setattr(module, vector, vector_like_kernel(vectors[name + SEP + vector], vector, weights[name],
                                                        layers[name].axes))
+        if full_config.dropout > 0.0 and layers[name].layers is not None:
+            setattr(module, LAYER_INDEX, VeraLayerIndex(jnp.arange(layers[name].layers, dtype=jnp.int32)))
         module.vera_layer = LayerRecord(layers[name], full_config, calls[name].call)
         module.vera_path = path
         module.__class__ = adapted_class(module, model=False)

@@ -15,29 +15,31 @@ from flax import nnx
 
 from vera_jax.adapter import Adapter, layer_vectors
 from vera_jax.nnx.attach import PATHS, adapted_modules, adapter_config
-from vera_jax.nnx.modules import PROJECTIONS, model_record
+from vera_jax.nnx.modules import PROJECTIONS, dropping, model_record
 from vera_jax.paths import SEP, flatten, unflatten
 
 __all__ = ["functional"]
 
 
 def functional(model: nnx.Module, *, path: str | None = None) -> Callable:
-    """``call(params, adapter, *args, stream_keys=None, **kwargs)``: ``model(*args, **kwargs)`` with the base's
-    ``params`` (as `vera_jax.nnx.split` gives them) and ``adapter``'s vectors and A/B, on ``path``.
+    """``call(params, adapter, *args, stream_keys=None, dropout_key=None, **kwargs)``: ``model(*args, **kwargs)``
+    with the base's ``params`` (as `vera_jax.nnx.split` gives them) and ``adapter``'s vectors and A/B, on ``path``.
 
     The model is only a template: its own values are not read for the leaves ``params`` and ``adapter``
     give, and nothing is written to it. Its RNG streams (a dropout's) start from the template's keys, or from
     ``stream_keys`` (``{"dropout": key}``: each named stream reseeded from its key, split to the stream's shape
     for stacked layers, as ``nnx.reseed(..., policy="match_shape")`` does), so a training step passes a new key.
-    Leaves of ``adapter.trainable`` that are not VeRA vectors (its ``modules_to_save``, a head trained in full)
-    replace the base's.
+    ``dropout_key`` draws VeRA's own dropout (``config.dropout`` on each adapted layer's input, activation path
+    only; as ``dropout_rng`` of `vera_jax.adapt`); None runs without it. Leaves of ``adapter.trainable`` that are
+    not VeRA vectors (its ``modules_to_save``, a head trained in full) replace the base's.
 
     Args:
       model: a model adapted by `vera_jax.nnx.attach`.
       path: ``"merged"`` or ``"activation"``; None keeps the path it was attached with.
 
     Raises:
-      ValueError: an unknown path, or (when called) an adapter that does not fit the model.
+      ValueError: an unknown path, or (when called) an adapter that does not fit the model, or a
+        ``dropout_key`` on the merged path with ``config.dropout`` > 0.
     """
     model_record(model)
     if path is not None and path not in PATHS:
@@ -53,7 +55,8 @@ def functional(model: nnx.Module, *, path: str | None = None) -> Callable:
             module.vera_path = attached[name]
     layout = nnx.to_pure_dict(template)
 
-    def call(params, adapter: Adapter, *args, stream_keys: dict | None = None, **kwargs):
+    def call(params, adapter: Adapter, *args, stream_keys: dict | None = None, dropout_key: jax.Array | None = None,
+             **kwargs):
         config, layers = adapter_config(model, adapter, params)  # shapes only: fine under jit
         layer_vectors(params, adapter.replace(config=config), layers=layers)
         flat = flatten(params) | flatten(adapter.trainable)
@@ -63,6 +66,7 @@ def functional(model: nnx.Module, *, path: str | None = None) -> Callable:
         adapted = nnx.merge(graphdef, state)
         if stream_keys:
             nnx.reseed(adapted, policy="match_shape", **stream_keys)
-        return adapted(*args, **kwargs)
+        with dropping(dropout_key):
+            return adapted(*args, **kwargs)
 
     return call

@@ -14,6 +14,7 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import zlib
 from collections.abc import Iterator
 
 import flax.errors
@@ -25,14 +26,15 @@ from vera_jax.calls import CallSpec, adapter_call_output
 from vera_jax.config import VeraConfig
 from vera_jax.layers import VECTOR_NAMES, AdaptedLayer, trained_vectors
 from vera_jax.multi import gather_rows
-from vera_jax.ops import delta_weight, promote_add
+from vera_jax.ops import delta_weight, dropout, promote_add
 from vera_jax.projections import Projections
 from vera_jax.vectors import initial_vector
 
-__all__ = ["LayerRecord", "ModelRecord", "Binding", "bound", "binding", "model_record", "adapted_class",
-           "is_adapted_layer", "is_adapted_model", "PROJECTIONS"]
+__all__ = ["LayerRecord", "ModelRecord", "Binding", "bound", "binding", "dropping", "model_record", "adapted_class",
+           "is_adapted_layer", "is_adapted_model", "PROJECTIONS", "LAYER_INDEX"]
 
 PROJECTIONS = "vera_projections"
+LAYER_INDEX = "vera_layer_index"  # a `VeraLayerIndex` on an adapted stack that drops out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +77,27 @@ def binding(value: Binding) -> Iterator[None]:
         yield
     finally:
         _BINDING.reset(token)
+
+
+_DROPOUT_KEY: contextvars.ContextVar[jax.Array | None] = contextvars.ContextVar("vera_jax_nnx_dropout", default=None)
+
+
+@contextlib.contextmanager
+def dropping(key: jax.Array | None) -> Iterator[None]:
+    """Within the context, adapted layers on the activation path apply ``config.dropout`` to their input, each
+    layer with its own key from ``key`` (folded with its path and, in a stack, its layer index); None: no dropout."""
+    token = _DROPOUT_KEY.set(key)
+    try:
+        yield
+    finally:
+        _DROPOUT_KEY.reset(token)
+
+
+def _layer_dropout_key(module: nnx.Module, key: jax.Array) -> jax.Array:
+    """One layer's dropout key: ``key`` folded with its path (and its index within a stack)."""
+    key = jax.random.fold_in(key, zlib.crc32(module.vera_layer.layer.path.encode()) & 0x7FFFFFFF)
+    index = getattr(module, LAYER_INDEX, None)
+    return key if index is None else jax.random.fold_in(key, index.get_value().reshape(()))
 
 
 def model_record(model: nnx.Module) -> ModelRecord:
@@ -144,6 +167,10 @@ def _layer_call(self, *args, **kwargs):
     a, b = context.projections.pair(layer.path)
     lambda_d, lambda_b = (_vector(self, name, context.adapter_ids) for name in VECTOR_NAMES)
     kernel_shape = layer.layer_kernel_shape
+    dropout_key = _DROPOUT_KEY.get() if record.config.dropout > 0.0 and context.adapter_ids is None else None
+    if self.vera_path == "merged" and dropout_key is not None:
+        raise ValueError(f"VeRA dropout acts on {layer.path!r}'s input, which the merged path never computes: attach "
+                         "with path='activation' (or call vera_jax.nnx.functional with path='activation').")
     if self.vera_path == "merged" and context.adapter_ids is None:
         delta = delta_weight(a, b, lambda_d, lambda_b, layer.in_features)
         kernel = getattr(self, layer.weight)
@@ -165,8 +192,10 @@ def _layer_call(self, *args, **kwargs):
                          "VeraConfig.kernel_axes rule as the einsum its call computes.")
     x = args[0] if args else next(iter(kwargs.values()))
     y = base_call(self, *args, **kwargs)
-    return promote_add(y, adapter_call_output(x.astype(record.config.dtype), record.call, kernel_shape, a, b,
-                                              lambda_d, lambda_b))
+    x = x.astype(record.config.dtype)
+    if dropout_key is not None:
+        x = dropout(x, record.config.dropout, _layer_dropout_key(self, dropout_key))
+    return promote_add(y, adapter_call_output(x, record.call, kernel_shape, a, b, lambda_d, lambda_b))
 
 
 def _model_call(self, *args, **kwargs):

@@ -15,7 +15,7 @@ from flax import nnx
 from vera_jax.layers import LAMBDA_B
 from vera_jax.projections import Projections
 
-__all__ = ["VeraVector", "VeraProjection", "VeraProjections", "vector_like_kernel"]
+__all__ = ["VeraVector", "VeraProjection", "VeraProjections", "VeraLayerIndex", "vector_like_kernel"]
 
 
 class VeraVector(nnx.LoRAParam):
@@ -24,6 +24,11 @@ class VeraVector(nnx.LoRAParam):
 
 class VeraProjection(nnx.Variable):
     """A (r, in_max) or B (out_max, r): frozen, shared by every adapted layer, and not an ``nnx.Param``."""
+
+
+class VeraLayerIndex(nnx.Variable):
+    """(L,) int32 0..L-1 on an adapted stack with VeRA dropout: each scan iteration slices its layer's index,
+    which its dropout key folds in. Not trained, not an ``nnx.Param``."""
 
 
 class VeraProjections(nnx.Module):
