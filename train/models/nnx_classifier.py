@@ -118,11 +118,8 @@ class NnxClassifier:
         """The params as loaded, with the leaves the checkpoint lacked drawn again from ``seed``."""
         if not self.drawn:
             return self.params
-        fresh = nnx_encoder.EncoderForSequenceClassification(self.encoder_config, scan_layers=self.scan_layers,
-                                                             rngs=nnx.Rngs(seed, dropout=seed))
-        drawn = vera_jax.paths.flatten(nnx.to_pure_dict(nnx.state(fresh, nnx.Param)))
-        flat = vera_jax.paths.flatten(self.params) | {path: drawn[path] for path in self.drawn}
-        return vera_jax.paths.unflatten(flat, like=self.params)
+        drawn = nnx_encoder.drawn(self.encoder_config, self.scan_layers, seed, set(self.drawn))
+        return vera_jax.paths.unflatten(vera_jax.paths.flatten(self.params) | drawn, like=self.params)
 
     def save_merged(self, directory, adapter, *, format: str, tokenizer, overwrite: bool) -> Path:
         """``format="hf"``: ``model.safetensors`` by transformers' PyTorch names and ``config.json``, with ``adapter``

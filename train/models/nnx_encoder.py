@@ -25,7 +25,8 @@ from flax import nnx
 
 from vera_jax import paths
 
-__all__ = ["EncoderConfig", "EncoderForSequenceClassification", "torch_leaves", "to_torch", "from_torch", "load"]
+__all__ = ["EncoderConfig", "EncoderForSequenceClassification", "torch_leaves", "to_torch", "from_torch", "drawn",
+           "load"]
 
 KINDS = ("bert", "roberta")
 
@@ -324,10 +325,11 @@ def from_torch(state_dict: Mapping[str, np.ndarray], config: EncoderConfig, *, s
     Raises:
       ValueError: weights missing from, or foreign to, this model (the head excepted).
     """
-    model = EncoderForSequenceClassification(config, scan_layers=scan_layers, rngs=nnx.Rngs(seed, dropout=seed))
+    build = lambda: EncoderForSequenceClassification(config, scan_layers=scan_layers,  # noqa: E731
+                                                     rngs=nnx.Rngs(seed, dropout=seed))
+    model = nnx.eval_shape(build)  # shapes only: the weights come from state_dict, the rest from `drawn`
     flat = torch_leaves(state_dict, config, scan_layers=scan_layers)
-    state = nnx.state(model, nnx.Param)
-    current = paths.flatten(nnx.to_pure_dict(state))
+    current = paths.flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     flat = {path: value for path, value in flat.items()
             if not (path.startswith("classifier/") and path in current and value.shape != current[path].shape)}
     missing = sorted(path for path in set(current) - set(flat) if not path.startswith("classifier/"))
@@ -336,10 +338,27 @@ def from_torch(state_dict: Mapping[str, np.ndarray], config: EncoderConfig, *, s
     if missing or unexpected or wrong:
         raise ValueError(f"The weights do not fit this {config.kind} model: missing {missing[:4]}, unexpected "
                          f"{unexpected[:4]}, of other shapes {wrong[:4]}.")
-    values = current | {path: jnp.asarray(value) for path, value in flat.items()}
-    nnx.replace_by_pure_dict(state, paths.unflatten(values, like=nnx.to_pure_dict(state)))
+    state = nnx.state(model)
+    layout = nnx.to_pure_dict(state)
+    values = drawn(config, scan_layers, seed, set(paths.flatten(layout)) - set(flat))  # the head, the RNG streams
+    values |= {path: jnp.asarray(value) for path, value in flat.items()}
+    nnx.replace_by_pure_dict(state, paths.unflatten(values, like=layout))
     nnx.update(model, state)
     return model
+
+
+def drawn(config: EncoderConfig, scan_layers: bool, seed: int, leaves: set[str]) -> dict[str, jax.Array]:
+    """The leaves at ``leaves`` (paths into the model's whole state: params, RNG streams) of the model built with
+    ``nnx.Rngs(seed, dropout=seed)``, each as that build draws it; one compiled program, which computes only those
+    (building the model eagerly compiles each initializer, seconds for MiniLM)."""
+
+    @jax.jit
+    def build():
+        model = EncoderForSequenceClassification(config, scan_layers=scan_layers, rngs=nnx.Rngs(seed, dropout=seed))
+        return {path: value for path, value in paths.flatten(nnx.to_pure_dict(nnx.state(model))).items()
+                if path in leaves}
+
+    return build()
 
 
 def load(directory: str | Path, *, num_labels: int | None = None, scan_layers: bool = False,
