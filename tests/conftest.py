@@ -60,7 +60,7 @@ STANDARD_PROMOTION = {
 # (transformers 5, which has no Flax classes).
 HF_FLAX = {
     "test_ablations", "test_atomic", "test_checkpoint", "test_errors", "test_evaluation", "test_forward_paths",
-    "test_fuzz_files", "test_gguf_llama", "test_length_groups", "test_lora", "test_nnx_multi", "test_peft_files",
+    "test_fuzz_files", "test_gguf_llama", "test_length_groups", "test_lora", "test_peft_files",
     "test_peft_interop", "test_peft_parity", "test_reference_run", "test_training",
 }
 

@@ -69,7 +69,6 @@ CASES = {
 }
 
 
-@pytest.mark.hf_flax
 @pytest.mark.parametrize("case", CASES)
 def test_adapted_model_equals_base_at_init_and_merged_equals_activation(torch_llama, case):
     build, targets, inputs = CASES[case]
@@ -89,7 +88,6 @@ def test_adapted_model_equals_base_at_init_and_merged_equals_activation(torch_ll
         assert max_rel_error(got, want) < 1e-4
 
 
-@pytest.mark.hf_flax
 def test_stacked_vectors_carry_the_layer_axis_and_einsum_kernels_their_roles(torch_llama):
     config = vera_jax.VeraConfig(r=8, target_modules=LLAMA_TARGETS)
     scanned = vera_nnx.attach(llama(torch_llama, scan=True), config)
@@ -110,7 +108,6 @@ def test_stacked_vectors_carry_the_layer_axis_and_einsum_kernels_their_roles(tor
                     "attn_vec_einsum": ("iio", N * H, D)}
 
 
-@pytest.mark.hf_flax
 def test_scanned_stack_equals_the_same_layers_unstacked(torch_llama):
     config = vera_jax.VeraConfig(r=8, target_modules=LLAMA_TARGETS, projection_seed=5)
     listed = vera_nnx.attach(llama(torch_llama, scan=False), config, path="activation")
@@ -136,7 +133,6 @@ def test_scanned_stack_equals_the_same_layers_unstacked(torch_llama):
     assert max_rel_error(got, want) < 1e-4
 
 
-@pytest.mark.hf_flax
 @pytest.mark.parametrize("path", ["merged", "activation"])
 def test_scan_remat_changes_what_the_backward_pass_keeps_not_what_it_computes(torch_llama, path):
     """Each policy of the scanned stack gives the gradient of the stack without rematerialisation; the
@@ -169,7 +165,6 @@ def test_scan_remat_changes_what_the_backward_pass_keeps_not_what_it_computes(to
     assert options.SCAN_REMATS[0] == nnx_llama.DEFAULT_SCAN_REMAT
 
 
-@pytest.mark.hf_flax
 @pytest.mark.standard_promotion  # optax's AdamW: a Python float with its int32 step count
 @pytest.mark.parametrize("case", ["llama-scanned", "einsum"])
 def test_optimizer_trains_only_the_vectors_and_every_param_stays_bit_identical(torch_llama, case):
@@ -200,7 +195,6 @@ def test_optimizer_trains_only_the_vectors_and_every_param_stays_bit_identical(t
     assert all(jax.tree.leaves(changed))
 
 
-@pytest.mark.hf_flax
 @pytest.mark.parametrize("case", CASES)
 def test_pure_views_give_the_module_views_logits_and_gradients(torch_llama, case):
     """``vera_jax.merge`` over `split`'s params and base graphdef, and `vera_jax.nnx.functional` on either path."""
@@ -234,7 +228,6 @@ def test_pure_views_give_the_module_views_logits_and_gradients(torch_llama, case
     assert max_rel_error(flat(unmerged), flat(params)) < 1e-5
 
 
-@pytest.mark.hf_flax
 def test_checkpoint_of_an_nnx_adapter_restores_into_a_fresh_model(tmp_path, torch_llama):
     config = vera_jax.VeraConfig(r=8, target_modules=LLAMA_TARGETS)
     trained = vera_nnx.attach(llama(torch_llama, scan=True), config)
@@ -246,7 +239,6 @@ def test_checkpoint_of_an_nnx_adapter_restores_into_a_fresh_model(tmp_path, torc
     np.testing.assert_array_equal(fresh(IDS), trained(IDS))
 
 
-@pytest.mark.hf_flax
 @pytest.mark.parametrize("scan", [False, True], ids=["listed", "scanned"])
 def test_nnx_llama_reads_and_writes_peft_vera_files(tmp_path, torch_llama, scan):
     """PEFT's own files load into the NNX Llama and give PEFT's PyTorch logits; the NNX Llama's adapter,
@@ -279,7 +271,6 @@ def test_nnx_llama_reads_and_writes_peft_vera_files(tmp_path, torch_llama, scan)
     assert max_rel_error(logits, reference) > 1e-3  # the vectors written are the NNX model's, not PEFT's
 
 
-@pytest.mark.hf_flax
 def test_peft_files_of_a_stack_need_its_root_and_every_layer(tmp_path, torch_llama):
     model = vera_nnx.attach(llama(torch_llama, scan=True), vera_jax.VeraConfig(r=8, target_modules=LLAMA_TARGETS))
     _, params, adapter = vera_nnx.split(model)
@@ -427,7 +418,6 @@ def test_unknown_module_works_with_a_rule_and_a_layer_axis_that_does_not_fit_is_
         vera_nnx.attach(WithUnknown(), vera_jax.VeraConfig(r=4, target_modules=("proj",), kernel_axes={"proj": "lioo"}))
 
 
-@pytest.mark.hf_flax
 def test_attaching_twice_is_refused(torch_llama):
     config = vera_jax.VeraConfig(r=4, target_modules=LLAMA_TARGETS)
     model = vera_nnx.attach(llama(torch_llama, scan=True), config)
