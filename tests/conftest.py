@@ -13,6 +13,7 @@ float32 (no fast-math at any level), so every tolerance stays as it is. Subproce
 compiling).
 """
 
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -80,11 +81,7 @@ def pytest_collection_modifyitems(items):
 
 
 def _has_flax_classes() -> bool:
-    try:
-        import transformers.models.auto.modeling_flax_auto  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("transformers.models.auto.modeling_flax_auto") is not None
 
 
 def pytest_runtest_setup(item):

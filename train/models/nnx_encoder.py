@@ -325,9 +325,7 @@ def from_torch(state_dict: Mapping[str, np.ndarray], config: EncoderConfig, *, s
     Raises:
       ValueError: weights missing from, or foreign to, this model (the head excepted).
     """
-    build = lambda: EncoderForSequenceClassification(config, scan_layers=scan_layers,  # noqa: E731
-                                                     rngs=nnx.Rngs(seed, dropout=seed))
-    model = nnx.eval_shape(build)  # shapes only: the weights come from state_dict, the rest from `drawn`
+    model = nnx.eval_shape(lambda: _seeded(config, scan_layers, seed))  # shapes only: values from state_dict, `drawn`
     flat = torch_leaves(state_dict, config, scan_layers=scan_layers)
     current = paths.flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     flat = {path: value for path, value in flat.items()
@@ -347,6 +345,10 @@ def from_torch(state_dict: Mapping[str, np.ndarray], config: EncoderConfig, *, s
     return model
 
 
+def _seeded(config: EncoderConfig, scan_layers: bool, seed: int) -> EncoderForSequenceClassification:
+    return EncoderForSequenceClassification(config, scan_layers=scan_layers, rngs=nnx.Rngs(seed, dropout=seed))
+
+
 def drawn(config: EncoderConfig, scan_layers: bool, seed: int, leaves: set[str]) -> dict[str, jax.Array]:
     """The leaves at ``leaves`` (paths into the model's whole state: params, RNG streams) of the model built with
     ``nnx.Rngs(seed, dropout=seed)``, each as that build draws it; one compiled program, which computes only those
@@ -354,7 +356,7 @@ def drawn(config: EncoderConfig, scan_layers: bool, seed: int, leaves: set[str])
 
     @jax.jit
     def build():
-        model = EncoderForSequenceClassification(config, scan_layers=scan_layers, rngs=nnx.Rngs(seed, dropout=seed))
+        model = _seeded(config, scan_layers, seed)
         return {path: value for path, value in paths.flatten(nnx.to_pure_dict(nnx.state(model))).items()
                 if path in leaves}
 
