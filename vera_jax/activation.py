@@ -21,7 +21,7 @@ from vera_jax.adapter import Adapter, LayerVectors, layer_vectors
 from vera_jax.axes import layer_axis
 from vera_jax.calls import CallSpec, adapter_call_output, einsum_call, module_call
 from vera_jax.intercept import LayerCall, intercept_layers
-from vera_jax.layers import LAMBDA_B, LAMBDA_D, AdaptedLayer
+from vera_jax.layers import LAMBDA_B, LAMBDA_D, LAYER_INDEX, AdaptedLayer
 from vera_jax.merge import merge_layers
 from vera_jax.ops import dropout, promote_add
 from vera_jax.paths import SEP, flatten, unflatten
@@ -30,7 +30,6 @@ from vera_jax.vectors import full_leaves
 
 __all__ = ["adapt", "call_spec"]
 
-LAYER_INDEX = "vera_layer_index"  # (L,) beside a stack's vectors: which layer a scan iteration runs (for dropout)
 
 
 def call_spec(call: LayerCall, layer: AdaptedLayer) -> CallSpec:

@@ -10,11 +10,14 @@ from vera_jax.config import VeraConfig
 from vera_jax.paths import SEP, compile_rules, first_match, flatten, module_paths, patterns_regex, split_leaf
 
 __all__ = ["AdaptedLayer", "find_layers", "find_full_leaves", "trained_vectors", "is_vector_path", "vector_module",
-           "LAMBDA_D", "LAMBDA_B", "VECTOR_NAMES"]
+           "LAMBDA_D", "LAMBDA_B", "VECTOR_NAMES", "LAYER_INDEX"]
 
 LAMBDA_D = "vera_lambda_d"  # (r,): scales the r-sized side, between A and B
 LAMBDA_B = "vera_lambda_b"  # (out,): scales the layer's output side, after B
 VECTOR_NAMES = (LAMBDA_D, LAMBDA_B)
+# (L,) 0..L-1 beside a stack's vectors (linen: a leaf; NNX: a `VeraLayerIndex`): which layer a scan iteration runs,
+# for VeRA's dropout key.
+LAYER_INDEX = "vera_layer_index"
 _VECTOR_RULES = compile_rules([(patterns_regex(VECTOR_NAMES).pattern, True)])
 _MAX_LISTED = 40
 

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from train.models.torch_weights import read_safetensors
 from vera_jax import paths
 
 __all__ = ["EncoderConfig", "EncoderForSequenceClassification", "torch_leaves", "to_torch", "from_torch", "drawn",
@@ -365,9 +366,7 @@ def drawn(config: EncoderConfig, scan_layers: bool, seed: int, leaves: set[str])
 
 def load(directory: str | Path, *, num_labels: int | None = None, scan_layers: bool = False,
          seed: int = 0) -> EncoderForSequenceClassification:
-    """The model in a Hugging Face directory: ``config.json`` and ``model.safetensors`` (PyTorch names)."""
-    from safetensors.numpy import load_file
-
+    """The model in a Hugging Face directory: ``config.json`` and its ``*.safetensors`` (PyTorch names)."""
     directory = Path(directory)
     config = EncoderConfig.from_hf(json.loads((directory / "config.json").read_text()), num_labels)
-    return from_torch(load_file(directory / "model.safetensors"), config, scan_layers=scan_layers, seed=seed)
+    return from_torch(read_safetensors(directory), config, scan_layers=scan_layers, seed=seed)

@@ -20,9 +20,9 @@ from vera_jax.adapter import Adapter, init_adapter, layer_vectors
 from vera_jax.axes import KernelRule, parse_rule
 from vera_jax.calls import ModuleCall, module_call
 from vera_jax.config import VeraConfig
-from vera_jax.layers import VECTOR_NAMES, AdaptedLayer, find_layers, trained_vectors
+from vera_jax.layers import LAYER_INDEX, VECTOR_NAMES, AdaptedLayer, find_layers, trained_vectors
 from vera_jax.nnx.kinds import rule_call, unknown_module_error, weight_of
-from vera_jax.nnx.modules import (LAYER_INDEX, PROJECTIONS, LayerRecord, ModelRecord, adapted_class, is_adapted_layer,
+from vera_jax.nnx.modules import (PROJECTIONS, LayerRecord, ModelRecord, adapted_class, is_adapted_layer,
                                   is_adapted_model, model_record)
 from vera_jax.nnx.variables import VeraLayerIndex, VeraProjections, VeraVector, kernel_mesh, vector_like_kernel
 from vera_jax.paths import SEP, compile_rules, first_match, flatten, patterns_regex, unflatten

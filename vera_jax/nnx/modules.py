@@ -24,17 +24,16 @@ from flax import nnx
 from vera_jax.axes import delta_to_kernel
 from vera_jax.calls import CallSpec, adapter_call_output
 from vera_jax.config import VeraConfig
-from vera_jax.layers import VECTOR_NAMES, AdaptedLayer, trained_vectors
+from vera_jax.layers import LAYER_INDEX, VECTOR_NAMES, AdaptedLayer, trained_vectors
 from vera_jax.multi import gather_rows
 from vera_jax.ops import delta_weight, dropout, promote_add
 from vera_jax.projections import Projections
 from vera_jax.vectors import initial_vector
 
 __all__ = ["LayerRecord", "ModelRecord", "Binding", "bound", "binding", "dropping", "model_record", "adapted_class",
-           "is_adapted_layer", "is_adapted_model", "PROJECTIONS", "LAYER_INDEX"]
+           "is_adapted_layer", "is_adapted_model", "PROJECTIONS"]
 
 PROJECTIONS = "vera_projections"
-LAYER_INDEX = "vera_layer_index"  # a `VeraLayerIndex` on an adapted stack that drops out
 
 
 @dataclasses.dataclass(frozen=True)
