@@ -29,7 +29,7 @@ def test_a_few_steps_on_the_default_assets_beat_chance(tmp_path):
     assert summary["train_examples"] + summary["test_examples"] == 10_568  # 10,605 rows less 37 neutral ones
     assert summary["test_examples"] == 529
     # Chance on this slice is its majority class; the adapted model is well above it.
-    _, test = load_splits(DataOptions(test_fraction=0.05), seed=0, batch_size=32)
+    test = load_splits(DataOptions(test_fraction=0.05), batch_size=32).test
     positive = float(np.mean(test["label"]))
     assert summary["test_accuracy"] > max(positive, 1 - positive) + 0.1, (summary["test_accuracy"], positive)
     assert summary["test_loss"] < np.log(2)

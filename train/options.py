@@ -147,8 +147,16 @@ class DataOptions:
                       commands=frozenset({CLASSIFY, SWEEP}))
     num_labels: int | None = _flag(None, "classes of the head (default: inferred from the training labels)",
                                    type=positive_int, commands=frozenset({CLASSIFY, SWEEP}))
-    test_fraction: float = _flag(0.2, "rows held out when the dataset has no test split",
+    test_fraction: float = _flag(0.2, "rows held out for the final test when the dataset has no test split",
                                  type=_in_range(0.0, 1.0, low_open=True))
+    validation_fraction: float = _flag(0.1, "training rows held out to validate every epoch (and to choose --keep-best's "
+                                       "adapter or a sweep's point) when the dataset has no validation split; 0: none",
+                                       type=_in_range(0.0, 1.0, low_open=False), commands=frozenset({CLASSIFY, SWEEP}))
+    test_files: str | None = _flag(None, "local files (comma-separated) holding the test rows of a local --dataset",
+                                   commands=frozenset({CLASSIFY, SWEEP}))
+    validation_files: str | None = _flag(None, "local files (comma-separated) holding the validation rows of a "
+                                         "local --dataset", commands=frozenset({CLASSIFY, SWEEP}))
+    data_seed: int = _flag(0, "seed of the held-out test and validation splits (apart from --seed)", type=seed_int)
     max_length: int = _flag(64, "tokens per example at most", type=positive_int)
     pad_multiple: int = _flag(8, "a batch (or group of rows) pads to its longest row rounded up to a multiple of "
                               "this: each padded length compiles once, so fewer lengths compile less but pad more",
@@ -212,8 +220,8 @@ class OptimOptions:
 class RunOptions:
     """The run itself: its seed, directory, devices and processes, checkpoints, logging and reports."""
 
-    seed: int = _flag(0, "seed of the held-out split, the projections, the data order, dropout and a new head",
-                      type=seed_int)
+    seed: int = _flag(0, "seed of the projections, the data order, dropout and a new head (the split's: "
+                      "--data-seed)", type=seed_int)
     output_dir: str = _flag("runs/latest", "the run directory (a run there resumes from its last checkpoint)")
     mesh: str = _flag("auto", "devices as DATAxFSDP, e.g. '8x1' or '4x2'; 'auto' puts every device on data",
                       type=_mesh, commands=ON_MESH)
@@ -221,6 +229,10 @@ class RunOptions:
     keep_checkpoints: int = _flag(2, "checkpoints kept", type=positive_int, commands=ON_MESH)
     log_every: int = _flag(10, "steps between logged losses", type=positive_int)
     eval_batch_size: int = _flag(128, "examples per evaluation batch", type=positive_int)
+    eval_every: int | None = _flag(None, "steps between validations, besides the one at the end of every epoch",
+                                   type=positive_int, commands=frozenset({CLASSIFY}))
+    keep_best: bool = _flag(False, "keep the adapter of the best validation accuracy, not the last one",
+                            commands=frozenset({CLASSIFY}))
     baseline: bool = _flag(False, "also train the head alone on the same split and report it",
                            commands=frozenset({CLASSIFY}))
     answers: int = _flag(4, "held-out questions answered greedily before and after tuning", type=positive_int,
@@ -281,8 +293,9 @@ FLAG_FIELDS = _flag_fields()
 RESUME_KEYS = ("model", "dataset", "text_column", "label_column", "task", "num_labels", "r", "targets", "head",
                "d_initial", "b_initial", "dropout", "projection_init", "projection_sharing", "train_vectors",
                "lr_vectors", "lr_head", "schedule", "warmup_ratio", "weight_decay", "epochs", "max_steps",
-               "batch_size", "length_groups", "max_length", "pad_multiple", "test_fraction", "seed", "path",
-               "base_dtype", "chat_template", "backend")
+               "batch_size", "length_groups", "max_length", "pad_multiple", "test_fraction", "validation_fraction",
+               "test_files", "validation_files", "data_seed", "seed", "path", "base_dtype", "chat_template",
+               "backend", "eval_every", "keep_best")
 
 # `python -m train causal-lm`: SmolLM2-135M-Instruct on the chatterbot question/answer pairs, VeRA on
 # every linear layer of every decoder block, loss on the answer tokens only. Whole batches (one length group,
@@ -291,6 +304,7 @@ CAUSAL_LM_DEFAULTS = Options().replace(
     model="smollm2", dataset="chatterbot", text_column="question", label_column="answer", task="causal-lm",
     targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), head=(),
     lr_vectors=1e-2, epochs=1, batch_size=8, max_length=128, eval_batch_size=16, test_fraction=0.1,
+    validation_fraction=0.0,
     output_dir="runs/causal-lm", checkpoint_every=50, log_every=5, length_groups=1, pad_multiple=16,
 )
 

@@ -48,12 +48,12 @@ def run_peft_job(options: Options) -> dict:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     started = time.perf_counter()
-    train_split, test_split = data_lib.load_splits(options.data, options.run.seed, options.optim.batch_size)
-    num_labels = data_lib.check_labels(train_split, test_split, options.data)
+    splits = data_lib.load_splits(options.data, options.optim.batch_size)
+    num_labels = data_lib.check_labels(splits, options.data)
     source = model_source(options.model.name)
     tokenizer = AutoTokenizer.from_pretrained(source)
-    train = data_lib.tokenize(train_split, tokenizer, options.data.max_length, np.int64)
-    test = data_lib.tokenize(test_split, tokenizer, options.data.max_length, np.int64)
+    train, test = (data_lib.tokenize(split, tokenizer, options.data.max_length, np.int64)
+                   for split in (splits.train, splits.test))
     pad_id = tokenizer.pad_token_id or 0
     steps_per_epoch, total_steps = count_steps(options.optim, len(train))
     torch.manual_seed(options.run.seed)

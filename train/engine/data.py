@@ -18,7 +18,7 @@ from datasets.exceptions import DatasetGenerationError
 from train import assets, hub
 from train.options import DataOptions
 
-__all__ = ["TextData", "load_splits", "tokenize", "epoch_order", "batch_indices", "by_length", "length_groups",
+__all__ = ["TextData", "Splits", "load_splits", "tokenize", "epoch_order", "batch_indices", "by_length", "length_groups",
            "collate", "DataError", "dataset_sha256"]
 
 LOCAL_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -135,11 +135,13 @@ def _load(name: str) -> datasets.DatasetDict | datasets.Dataset:
     if name in PACKAGED:
         return PACKAGED[name]()
     files = _named_files(name)
-    if not files:
-        return _load_named(name)
+    return _load_files(files, name) if files else _load_named(name)
+
+
+def _load_files(files: list[Path], name: str) -> datasets.Dataset:
+    """The rows of local ``files`` (one format), checked readable first; ``name`` is how the flag gave them."""
     for path in files:
         _check_file(path, name)
-    _check_distinct(files, name)
     kinds = {LOCAL_FORMATS[f.suffix] for f in files}
     if len(kinds) != 1:
         raise DataError(f"Dataset files {name} mix formats {sorted(kinds)}; use one format.")
@@ -202,14 +204,23 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def dataset_sha256(name: str) -> str:
-    """The sha256 of what ``--dataset`` reads: its local files' bytes in order (a directory's files by name),
-    else the name itself (a packaged dataset is pinned by its archive's sha256, a hub dataset by its name)."""
-    files = _named_files(name)
-    if not files and name not in PACKAGED and Path(name).is_dir():
-        files = sorted(p for p in Path(name).rglob("*") if p.is_file())
+def _split_files(data: DataOptions) -> dict[str, list[Path]]:
+    """The local files of each split the flags name: 'train' (--dataset), 'test', 'validation'."""
+    named = {"train": _named_files(data.dataset), "test": data.test_files, "validation": data.validation_files}
+    return {split: value if isinstance(value, list) else [Path(p) for p in value.split(",")]
+            for split, value in named.items() if value}
+
+
+def dataset_sha256(data: DataOptions) -> str:
+    """The sha256 of what the run reads: the local files of ``--dataset``, ``--test-files`` and
+    ``--validation-files`` (their bytes in order; a directory's files by name), else the dataset's name (a
+    packaged dataset is pinned by its archive's sha256, a hub dataset by its name)."""
+    files = [path for paths in _split_files(data).values() for path in paths]
+    name = data.dataset
+    if not _named_files(name) and name not in PACKAGED and Path(name).is_dir():
+        files = sorted(p for p in Path(name).rglob("*") if p.is_file()) + files
     digest = hashlib.sha256()
-    if not files:
+    if not _named_files(name):
         digest.update(name.encode())
     for path in files:
         with path.open("rb") as file:
@@ -219,55 +230,91 @@ def dataset_sha256(name: str) -> str:
     return digest.hexdigest()
 
 
-def load_splits(data: DataOptions, seed: int, batch_size: int) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """(train, test) with columns 'text' and 'label'; the test split is fixed by ``seed``, and leaves at least one
-    batch of ``batch_size`` rows to train on.
+@dataclasses.dataclass(frozen=True)
+class Splits:
+    """A dataset's rows as a run uses them, each with columns 'text' and 'label'.
 
-    A dataset with a 'test' (or else 'validation') split keeps it; otherwise ``test_fraction`` of the
-    rows are held out.
+    Attributes:
+      train: the rows trained on.
+      validation: the rows every choice is made on (per-epoch validation, --keep-best, a sweep's pick); None when
+        --validation-fraction is 0 and the dataset has no validation split.
+      test: the rows touched only for the final report.
+    """
+
+    train: datasets.Dataset
+    validation: datasets.Dataset | None
+    test: datasets.Dataset
+
+
+def load_splits(data: DataOptions, batch_size: int) -> Splits:
+    """The train, validation and test rows; a split the dataset lacks is carved from its training rows by
+    ``--data-seed``, leaving at least one batch of ``batch_size`` rows to train on.
+
+    The test rows are a 'test' split (or else, when the dataset also lacks a validation split to spare, its
+    'validation' split), ``--test-files``, or ``--test-fraction`` of the rows; the validation rows a 'validation'
+    split, ``--validation-files``, or ``--validation-fraction`` of the remaining training rows.
 
     Raises:
-      DataError: a missing column, an empty split, a blank text or missing label (naming the row).
+      DataError: a missing column, an empty split, a blank text or missing label (naming the row), files named
+        twice.
     """
+    files = _split_files(data)
+    _check_distinct([path for paths in files.values() for path in paths], data.dataset)
     loaded = _load(data.dataset)
+    named: dict[str, datasets.Dataset] = {}
     if isinstance(loaded, datasets.DatasetDict):
         if "train" not in loaded:
             raise DataError(f"Dataset {data.dataset!r} has splits {list(loaded)} but no 'train' split.")
-        held_out = next((loaded[s] for s in ("test", "validation") if s in loaded), None)
-        train = loaded["train"]
+        named = {split: loaded[split] for split in ("train", "validation", "test") if split in loaded}
+        if "test" not in named and "validation" in named:  # GLUE's layout: its validation rows are the test
+            named["test"] = named.pop("validation")
     else:
-        train, held_out = loaded, None
-    for column in (data.text_column, data.label_column):
-        if column not in train.column_names:
-            raise DataError(f"Dataset {data.dataset!r} has no column {column!r}; its columns are "
-                            f"{train.column_names}. Choose with --text-column / --label-column.")
-    if len(train) == 0:
-        raise DataError(f"Dataset {data.dataset!r} is empty.")
-    keep = lambda ds: ds.select_columns([data.text_column, data.label_column]).rename_columns(  # noqa: E731
-        {data.text_column: "text", data.label_column: "label"})
-    train = keep(train)
-    _check_cells(train, data, "" if held_out is None else " of the 'train' split")
-    if held_out is None:
-        if len(train) < 2:
-            raise DataError(f"Dataset {data.dataset!r} has {len(train)} row; at least 2 are needed to hold one out.")
-        _check_split_sizes(len(train), data, batch_size)
-        parts = train.train_test_split(test_size=data.test_fraction, seed=seed)
-        train, test = parts["train"], parts["test"]
-    else:
-        test = keep(held_out)
-        _check_cells(test, data, " of the held-out split")
-    if len(test) == 0:
-        raise DataError(f"The held-out split of {data.dataset!r} is empty; raise --test-fraction.")
-    return train, test
+        named["train"] = loaded
+    if (files.get("test") or files.get("validation")) and not files.get("train"):
+        raise DataError(f"--test-files and --validation-files go with a --dataset of local files, not "
+                        f"{data.dataset!r}; name its training files in --dataset.")
+    for split in ("test", "validation"):
+        if split in files:
+            named[split] = _load_files(files[split], f"--{split}-files {getattr(data, split + '_files')}")
+    columns = [data.text_column, data.label_column]
+    for split, rows in named.items():
+        missing = [column for column in columns if column not in rows.column_names]
+        where = "" if len(named) == 1 else f" of the {split!r} split"
+        if missing:
+            raise DataError(f"Dataset {data.dataset!r}{where} has no column {missing[0]!r}; its columns are "
+                            f"{rows.column_names}. Choose with --text-column / --label-column.")
+        if len(rows) == 0:
+            raise DataError(f"Dataset {data.dataset!r}{where} is empty.")
+        named[split] = rows.select_columns(columns).rename_columns(
+            {data.text_column: "text", data.label_column: "label"})
+        _check_cells(named[split], data, where)
+    train = named["train"]
+    fractions = {split: fraction for split, fraction in (("test", data.test_fraction),
+                                                         ("validation", data.validation_fraction))
+                 if split not in named and fraction > 0}
+    _check_split_sizes(len(train), fractions, data, batch_size)
+    for stream, (split, fraction) in enumerate(fractions.items()):
+        # --data-seed 0 holds out the test rows that --seed 0 held out before --data-seed existed.
+        parts = train.train_test_split(test_size=fraction, generator=np.random.default_rng(
+            data.data_seed if stream == 0 else [data.data_seed, stream]))
+        train, named[split] = parts["train"], parts["test"]
+    return Splits(train, named.get("validation"), named["test"])
 
 
-def _check_split_sizes(rows: int, data: DataOptions, batch_size: int) -> None:
-    """A DataError when ``--test-fraction`` of ``rows`` leaves fewer training rows than one batch."""
-    held_out = math.ceil(data.test_fraction * rows)  # as `datasets.Dataset.train_test_split` counts them
-    if rows - held_out < batch_size:
-        raise DataError(f"--test-fraction {data.test_fraction:g} holds out {held_out} of the {rows} rows of "
-                        f"{data.dataset!r}, leaving {rows - held_out} training rows, fewer than one batch of "
-                        f"{batch_size}; lower --test-fraction (or --batch-size).")
+def _check_split_sizes(rows: int, fractions: dict[str, float], data: DataOptions, batch_size: int) -> None:
+    """A DataError when holding out ``fractions`` of ``rows`` (the test rows, then the validation rows from what is
+    left) leaves fewer training rows than one batch."""
+    if fractions and rows < 2:
+        raise DataError(f"Dataset {data.dataset!r} has {rows} row; at least 2 are needed to hold one out.")
+    left, held = rows, []
+    for split, fraction in fractions.items():
+        count = math.ceil(fraction * left)  # as `datasets.Dataset.train_test_split` counts them
+        left -= count
+        held.append(f"--{split}-fraction {fraction:g} holds out {count}")
+    if left < batch_size:
+        flags = " or ".join(f"--{split}-fraction" for split in fractions)
+        raise DataError(f"{' and '.join(held)} of the {rows} rows of {data.dataset!r}, leaving {left} training "
+                        f"rows, fewer than one batch of {batch_size}; lower {flags} (or --batch-size).")
 
 
 def _check_cells(split: datasets.Dataset, data: DataOptions, where: str) -> None:
@@ -301,21 +348,22 @@ def _check_integer_labels(split: datasets.Dataset, data: DataOptions, where: str
                         "0..K-1 (true/false as 1/0), or use --task regression.")
 
 
-def check_labels(train: datasets.Dataset, test: datasets.Dataset, data: DataOptions) -> int:
+def check_labels(splits: Splits, data: DataOptions) -> int:
     """Number of outputs the head needs: the class count, or 1 for regression.
 
     Classification labels are integers 0..K-1 of at least two classes; with K inferred (no --num-labels),
     every class occurs, so one mistyped label (1000000) cannot make a million-class head.
     """
+    rows = [split for split in (splits.train, splits.validation, splits.test) if split is not None]
     if data.task == "regression":
-        for split in (train, test):
+        for split in rows:
             values = np.asarray(split["label"], np.float64)
             if not np.all(np.isfinite(values)):
                 raise DataError("Regression labels must be finite numbers.")
         return 1
     if data.task != "classification":
         raise DataError(f"--task must be 'classification' or 'regression', got {data.task!r}.")
-    labels = np.concatenate([np.asarray(train["label"]), np.asarray(test["label"])])
+    labels = np.concatenate([np.asarray(split["label"]) for split in rows])
     if not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"Classification labels must be integers 0..K-1, got {labels.dtype} values such as "
                         f"{labels[:3].tolist()}; map them to integers or use --task regression.")

@@ -30,7 +30,7 @@ from train.engine.profile import JobProfile
 from train.options import OptimOptions, Options
 from vera_jax.host import to_host
 
-__all__ = ["Context", "Trainees", "Trained", "fit", "train_groups", "group_count", "dropout_key", "step_key",
+__all__ = ["Context", "Trainees", "Trained", "Validation", "fit", "train_groups", "group_count", "dropout_key", "step_key",
            "learning_rate_flags", "DROPOUT_STREAM"]
 
 DROPOUT_STREAM = 2**31  # fold_in offset for the dropout key: disjoint from the projection stream's blocks
@@ -49,6 +49,7 @@ class Context:
     steps_per_epoch: int
     total_steps: int
     length_groups: int = 1  # groups of rows a batch runs as (`group_count`)
+    validation_data: data_lib.TextData | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,13 +111,47 @@ class Trainees:
 
 
 @dataclasses.dataclass(frozen=True)
+class Validation:
+    """Scoring on the validation rows while training: after the last step of every epoch, every ``every`` steps
+    if set, and after the run's last step. Each score goes to the metrics log (``validation_accuracy``,
+    ``validation_loss``).
+
+    Attributes:
+      score: ``score(adapter) -> (accuracy, loss)`` on the validation rows: floats, or (K,) for a stack.
+      every: steps between validations besides the epochs' ends; None: at the epochs' ends only.
+      keep_best: keep the adapter of the best validation accuracy too (one adapter only; checkpoints carry it).
+    """
+
+    score: Callable
+    every: int | None = None
+    keep_best: bool = False
+
+    def due(self, done: int, ctx: Context) -> bool:
+        """Whether to validate after ``done`` steps."""
+        return (done % ctx.steps_per_epoch == 0 or done == ctx.total_steps
+                or (self.every is not None and done % self.every == 0))
+
+
+@dataclasses.dataclass(frozen=True)
 class Trained:
-    """What `fit` returns: the trained adapter (stacked for stacked trainees; replicated on the mesh), the training
-    tokens per second, and per adapter the step at which it diverged (None: it did not)."""
+    """What `fit` returns.
+
+    Attributes:
+      adapter: the trained adapter (stacked for stacked trainees; replicated on the mesh).
+      tokens_per_second: the training tokens per second.
+      diverged_at: per adapter, the step at which it diverged (None: it did not).
+      validation_accuracy: the last validation's accuracy (float, or (K,)), None without `Validation`.
+      best: with ``Validation.keep_best``, the adapter of the best validation accuracy, else None.
+      best_step: the step it was trained to, and ``best_accuracy`` its validation accuracy.
+    """
 
     adapter: vera_jax.Adapter
     tokens_per_second: float
     diverged_at: tuple[int | None, ...]
+    validation_accuracy: float | np.ndarray | None = None
+    best: vera_jax.Adapter | None = None
+    best_step: int | None = None
+    best_accuracy: float | None = None
 
 
 def dropout_key(seed: int) -> jax.Array:
@@ -164,7 +199,7 @@ def _stack_groups(groups: list[dict], pad_id: int) -> dict:
 
 def fit(ctx: Context, trainees: Trainees, adapter: vera_jax.Adapter, logits_fn: Callable, log: MetricsLog, *,
         checkpoints: RunCheckpoints | None = None, meta: dict | None = None, profile: JobProfile | None = None,
-        hoist=None) -> Trained:
+        hoist=None, validation: Validation | None = None) -> Trained:
     """Train ``adapter.trainable`` for ``ctx.total_steps`` (resuming from ``checkpoints``); ``adapter`` itself is
     left as it was.
 
@@ -176,26 +211,34 @@ def fit(ctx: Context, trainees: Trainees, adapter: vera_jax.Adapter, logits_fn: 
       profile: counts the groups' shapes and times the checkpoints.
       hoist: the model of a merged-path ``logits_fn`` whose merge then runs once a step (`Run.hoist`, one adapter
         only) rather than once a group of rows (`train.engine.steps.make_merged_group_gradients`).
+      validation: when and how to score the adapters on the validation rows while training.
 
     Raises:
       TrainingDiverged: every adapter's loss or trained state stopped being finite.
     """
     options, profile = ctx.options, profile or JobProfile()
-    if trainees.stacked and (hoist is not None or checkpoints is not None):
-        raise ValueError("Stacked adapters train without a hoisted merge and without checkpoints.")
+    keep_best = validation is not None and validation.keep_best
+    if trainees.stacked and (hoist is not None or checkpoints is not None or keep_best):
+        raise ValueError("Stacked adapters train without a hoisted merge, checkpoints or a kept best adapter.")
     replicated, batch_sharding = mesh_lib.replicated(ctx.mesh), mesh_lib.batch_sharding(ctx.mesh)
     tx = steps.make_optimizer(options.optim, ctx.total_steps)
     init = jax.vmap(tx.init) if trainees.stacked else tx.init
     adapter = mesh_lib.place(adapter, replicated)  # its own buffers: the step donates them
-    state = mesh_lib.place({"trainable": adapter.trainable, "opt_state": init(adapter.trainable)}, replicated)
-    start = 0
+    state = {"trainable": adapter.trainable, "opt_state": init(adapter.trainable)}
+    if keep_best:
+        state["best"] = adapter.trainable
+    state = mesh_lib.place(to_host(state) if keep_best else state, replicated)
+    start, best_step, best_accuracy, last_validation = 0, None, -math.inf, None
     if checkpoints is not None:
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
         restored = checkpoints.restore(abstract, meta)
         if restored is not None:
-            start, state, _ = restored
+            start, state, restored_meta = restored
+            if keep_best and restored_meta.get("best"):
+                best_step, best_accuracy = restored_meta["best"]["step"], restored_meta["best"]["validation_accuracy"]
             log = MetricsLog(log.path, start, enabled=log.enabled)  # drops records past an older step resumed
             print(f"[{trainees.names[0]}] resumed from the checkpoint at step {start}")
+    best = state.get("best")
 
     base_shardings = jax.tree.map(lambda x: x.sharding, ctx.params)
     if hoist is None:  # the groups differentiate the adapter's trainable tree
@@ -219,7 +262,7 @@ def fit(ctx: Context, trainees: Trainees, adapter: vera_jax.Adapter, logits_fn: 
                        donate_argnums=(0, 1))
     adapter, opt_state = adapter.replace(trainable=state["trainable"]), state["opt_state"]
     diverged: list[int | None] = [None] * len(trainees.names)
-    tokens, started = 0, time.perf_counter()
+    tokens, validating, started = 0, 0.0, time.perf_counter()
     progress = tqdm(total=ctx.total_steps, initial=start, desc=", ".join(trainees.names)[:60],
                     disable=jax.process_index() != 0)
     for step in range(start, ctx.total_steps):
@@ -244,13 +287,26 @@ def fit(ctx: Context, trainees: Trainees, adapter: vera_jax.Adapter, logits_fn: 
                 raise _diverged(options, done, f"the training loss is {losses[-1]}", checkpoints, diverged)
             finite = losses[np.isfinite(losses)]
             progress.set_postfix(loss=f"{float(np.mean(finite)):.4f}")
+        if validation is not None and validation.due(done, ctx):
+            validating -= time.perf_counter()
+            with profile.phase("validation"):
+                last_validation, losses = validation.score(adapter)
+            validating += time.perf_counter()
+            for name, accuracy, value in zip(trainees.names, np.atleast_1d(last_validation), np.atleast_1d(losses)):
+                log.write(run=name, step=done, epoch=(done - 1) // ctx.steps_per_epoch,
+                          validation_accuracy=float(accuracy), validation_loss=float(value))
+            if keep_best and float(last_validation) > best_accuracy:
+                best_step, best_accuracy = done, float(last_validation)
+                best = mesh_lib.place(to_host(adapter.trainable), replicated)  # a copy: the step donates the adapter
         if checkpoints is not None and (done % options.run.checkpoint_every == 0 or done == ctx.total_steps):
-            state = {"trainable": adapter.trainable, "opt_state": opt_state}
+            state = {"trainable": adapter.trainable, "opt_state": opt_state} | ({"best": best} if keep_best else {})
             if not _all_finite(state):
                 raise _diverged(options, done, "the trained state is not finite", checkpoints, (done,))
             epoch, position = divmod(done, ctx.steps_per_epoch)
+            kept = {"best": {"step": best_step, "validation_accuracy": best_accuracy}} if best_step else {}
             with profile.phase("checkpoints"):
-                checkpoints.save(done, state, {**meta, "step": done, "epoch": epoch, "batch_in_epoch": position})
+                checkpoints.save(done, state, {**meta, "step": done, "epoch": epoch, "batch_in_epoch": position,
+                                               **kept})
         progress.update(1)
     progress.close()
     for k, finite in enumerate(trainees.finite(adapter.trainable)):
@@ -258,8 +314,10 @@ def fit(ctx: Context, trainees: Trainees, adapter: vera_jax.Adapter, logits_fn: 
             diverged[k] = ctx.total_steps
     if None not in diverged:
         raise _diverged(options, ctx.total_steps, "the trained state is not finite", checkpoints, diverged)
-    seconds = time.perf_counter() - started
-    return Trained(adapter, tokens / seconds if tokens else 0.0, tuple(diverged))
+    seconds = time.perf_counter() - started - validating
+    kept = {} if best_step is None else {"best": adapter.replace(trainable=best), "best_step": best_step,
+                                         "best_accuracy": best_accuracy}
+    return Trained(adapter, tokens / seconds if tokens else 0.0, tuple(diverged), last_validation, **kept)
 
 
 def _all_finite(tree) -> bool:

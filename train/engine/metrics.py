@@ -8,7 +8,7 @@ from pathlib import Path
 
 from vera_jax.atomic import write_text
 
-__all__ = ["MetricsLog", "plot_curves", "write_json", "directory_bytes"]
+__all__ = ["MetricsLog", "plot_curves", "smoothed", "validations", "write_json", "directory_bytes"]
 
 
 def write_json(path: Path, value: dict) -> None:
@@ -40,8 +40,35 @@ class MetricsLog:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
 
+def smoothed(values: list[float], weight: float = 0.8) -> list[float]:
+    """The exponential moving average of ``values`` (TensorBoard's smoothing: debiased, so the first point is the
+    first value)."""
+    out, average = [], 0.0
+    for i, value in enumerate(values, 1):
+        average = weight * average + (1 - weight) * value
+        out.append(average / (1 - weight**i))
+    return out
+
+
+def validations(records: list[dict], run: str = "vera") -> list[dict]:
+    """Each validation of ``run`` in the metrics log: its step, epoch, accuracy and loss, and the mean of the
+    training losses logged since the one before (``train_loss``, None when none were)."""
+    out, losses = [], []
+    for record in records:
+        if record.get("run", "vera") != run:
+            continue
+        if "loss" in record:
+            losses.append(record["loss"])
+        if "validation_accuracy" in record:
+            out.append({key: record[key] for key in ("step", "epoch", "validation_accuracy", "validation_loss")}
+                       | {"train_loss": sum(losses) / len(losses) if losses else None})
+            losses = []
+    return out
+
+
 def plot_curves(records: list[dict], path: Path) -> None:
-    """Training loss and held-out accuracy against the step."""
+    """The training loss (each logged value, and smoothed) and the accuracy (each validation; the test's at the
+    end) against the step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -50,14 +77,22 @@ def plot_curves(records: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for run in sorted({r.get("run", "vera") for r in records}):
         train = [r for r in records if r.get("run", "vera") == run and "loss" in r]
-        evals = [r for r in records if r.get("run", "vera") == run and "test_accuracy" in r]
-        axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label=run)
-        axes[1].plot([r["step"] for r in evals], [r["test_accuracy"] for r in evals], "o-", label=run)
-    axes[0].set(xlabel="step", ylabel="training loss", title="training loss")
-    axes[1].set(xlabel="step", ylabel="accuracy", title="held-out accuracy")
+        line, = axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], alpha=0.3, linewidth=0.8)
+        axes[0].plot([r["step"] for r in train], smoothed([r["loss"] for r in train]), color=line.get_color(),
+                     label=f"{run} (smoothed)")
+        checks = [r for r in records if r.get("run", "vera") == run and "validation_accuracy" in r]
+        tests = [r for r in records if r.get("run", "vera") == run and "test_accuracy" in r]
+        if checks:
+            axes[1].plot([r["step"] for r in checks], [r["validation_accuracy"] for r in checks], "o-",
+                         color=line.get_color(), label=f"{run} validation")
+        if tests:
+            axes[1].plot([r["step"] for r in tests], [r["test_accuracy"] for r in tests], "*", markersize=12,
+                         color=line.get_color(), label=f"{run} test")
+    axes[0].set(xlabel="step", ylabel="training loss", title="training loss (faint: each logged step)")
+    axes[1].set(xlabel="step", ylabel="accuracy", title="accuracy: every validation, the test at the end")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -52,6 +52,7 @@ class Prepared:
       train_data, test_data: the tokenised splits.
       pad_id: the token that pads a batch.
       test_split: the held-out rows as loaded (the causal LM answers some of its questions).
+      validation_data: the tokenised validation rows, or None.
     """
 
     model: object
@@ -60,6 +61,7 @@ class Prepared:
     test_data: data_lib.TextData
     pad_id: int
     test_split: object = None
+    validation_data: data_lib.TextData | None = None
 
 
 @dataclasses.dataclass
@@ -164,11 +166,12 @@ def start(options: Options, load: Callable[[Options], Prepared], *, on_mesh: boo
         print(vera_jax.parameter_report(job.model.params, adapter))
     params = job.model.params
     ctx = Context(options, mesh, mesh_lib.place(params, mesh_lib.base_shardings(params, mesh)), job.train_data,
-                  job.test_data, job.pad_id, steps_per_epoch, total_steps, group_count(options.optim, mesh.size))
+                  job.test_data, job.pad_id, steps_per_epoch, total_steps, group_count(options.optim, mesh.size),
+                  job.validation_data)
     checkpoints = data_sha256 = None
     resume_step = 0
     if on_mesh:
-        data_sha256 = data_lib.dataset_sha256(options.data.dataset)
+        data_sha256 = data_lib.dataset_sha256(options.data)
         checkpoints = RunCheckpoints(out / "checkpoints", options.run.keep_checkpoints)
         resume_step = checkpoints.latest_step() or 0
     log = MetricsLog(out / "metrics.jsonl", resume_step, enabled=primary)

@@ -55,7 +55,7 @@ def prepare(options: Options) -> Prepared:
     """Load the question/answer splits, check the positions, load the model, check its chat template, encode both
     splits."""
     check_source(options.model.name)
-    train_split, test_split = data_lib.load_splits(options.data, options.run.seed, options.optim.batch_size)
+    splits = data_lib.load_splits(options.data, options.optim.batch_size)
     check_positions(options, ("max_length", "max_new_tokens"))
     model, tokenizer = load_causal_lm(options.model.name, options.model.base_dtype,
                                       options.data.max_length + options.run.max_new_tokens,
@@ -63,9 +63,9 @@ def prepare(options: Options) -> Prepared:
     chat_data.use_chat_template(tokenizer, options.data.chat_template, options.model.name)
     if tokenizer.pad_token is None:  # GPT-2 and others: padding is masked out, any token will do
         tokenizer.pad_token = tokenizer.eos_token
-    train_data = chat_data.encode_chat(train_split, tokenizer, options.data.max_length)
-    test_data = chat_data.encode_chat(test_split, tokenizer, options.data.max_length)
-    return Prepared(model, tokenizer, train_data, test_data, tokenizer.pad_token_id, test_split)
+    train_data, test_data = (chat_data.encode_chat(split, tokenizer, options.data.max_length)
+                             for split in (splits.train, splits.test))
+    return Prepared(model, tokenizer, train_data, test_data, tokenizer.pad_token_id, splits.test)
 
 
 def _answers(model, tokenizer, params, questions: list[str], options: Options) -> list[str]:

@@ -19,11 +19,11 @@ import numpy as np
 import vera_jax
 from train.engine import data as data_lib
 from train.engine import steps
-from train.engine.metrics import directory_bytes
 from train.engine.profile import JobProfile
 from train.engine.errors import RunError
-from train.engine.evaluation import evaluate
-from train.engine.loop import Trainees, fit
+from train.engine.evaluation import Evaluator, evaluate
+from train.engine.loop import Trainees, Validation, fit
+from train.engine.metrics import directory_bytes, validations
 from train.engine.run import Prepared, check_targets, count_steps, locked_run, publish, save_adapters, start
 from train.models.load import check_positions, check_source, classifier_shapes, load_classifier
 from train.options import CLASSIFY, Options, add_options, from_args
@@ -46,17 +46,24 @@ def prepare(options: Options) -> Prepared:
     A head the checkpoint lacks is drawn from ``--seed`` (transformers' own initialisation).
     """
     check_source(options.model.name)
-    train_split, test_split = data_lib.load_splits(options.data, options.run.seed, options.optim.batch_size)
-    num_labels = data_lib.check_labels(train_split, test_split, options.data)
+    splits = data_lib.load_splits(options.data, options.optim.batch_size)
+    if options.run.keep_best and splits.validation is None:
+        raise data_lib.DataError("--keep-best picks the adapter by its validation accuracy, but the run has no "
+                                 "validation rows: drop --keep-best, or give --validation-fraction or "
+                                 "--validation-files.")
+    num_labels = data_lib.check_labels(splits, options.data)
     check_positions(options)
     backend = options.model.backend
     check_targets(options, *classifier_shapes(options.model.name, num_labels, backend))
     model, tokenizer = load_classifier(options.model.name, num_labels, seed=options.run.seed, backend=backend)
     label_dtype = np.float32 if options.data.task == "regression" else np.int32
-    train_data = data_lib.tokenize(train_split, tokenizer, options.data.max_length, label_dtype)
-    test_data = data_lib.tokenize(test_split, tokenizer, options.data.max_length, label_dtype)
+    train_data, test_data = (data_lib.tokenize(split, tokenizer, options.data.max_length, label_dtype)
+                             for split in (splits.train, splits.test))
+    validation_data = None if splits.validation is None else data_lib.tokenize(
+        splits.validation, tokenizer, options.data.max_length, label_dtype)
     count_steps(options.optim, len(train_data))  # a split smaller than one batch fails here, before any compute
-    return Prepared(model, tokenizer, train_data, test_data, tokenizer.pad_token_id or 0, test_split)
+    return Prepared(model, tokenizer, train_data, test_data, tokenizer.pad_token_id or 0, splits.test,
+                    validation_data)
 
 
 @locked_run
@@ -66,17 +73,23 @@ def run(options: Options) -> dict:
     with JobProfile().watching() as profile:
         with profile.phase("loading"):
             setup = start(options, prepare)
-        params = setup.params
+        params, ctx = setup.params, setup.ctx
         logits_fn = setup.logits()
+        scorer = Evaluator(ctx, logits_fn)
+        validation = None if ctx.validation_data is None else Validation(
+            lambda adapter: scorer(adapter, ctx.validation_data), options.run.eval_every, options.run.keep_best)
         with profile.phase("training"):
-            trained = fit(setup.ctx, Trainees(("vera",)), setup.adapter, logits_fn, setup.log,
-                          checkpoints=setup.checkpoints, meta=setup.meta(), profile=profile, hoist=setup.hoist)
+            trained = fit(ctx, Trainees(("vera",)), setup.adapter, logits_fn, setup.log,
+                          checkpoints=setup.checkpoints, meta=setup.meta(), profile=profile, hoist=setup.hoist,
+                          validation=validation)
             setup.checkpoints.close()
+        kept = trained.best if options.run.keep_best else trained.adapter
+        kept_step = trained.best_step if options.run.keep_best else setup.total_steps
         with profile.phase("evaluation"):
-            accuracy, test_loss = evaluate(setup.ctx, trained.adapter, logits_fn)
-        setup.log.write(run="vera", step=setup.total_steps, test_accuracy=accuracy, test_loss=test_loss)
+            accuracy, test_loss = scorer(kept, ctx.test_data)
+        setup.log.write(run="vera", step=kept_step, test_accuracy=accuracy, test_loss=test_loss)
         with profile.phase("saving"):
-            adapter_dir = save_adapters(setup, trained.adapter, "SEQ_CLS")
+            adapter_dir = save_adapters(setup, kept, "SEQ_CLS")
 
     trainable_params, all_params = vera_jax.count_parameters(params, setup.adapter)
     summary = {
@@ -84,7 +97,12 @@ def run(options: Options) -> dict:
         "task": options.data.task, "path": options.model.path,
         "path_detail": setup.path_detail, "mesh": dict(setup.ctx.mesh.shape), "steps": setup.total_steps,
         "train_examples": len(setup.job.train_data), "test_examples": len(setup.job.test_data),
-        "test_accuracy": accuracy, "test_loss": test_loss, "trainable_params": trainable_params,
+        "validation_examples": len(ctx.validation_data) if ctx.validation_data is not None else 0,
+        "test_accuracy": accuracy, "test_loss": test_loss, "adapter_step": kept_step,
+        "validation_accuracy": trained.best_accuracy if options.run.keep_best else
+        None if trained.validation_accuracy is None else float(trained.validation_accuracy),
+        "validations": validations(setup.log.records()) if setup.primary else [],
+        "trainable_params": trainable_params,
         "all_params": all_params, "adapter_bytes": directory_bytes(adapter_dir),
         "tokens_per_second": trained.tokens_per_second, "profile": profile.summary(),
     }
@@ -102,10 +120,12 @@ def run(options: Options) -> dict:
 
 
 def _report(summary: dict, parameters: str, out: Path) -> str:
-    baseline = summary.get("baseline_accuracy")
+    baseline, validation = summary.get("baseline_accuracy"), summary["validation_accuracy"]
     lines = [
         f"test accuracy        {summary['test_accuracy']:.4f}"
         + (f"   (head-only baseline {baseline:.4f})" if baseline is not None else ""),
+        *([f"validation accuracy  {validation:.4f} (step {summary['adapter_step']} of {summary['steps']}; every "
+           "validation in summary.json's validations)"] if validation is not None else []),
         parameters,
         f"adapter on disk      {summary['adapter_bytes']:,d} bytes ({out / 'adapter'})",
         f"wall time            {summary['wall_seconds']:.1f} s ({_phases(summary['profile'])})",
