@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 import tiny_run
@@ -18,24 +19,36 @@ def test_the_peft_job_schedules_learning_rates_as_optax_does(kind):
         assert lr_factor(kind, step, 50, 0.06) == pytest.approx(float(schedule(step)), abs=1e-6), step
 
 
-def test_bench_job_runs_both_jobs_on_one_recipe(tmp_path):
+def test_bench_job_runs_the_three_jobs_on_one_recipe_over_seeds(tmp_path):
     model = tiny_run.make_model(tmp_path / "model", weights=("pytorch",))
     data = tiny_run.make_csv(tmp_path / "data.csv")
     flags = (f"--model {model} --dataset {data} --r 8 --batch-size 8 --max-length 16 --eval-batch-size 16 "
              "--max-steps 12")
     out = tmp_path / "job.json"
-    assert main(["bench", "--job", "--job-flags", flags, "--json", str(out)]) == 0
+    assert main(["bench", "--job", "--job-flags", flags, "--seeds", "0", "1", "--json", str(out)]) == 0
     results = json.loads(out.read_text())
-    assert results["ours"]["steps"] == results["peft"]["steps"] == 12
-    assert results["job_speedup_vs_peft"] == pytest.approx(results["peft"]["wall_seconds"] /
-                                                           results["ours"]["wall_seconds"])
-    profile = results["ours"]["profile"]
+    assert results["seeds"] == [0, 1] and [run["seed"] for run in results["runs"]] == [0, 1]
+    for run in results["runs"]:
+        assert run["vera_jax"]["steps"] == run["peft_vera"]["steps"] == run["peft_lora"]["steps"] == 12
+    methods = results["methods"]
+    for name, method in methods.items():
+        accuracies = [run[name]["test_accuracy"] for run in results["runs"]]
+        assert method["test_accuracy"]["values"] == accuracies
+        assert method["test_accuracy"]["mean"] == pytest.approx(np.mean(accuracies))
+        assert method["test_accuracy"]["std"] == pytest.approx(np.std(accuracies, ddof=1))
+    # The tiny BERT: hidden 32, 2 layers, query and value adapted; the head (32 x 2 + 2) trained by all three.
+    head = 32 * 2 + 2
+    assert methods["vera_jax"]["trainable_params"] == methods["peft_vera"]["trainable_params"] == 2 * 2 * (8 + 32) + head
+    assert methods["peft_lora"]["trainable_params"] == 2 * 2 * 8 * (32 + 32) + head
+    assert results["job_speedup_vs_peft"] == pytest.approx(methods["peft_vera"]["wall_seconds"]["mean"] /
+                                                           methods["vera_jax"]["wall_seconds"]["mean"])
+    profile = results["runs"][0]["vera_jax"]["profile"]
     assert profile["first_logged_step"] == 10 and all(profile[k] > 0 for k in (
         "launch_to_first_logged_step", "first_to_last_logged_step", "after_the_last_step"))
-    assert set(profile["seconds"]) == {"loading", "training", "checkpoints", "evaluation", "saving"}
+    assert set(profile["seconds"]) == {"loading", "training", "validation", "checkpoints", "evaluation", "saving"}
     assert all(seconds > 0 for seconds in profile["seconds"].values())
     # Four length groups of 2 rows in each of the 12 steps, each padded to a multiple of 8 tokens.
     assert sum(profile["shapes"].values()) == 48 and {shape.split("x")[0] for shape in profile["shapes"]} == {"2"}
     assert 0 < profile["tokens"]["real"] < profile["tokens"]["padded"] <= 48 * 2 * 16
     assert profile["compiles"]["training"]["group_fn"]["programs"] == len(profile["shapes"])  # one per shape
-    assert sum(profile["seconds"].values()) <= results["ours"]["wall_seconds"]
+    assert sum(profile["seconds"].values()) <= results["runs"][0]["vera_jax"]["wall_seconds"]

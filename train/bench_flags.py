@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from train.options import non_negative_float, non_negative_int, positive_int
+from train.options import non_negative_float, non_negative_int, positive_float, positive_int, seed_int
 
 __all__ = ["BENCH", "BENCH_MULTI", "BenchError", "LLAMA_LINEAR", "WORKLOADS", "MULTI_WORKLOADS", "add_bench_arguments",
            "add_multi_arguments"]
@@ -89,9 +89,16 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                              "launched twice as a user would, with JAX's compilation cache cold then warm "
                              "(`train.bench.startup`; about 2 minutes here)")
     parser.add_argument("--job", action="store_true",
-                        help="instead: the whole main job (python -m train) against the same recipe with PEFT in "
-                             "PyTorch, one after the other (`train.bench.job`; about 12 minutes here)")
-    parser.add_argument("--job-flags", default="", help="--job: flags for both jobs, as python -m train takes them")
+                        help="instead: the whole main job (python -m train) against the same recipe with PEFT's VeRA "
+                             "and PEFT's LoRA in PyTorch, one after the other (`train.bench.job`; about 20 minutes "
+                             "a seed here)")
+    parser.add_argument("--job-flags", default="", help="--job: flags for every job, as python -m train takes them")
+    parser.add_argument("--seeds", type=seed_int, nargs="+",
+                        help="--job: run every job once with each training seed (--seed) and report mean and "
+                             "standard deviation (default: the --job-flags' seed, once)")
+    parser.add_argument("--lora-rank", type=positive_int, default=8, help="--job: the rank of PEFT's LoRA peer")
+    parser.add_argument("--lora-lr", type=positive_float, default=5e-4,
+                        help="--job: the learning rate of PEFT's LoRA peer (the head's: --lr-head)")
     parser.add_argument("--json", type=Path, help="also write the results here")
 
 

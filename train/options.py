@@ -24,7 +24,7 @@ from vera_jax.plan import NNX_PATHS
 __all__ = ["Options", "DataOptions", "ModelOptions", "OptimOptions", "RunOptions", "FLAG_FIELDS", "FlagError",
            "RESUME_KEYS", "CAUSAL_LM_DEFAULTS", "PATHS", "SCHEDULES", "add_options",
            "from_args", "vera_config", "check_options", "positive_int", "non_negative_int", "finite_float",
-           "non_negative_float", "seed_int", "Parser"]
+           "non_negative_float", "positive_float", "seed_int", "Parser"]
 
 BACKENDS = ("nnx", "nnx-listed", "linen")  # model implementations: our NNX models, or transformers' linen ones
 SCAN_REMATS = ("dots", "full", "none")  # the keys of train.models.nnx_llama.SCAN_REMAT, its default first
@@ -92,7 +92,7 @@ def non_negative_float(text: str) -> float:
     return value
 
 
-def _positive_float(text: str) -> float:
+def positive_float(text: str) -> float:
     value = _number(text, float, "a finite number > 0")
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
@@ -203,8 +203,8 @@ class ModelOptions:
 class OptimOptions:
     """The optimisation: learning rates, schedule, batches and length."""
 
-    lr_vectors: float = _flag(1e-2, "peak learning rate of the VeRA vectors", type=_positive_float)
-    lr_head: float = _flag(4e-3, "peak learning rate of the modules trained in full", type=_positive_float)
+    lr_vectors: float = _flag(1e-2, "peak learning rate of the VeRA vectors", type=positive_float)
+    lr_head: float = _flag(4e-3, "peak learning rate of the modules trained in full", type=positive_float)
     schedule: str = _flag("linear", "learning-rate decay after a linear warmup", choices=SCHEDULES)
     warmup_ratio: float = _flag(0.06, "fraction of the steps spent warming up", type=_in_range(0.0, 1.0, False))
     weight_decay: float = _flag(0.0, "AdamW weight decay", type=non_negative_float)

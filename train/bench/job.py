@@ -1,4 +1,5 @@
-"""``python -m train bench --job``: the whole main job against PEFT's, one after the other on the same split.
+"""``python -m train bench --job``: the whole main job against PEFT's VeRA and PEFT's LoRA, one after the other on
+the same split, for one training seed or several (``--seeds 0 1 2``: mean and standard deviation of each).
 
 Ours runs as a user starts it, ``python -m train [flags]`` in a fresh interpreter with an empty compilation
 cache; PEFT's runs the same recipe in PyTorch (`train.bench.peft_job`). Both wall times count from reading the
@@ -11,8 +12,10 @@ follows the last step); PEFT's into loading, training and evaluation.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import statistics
 import shlex
 import subprocess
 import sys
@@ -20,13 +23,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from train.bench.peft_job import run_peft_job
+from train.bench.peft_job import LoraRecipe, run_peft_job
 from train.engine import compile_cache
 from train.options import CLASSIFY, Parser, add_options, from_args
 
-__all__ = ["job_bench"]
+__all__ = ["job_bench", "LoraRecipe", "METHODS"]
 
-PHASES = ("loading", "training", "checkpoints", "evaluation", "saving")  # the main job's, in order
+PHASES = ("loading", "training", "validation", "checkpoints", "evaluation", "saving")  # the main job's, in order
 
 
 def _our_job(flags: list[str], out: Path, cache: Path) -> dict:
@@ -40,6 +43,7 @@ def _our_job(flags: list[str], out: Path, cache: Path) -> dict:
     summary = json.loads((out / "summary.json").read_text())
     steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     return {"test_accuracy": summary["test_accuracy"], "wall_seconds": summary["wall_seconds"],
+            "trainable_params": summary["trainable_params"], "validation_accuracy": summary["validation_accuracy"],
             "process_seconds": ended - started, "steps": summary.get("steps", steps[-1]["step"]),
             "profile": {**summary["profile"],
                         "first_logged_step": steps[0]["step"],
@@ -67,18 +71,59 @@ def _table(ours: dict, peft: dict) -> str:
     return "\n".join(lines)
 
 
-def job_bench(job_flags: str = "") -> dict:
-    """``job_speedup_vs_peft`` (PEFT's wall / ours), ``job_accuracy``, ``peft_job_accuracy`` and both runs."""
-    flags = ["classify", *shlex.split(job_flags)]  # as the user runs it: logging at its own cadence
+METHODS = ("vera_jax", "peft_vera", "peft_lora")  # the three jobs of each seed, in the order they run
+
+
+def _spread(values: list[float]) -> dict:
+    """Each value, their mean and sample standard deviation (0 for one value)."""
+    return {"values": values, "mean": statistics.mean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def _methods_table(methods: dict, seeds: int) -> str:
+    """Accuracy and wall time (mean +- std over the seeds) and trainable parameters of each job."""
+    lines = [f"{'job':<12}{'trainable':>11}{'test accuracy':>22}{'wall time':>22}   (over {seeds} seed(s))"]
+    for name, row in methods.items():
+        accuracy, wall = row["test_accuracy"], row["wall_seconds"]
+        lines.append(f"{name:<12}{row['trainable_params']:>11,d}{accuracy['mean']:>13.4f} +- {accuracy['std']:.4f}"
+                     f"{wall['mean']:>13.1f} +- {wall['std']:.1f}s")
+    return "\n".join(lines)
+
+
+def job_bench(job_flags: str = "", seeds: list[int] | None = None, lora: LoraRecipe = LoraRecipe()) -> dict:
+    """Each seed's three jobs (``runs``), and per job (``methods``) the test accuracy and wall time over the seeds
+    and the trainable parameters; ``job_speedup_vs_peft`` (PEFT VeRA's mean wall over ours) and the mean
+    accuracies ``job_accuracy``, ``peft_job_accuracy``, ``lora_job_accuracy``.
+
+    ``seeds``: training seeds (``--seed``: data order, dropout, projections, a new head), each job run once with
+    each on the one split of ``--data-seed``; None: the flags' own seed.
+    """
+    base_flags = ["classify", *shlex.split(job_flags)]  # as the user runs it: logging at its own cadence
     parser = Parser(prog="python -m train classify")
     add_options(parser, CLASSIFY)
-    options = from_args(parser.parse_args(flags[1:]))
-    with tempfile.TemporaryDirectory(prefix="vera_jax_job_") as scratch:
-        ours = _our_job(flags, Path(scratch) / "run", Path(scratch) / "xla")
-    print(f"vera_jax: {ours['wall_seconds']:.1f} s, test accuracy {ours['test_accuracy']:.4f}", flush=True)
-    peft = run_peft_job(options)
-    print(f"PEFT:     {peft['wall_seconds']:.1f} s, test accuracy {peft['test_accuracy']:.4f}", flush=True)
-    print(_table(ours, peft), flush=True)
-    return {"job_flags": job_flags, "ours": ours, "peft": peft,
-            "job_speedup_vs_peft": peft["wall_seconds"] / ours["wall_seconds"],
-            "job_accuracy": ours["test_accuracy"], "peft_job_accuracy": peft["test_accuracy"]}
+    runs = []
+    for seed in seeds or [None]:
+        flags = base_flags + ([] if seed is None else ["--seed", str(seed)])
+        options = from_args(parser.parse_args(flags[1:]))
+        with tempfile.TemporaryDirectory(prefix="vera_jax_job_") as scratch:
+            ours = _our_job(flags, Path(scratch) / "run", Path(scratch) / "xla")
+        print(f"[seed {options.run.seed}] vera_jax:  {ours['wall_seconds']:.1f} s, test accuracy "
+              f"{ours['test_accuracy']:.4f}", flush=True)
+        peft = run_peft_job(options)
+        print(f"[seed {options.run.seed}] PEFT VeRA: {peft['wall_seconds']:.1f} s, test accuracy "
+              f"{peft['test_accuracy']:.4f}", flush=True)
+        print(_table(ours, peft), flush=True)
+        peft_lora = run_peft_job(options, lora)
+        print(f"[seed {options.run.seed}] PEFT LoRA r={lora.rank}: {peft_lora['wall_seconds']:.1f} s, test accuracy "
+              f"{peft_lora['test_accuracy']:.4f}", flush=True)
+        runs.append({"seed": options.run.seed, "vera_jax": ours, "peft_vera": peft, "peft_lora": peft_lora})
+    methods = {name: {"test_accuracy": _spread([run[name]["test_accuracy"] for run in runs]),
+                      "wall_seconds": _spread([run[name]["wall_seconds"] for run in runs]),
+                      "trainable_params": runs[0][name]["trainable_params"]} for name in METHODS}
+    print(_methods_table(methods, len(runs)), flush=True)
+    mean = {name: {key: methods[name][key]["mean"] for key in ("test_accuracy", "wall_seconds")} for name in METHODS}
+    return {"job_flags": job_flags, "seeds": [run["seed"] for run in runs], "lora": dataclasses.asdict(lora),
+            "runs": runs, "methods": methods,
+            "job_speedup_vs_peft": mean["peft_vera"]["wall_seconds"] / mean["vera_jax"]["wall_seconds"],
+            "job_accuracy": mean["vera_jax"]["test_accuracy"], "peft_job_accuracy": mean["peft_vera"]["test_accuracy"],
+            "lora_job_accuracy": mean["peft_lora"]["test_accuracy"]}

@@ -1,13 +1,15 @@
-"""The main job's recipe run with Hugging Face PEFT's VeRA in PyTorch: the peer of ``python -m train bench --job``.
+"""The main job's recipe run with Hugging Face PEFT in PyTorch, its VeRA or its LoRA: the peers of
+``python -m train bench --job``.
 
 The same split, the same tokenised rows and the same batches in the same order (each padded to its longest
 row exactly, as ``DataCollatorWithPadding`` pads them), the same AdamW with the same two learning-rate
-schedules (the vectors', the head's), the model's own dropout on while training, then one evaluation on the
-held-out split.
+schedules (the adapter's, the head's), the model's own dropout on while training, then one evaluation on the
+test rows.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import time
@@ -19,7 +21,7 @@ from train.engine.run import count_steps
 from train.models.load import model_source
 from train.options import Options
 
-__all__ = ["run_peft_job", "lr_factor"]
+__all__ = ["run_peft_job", "lr_factor", "LoraRecipe"]
 
 EXACT = 1  # PyTorch compiles nothing per shape: a batch pads to its longest row exactly, as transformers' collator does
 
@@ -37,11 +39,23 @@ def lr_factor(kind: str, step: int, total_steps: int, warmup_ratio: float) -> fl
     return 1.0
 
 
-def run_peft_job(options: Options) -> dict:
-    """Train and evaluate as ``python -m train`` would with ``options``, in PyTorch with PEFT.
+@dataclasses.dataclass(frozen=True)
+class LoraRecipe:
+    """PEFT's LoRA as the peer runs it on the modules VeRA adapts: rank 8, alpha = rank (scaling 1) and learning
+    rate 5e-4, the LoRA paper's RoBERTa-base GLUE settings (Hu et al. 2021, appendix D); no LoRA dropout
+    (PEFT's default, as VeRA's here); the head trains as VeRA's, at ``--lr-head``."""
 
-    Returns ``{"test_accuracy", "wall_seconds", "train_seconds", "eval_seconds", "steps"}``; the wall time runs
-    from reading the data to the end of the evaluation, as the main job's ``summary.json`` counts it.
+    rank: int = 8
+    lr: float = 5e-4
+
+
+def run_peft_job(options: Options, lora: LoraRecipe | None = None) -> dict:
+    """Train and evaluate as ``python -m train`` would with ``options``, in PyTorch with PEFT's VeRA (or, with
+    ``lora``, PEFT's LoRA on the same modules).
+
+    Returns ``{"test_accuracy", "wall_seconds", "train_seconds", "eval_seconds", "steps", "trainable_params"}``;
+    the wall time runs from reading the data to the end of the evaluation, as the main job's ``summary.json``
+    counts it.
     """
     import peft
     import torch
@@ -59,14 +73,20 @@ def run_peft_job(options: Options) -> dict:
     torch.manual_seed(options.run.seed)
     base = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels)
     adapter, optim = options.model, options.optim
-    config = peft.VeraConfig(r=adapter.r, target_modules=list(adapter.targets), d_initial=adapter.d_initial,
-                             vera_dropout=adapter.dropout, projection_prng_key=options.run.seed,
-                             modules_to_save=list(adapter.head), task_type="SEQ_CLS")
+    if lora is None:
+        config = peft.VeraConfig(r=adapter.r, target_modules=list(adapter.targets), d_initial=adapter.d_initial,
+                                 vera_dropout=adapter.dropout, projection_prng_key=options.run.seed,
+                                 modules_to_save=list(adapter.head), task_type="SEQ_CLS")
+        pattern, lr = r"vera_lambda_[bd]", optim.lr_vectors
+    else:
+        config = peft.LoraConfig(r=lora.rank, lora_alpha=lora.rank, target_modules=list(adapter.targets),
+                                 modules_to_save=list(adapter.head), task_type="SEQ_CLS")
+        pattern, lr = r"lora_[AB]", lora.lr
     model = peft.get_peft_model(base, config)
-    vectors = [p for n, p in model.named_parameters() if p.requires_grad and re.search(r"vera_lambda_[bd]", n)]
-    head = [p for n, p in model.named_parameters() if p.requires_grad and not re.search(r"vera_lambda_[bd]", n)]
-    optimizer = torch.optim.AdamW([{"params": vectors, "lr": optim.lr_vectors},
-                                   {"params": head, "lr": optim.lr_head}], weight_decay=optim.weight_decay)
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": [p for n, p in trained if re.search(pattern, n)], "lr": lr},
+                                   {"params": [p for n, p in trained if not re.search(pattern, n)],
+                                    "lr": optim.lr_head}], weight_decay=optim.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(optim.schedule, step, total_steps, optim.warmup_ratio))
 
@@ -96,4 +116,5 @@ def run_peft_job(options: Options) -> dict:
             correct += int((model(**batch).logits.argmax(-1) == labels).sum())
     ended = time.perf_counter()
     return {"test_accuracy": correct / len(test), "wall_seconds": ended - started, "steps": total_steps,
-            "train_seconds": eval_started - train_started, "eval_seconds": ended - eval_started}
+            "train_seconds": eval_started - train_started, "eval_seconds": ended - eval_started,
+            "trainable_params": sum(p.numel() for _, p in trained)}
