@@ -52,7 +52,7 @@ STANDARD_PROMOTION = {
     "test_evaluation", "test_forward_paths", "test_fuzz_files", "test_gguf_llama", "test_length_groups", "test_lora",
     "test_multi", "test_peft_interop", "test_peft_parity", "test_plan", "test_readme", "test_real_assets",
     "test_reference_run", "test_run_safety", "test_startup", "test_train_pipeline", "test_training", "test_tunix",
-    "test_writers",
+    "test_validation", "test_writers",
 }
 
 

@@ -15,7 +15,7 @@ from vera_jax import checkpoint
 
 def test_a_few_steps_on_the_default_assets_beat_chance(tmp_path):
     """The packaged MiniLM (on the NNX encoder) and movie reviews through the main job with no command: 30 steps at
-    high learning rates, scored on a fixed held-out 5% (529 sentences, fixed by --seed 0); rows cut and padded to 40
+    high learning rates, scored on a fixed held-out 5% (529 sentences, fixed by --data-seed 0); rows cut and padded to 40
     tokens, so the groups compile one shape. A subprocess with XLA's optimisations: its compute outweighs compiling."""
     out = tmp_path / "run"
     done = tiny_run.run_subprocess(["--output-dir", str(out), "--max-steps", "30", "--test-fraction", "0.05",
@@ -26,8 +26,10 @@ def test_a_few_steps_on_the_default_assets_beat_chance(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     # 6 layers x (query, value) x (r=256 + out=384), plus the 384 x 2 head and its bias.
     assert summary["trainable_params"] == 12 * (256 + 384) + 384 * 2 + 2
-    assert summary["train_examples"] + summary["test_examples"] == 10_568  # 10,605 rows less 37 neutral ones
-    assert summary["test_examples"] == 529
+    # 10,605 rows less 37 neutral ones: 5% to test, then 10% of the rest to validate.
+    assert summary["train_examples"] + summary["validation_examples"] + summary["test_examples"] == 10_568
+    assert (summary["test_examples"], summary["validation_examples"]) == (529, 1004)
+    assert [v["step"] for v in summary["validations"]] == [30]
     # Chance on this slice is its majority class; the adapted model is well above it.
     test = load_splits(DataOptions(test_fraction=0.05), batch_size=32).test
     positive = float(np.mean(test["label"]))

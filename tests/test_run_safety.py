@@ -79,13 +79,26 @@ BAD_DATA = {
                                           r"--dataset nobody-vera-jax/no-such-dataset is neither a local file or "
                                           r"folder nor a datasets hub dataset that can be reached"),
     "too large a --test-fraction": (lambda d: f"{_csv(d / 'a.csv', GOOD)}\0--test-fraction\0{0.999}",
-                                    r"--test-fraction 0\.999 holds out 40 of the 40 rows of '\S+', leaving 0 "
-                                    r"training rows, fewer than one batch of 8; lower --test-fraction \(or "
-                                    r"--batch-size\)\."),
+                                    r"--test-fraction 0\.999 holds out 40 and --validation-fraction 0\.1 holds out "
+                                    r"0 of the 40 rows of '\S+', leaving 0 training rows, fewer than one batch of "
+                                    r"8; lower --test-fraction or --validation-fraction \(or --batch-size\)\."),
     "a --test-fraction that leaves less than a batch": (
         lambda d: f"{_csv(d / 'a.csv', GOOD)}\0--test-fraction\0{0.85}",
-        r"--test-fraction 0\.85 holds out 34 of the 40 rows of '\S+', leaving 6 training rows, fewer than one "
-        r"batch of 8"),
+        r"--test-fraction 0\.85 holds out 34 and --validation-fraction 0\.1 holds out 1 of the 40 rows of '\S+', "
+        r"leaving 5 training rows, fewer than one batch of 8"),
+    "a --validation-fraction that leaves less than a batch": (
+        lambda d: f"{_csv(d / 'a.csv', GOOD)}\0--validation-fraction\0{0.8}",
+        r"--test-fraction 0\.2 holds out 8 and --validation-fraction 0\.8 holds out 26 of the 40 rows of '\S+', "
+        r"leaving 6 training rows"),
+    "test files with a hub dataset": (
+        lambda d: f"default\0--test-files\0{_csv(d / 'a.csv', GOOD)}",
+        r"--test-files and --validation-files go with a --dataset of local files, not 'default'"),
+    "a test file that is the training file": (
+        lambda d: f"{_csv(d / 'a.csv', GOOD)}\0--test-files\0{d / 'a.csv'}",
+        r"names \S+/a.csv and \S+/a.csv, which hold the same rows"),
+    "--keep-best without validation rows": (
+        lambda d: f"{_csv(d / 'a.csv', GOOD)}\0--validation-fraction\0{0}\0--keep-best",
+        r"--keep-best picks the adapter by its validation accuracy, but the run has no validation rows"),
 }
 
 

@@ -100,21 +100,21 @@ def _named_files(name: str) -> list[Path]:
     return parts
 
 
-def _check_file(path: Path, name: str) -> None:
+def _check_file(path: Path, flag: str) -> None:
     """A DataError unless ``path`` is a readable dataset file: a supported extension, present, not empty,
     and UTF-8 text unless it is Parquet."""
     if path.suffix not in LOCAL_FORMATS:
-        raise DataError(f"--dataset {name}: {path} has the unsupported extension {path.suffix!r}; use "
+        raise DataError(f"{flag}: {path} has the unsupported extension {path.suffix!r}; use "
                         f"{'/'.join(LOCAL_FORMATS)} files, 'default', 'chatterbot' or a datasets hub name.")
     if not path.is_file():
-        raise DataError(f"--dataset {name}: {path} does not exist; give an existing {'/'.join(LOCAL_FORMATS)} file.")
+        raise DataError(f"{flag}: {path} does not exist; give an existing {'/'.join(LOCAL_FORMATS)} file.")
     if path.stat().st_size == 0:
-        raise DataError(f"--dataset {name}: {path} is empty (0 bytes); it needs a header and rows.")
+        raise DataError(f"{flag}: {path} is empty (0 bytes); it needs a header and rows.")
     if LOCAL_FORMATS[path.suffix] != "parquet":
-        _check_text(path, name)
+        _check_text(path, flag)
 
 
-def _check_text(path: Path, name: str) -> None:
+def _check_text(path: Path, flag: str) -> None:
     """A DataError unless ``path`` is UTF-8 text without NUL bytes (a binary file renamed .csv is not)."""
     decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
     with path.open("rb") as file:
@@ -122,11 +122,11 @@ def _check_text(path: Path, name: str) -> None:
             try:
                 decoder.decode(chunk)
             except UnicodeDecodeError as err:
-                raise DataError(f"--dataset {name}: {path} is not UTF-8 text (byte {offset + err.start} cannot be "
+                raise DataError(f"{flag}: {path} is not UTF-8 text (byte {offset + err.start} cannot be "
                                 f"decoded); a {path.suffix} file must be text: save it as UTF-8 "
                                 f"{path.suffix}.") from None
             if (nul := chunk.find(b"\0")) >= 0:
-                raise DataError(f"--dataset {name}: {path} holds binary data (a NUL byte at {offset + nul}); a "
+                raise DataError(f"{flag}: {path} holds binary data (a NUL byte at {offset + nul}); a "
                                 f"{path.suffix} file must be text.")
             offset += len(chunk)
 
@@ -139,9 +139,7 @@ def _load(name: str) -> datasets.DatasetDict | datasets.Dataset:
 
 
 def _load_files(files: list[Path], name: str) -> datasets.Dataset:
-    """The rows of local ``files`` (one format), checked readable first; ``name`` is how the flag gave them."""
-    for path in files:
-        _check_file(path, name)
+    """The rows of local ``files`` (one format, each checked by `_check_file`); ``name`` is how a flag gave them."""
     kinds = {LOCAL_FORMATS[f.suffix] for f in files}
     if len(kinds) != 1:
         raise DataError(f"Dataset files {name} mix formats {sorted(kinds)}; use one format.")
@@ -259,6 +257,10 @@ def load_splits(data: DataOptions, batch_size: int) -> Splits:
         twice.
     """
     files = _split_files(data)
+    for split, paths in files.items():
+        flag = "--dataset" if split == "train" else f"--{split}-files"
+        for path in paths:
+            _check_file(path, f"{flag} {data.dataset if split == 'train' else getattr(data, split + '_files')}")
     _check_distinct([path for paths in files.values() for path in paths], data.dataset)
     loaded = _load(data.dataset)
     named: dict[str, datasets.Dataset] = {}
