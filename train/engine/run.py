@@ -5,7 +5,7 @@ A job (classification in `train.jobs.classify`, causal LM in `train.jobs.causal_
 prepares everything in one order: processes, output directory, mesh, model and data, the adapter the flags
 describe, its path ('auto' timed here), the parameter report, then (on the mesh) the frozen base
 placed FSDP by path rules, the checkpoints and the metrics log. The job then calls `train.engine.loop.fit`
-and `train.engine.evaluation.evaluate`; the loss and metrics follow ``options.data.task`` (`train.engine.steps`).
+and `train.engine.evaluation.Evaluator`; the loss and metrics follow ``options.data.task`` (`train.engine.steps`).
 """
 
 from __future__ import annotations

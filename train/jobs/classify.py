@@ -4,8 +4,9 @@ transformers' linen class), sharded and resumable.
 Order of work: check every flag (before anything loads), then the output directory, mesh, data,
 labels, model and targets (`train.engine.run.start`) before any compute; place the frozen base (FSDP by
 path rules) and the replicated small trees on the mesh; restore the latest checkpoint if the run
-directory has one; train with one jitted, donated step; evaluate; write the adapter, metrics, plot and
-summary.
+directory has one; train with one jitted, donated step, validating after every epoch (and every
+--eval-every steps) on the validation rows; test the last adapter (or with --keep-best the best validated)
+once on the test rows; write it, the metrics, plot and summary.
 """
 
 from __future__ import annotations
