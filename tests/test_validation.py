@@ -50,7 +50,8 @@ def test_the_data_seed_fixes_the_test_and_validation_rows_apart_from_the_seed(ti
     assert _texts(again.validation) == _texts(splits.validation) and _texts(again.test) == _texts(splits.test)
     other = data_lib.load_splits(DataOptions(dataset=str(data), data_seed=1), batch_size=8)
     assert _texts(other.test) != _texts(splits.test) and _texts(other.validation) != _texts(splits.validation)
-    assert data_lib.load_splits(DataOptions(dataset=str(data), validation_fraction=0.0), batch_size=8).validation is None
+    unvalidated = data_lib.load_splits(DataOptions(dataset=str(data), validation_fraction=0.0), batch_size=8)
+    assert unvalidated.validation is None and _texts(unvalidated.test) == _texts(splits.test)
 
 
 def test_a_local_datasets_own_test_and_validation_files_are_used_as_given(tiny, tmp_path):

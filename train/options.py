@@ -149,8 +149,9 @@ class DataOptions:
                                    type=positive_int, commands=frozenset({CLASSIFY, SWEEP}))
     test_fraction: float = _flag(0.2, "rows held out for the final test when the dataset has no test split",
                                  type=_in_range(0.0, 1.0, low_open=True))
-    validation_fraction: float = _flag(0.1, "training rows held out to validate every epoch (and to choose --keep-best's "
-                                       "adapter or a sweep's point) when the dataset has no validation split; 0: none",
+    validation_fraction: float = _flag(0.1, "training rows held out to validate every epoch (and to choose "
+                                       "--keep-best's adapter or a sweep's point) when the dataset has no validation "
+                                       "split; 0: none",
                                        type=_in_range(0.0, 1.0, low_open=False), commands=frozenset({CLASSIFY, SWEEP}))
     test_files: str | None = _flag(None, "local files (comma-separated) holding the test rows of a local --dataset",
                                    commands=frozenset({CLASSIFY, SWEEP}))

@@ -18,8 +18,8 @@ from datasets.exceptions import DatasetGenerationError
 from train import assets, hub
 from train.options import DataOptions
 
-__all__ = ["TextData", "Splits", "load_splits", "tokenize", "epoch_order", "batch_indices", "by_length", "length_groups",
-           "collate", "DataError", "dataset_sha256"]
+__all__ = ["TextData", "Splits", "load_splits", "tokenize", "epoch_order", "batch_indices", "by_length",
+           "length_groups", "collate", "DataError", "dataset_sha256"]
 
 LOCAL_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 PAD_MULTIPLE = 16

@@ -30,8 +30,8 @@ from train.engine.profile import JobProfile
 from train.options import OptimOptions, Options
 from vera_jax.host import to_host
 
-__all__ = ["Context", "Trainees", "Trained", "Validation", "fit", "train_groups", "group_count", "dropout_key", "step_key",
-           "learning_rate_flags", "DROPOUT_STREAM"]
+__all__ = ["Context", "Trainees", "Trained", "Validation", "fit", "train_groups", "group_count", "dropout_key",
+           "step_key", "learning_rate_flags", "DROPOUT_STREAM"]
 
 DROPOUT_STREAM = 2**31  # fold_in offset for the dropout key: disjoint from the projection stream's blocks
 
@@ -226,8 +226,8 @@ def fit(ctx: Context, trainees: Trainees, adapter: vera_jax.Adapter, logits_fn: 
     adapter = mesh_lib.place(adapter, replicated)  # its own buffers: the step donates them
     state = {"trainable": adapter.trainable, "opt_state": init(adapter.trainable)}
     if keep_best:
-        state["best"] = adapter.trainable
-    state = mesh_lib.place(to_host(state) if keep_best else state, replicated)
+        state["best"] = to_host(adapter.trainable)  # its own buffers: the step donates the trainable ones
+    state = mesh_lib.place(state, replicated)
     start, best_step, best_accuracy, last_validation = 0, None, -math.inf, None
     if checkpoints is not None:
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
@@ -293,8 +293,9 @@ def fit(ctx: Context, trainees: Trainees, adapter: vera_jax.Adapter, logits_fn: 
                 last_validation, losses = validation.score(adapter)
             validating += time.perf_counter()
             for name, accuracy, value in zip(trainees.names, np.atleast_1d(last_validation), np.atleast_1d(losses)):
-                log.write(run=name, step=done, epoch=(done - 1) // ctx.steps_per_epoch,
-                          validation_accuracy=float(accuracy), validation_loss=float(value))
+                if math.isfinite(value):  # a diverged adapter of a stack has no validation
+                    log.write(run=name, step=done, epoch=(done - 1) // ctx.steps_per_epoch,
+                              validation_accuracy=float(accuracy), validation_loss=float(value))
             if keep_best and float(last_validation) > best_accuracy:
                 best_step, best_accuracy = done, float(last_validation)
                 best = mesh_lib.place(to_host(adapter.trainable), replicated)  # a copy: the step donates the adapter

@@ -71,11 +71,11 @@ class Grid:
     adapters_per_pass: int | None = None  # adapters vmapped together; None: `vera_jax.adapters_per_pass` picks
     varied: tuple[str, ...] = ()  # the RECIPE fields given several values (named in each point's label)
 
-    def programs(self) -> list[tuple[tuple[str, str, str], tuple[float, ...]]]:
+    def programs(self) -> list[tuple[tuple, tuple[float, ...]]]:
         """``(variant, d_initials)`` of each compiled program, in order."""
         programs = []
         for variant in self.variants:
-            if _settings(variant)["train_vectors"] == "lambda_b":  # lambda_d is the constant d_initial: each value is another model
+            if _settings(variant)["train_vectors"] == "lambda_b":  # lambda_d is the constant d_initial: one model each
                 programs += [(variant, (d,)) for d in self.d_initials]
             else:
                 programs.append((variant, self.d_initials))
