@@ -228,6 +228,11 @@ def dataset_sha256(data: DataOptions) -> str:
     return digest.hexdigest()
 
 
+def _given(data: DataOptions, split: str) -> str:
+    """The flag that names ``split``'s files and its value: '--dataset a.csv', '--test-files t.csv'."""
+    return f"--dataset {data.dataset}" if split == "train" else f"--{split}-files {getattr(data, split + '_files')}"
+
+
 @dataclasses.dataclass(frozen=True)
 class Splits:
     """A dataset's rows as a run uses them, each with columns 'text' and 'label'.
@@ -257,10 +262,12 @@ def load_splits(data: DataOptions, batch_size: int) -> Splits:
         twice.
     """
     files = _split_files(data)
+    if (files.get("test") or files.get("validation")) and not files.get("train"):
+        raise DataError(f"--test-files and --validation-files go with a --dataset of local files, not "
+                        f"{data.dataset!r}; name its training files in --dataset.")
     for split, paths in files.items():
-        flag = "--dataset" if split == "train" else f"--{split}-files"
         for path in paths:
-            _check_file(path, f"{flag} {data.dataset if split == 'train' else getattr(data, split + '_files')}")
+            _check_file(path, _given(data, split))
     _check_distinct([path for paths in files.values() for path in paths], data.dataset)
     loaded = _load(data.dataset)
     named: dict[str, datasets.Dataset] = {}
@@ -272,12 +279,9 @@ def load_splits(data: DataOptions, batch_size: int) -> Splits:
             named["test"] = named.pop("validation")
     else:
         named["train"] = loaded
-    if (files.get("test") or files.get("validation")) and not files.get("train"):
-        raise DataError(f"--test-files and --validation-files go with a --dataset of local files, not "
-                        f"{data.dataset!r}; name its training files in --dataset.")
     for split in ("test", "validation"):
         if split in files:
-            named[split] = _load_files(files[split], f"--{split}-files {getattr(data, split + '_files')}")
+            named[split] = _load_files(files[split], _given(data, split))
     columns = [data.text_column, data.label_column]
     for split, rows in named.items():
         missing = [column for column in columns if column not in rows.column_names]
