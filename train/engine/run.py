@@ -38,8 +38,8 @@ from vera_jax.layers import find_full_leaves, find_layers
 from vera_jax.host import to_host
 from vera_jax.paths import SEP, flatten
 
-__all__ = ["Prepared", "Run", "start", "locked_run", "init_distributed", "output_dir", "count_steps", "model_config",
-           "vera_setup", "check_targets", "resolve_path", "save_adapters", "publish"]
+__all__ = ["Prepared", "Run", "start", "locked_run", "init_distributed", "output_dir", "check_adapter_directories",
+           "count_steps", "model_config", "vera_setup", "check_targets", "resolve_path", "save_adapters", "publish"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,11 +146,7 @@ def start(options: Options, load: Callable[[Options], Prepared], *, on_mesh: boo
     out = output_dir(options.run.output_dir)
     mesh = mesh_lib.make_mesh(options.run.mesh, options.optim.batch_size) if on_mesh else mesh_lib.one_device_mesh()
     if on_mesh:
-        for name, kind in (("adapter", adapter_checkpoint.KIND), ("peft_adapter", vera_peft.KIND)):
-            try:
-                atomic.check_replaceable(out / name, kind)
-            except FileExistsError as err:
-                raise RunError(f"{err} (the run writes its adapter there; choose another --output-dir)") from None
+        check_adapter_directories(out, "--output-dir")
         if (out / "checkpoints").is_dir():  # a resume with other flags is refused before anything loads
             early = RunCheckpoints(out / "checkpoints", options.run.keep_checkpoints)
             try:
@@ -176,6 +172,16 @@ def start(options: Options, load: Callable[[Options], Prepared], *, on_mesh: boo
         resume_step = checkpoints.latest_step() or 0
     log = MetricsLog(out / "metrics.jsonl", resume_step, enabled=primary)
     return Run(options, out, job, adapter, path, path_detail, ctx, log, checkpoints, data_sha256)
+
+
+def check_adapter_directories(out: Path, flag: str) -> None:
+    """A RunError when ``out/adapter`` or ``out/peft_adapter`` holds something vera_jax did not write there (a run
+    replaces only its own), before anything loads; ``flag`` names the option that chose ``out``."""
+    for name, kind in (("adapter", adapter_checkpoint.KIND), ("peft_adapter", vera_peft.KIND)):
+        try:
+            atomic.check_replaceable(out / name, kind)
+        except FileExistsError as err:
+            raise RunError(f"{err} (the run writes its adapter there; choose another {flag})") from None
 
 
 def count_steps(optim: OptimOptions, train_rows: int) -> tuple[int, int]:

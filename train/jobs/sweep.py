@@ -36,7 +36,8 @@ from train.engine.errors import TrainingDiverged
 from train.engine.evaluation import Evaluator
 from train.engine.loop import Trainees, Validation, fit, learning_rate_flags
 from train.engine.metrics import directory_bytes, write_json
-from train.engine.run import Run, count_steps, locked_run, model_config, output_dir, save_adapters, start
+from train.engine.run import (Run, check_adapter_directories, count_steps, locked_run, model_config, output_dir,
+                              save_adapters, start)
 from train.jobs import classify
 from train.models.load import load_classifier
 from train.options import (SWEEP, FlagError, Options, add_options, check_options, finite_float, from_args,
@@ -243,6 +244,8 @@ def sweep(options: Options, grid: Grid, select: str | None = None) -> dict:
     """Train the grid, write sweep.json, sweep.png and each adapter; with ``select``, the best adapter by
     validation accuracy as a run directory there."""
     started = time.perf_counter()
+    if select is not None:
+        check_adapter_directories(Path(select), "--select")
     setup = start(options, classify.prepare, on_mesh=False)
     out, params = setup.out, setup.params
     heads = _heads_for_seeds(options, setup.model, vera_jax.vectors.full_leaves(setup.adapter.trainable), grid.seeds)
