@@ -143,13 +143,15 @@ def test_a_sweep_selects_its_best_point_by_validation_as_a_run_directory(tiny, t
     assert f"selected {best['adapter']}" in capsys.readouterr().out
 
 
-def test_select_without_validation_rows_or_into_a_foreign_folder_is_refused_before_training(tiny, tmp_path, capsys):
+def test_select_without_validation_rows_or_into_a_foreign_folder_is_refused_before_training(tiny, tmp_path, capsys,
+                                                                                             monkeypatch):
     model, data = tiny
+    monkeypatch.setattr(classify, "load_classifier", lambda *a, **k: pytest.fail("the model loaded"))
     args = ["sweep", *tiny_run.train_args(model, data, tmp_path / "sweep", "--validation-fraction", "0",
                                           "--seeds", "0", "--select", str(tmp_path / "chosen"))]
     assert main(args) == 2
     assert "--select picks the adapter by its validation accuracy" in capsys.readouterr().err
-    assert not (tmp_path / "sweep").exists()
+    assert not (tmp_path / "chosen").exists() and not (tmp_path / "sweep" / "sweep.json").exists()
     (tmp_path / "mine" / "adapter").mkdir(parents=True)  # a folder vera_jax did not write
     (tmp_path / "mine" / "adapter" / "notes.txt").write_text("mine")
     assert main([*args[:args.index("--validation-fraction")], *args[args.index("--seeds"):-1],

@@ -213,13 +213,13 @@ def dataset_sha256(data: DataOptions) -> str:
     """The sha256 of what the run reads: the local files of ``--dataset``, ``--test-files`` and
     ``--validation-files`` (their bytes in order; a directory's files by name), else the dataset's name (a
     packaged dataset is pinned by its archive's sha256, a hub dataset by its name)."""
-    files = [path for paths in _split_files(data).values() for path in paths]
-    name = data.dataset
-    if not _named_files(name) and name not in PACKAGED and Path(name).is_dir():
-        files = sorted(p for p in Path(name).rglob("*") if p.is_file()) + files
-    digest = hashlib.sha256()
-    if not _named_files(name):
+    by_split = _split_files(data)
+    files = [path for paths in by_split.values() for path in paths]
+    name, digest = data.dataset, hashlib.sha256()
+    if "train" not in by_split:  # not local files: the name, and a folder's files
         digest.update(name.encode())
+        if name not in PACKAGED and Path(name).is_dir():
+            files = sorted(p for p in Path(name).rglob("*") if p.is_file()) + files
     for path in files:
         with path.open("rb") as file:
             while chunk := file.read(1 << 20):

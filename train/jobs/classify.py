@@ -40,17 +40,20 @@ def command(args: argparse.Namespace) -> None:
     run(from_args(args))
 
 
-def prepare(options: Options) -> Prepared:
+def prepare(options: Options, choosing: str | None = None) -> Prepared:
     """Load and check the splits and labels, check --max-length against the model's config, load the classifier
-    with the head they need, tokenise both splits.
+    with the head they need, tokenise the splits.
 
-    A head the checkpoint lacks is drawn from ``--seed`` (transformers' own initialisation).
+    ``choosing``: the flag that picks an adapter by its validation accuracy (default: --keep-best when given); the
+    run then needs validation rows. A head the checkpoint lacks is drawn from ``--seed`` (transformers' own
+    initialisation).
     """
     check_source(options.model.name)
     splits = data_lib.load_splits(options.data, options.optim.batch_size)
-    if options.run.keep_best and splits.validation is None:
-        raise data_lib.DataError("--keep-best picks the adapter by its validation accuracy, but the run has no "
-                                 "validation rows: drop --keep-best, or give --validation-fraction or "
+    choosing = choosing or ("--keep-best" if options.run.keep_best else None)
+    if choosing and splits.validation is None:
+        raise data_lib.DataError(f"{choosing} picks the adapter by its validation accuracy, but the run has no "
+                                 f"validation rows: drop {choosing}, or give --validation-fraction or "
                                  "--validation-files.")
     num_labels = data_lib.check_labels(splits, options.data)
     check_positions(options)

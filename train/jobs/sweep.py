@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import time
 from pathlib import Path
@@ -121,9 +122,6 @@ def parse(args: argparse.Namespace) -> tuple[Options, Grid]:
             lambda_d = _settings(variant)["train_vectors"] == "lambda_d"
             message = str(err).replace("--b-initial", "--frozen-b") if lambda_d else str(err)
             raise FlagError(f"sweep point {_setting_name(grid, variant, d_initial)}: {message}") from None
-    if args.select is not None and options.data.validation_fraction == 0 and not options.data.validation_files:
-        raise FlagError("--select picks the adapter by its validation accuracy, but --validation-fraction 0 holds "
-                        "out no validation rows; give a --validation-fraction above 0 or --validation-files.")
     return point_options(options, grid, grid.variants[0], grid.d_initials[0]), grid
 
 
@@ -244,9 +242,11 @@ def sweep(options: Options, grid: Grid, select: str | None = None) -> dict:
     """Train the grid, write sweep.json, sweep.png and each adapter; with ``select``, the best adapter by
     validation accuracy as a run directory there."""
     started = time.perf_counter()
+    choosing = None
     if select is not None:
         check_adapter_directories(Path(select), "--select")
-    setup = start(options, classify.prepare, on_mesh=False)
+        choosing = "--select"  # needs validation rows, checked with the splits before the model loads
+    setup = start(options, functools.partial(classify.prepare, choosing=choosing), on_mesh=False)
     out, params = setup.out, setup.params
     heads = _heads_for_seeds(options, setup.model, vera_jax.vectors.full_leaves(setup.adapter.trainable), grid.seeds)
     rows, adapters = [], {}
