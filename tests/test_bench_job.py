@@ -53,3 +53,17 @@ def test_bench_job_runs_the_three_jobs_on_one_recipe_over_seeds(tmp_path):
     assert 0 < profile["tokens"]["real"] < profile["tokens"]["padded"] <= 48 * 2 * 16
     assert profile["compiles"]["training"]["group_fn"]["programs"] == len(profile["shapes"])  # one per shape
     assert sum(profile["seconds"].values()) <= results["runs"][0]["vera_jax"]["wall_seconds"]
+
+
+def test_bench_job_runs_only_the_peers_named(tmp_path):
+    """``--peers peft_vera``: ours and PEFT's VeRA, no LoRA job and no LoRA figures; ``--peers`` alone: ours only."""
+    model = tiny_run.make_model(tmp_path / "model", weights=("pytorch",))
+    data = tiny_run.make_csv(tmp_path / "data.csv")
+    flags = f"--model {model} --dataset {data} --r 8 --batch-size 8 --max-length 16 --eval-batch-size 16 --max-steps 4"
+    for peers, methods in ((["peft_vera"], {"vera_jax", "peft_vera"}), ([], {"vera_jax"})):
+        out = tmp_path / f"job{len(peers)}.json"
+        assert main(["bench", "--job", "--job-flags", flags, "--peers", *peers, "--json", str(out)]) == 0
+        results = json.loads(out.read_text())
+        assert set(results["methods"]) == set(results["runs"][0]) - {"seed"} == methods
+        assert "lora_job_accuracy" not in results and ("job_speedup_vs_peft" in results) == bool(peers)
+        assert results["job_accuracy"] == results["runs"][0]["vera_jax"]["test_accuracy"]

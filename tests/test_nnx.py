@@ -24,7 +24,7 @@ import vera_jax.nnx as vera_nnx
 import vera_jax.paths
 import vera_jax.peft
 from train import options
-from train.models import nnx_llama
+from train.models import nnx_llama, scan
 
 LLAMA_TARGETS = ("q_proj", "v_proj", "down_proj")
 EINSUM_TARGETS = ("q_einsum", "kv_einsum", "attn_vec_einsum")
@@ -140,7 +140,7 @@ def test_scan_remat_changes_what_the_backward_pass_keeps_not_what_it_computes(to
     model, state = torch_llama
     config = vera_jax.VeraConfig(r=8, target_modules=LLAMA_TARGETS, projection_seed=5)
     grads, temp_bytes = {}, {}
-    for policy in nnx_llama.SCAN_REMAT:
+    for policy in scan.SCAN_REMAT:
         scanned = nnx_llama.from_torch(state, nnx_llama.LlamaConfig.from_hf(model.config), scan_layers=True,
                                        scan_remat=policy)
         scanned = vera_nnx.attach(scanned, config, path=path)
@@ -161,8 +161,8 @@ def test_scan_remat_changes_what_the_backward_pass_keeps_not_what_it_computes(to
     with pytest.raises(ValueError, match="scan_remat must be one of"):
         nnx_llama.LlamaForCausalLM(nnx_llama.LlamaConfig.from_hf(model.config), scan_layers=True, scan_remat="some",
                                    rngs=nnx.Rngs(0))
-    assert set(options.SCAN_REMATS) == set(nnx_llama.SCAN_REMAT)  # the job's --scan-remat choices
-    assert options.SCAN_REMATS[0] == nnx_llama.DEFAULT_SCAN_REMAT
+    assert set(options.SCAN_REMATS) == set(scan.SCAN_REMAT)  # the job's --scan-remat choices
+    assert options.SCAN_REMATS[0] == scan.DEFAULT_SCAN_REMAT
 
 
 @pytest.mark.standard_promotion  # optax's AdamW: a Python float with its int32 step count

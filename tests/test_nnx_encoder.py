@@ -3,6 +3,7 @@ logits of transformers' PyTorch classifiers, listed and scanned; dropout only in
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from conftest import max_rel_error, randomise_vectors
 
 import vera_jax
 import vera_jax.nnx as vera_nnx
-from train.models import nnx_encoder
+from train.models import nnx_encoder, scan
 
 TOL = 1e-5  # float32, JAX against PyTorch (measured 1e-7 to 3e-7)
 KINDS = {
@@ -106,3 +107,29 @@ def test_a_head_the_checkpoint_lacks_is_drawn_and_other_models_are_refused(saved
         nnx_encoder.from_torch({name: value for name, value in base.items() if ".2." not in name}, config)
     with pytest.raises(ValueError, match=r"builds \('bert', 'roberta'\) models with GELU; this config is a 'gpt2'"):
         nnx_encoder.EncoderConfig.from_hf({"model_type": "gpt2"})
+
+
+def test_scan_remat_changes_what_the_backward_pass_keeps_not_what_it_computes(saved):
+    """With dropout on (the same streams), each policy of the scanned stack gives the logits and the VeRA gradient
+    of the stack without rematerialisation; the compiled gradient keeps less the less the policy saves."""
+    _, directory, inputs, _ = saved
+    config = vera_jax.VeraConfig(r=8, target_modules=("query", "value"), projection_seed=3)
+    grads, temp_bytes = {}, {}
+    for policy in scan.SCAN_REMAT:
+        model = vera_nnx.attach(nnx_encoder.load(directory, scan_layers=True, scan_remat=policy), config)
+        randomise_vectors(model)
+        _, params, adapter = vera_nnx.split(model)
+        call = vera_nnx.functional(model)
+
+        def loss(trainable):
+            return jnp.mean(jnp.square(call(params, adapter.replace(trainable=trainable), **inputs, train=True)))
+
+        compiled = jax.jit(jax.grad(loss)).lower(adapter.trainable).compile()
+        temp_bytes[policy] = compiled.memory_analysis().temp_size_in_bytes
+        grads[policy] = compiled(adapter.trainable)
+    for policy in ("dots", "full"):
+        for got, want in zip(jax.tree.leaves(grads[policy]), jax.tree.leaves(grads["none"]), strict=True):
+            assert max_rel_error(got, want) < TOL, policy
+    assert temp_bytes["full"] < temp_bytes["dots"] < temp_bytes["none"], temp_bytes
+    with pytest.raises(ValueError, match="scan_remat must be one of"):
+        nnx_encoder.load(directory, scan_layers=True, scan_remat="some")

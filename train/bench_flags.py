@@ -47,6 +47,7 @@ Every program is compiled and run once first; then all are timed in rounds (one 
 shuffled), and the medians are printed and written as JSON with ``--json``.
 """
 
+JOB_PEERS = ("peft_vera", "peft_lora")  # bench --job: the jobs in PyTorch beside ours
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 WORKLOADS = {  # bench: flags left unset take the workload's values
     "minilm": {"model": "default", "task": "classification", "targets": ["query", "value"], "batch_size": 32,
@@ -96,6 +97,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=seed_int, nargs="+",
                         help="--job: run every job once with each training seed (--seed) and report mean and "
                              "standard deviation (default: the --job-flags' seed, once)")
+    parser.add_argument("--peers", nargs="*", choices=JOB_PEERS, default=list(JOB_PEERS),
+                        help="--job: the jobs in PyTorch run beside ours (default: both)")
     parser.add_argument("--lora-rank", type=positive_int, default=8, help="--job: the rank of PEFT's LoRA peer")
     parser.add_argument("--lora-lr", type=positive_float, default=5e-4,
                         help="--job: the learning rate of PEFT's LoRA peer (the head's: --lr-head)")

@@ -27,7 +27,7 @@ __all__ = ["Options", "DataOptions", "ModelOptions", "OptimOptions", "RunOptions
            "non_negative_float", "positive_float", "seed_int", "Parser"]
 
 BACKENDS = ("nnx", "nnx-listed", "linen")  # model implementations: our NNX models, or transformers' linen ones
-SCAN_REMATS = ("dots", "full", "none")  # the keys of train.models.nnx_llama.SCAN_REMAT, its default first
+SCAN_REMATS = ("dots", "full", "none")  # the keys of train.models.scan.SCAN_REMAT, its default first
 PATHS = (*vera_jax.plan.PATHS, "auto")  # how adapted layers run; 'auto' times a whole step of each and picks
 SCHEDULES = ("linear", "cosine", "constant")
 BASE_DTYPES = ("float32", "bfloat16")

@@ -24,10 +24,11 @@ import time
 from pathlib import Path
 
 from train.bench.peft_job import LoraRecipe, run_peft_job
+from train.bench_flags import JOB_PEERS
 from train.engine import compile_cache
 from train.options import CLASSIFY, Parser, add_options, from_args
 
-__all__ = ["job_bench", "LoraRecipe", "METHODS"]
+__all__ = ["job_bench", "LoraRecipe", "METHODS", "PEERS"]
 
 PHASES = ("loading", "training", "validation", "checkpoints", "evaluation", "saving")  # the main job's, in order
 
@@ -71,7 +72,8 @@ def _table(ours: dict, peft: dict) -> str:
     return "\n".join(lines)
 
 
-METHODS = ("vera_jax", "peft_vera", "peft_lora")  # the three jobs of each seed, in the order they run
+PEERS = JOB_PEERS  # the jobs in PyTorch beside ours (PEFT VeRA, PEFT LoRA), named where the flags are
+METHODS = ("vera_jax", *PEERS)  # the jobs of each seed, in the order they run
 
 
 def _spread(values: list[float]) -> dict:
@@ -90,10 +92,12 @@ def _methods_table(methods: dict, seeds: int) -> str:
     return "\n".join(lines)
 
 
-def job_bench(job_flags: str = "", seeds: list[int] | None = None, lora: LoraRecipe = LoraRecipe()) -> dict:
-    """Each seed's three jobs (``runs``), and per job (``methods``) the test accuracy and wall time over the seeds
-    and the trainable parameters; ``job_speedup_vs_peft`` (PEFT VeRA's mean wall over ours) and the mean
-    accuracies ``job_accuracy``, ``peft_job_accuracy``, ``lora_job_accuracy``.
+def job_bench(job_flags: str = "", seeds: list[int] | None = None, lora: LoraRecipe = LoraRecipe(),
+              peers: tuple[str, ...] = PEERS) -> dict:
+    """Each seed's jobs (``runs``): ours and each of ``peers`` (of `PEERS`); per job (``methods``) the test
+    accuracy and wall time over the seeds and the trainable parameters; the mean accuracies ``job_accuracy`` and,
+    with its peer, ``peft_job_accuracy`` and ``job_speedup_vs_peft`` (PEFT VeRA's mean wall over ours), and
+    ``lora_job_accuracy``.
 
     ``seeds``: training seeds (``--seed``: data order, dropout, projections, a new head), each job run once with
     each on the one split of ``--data-seed``; None: the flags' own seed.
@@ -109,21 +113,28 @@ def job_bench(job_flags: str = "", seeds: list[int] | None = None, lora: LoraRec
             ours = _our_job(flags, Path(scratch) / "run", Path(scratch) / "xla")
         print(f"[seed {options.run.seed}] vera_jax:  {ours['wall_seconds']:.1f} s, test accuracy "
               f"{ours['test_accuracy']:.4f}", flush=True)
-        peft = run_peft_job(options)
-        print(f"[seed {options.run.seed}] PEFT VeRA: {peft['wall_seconds']:.1f} s, test accuracy "
-              f"{peft['test_accuracy']:.4f}", flush=True)
-        print(_table(ours, peft), flush=True)
-        peft_lora = run_peft_job(options, lora)
-        print(f"[seed {options.run.seed}] PEFT LoRA r={lora.rank}: {peft_lora['wall_seconds']:.1f} s, test accuracy "
-              f"{peft_lora['test_accuracy']:.4f}", flush=True)
-        runs.append({"seed": options.run.seed, "vera_jax": ours, "peft_vera": peft, "peft_lora": peft_lora})
+        run = {"seed": options.run.seed, "vera_jax": ours}
+        if "peft_vera" in peers:
+            run["peft_vera"] = peft = run_peft_job(options)
+            print(f"[seed {options.run.seed}] PEFT VeRA: {peft['wall_seconds']:.1f} s, test accuracy "
+                  f"{peft['test_accuracy']:.4f}", flush=True)
+            print(_table(ours, peft), flush=True)
+        if "peft_lora" in peers:
+            run["peft_lora"] = peft_lora = run_peft_job(options, lora)
+            print(f"[seed {options.run.seed}] PEFT LoRA r={lora.rank}: {peft_lora['wall_seconds']:.1f} s, test "
+                  f"accuracy {peft_lora['test_accuracy']:.4f}", flush=True)
+        runs.append(run)
+    names = [name for name in METHODS if name in runs[0]]
     methods = {name: {"test_accuracy": _spread([run[name]["test_accuracy"] for run in runs]),
                       "wall_seconds": _spread([run[name]["wall_seconds"] for run in runs]),
-                      "trainable_params": runs[0][name]["trainable_params"]} for name in METHODS}
+                      "trainable_params": runs[0][name]["trainable_params"]} for name in names}
     print(_methods_table(methods, len(runs)), flush=True)
-    mean = {name: {key: methods[name][key]["mean"] for key in ("test_accuracy", "wall_seconds")} for name in METHODS}
-    return {"job_flags": job_flags, "seeds": [run["seed"] for run in runs], "lora": dataclasses.asdict(lora),
-            "runs": runs, "methods": methods,
-            "job_speedup_vs_peft": mean["peft_vera"]["wall_seconds"] / mean["vera_jax"]["wall_seconds"],
-            "job_accuracy": mean["vera_jax"]["test_accuracy"], "peft_job_accuracy": mean["peft_vera"]["test_accuracy"],
-            "lora_job_accuracy": mean["peft_lora"]["test_accuracy"]}
+    mean = {name: {key: methods[name][key]["mean"] for key in ("test_accuracy", "wall_seconds")} for name in names}
+    results = {"job_flags": job_flags, "seeds": [run["seed"] for run in runs], "lora": dataclasses.asdict(lora),
+               "runs": runs, "methods": methods, "job_accuracy": mean["vera_jax"]["test_accuracy"]}
+    if "peft_vera" in mean:
+        results |= {"job_speedup_vs_peft": mean["peft_vera"]["wall_seconds"] / mean["vera_jax"]["wall_seconds"],
+                    "peft_job_accuracy": mean["peft_vera"]["test_accuracy"]}
+    if "peft_lora" in mean:
+        results["lora_job_accuracy"] = mean["peft_lora"]["test_accuracy"]
+    return results

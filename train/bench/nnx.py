@@ -1,6 +1,6 @@
 """Compile time, step time and peak memory of a causal LM on the NNX backend, its layers in a list against
 stacked and run with ``nnx.scan`` (with each of the scan's rematerialisation policies,
-`train.models.nnx_llama.SCAN_REMAT`),
+`train.models.scan.SCAN_REMAT`),
 on the merged and activation paths: one table, side by side in one run.
 
 Compile seconds are what a user waits before the first step: tracing, lowering and XLA compilation of
@@ -15,7 +15,7 @@ import statistics
 import vera_jax
 from train.bench.compiled import training_step
 from train.models.load import load_causal_lm
-from train.models.nnx_llama import DEFAULT_SCAN_REMAT, SCAN_REMAT
+from train.models.scan import DEFAULT_SCAN_REMAT, SCAN_REMAT
 from vera_jax.timing import time_in_rounds
 
 __all__ = ["compile_table", "print_table", "FORMS", "PATHS"]

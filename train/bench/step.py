@@ -33,7 +33,7 @@ EMBEDDING_MODULES = ("embeddings", "embed_tokens", "wte")  # BERT-likes, Llama-l
 def command(args: argparse.Namespace) -> None:
     if args.startup or args.job:
         results = startup.measure_startup() if args.startup else job.job_bench(
-            args.job_flags, args.seeds, job.LoraRecipe(args.lora_rank, args.lora_lr))
+            args.job_flags, args.seeds, job.LoraRecipe(args.lora_rank, args.lora_lr), tuple(args.peers))
         if args.json:
             write_json(args.json, results)
         return

@@ -199,7 +199,7 @@ def load_causal_lm(name: str, dtype: str = "float32", max_positions: int | None 
 
     ``backend``: ``"nnx"`` (a Llama-architecture checkpoint as `train.models.nnx_causal_lm.NnxCausalLM`, layers
     stacked and scanned, keeping for the backward pass what ``scan_remat`` says: a key of
-    `train.models.nnx_llama.SCAN_REMAT`, None for its default),
+    `train.models.scan.SCAN_REMAT`, None for its default),
     ``"nnx-listed"`` (the same, layers in a list) or ``"linen"`` (transformers' Flax class).
 
     ``max_positions``: the longest sequence the job runs. A rotary Llama or Mistral whose config allows

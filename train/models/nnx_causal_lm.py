@@ -19,7 +19,7 @@ from flax import nnx
 
 import vera_jax
 import vera_jax.nnx
-from train.models import nnx_llama
+from train.models import nnx_llama, scan
 from train.models import nnx_state
 from train.models.nnx_state import holding
 from train.models.torch_weights import read_safetensors
@@ -147,5 +147,5 @@ def load_nnx_causal_lm(directory: Path, config, base_model_name: str, *, dtype: 
     if dtype != "float32":
         state_dict = {name: value.astype(np.float32).astype(jnp.dtype(dtype)) for name, value in state_dict.items()}
     model = nnx_llama.from_torch(state_dict, nnx_llama.LlamaConfig.from_hf(config), scan_layers=scan_layers,
-                                 scan_remat=scan_remat or nnx_llama.DEFAULT_SCAN_REMAT)
+                                 scan_remat=scan_remat or scan.DEFAULT_SCAN_REMAT)
     return NnxCausalLM(model, config, base_model_name)

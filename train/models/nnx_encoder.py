@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from train.models.scan import DEFAULT_SCAN_REMAT, check_scan_remat, run_stacked
 from train.models.torch_weights import read_safetensors
 from vera_jax import paths
 
@@ -160,7 +161,8 @@ class Layer(nnx.Module):
 
 
 class Encoder(nnx.Module):
-    def __init__(self, config: EncoderConfig, scan_layers: bool, rngs: nnx.Rngs):
+    def __init__(self, config: EncoderConfig, scan_layers: bool, scan_remat: str, rngs: nnx.Rngs):
+        check_scan_remat(scan_remat)
         if scan_layers:
             @nnx.split_rngs(splits=config.num_hidden_layers)
             @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -170,27 +172,22 @@ class Encoder(nnx.Module):
             self.layer = stacked(rngs)
         else:
             self.layer = nnx.List([Layer(config, rngs) for _ in range(config.num_hidden_layers)])
-        self.scan_layers = scan_layers
+        self.scan_layers, self.scan_remat = scan_layers, scan_remat
 
     def __call__(self, x, mask, train):
-        if not self.scan_layers:
-            for layer in self.layer:
-                x = layer(x, mask, train)
-            return x
-
-        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
-        def run(x, layer):  # each stacked layer's dropout draws from its own stream
-            return layer(x, mask, train)
-
-        return run(x, self.layer)
+        if self.scan_layers:  # each stacked layer's dropout draws from its own stream
+            return run_stacked(self.layer, x, lambda layer, x: layer(x, mask, train), self.scan_remat)
+        for layer in self.layer:
+            x = layer(x, mask, train)
+        return x
 
 
 class Backbone(nnx.Module):
     """Embeddings, encoder and (BERT) pooler."""
 
-    def __init__(self, config: EncoderConfig, scan_layers: bool, rngs: nnx.Rngs):
+    def __init__(self, config: EncoderConfig, scan_layers: bool, scan_remat: str, rngs: nnx.Rngs):
         self.embeddings = Embeddings(config, rngs)
-        self.encoder = Encoder(config, scan_layers, rngs)
+        self.encoder = Encoder(config, scan_layers, scan_remat, rngs)
         if config.kind == "bert":
             self.pooler = Pooler(config, rngs)
         self.config = config
@@ -229,10 +226,13 @@ class EncoderForSequenceClassification(nnx.Module):
     """``model(input_ids, attention_mask, token_type_ids=None, train=False) -> logits (batch, num_labels)``.
 
     The backbone sits at ``bert`` or ``roberta`` (the config's kind), the head at ``classifier``.
+    ``scan_layers``: stack the layers and run them with ``nnx.scan`` (else a list); ``scan_remat``: what the
+    scanned stack keeps for the backward pass (a key of `train.models.scan.SCAN_REMAT`; the outputs are the same).
     """
 
-    def __init__(self, config: EncoderConfig, *, scan_layers: bool = False, rngs: nnx.Rngs):
-        setattr(self, config.kind, Backbone(config, scan_layers, rngs))
+    def __init__(self, config: EncoderConfig, *, scan_layers: bool = False, scan_remat: str = DEFAULT_SCAN_REMAT,
+                 rngs: nnx.Rngs):
+        setattr(self, config.kind, Backbone(config, scan_layers, scan_remat, rngs))
         if config.kind == "bert":
             self.dropout = nnx.Dropout(config.hidden_dropout_prob, rngs=rngs)
             self.classifier = nnx.Linear(config.hidden_size, config.num_labels, rngs=rngs,
@@ -318,7 +318,7 @@ def to_torch(leaves: Mapping[str, np.ndarray], config: EncoderConfig, *,
 
 
 def from_torch(state_dict: Mapping[str, np.ndarray], config: EncoderConfig, *, scan_layers: bool = False,
-               seed: int = 0) -> EncoderForSequenceClassification:
+               scan_remat: str = DEFAULT_SCAN_REMAT, seed: int = 0) -> EncoderForSequenceClassification:
     """The NNX model holding a PyTorch BERT or RoBERTa's weights (see `torch_leaves`). A head the weights lack
     (a base model's checkpoint) or hold in another size (other labels) is drawn from ``seed`` as transformers
     initialises it.
@@ -326,7 +326,7 @@ def from_torch(state_dict: Mapping[str, np.ndarray], config: EncoderConfig, *, s
     Raises:
       ValueError: weights missing from, or foreign to, this model (the head excepted).
     """
-    model = nnx.eval_shape(lambda: _seeded(config, scan_layers, seed))  # shapes only: values from state_dict, `drawn`
+    model = nnx.eval_shape(lambda: _seeded(config, scan_layers, seed, scan_remat))  # shapes only: values from state_dict, `drawn`
     flat = torch_leaves(state_dict, config, scan_layers=scan_layers)
     current = paths.flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     flat = {path: value for path, value in flat.items()
@@ -346,8 +346,10 @@ def from_torch(state_dict: Mapping[str, np.ndarray], config: EncoderConfig, *, s
     return model
 
 
-def _seeded(config: EncoderConfig, scan_layers: bool, seed: int) -> EncoderForSequenceClassification:
-    return EncoderForSequenceClassification(config, scan_layers=scan_layers, rngs=nnx.Rngs(seed, dropout=seed))
+def _seeded(config: EncoderConfig, scan_layers: bool, seed: int,
+            scan_remat: str = DEFAULT_SCAN_REMAT) -> EncoderForSequenceClassification:
+    return EncoderForSequenceClassification(config, scan_layers=scan_layers, scan_remat=scan_remat,
+                                            rngs=nnx.Rngs(seed, dropout=seed))
 
 
 def drawn(config: EncoderConfig, scan_layers: bool, seed: int, leaves: set[str]) -> dict[str, jax.Array]:
@@ -365,8 +367,8 @@ def drawn(config: EncoderConfig, scan_layers: bool, seed: int, leaves: set[str])
 
 
 def load(directory: str | Path, *, num_labels: int | None = None, scan_layers: bool = False,
-         seed: int = 0) -> EncoderForSequenceClassification:
+         scan_remat: str = DEFAULT_SCAN_REMAT, seed: int = 0) -> EncoderForSequenceClassification:
     """The model in a Hugging Face directory: ``config.json`` and its ``*.safetensors`` (PyTorch names)."""
     directory = Path(directory)
     config = EncoderConfig.from_hf(json.loads((directory / "config.json").read_text()), num_labels)
-    return from_torch(read_safetensors(directory), config, scan_layers=scan_layers, seed=seed)
+    return from_torch(read_safetensors(directory), config, scan_layers=scan_layers, scan_remat=scan_remat, seed=seed)

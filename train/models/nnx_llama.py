@@ -17,19 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from train.models.scan import DEFAULT_SCAN_REMAT, check_scan_remat, run_stacked
 from vera_jax import paths
 
-__all__ = ["LlamaConfig", "LlamaForCausalLM", "from_torch", "rope_theta", "SCAN_REMAT", "DEFAULT_SCAN_REMAT"]
-
-# What the scanned stack keeps of each layer for the backward pass (``jax.checkpoint`` policies). Without
-# rematerialisation, ``nnx.scan`` stacks every intermediate of every layer into (layers, ...) buffers, and
-# copying them in and out costs more than recomputing them.
-SCAN_REMAT = {
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # each layer's input and projections' outputs
-    "full": jax.checkpoint_policies.nothing_saveable,  # each layer's input only; the layer reruns backward
-    "none": None,  # every intermediate (no rematerialisation)
-}
-DEFAULT_SCAN_REMAT = "dots"  # on a 2-core CPU as fast as "full" or faster, and it recomputes no weight matmul
+__all__ = ["LlamaConfig", "LlamaForCausalLM", "from_torch", "rope_theta"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,8 +130,7 @@ class DecoderLayer(nnx.Module):
 
 class LlamaModel(nnx.Module):
     def __init__(self, config: LlamaConfig, scan_layers: bool, scan_remat: str, rngs: nnx.Rngs):
-        if scan_remat not in SCAN_REMAT:
-            raise ValueError(f"scan_remat must be one of {sorted(SCAN_REMAT)}, got {scan_remat!r}.")
+        check_scan_remat(scan_remat)
         self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, rngs=rngs)
         if scan_layers:
             @nnx.split_rngs(splits=config.num_hidden_layers)
@@ -164,17 +154,7 @@ class LlamaModel(nnx.Module):
         mask = causal[None, None] & attention_mask[:, None, None, :].astype(bool)
         x = self.embed_tokens(input_ids)
         if self.scan_layers:
-            def call(layer, x):
-                return layer(x, cos, sin, mask)
-
-            if self.scan_remat != "none":  # prevent_cse=False: safe inside a scan, and lets XLA fuse freely
-                call = nnx.remat(call, prevent_cse=False, policy=SCAN_REMAT[self.scan_remat])
-
-            @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
-            def run(x, layer):
-                return call(layer, x)
-
-            x = run(x, self.layers)
+            x = run_stacked(self.layers, x, lambda layer, x: layer(x, cos, sin, mask), self.scan_remat)
         else:
             for layer in self.layers:
                 x = layer(x, cos, sin, mask)
@@ -185,7 +165,7 @@ class LlamaForCausalLM(nnx.Module):
     """``model(input_ids, attention_mask) -> logits (batch, seq, vocab)``.
 
     ``scan_layers``: stack the layers and run them with ``nnx.scan`` (else a list); ``scan_remat``: what the
-    scanned stack keeps for the backward pass (a key of `SCAN_REMAT`; no effect on listed layers).
+    scanned stack keeps for the backward pass (a key of `train.models.scan.SCAN_REMAT`; no effect on listed layers).
     """
 
     def __init__(self, config: LlamaConfig, *, scan_layers: bool = False, scan_remat: str = DEFAULT_SCAN_REMAT,
