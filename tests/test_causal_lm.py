@@ -159,8 +159,7 @@ def test_causal_lm_bad_input(tiny, tmp_path, capsys):
         (_args(model_dir, data, tmp_path / "l", "--head", "lm_head"),
          "--backend nnx trains no causal LM's modules in full (--head)"),
         (_args(model_dir, data, tmp_path / "k", "--backend", "nnx-listed", "--scan-remat", "full"),
-         "--scan-remat full applies to the scanned NNX model (causal-lm --backend nnx); drop it with --backend "
-         "nnx-listed"),
+         "--scan-remat full applies to the scanned NNX model (--backend nnx); drop it with --backend nnx-listed"),
     ]
     for args, message in cases:
         assert main(args) == 2, args

@@ -63,11 +63,17 @@ def test_the_nnx_job_trains_as_the_linen_job_on_the_same_weights(still_both, tmp
         assert main(tiny_run.train_args(model_dir, data, out, *STEPS, "--backend", backend)) == 0
         summary = json.loads((out / "summary.json").read_text())
         assert summary["backend"] == backend
+        assert summary["scan_remat"] == ("dots" if backend == "nnx" else None)  # the scanned stack's default
         runs[backend] = (_trained(model_dir, out, backend)[0], summary, tiny_run.losses(out))
+    out = tmp_path / "full"  # the layers rerun in the backward pass: the same training
+    assert main(tiny_run.train_args(model_dir, data, out, *STEPS, "--backend", "nnx", "--scan-remat", "full")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["scan_remat"] == "full"
+    runs["nnx --scan-remat full"] = (_trained(model_dir, out, "nnx")[0], summary, tiny_run.losses(out))
     linen, linen_summary, linen_losses = runs["linen"]
     first_head = load_classifier(str(model_dir), 2, backend="linen")[0].params["classifier"]["kernel"]
     assert float(np.max(np.abs(linen["classifier/kernel"] - np.asarray(first_head)))) > 1e-3  # the head trained
-    for backend in ("nnx", "nnx-listed"):
+    for backend in ("nnx", "nnx-listed", "nnx --scan-remat full"):
         leaves, summary, losses = runs[backend]
         assert leaves.keys() == linen.keys()
         for path in linen:

@@ -179,8 +179,7 @@ class ModelOptions:
                             commands=frozenset({CAUSAL_LM}))
     scan_remat: str | None = _flag(None, "what the scanned NNX stack keeps for the backward pass: dots (the "
                                    "projections' outputs; the default), full (each layer's input only: least "
-                                   "memory) or none (every intermediate)", choices=SCAN_REMATS,
-                                   commands=frozenset({CAUSAL_LM}))
+                                   "memory) or none (every intermediate)", choices=SCAN_REMATS)
     path: str = _flag("merged", "how adapted layers run: merged, activation, activation-lean, or auto (the faster "
                       "whole training step, timed here)", choices=PATHS)
     r: int = _flag(256, "rank of the shared projections A (r, in) and B (out, r)", type=positive_int)
@@ -409,9 +408,9 @@ def check_options(options: Options) -> None:
         if data.task == "causal-lm" and model.head:
             raise FlagError(f"--backend {model.backend} trains no causal LM's modules in full (--head); drop it, or "
                             "use --backend linen.")
-    if model.scan_remat is not None and not (data.task == "causal-lm" and model.backend == "nnx"):
-        raise FlagError(f"--scan-remat {model.scan_remat} applies to the scanned NNX model (causal-lm --backend "
-                        f"nnx); drop it with --backend {model.backend}.")
+    if model.scan_remat is not None and model.backend != "nnx":
+        raise FlagError(f"--scan-remat {model.scan_remat} applies to the scanned NNX model (--backend nnx); drop it "
+                        f"with --backend {model.backend}.")
     if model.dropout > 0 and model.path == "merged":
         raise FlagError(f"--dropout {model.dropout:g} acts on each adapted layer's input, which --path merged "
                         "never computes; use --path activation, activation-lean or auto.")

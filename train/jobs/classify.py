@@ -59,7 +59,8 @@ def prepare(options: Options, choosing: str | None = None) -> Prepared:
     check_positions(options)
     backend = options.model.backend
     check_targets(options, *classifier_shapes(options.model.name, num_labels, backend))
-    model, tokenizer = load_classifier(options.model.name, num_labels, seed=options.run.seed, backend=backend)
+    model, tokenizer = load_classifier(options.model.name, num_labels, seed=options.run.seed, backend=backend,
+                                       scan_remat=options.model.scan_remat)
     label_dtype = np.float32 if options.data.task == "regression" else np.int32
     train_data, test_data = (data_lib.tokenize(split, tokenizer, options.data.max_length, label_dtype)
                              for split in (splits.train, splits.test))
@@ -98,7 +99,8 @@ def run(options: Options) -> dict:
     trainable_params, all_params = vera_jax.count_parameters(params, setup.adapter)
     summary = {
         "model": options.model.name, "backend": options.model.backend, "dataset": options.data.dataset,
-        "task": options.data.task, "path": options.model.path,
+        "scan_remat": getattr(setup.job.model, "scan_remat", None), "task": options.data.task,
+        "path": options.model.path,
         "path_detail": setup.path_detail, "mesh": dict(setup.ctx.mesh.shape), "steps": setup.total_steps,
         "train_examples": len(setup.job.train_data), "test_examples": len(setup.job.test_data),
         "validation_examples": len(ctx.validation_data) if ctx.validation_data is not None else 0,

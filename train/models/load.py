@@ -254,11 +254,13 @@ def _load_nnx(name: str, source: str, config, dtype: str, backend: str, scan_rem
         raise ModelError(f"{name!r}: {err}") from None
 
 
-def load_classifier(name: str, num_labels: int, seed: int = 0, backend: str = "linen"):
+def load_classifier(name: str, num_labels: int, seed: int = 0, backend: str = "linen", scan_remat: str | None = None):
     """``(model, tokenizer)`` of a sequence classifier (a `train.models.interface.Model`).
 
     ``backend``: ``"nnx"`` (a BERT or RoBERTa checkpoint's PyTorch-named safetensors as
-    `train.models.nnx_classifier.NnxClassifier`, layers stacked and scanned), ``"nnx-listed"`` (the same, layers in
+    `train.models.nnx_classifier.NnxClassifier`, layers stacked and scanned, keeping for the backward pass what
+    ``scan_remat`` says: a key of `train.models.scan.SCAN_REMAT`, None for its default), ``"nnx-listed"`` (the
+    same, layers in
     a list) or ``"linen"`` (transformers' Flax class, an `HfFlaxModel`; PyTorch/safetensors checkpoints are
     converted).
 
@@ -269,7 +271,8 @@ def load_classifier(name: str, num_labels: int, seed: int = 0, backend: str = "l
 
     source = model_source(name)
     if backend != "linen":
-        return _load_nnx_classifier(name, source, num_labels, seed, backend), AutoTokenizer.from_pretrained(source)
+        return (_load_nnx_classifier(name, source, num_labels, seed, backend, scan_remat),
+                AutoTokenizer.from_pretrained(source))
     auto_class = flax_classes().FlaxAutoModelForSequenceClassification
     config = _classifier_config(name, num_labels)
     # A head of another size (other labels, or regression) is re-initialised: it is trained in full anyway.
@@ -281,14 +284,14 @@ def load_classifier(name: str, num_labels: int, seed: int = 0, backend: str = "l
     return HfFlaxModel(model, hub_id(name)), AutoTokenizer.from_pretrained(source)
 
 
-def _load_nnx_classifier(name: str, source: str, num_labels: int, seed: int, backend: str):
+def _load_nnx_classifier(name: str, source: str, num_labels: int, seed: int, backend: str, scan_remat: str | None):
     """The NNX encoder of a local directory, or of a hub repository's safetensors (fetched once)."""
     from train.models.nnx_classifier import load_nnx_classifier
 
     config = _read_config(name, num_labels=num_labels)
     try:
         return load_nnx_classifier(_safetensors_directory(source), config, hub_id(name), num_labels=num_labels,
-                                   seed=seed, scan_layers=backend == "nnx")
+                                   seed=seed, scan_layers=backend == "nnx", scan_remat=scan_remat)
     except ValueError as err:
         raise ModelError(f"{name!r}: {err}") from None
 

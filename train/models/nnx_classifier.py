@@ -25,6 +25,7 @@ from vera_jax import export as merged_export
 from train.models import nnx_encoder
 from train.models import nnx_state
 from train.models.nnx_state import holding
+from train.models.scan import DEFAULT_SCAN_REMAT
 from train.models.torch_weights import read_safetensors
 
 __all__ = ["NnxClassifier", "load_nnx_classifier", "parameter_shapes", "stack_root"]
@@ -63,7 +64,9 @@ class NnxClassifier:
         self.base_model_name = base_model_name
         self.kind = model.config.kind
         self.encoder_config = model.config
-        self.scan_layers = getattr(model, self.kind).encoder.scan_layers
+        encoder = getattr(model, self.kind).encoder
+        self.scan_layers = encoder.scan_layers
+        self.scan_remat = encoder.scan_remat if self.scan_layers else None
         self.drawn = drawn
         self.graphdef, self._state = nnx.split(model)
         self.params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -142,7 +145,7 @@ class NnxClassifier:
 
 
 def load_nnx_classifier(directory: Path, config, base_model_name: str, *, num_labels: int, seed: int = 0,
-                        scan_layers: bool = False) -> NnxClassifier:
+                        scan_layers: bool = False, scan_remat: str | None = None) -> NnxClassifier:
     """The BERT or RoBERTa checkpoint in ``directory`` (``*.safetensors``, PyTorch names; ``config`` its
     transformers config) with a head of ``num_labels`` outputs; a head the checkpoint lacks (or holds in another
     size) is drawn from ``seed``.
@@ -153,7 +156,8 @@ def load_nnx_classifier(directory: Path, config, base_model_name: str, *, num_la
     """
     encoder_config = nnx_encoder.EncoderConfig.from_hf(config, num_labels)  # other model types fail before the read
     state_dict = read_safetensors(directory)
-    model = nnx_encoder.from_torch(state_dict, encoder_config, scan_layers=scan_layers, seed=seed)
+    model = nnx_encoder.from_torch(state_dict, encoder_config, scan_layers=scan_layers, seed=seed,
+                                   scan_remat=scan_remat or DEFAULT_SCAN_REMAT)
     stored = nnx_encoder.torch_leaves(state_dict, encoder_config, scan_layers=scan_layers)
     params = vera_jax.paths.flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     drawn = tuple(sorted(path for path, value in params.items()
