@@ -133,3 +133,16 @@ def test_scan_remat_changes_what_the_backward_pass_keeps_not_what_it_computes(sa
     assert temp_bytes["full"] < temp_bytes["dots"] < temp_bytes["none"], temp_bytes
     with pytest.raises(ValueError, match="scan_remat must be one of"):
         nnx_encoder.load(directory, scan_layers=True, scan_remat="some")
+
+
+def test_the_encoders_dropout_draws_nnx_dropouts_masks_and_names_them():
+    """The same mask as ``nnx.Dropout`` from the same stream; the mask is named for the remat policy to keep."""
+    x = jnp.arange(1.0, 241.0).reshape(4, 6, 10)
+    ours, theirs = nnx_encoder.Dropout(0.3, rngs=nnx.Rngs(dropout=7)), nnx.Dropout(0.3, rngs=nnx.Rngs(dropout=7))
+    for _ in range(2):  # each call draws the stream's next key
+        got = ours(x, deterministic=False)
+        np.testing.assert_array_equal(got, theirs(x, deterministic=False))
+        assert 0.5 < float(jnp.mean(got == 0)) / 0.3 < 1.5
+    np.testing.assert_array_equal(ours(x, deterministic=True), x)
+    draw = lambda y: nnx_encoder.Dropout(0.3, rngs=nnx.Rngs(dropout=7))(y, deterministic=False)  # noqa: E731
+    assert f"name={scan.DROPOUT_MASK}" in str(jax.make_jaxpr(draw)(x))

@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
-from train.models.scan import DEFAULT_SCAN_REMAT, check_scan_remat, run_stacked
+from train.models.scan import DEFAULT_SCAN_REMAT, DROPOUT_MASK, check_scan_remat, run_stacked
 from train.models.torch_weights import read_safetensors
 from vera_jax import paths
 
@@ -76,6 +77,20 @@ class EncoderConfig:
         return cls(kind=kind, **{name: value for name, value in fields.items() if value is not None})
 
 
+class Dropout(nnx.Dropout):
+    """``nnx.Dropout`` (the same draws) with its mask named `train.models.scan.DROPOUT_MASK`, which the scanned
+    stack's default policy keeps for the backward pass instead of drawing it again."""
+
+    def __call__(self, inputs: jax.Array, *, deterministic: bool) -> jax.Array:
+        if deterministic or self.rate == 0.0:
+            return inputs
+        if self.rate == 1.0:  # no division by a keep probability of 0 (NaN gradients)
+            return jnp.zeros_like(inputs)
+        keep = 1.0 - self.rate
+        mask = checkpoint_name(jax.random.bernoulli(self.rngs(), p=keep, shape=inputs.shape), DROPOUT_MASK)
+        return jax.lax.select(mask, inputs / keep, jnp.zeros_like(inputs))
+
+
 class LayerNorm(nnx.Module):
     """PyTorch's LayerNorm names: ``weight`` and ``bias``."""
 
@@ -95,7 +110,7 @@ class Embeddings(nnx.Module):
         self.position_embeddings = embed(config.max_position_embeddings)
         self.token_type_embeddings = embed(config.type_vocab_size)
         self.LayerNorm = LayerNorm(config.hidden_size, config.layer_norm_eps)
-        self.dropout = nnx.Dropout(config.hidden_dropout_prob, rngs=rngs)
+        self.dropout = Dropout(config.hidden_dropout_prob, rngs=rngs)
 
     def __call__(self, input_ids, positions, token_type_ids, train: bool) -> jax.Array:
         x = self.word_embeddings(input_ids) + self.position_embeddings(positions)
@@ -107,7 +122,7 @@ class SelfAttention(nnx.Module):
     def __init__(self, config: EncoderConfig, rngs: nnx.Rngs):
         linear = lambda: nnx.Linear(config.hidden_size, config.hidden_size, rngs=rngs)  # noqa: E731
         self.query, self.key, self.value = linear(), linear(), linear()
-        self.dropout = nnx.Dropout(config.attention_probs_dropout_prob, rngs=rngs)
+        self.dropout = Dropout(config.attention_probs_dropout_prob, rngs=rngs)
         self.heads, self.head_dim = config.num_attention_heads, config.head_dim
 
     def __call__(self, x: jax.Array, mask: jax.Array, train: bool) -> jax.Array:
@@ -126,7 +141,7 @@ class DenseOutput(nnx.Module):
     def __init__(self, config: EncoderConfig, in_features: int, rngs: nnx.Rngs):
         self.dense = nnx.Linear(in_features, config.hidden_size, rngs=rngs)
         self.LayerNorm = LayerNorm(config.hidden_size, config.layer_norm_eps)
-        self.dropout = nnx.Dropout(config.hidden_dropout_prob, rngs=rngs)
+        self.dropout = Dropout(config.hidden_dropout_prob, rngs=rngs)
 
     def __call__(self, h: jax.Array, residual: jax.Array, train: bool) -> jax.Array:
         return self.LayerNorm(self.dropout(self.dense(h), deterministic=not train) + residual)
@@ -215,7 +230,7 @@ class RobertaHead(nnx.Module):
     def __init__(self, config: EncoderConfig, rngs: nnx.Rngs):
         self.dense = nnx.Linear(config.hidden_size, config.hidden_size, rngs=rngs)
         self.out_proj = nnx.Linear(config.hidden_size, config.num_labels, rngs=rngs)
-        self.dropout = nnx.Dropout(config.hidden_dropout_prob, rngs=rngs)
+        self.dropout = Dropout(config.hidden_dropout_prob, rngs=rngs)
 
     def __call__(self, hidden, train):
         x = self.dropout(hidden[:, 0], deterministic=not train)
@@ -234,7 +249,7 @@ class EncoderForSequenceClassification(nnx.Module):
                  rngs: nnx.Rngs):
         setattr(self, config.kind, Backbone(config, scan_layers, scan_remat, rngs))
         if config.kind == "bert":
-            self.dropout = nnx.Dropout(config.hidden_dropout_prob, rngs=rngs)
+            self.dropout = Dropout(config.hidden_dropout_prob, rngs=rngs)
             self.classifier = nnx.Linear(config.hidden_size, config.num_labels, rngs=rngs,
                                          kernel_init=nnx.initializers.normal(config.initializer_range),
                                          bias_init=nnx.initializers.zeros)

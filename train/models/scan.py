@@ -3,7 +3,8 @@
 
 Without rematerialisation, ``nnx.scan``'s autodiff stacks every intermediate of every layer into (layers, ...)
 buffers, copied in during the forward pass and out during the backward one; on a CPU that costs more than
-recomputing the cheap ones.
+recomputing the cheap ones. A dropout mask is not cheap to draw again (a random number per element): layers name
+theirs `DROPOUT_MASK` (`jax.ad_checkpoint.checkpoint_name`) and the default policy keeps it.
 """
 
 from __future__ import annotations
@@ -13,11 +14,15 @@ from collections.abc import Callable
 import jax
 from flax import nnx
 
-__all__ = ["SCAN_REMAT", "DEFAULT_SCAN_REMAT", "check_scan_remat", "run_stacked"]
+__all__ = ["SCAN_REMAT", "DEFAULT_SCAN_REMAT", "DROPOUT_MASK", "check_scan_remat", "run_stacked"]
 
+DROPOUT_MASK = "dropout_mask"
+_POLICIES = jax.checkpoint_policies
 SCAN_REMAT = {
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # each layer's input and projections' outputs
-    "full": jax.checkpoint_policies.nothing_saveable,  # each layer's input only; the layer reruns backward
+    # each layer's input, its projections' outputs and its dropout masks
+    "dots": _POLICIES.save_from_both_policies(_POLICIES.dots_with_no_batch_dims_saveable,
+                                              _POLICIES.save_only_these_names(DROPOUT_MASK)),
+    "full": _POLICIES.nothing_saveable,  # each layer's input only; the layer reruns backward
     "none": None,  # every intermediate (no rematerialisation)
 }
 DEFAULT_SCAN_REMAT = "dots"  # on a 2-core CPU as fast as "full" or faster, and it recomputes no weight matmul
