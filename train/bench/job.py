@@ -45,6 +45,7 @@ def _our_job(flags: list[str], out: Path, cache: Path) -> dict:
     steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     return {"test_accuracy": summary["test_accuracy"], "wall_seconds": summary["wall_seconds"],
             "trainable_params": summary["trainable_params"], "validation_accuracy": summary["validation_accuracy"],
+            "validations": summary["validations"], "adapter_step": summary["adapter_step"],
             "process_seconds": ended - started, "steps": summary.get("steps", steps[-1]["step"]),
             "profile": {**summary["profile"],
                         "first_logged_step": steps[0]["step"],
