@@ -30,6 +30,7 @@ def test_bench_job_runs_the_three_jobs_on_one_recipe_over_seeds(tmp_path):
     assert results["seeds"] == [0, 1] and [run["seed"] for run in results["runs"]] == [0, 1]
     for run in results["runs"]:
         assert run["vera_jax"]["steps"] == run["peft_vera"]["steps"] == run["peft_lora"]["steps"] == 12
+        assert run["vera_jax"]["adapter_step"] == run["peft_vera"]["adapter_step"] == 12  # the last: no --keep-best
     methods = results["methods"]
     for name, method in methods.items():
         accuracies = [run[name]["test_accuracy"] for run in results["runs"]]
@@ -67,3 +68,22 @@ def test_bench_job_runs_only_the_peers_named(tmp_path):
         assert set(results["methods"]) == set(results["runs"][0]) - {"seed"} == methods
         assert "lora_job_accuracy" not in results and ("job_speedup_vs_peft" in results) == bool(peers)
         assert results["job_accuracy"] == results["runs"][0]["vera_jax"]["test_accuracy"]
+
+
+def test_the_peer_validates_when_ours_does_and_tests_its_best_with_keep_best(tmp_path):
+    """PEFT's job validates at the steps ours does (``--eval-every``, each epoch's end, the last step) and, with
+    ``--keep-best``, tests the adapter of its first best validation, as ours does."""
+    model = tiny_run.make_model(tmp_path / "model", weights=("pytorch",))
+    data = tiny_run.make_csv(tmp_path / "data.csv", rows=400)
+    flags = (f"--model {model} --dataset {data} --r 8 --batch-size 8 --max-length 16 --eval-batch-size 16 "
+             "--max-steps 12 --eval-every 2 --keep-best --lr-vectors 0.3 --lr-head 0.3")
+    out = tmp_path / "job.json"
+    assert main(["bench", "--job", "--job-flags", flags, "--peers", "peft_vera", "--json", str(out)]) == 0
+    run = json.loads(out.read_text())["runs"][0]
+    ours, peer = run["vera_jax"], run["peft_vera"]
+    assert [v["step"] for v in peer["validations"]] == [v["step"] for v in ours["validations"]]
+    assert [v["step"] for v in peer["validations"]] == [2, 4, 6, 8, 10, 12]
+    for job in (ours, peer):
+        accuracies = [v["validation_accuracy"] for v in job["validations"]]
+        assert job["adapter_step"] == job["validations"][int(np.argmax(accuracies))]["step"] < 12  # not the last
+    assert 0 < peer["validation_seconds"] < peer["wall_seconds"]

@@ -3,8 +3,9 @@
 
 The same split, the same tokenised rows and the same batches in the same order (each padded to its longest
 row exactly, as ``DataCollatorWithPadding`` pads them), the same AdamW with the same two learning-rate
-schedules (the adapter's, the head's), the model's own dropout on while training, then one evaluation on the
-test rows.
+schedules (the adapter's, the head's), the model's own dropout on while training; validated when ours is (after
+every epoch, every ``--eval-every`` steps and after the last step, when there are validation rows), the last
+adapter tested, or with ``--keep-best`` the best validated, as ours.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 import numpy as np
 
 from train.engine import data as data_lib
+from train.engine.loop import validation_due
 from train.engine.run import count_steps
 from train.models.load import model_source
 from train.options import Options
@@ -53,9 +55,10 @@ def run_peft_job(options: Options, lora: LoraRecipe | None = None) -> dict:
     """Train and evaluate as ``python -m train`` would with ``options``, in PyTorch with PEFT's VeRA (or, with
     ``lora``, PEFT's LoRA on the same modules).
 
-    Returns ``{"test_accuracy", "wall_seconds", "train_seconds", "eval_seconds", "steps", "trainable_params"}``;
-    the wall time runs from reading the data to the end of the evaluation, as the main job's ``summary.json``
-    counts it.
+    Returns ``{"test_accuracy", "wall_seconds", "train_seconds", "validation_seconds", "eval_seconds", "steps",
+    "trainable_params", "validations", "adapter_step"}`` (``validations``: each one's step and accuracy;
+    ``adapter_step``: the step of the adapter tested); the wall time runs from reading the data to the end of the
+    test, as the main job's ``summary.json`` counts it.
     """
     import peft
     import torch
@@ -68,6 +71,8 @@ def run_peft_job(options: Options, lora: LoraRecipe | None = None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(source)
     train, test = (data_lib.tokenize(split, tokenizer, options.data.max_length, np.int64)
                    for split in (splits.train, splits.test))
+    validation = None if splits.validation is None else data_lib.tokenize(
+        splits.validation, tokenizer, options.data.max_length, np.int64)
     pad_id = tokenizer.pad_token_id or 0
     steps_per_epoch, total_steps = count_steps(options.optim, len(train))
     torch.manual_seed(options.run.seed)
@@ -93,6 +98,20 @@ def run_peft_job(options: Options, lora: LoraRecipe | None = None) -> dict:
     def tensors(batch: dict) -> dict:
         return {k: torch.from_numpy(np.asarray(batch[k], np.int64)) for k in ("input_ids", "attention_mask", "labels")}
 
+    def accuracy(rows) -> float:
+        """The accuracy on ``rows``, dropout off; training mode restored after."""
+        model.eval()
+        correct = 0
+        with torch.no_grad():
+            for start in range(0, len(rows), options.run.eval_batch_size):
+                indices = np.arange(start, min(start + options.run.eval_batch_size, len(rows)))
+                batch = tensors(data_lib.collate(rows, indices, pad_id, options.data.max_length, EXACT))
+                labels = batch.pop("labels")
+                correct += int((model(**batch).logits.argmax(-1) == labels).sum())
+        model.train()
+        return correct / len(rows)
+
+    validations, best, validating = [], None, 0.0
     model.train()
     train_started = time.perf_counter()
     for step in range(total_steps):
@@ -102,19 +121,26 @@ def run_peft_job(options: Options, lora: LoraRecipe | None = None) -> dict:
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        if validation is not None and validation_due(done, steps_per_epoch, total_steps, options.run.eval_every):
+            validating -= time.perf_counter()
+            validations.append({"step": done, "validation_accuracy": accuracy(validation)})
+            if options.run.keep_best and (best is None or validations[-1]["validation_accuracy"] >
+                                          best["validation_accuracy"]):
+                best = {**validations[-1], "state": {n: p.detach().clone() for n, p in trained}}
+            validating += time.perf_counter()
     last_loss = loss.item()
     if not math.isfinite(last_loss):
         raise RuntimeError(f"PEFT's training loss is {last_loss} after {total_steps} steps.")
     eval_started = time.perf_counter()
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for start in range(0, len(test), options.run.eval_batch_size):
-            indices = np.arange(start, min(start + options.run.eval_batch_size, len(test)))
-            batch = tensors(data_lib.collate(test, indices, pad_id, options.data.max_length, EXACT))
-            labels = batch.pop("labels")
-            correct += int((model(**batch).logits.argmax(-1) == labels).sum())
+    if best is not None:
+        with torch.no_grad():
+            for name, parameter in trained:
+                parameter.copy_(best["state"][name])
+    test_accuracy = accuracy(test)
     ended = time.perf_counter()
-    return {"test_accuracy": correct / len(test), "wall_seconds": ended - started, "steps": total_steps,
-            "train_seconds": eval_started - train_started, "eval_seconds": ended - eval_started,
-            "trainable_params": sum(p.numel() for _, p in trained)}
+    return {"test_accuracy": test_accuracy, "wall_seconds": ended - started, "steps": total_steps,
+            "train_seconds": eval_started - train_started - validating, "validation_seconds": validating,
+            "eval_seconds": ended - eval_started, "trainable_params": sum(p.numel() for _, p in trained),
+            "validations": validations, "adapter_step": total_steps if best is None else best["step"]}
+

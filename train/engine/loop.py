@@ -30,8 +30,8 @@ from train.engine.profile import JobProfile
 from train.options import OptimOptions, Options
 from vera_jax.host import to_host
 
-__all__ = ["Context", "Trainees", "Trained", "Validation", "fit", "train_groups", "group_count", "dropout_key",
-           "step_key", "learning_rate_flags", "DROPOUT_STREAM"]
+__all__ = ["Context", "Trainees", "Trained", "Validation", "validation_due", "fit", "train_groups", "group_count",
+           "dropout_key", "step_key", "learning_rate_flags", "DROPOUT_STREAM"]
 
 DROPOUT_STREAM = 2**31  # fold_in offset for the dropout key: disjoint from the projection stream's blocks
 
@@ -128,8 +128,13 @@ class Validation:
 
     def due(self, done: int, ctx: Context) -> bool:
         """Whether to validate after ``done`` steps."""
-        return (done % ctx.steps_per_epoch == 0 or done == ctx.total_steps
-                or (self.every is not None and done % self.every == 0))
+        return validation_due(done, ctx.steps_per_epoch, ctx.total_steps, self.every)
+
+
+def validation_due(done: int, steps_per_epoch: int, total_steps: int, every: int | None) -> bool:
+    """Whether a run validates after ``done`` steps: at every epoch's end, every ``every`` steps if set, and after
+    its last step."""
+    return done % steps_per_epoch == 0 or done == total_steps or (every is not None and done % every == 0)
 
 
 @dataclasses.dataclass(frozen=True)
