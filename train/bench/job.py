@@ -7,7 +7,7 @@ data to the end of the evaluation (our ``summary.json``'s ``wall_seconds``, whic
 Ours is split by the phases its summary profiles (`train.engine.profile.JobProfile`: loading, training, checkpoints,
 evaluation, saving; the compiling inside each, by function and program; the shapes its groups of rows ran and
 their real and padded tokens) and by its metrics log (the time to the first logged step, training, and what
-follows the last step); PEFT's into loading, training and evaluation.
+follows the last step); PEFT's into loading, training, validation and evaluation.
 """
 
 from __future__ import annotations
@@ -58,8 +58,9 @@ def _table(ours: dict, peft: dict) -> str:
     """Our wall time by phase (and its compiling) beside PEFT's."""
     phases, compiles = ours["profile"]["seconds"], ours["profile"]["compiles"]
     compiling = {phase: sum(e["seconds"] for e in functions.values()) for phase, functions in compiles.items()}
-    peft_phases = {"loading": peft["wall_seconds"] - peft["train_seconds"] - peft["eval_seconds"],
-                   "training": peft["train_seconds"], "evaluation": peft["eval_seconds"]}
+    peft_phases = {"loading": peft["wall_seconds"] - peft["train_seconds"] - peft["validation_seconds"]
+                   - peft["eval_seconds"], "training": peft["train_seconds"],
+                   "validation": peft["validation_seconds"], "evaluation": peft["eval_seconds"]}
     lines = [f"{'phase':<14}{'vera_jax':>10}{'compiling':>11}{'PEFT':>10}"]
     for phase in sorted(phases, key=lambda p: PHASES.index(p) if p in PHASES else len(PHASES)):
         seconds, peer = phases[phase], peft_phases.get(phase)

@@ -143,4 +143,3 @@ def run_peft_job(options: Options, lora: LoraRecipe | None = None) -> dict:
             "train_seconds": eval_started - train_started - validating, "validation_seconds": validating,
             "eval_seconds": ended - eval_started, "trainable_params": sum(p.numel() for _, p in trained),
             "validations": validations, "adapter_step": total_steps if best is None else best["step"]}
-
